@@ -1,0 +1,1 @@
+"""Mosquitto configuration, provisioning and a launcher for private brokers."""

@@ -1,0 +1,155 @@
+"""Start and stop a private Mosquitto: for the tests, the demo and `knet broker run`.
+
+The broker is our own child process on a loopback port, stopped by its PID; a system-wide
+Mosquitto service is never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+from broker.config import BrokerSettings
+
+log = logging.getLogger(__name__)
+
+
+class BrokerError(RuntimeError):
+    """The broker could not be found, started or stopped."""
+
+
+def find_mosquitto() -> str:
+    path = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
+    )
+    if not path:
+        raise BrokerError(
+            "mosquitto not found: install the Debian package (apt-get install mosquitto) "
+            "or run `make test`/`make demo`, which bootstrap it"
+        )
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return True
+        except OSError:
+            time.sleep(0.02)
+    return False
+
+
+class Mosquitto:
+    """A Mosquitto child process with a generated config in ``workdir``.
+
+    Use as a context manager; ``restart()`` keeps the same port and persistence directory,
+    so retained messages and queued QoS 1 messages survive it.
+    """
+
+    def __init__(self, workdir: Path, settings: BrokerSettings | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if settings is None:
+            settings = BrokerSettings(port=free_port(), allow_anonymous=True)
+        if settings.persistence and settings.persistence_location is None:
+            settings = settings.model_copy(update={"persistence_location": self.workdir / "data"})
+        if settings.log_file is None:
+            settings = settings.model_copy(update={"log_file": self.workdir / "mosquitto.log"})
+        self.settings = settings
+        self.conf_path = self.workdir / "mosquitto.conf"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        return self.settings.bind_address
+
+    @property
+    def port(self) -> int:
+        return self.settings.port
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout: float = 10.0) -> Mosquitto:
+        if self.running():
+            return self
+        if self.settings.persistence_location:
+            self.settings.persistence_location.mkdir(parents=True, exist_ok=True)
+        self.conf_path.write_text(self.settings.render())
+        self._proc = subprocess.Popen(
+            [find_mosquitto(), "-c", str(self.conf_path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        if not wait_for_port(self.host, self.port, timeout):
+            err = self._stderr_tail()
+            self.stop()
+            raise BrokerError(f"mosquitto did not open {self.host}:{self.port}: {err}")
+        log.info("mosquitto pid %s on %s:%s", self._proc.pid, self.host, self.port)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+        if proc.stderr:
+            proc.stderr.close()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: nothing is saved beyond the last autosave."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def restart(self, downtime: float = 0.0) -> None:
+        self.stop()
+        if downtime:
+            time.sleep(downtime)
+        self.start()
+
+    def log_text(self) -> str:
+        path = self.settings.log_file
+        return path.read_text(errors="replace") if path and path.exists() else ""
+
+    def _stderr_tail(self) -> str:
+        if self._proc and self._proc.poll() is not None and self._proc.stderr:
+            return self._proc.stderr.read().decode(errors="replace")[-2000:]
+        return self.log_text()[-2000:]
+
+    def __enter__(self) -> Mosquitto:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

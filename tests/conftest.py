@@ -1,0 +1,19 @@
+"""Shared fixtures. MQTT tests start their own Mosquitto on a free loopback port."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from broker.launcher import Mosquitto
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A private, anonymous Mosquitto with persistence, stopped by its PID afterwards."""
+    with Mosquitto(tmp_path / "broker") as broker:
+        yield broker
