@@ -1,0 +1,37 @@
+# knet-trainer image: the cloud side (torch CPU build, APScheduler, Mosquitto tools for
+# provisioning). Build: docker build -t knet-trainer .
+# Run:   docker run --rm -v $PWD/trainer.toml:/etc/knet/trainer.toml -v knet-data:/var/lib/knet \
+#            knet-trainer --config /etc/knet/trainer.toml
+FROM python:3.11-slim-bookworm
+
+ARG TORCH_VERSION=2.13.0
+# The CPU wheel index keeps the image small; an unpinned torch pulls a multi-GB CUDA build.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends mosquitto mosquitto-clients \
+ && rm -rf /var/lib/apt/lists/*
+
+RUN useradd --system --home /var/lib/knet --create-home knet
+WORKDIR /opt/knet
+
+RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+COPY pyproject.toml README.md ./
+COPY agent ./agent
+COPY cloud_trainer ./cloud_trainer
+COPY broker ./broker
+COPY bench ./bench
+COPY firmware_profiles ./firmware_profiles
+RUN pip install ".[trainer]"
+
+USER knet
+VOLUME ["/var/lib/knet"]
+ENV KNET_CACHE=/var/lib/knet/cache \
+    KNET_PROFILES=/opt/knet/firmware_profiles
+ENTRYPOINT ["knet-trainer"]
+CMD ["--config", "/etc/knet/trainer.toml"]

@@ -1,0 +1,243 @@
+"""Codec specs, the registry, and the two entry points ``encode`` and ``decode``.
+
+A spec string is ``name[:k=v[,k=v]][+lz4]``. ``str(spec)`` is canonical: parameters sorted,
+defaults dropped, numbers in their shortest round-tripping form, so equal settings compare
+(and hash, and log) equal.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from . import lz4util
+from .errors import (
+    CodecError,
+    CorruptFrameError,
+    InvalidInputError,
+    SpecError,
+    UnknownCodecError,
+)
+from .frame import FLAG_LZ4, MAX_NDIM, pack_frame, parse_frame
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BYTES = 64 * 2**20
+ParamValue = int | float
+
+
+def format_value(v: ParamValue) -> str:
+    """Shortest text that parses back to ``v`` (``8.0`` -> ``8``, ``1e-3`` -> ``0.001``)."""
+    if isinstance(v, float) and v.is_integer() and abs(v) < 2**53:
+        return str(int(v))
+    return repr(v)
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """A codec name, its non-default parameters (sorted) and whether LZ4 framing follows."""
+
+    name: str
+    params: tuple[tuple[str, ParamValue], ...] = ()
+    lz4: bool = False
+
+    def param(self, key: str, default: ParamValue | None = None) -> ParamValue | None:
+        return dict(self.params).get(key, default)
+
+    def __str__(self) -> str:
+        text = self.name
+        if self.params:
+            text += ":" + ",".join(f"{k}={format_value(v)}" for k, v in self.params)
+        return text + ("+lz4" if self.lz4 else "")
+
+
+class Codec(ABC):
+    """One registered codec. Subclasses define the payload; the frame is handled here."""
+
+    name: ClassVar[str]
+    codec_id: ClassVar[int]
+    #: True when every setting of this codec is lossless (zfp is lossless only without params).
+    lossless: ClassVar[bool]
+    #: False for codecs whose payload already is LZ4 (``defer``).
+    allows_lz4: ClassVar[bool] = True
+
+    def canonical_params(
+        self, params: Mapping[str, str | ParamValue]
+    ) -> tuple[tuple[str, ParamValue], ...]:
+        """Validate and normalise parameters; the default accepts none."""
+        if params:
+            raise SpecError(f"codec {self.name!r} takes no parameters, got {sorted(params)}")
+        return ()
+
+    def is_lossless(self, spec: CodecSpec) -> bool:
+        return self.lossless
+
+    def pack_params(self, spec: CodecSpec) -> bytes:
+        return b""
+
+    def unpack_params(self, data: bytes) -> tuple[tuple[str, ParamValue], ...]:
+        if data:
+            raise CorruptFrameError(f"codec {self.name!r} takes no parameters")
+        return ()
+
+    @abstractmethod
+    def encode_payload(self, a: np.ndarray, spec: CodecSpec) -> bytes | memoryview:
+        """Encode a C-contiguous, non-empty float32 array."""
+
+    @abstractmethod
+    def decode_payload(
+        self, payload: bytes | memoryview, shape: tuple[int, ...], spec: CodecSpec
+    ) -> np.ndarray:
+        """Decode to a writable float32 array of ``shape``; validate lengths exactly."""
+
+    @abstractmethod
+    def max_payload_len(self, shape: tuple[int, ...], spec: CodecSpec) -> int:
+        """Upper bound on the (pre-LZ4) payload for ``shape``: bounds LZ4 and parsing."""
+
+    @abstractmethod
+    def error_bound(self, array: np.ndarray, spec: CodecSpec | str) -> float | None:
+        """Declared max-abs-error of a round trip of ``array``; None = no a-priori bound."""
+
+    def __repr__(self) -> str:
+        return f"<codec {self.name} id={self.codec_id}>"
+
+
+_BY_NAME: dict[str, Codec] = {}
+_BY_ID: dict[int, Codec] = {}
+
+
+def register(codec: Codec) -> Codec:
+    if codec.name in _BY_NAME or codec.codec_id in _BY_ID:
+        raise ValueError(f"codec {codec.name!r}/{codec.codec_id} registered twice")
+    _BY_NAME[codec.name] = codec
+    _BY_ID[codec.codec_id] = codec
+    return codec
+
+
+def codec_names() -> list[str]:
+    """The registered base names, sorted."""
+    return sorted(_BY_NAME)
+
+
+def get_codec(name: str) -> Codec:
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise UnknownCodecError(f"unknown codec {name!r}; known: {codec_names()}") from None
+
+
+def parse_spec(spec: str | CodecSpec) -> CodecSpec:
+    """Parse ``name[:k=v[,k=v]][+lz4]`` (or re-validate a ``CodecSpec``) into canonical form."""
+    if isinstance(spec, CodecSpec):
+        codec = get_codec(spec.name)
+        params: dict[str, str | ParamValue] = dict(spec.params)
+        lz4 = spec.lz4
+    elif isinstance(spec, str):
+        text = spec.strip()
+        lz4 = text.endswith("+lz4")
+        if lz4:
+            text = text[: -len("+lz4")]
+        name, sep, rest = text.partition(":")
+        codec = get_codec(name.strip())
+        params = {}
+        if sep:
+            for item in rest.split(","):
+                key, eq, value = item.partition("=")
+                key = key.strip()
+                if not eq or not key or key in params:
+                    raise SpecError(f"bad parameter {item!r} in spec {spec!r}")
+                params[key] = value.strip()
+    else:
+        raise SpecError(f"a codec spec is a str or CodecSpec, not {type(spec).__name__}")
+    if lz4 and not codec.allows_lz4:
+        raise SpecError(f"codec {codec.name!r} already includes LZ4")
+    return CodecSpec(codec.name, codec.canonical_params(params), lz4)
+
+
+def _as_float32(array: np.ndarray) -> np.ndarray:
+    """C-contiguous float32 view or copy: float16/64, ints and bools are converted."""
+    a = np.asarray(array)
+    if a.dtype.kind not in "fiub":
+        raise InvalidInputError(f"cannot encode dtype {a.dtype}")
+    if a.ndim > MAX_NDIM:
+        raise InvalidInputError(f"ndim {a.ndim} exceeds {MAX_NDIM}")
+    if a.dtype != np.float32:
+        with np.errstate(over="ignore"):  # float64 beyond float32 range becomes inf
+            a = a.astype(np.float32)
+    return a if a.flags.c_contiguous else a.copy(order="C")  # ascontiguousarray makes 0-d 1-d
+
+
+def encode(array: np.ndarray, spec: str | CodecSpec) -> bytes:
+    """Encode ``array`` (any ndim, converted to float32) into a self-describing frame."""
+    spec = parse_spec(spec)
+    codec = _BY_NAME[spec.name]
+    a = _as_float32(array)
+    if any(d >= 2**32 for d in a.shape):
+        raise InvalidInputError(f"dimension of {a.shape} exceeds 2**32-1")
+    payload: bytes | memoryview = b""
+    if a.size:
+        try:
+            payload = codec.encode_payload(a, spec)
+            if spec.lz4:
+                payload = lz4util.compress(payload)
+        except CodecError:
+            raise
+        except Exception as exc:  # a library failure must not leak its own type
+            raise InvalidInputError(f"{spec}: cannot encode {a.shape}: {exc}") from exc
+    flags = FLAG_LZ4 if spec.lz4 else 0
+    return pack_frame(codec.codec_id, flags, a.shape, codec.pack_params(spec), payload)
+
+
+def decode(frame: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
+    """Decode a frame to a writable float32 array of its original shape.
+
+    Raises only ``CodecError`` subclasses. ``max_bytes`` bounds the decoded array and is
+    checked from the header before anything is allocated or decompressed; intermediate
+    buffers are bounded by a small multiple of it (see each codec's ``max_payload_len``).
+    """
+    raw = parse_frame(frame, max_bytes)
+    codec = _BY_ID.get(raw.codec_id)
+    if codec is None:
+        raise UnknownCodecError(f"unknown codec id {raw.codec_id}")
+    lz4 = bool(raw.flags & FLAG_LZ4)
+    if lz4 and not codec.allows_lz4:
+        raise CorruptFrameError(f"codec {codec.name!r} frame has the LZ4 flag")
+    spec = CodecSpec(codec.name, codec.unpack_params(raw.params), lz4)
+    if math.prod(raw.shape) == 0:
+        if len(raw.payload):
+            raise CorruptFrameError("payload present for an empty array")
+        return np.empty(raw.shape, dtype=np.float32)
+    bound = codec.max_payload_len(raw.shape, spec)
+    try:
+        payload: bytes | memoryview = raw.payload
+        if lz4:
+            payload = lz4util.decompress_bounded(payload, bound)
+        elif len(payload) > bound:
+            raise CorruptFrameError(f"payload {len(payload)} bytes exceeds its bound {bound}")
+        out = codec.decode_payload(payload, raw.shape, spec)
+    except CodecError:
+        raise
+    except Exception as exc:
+        raise CorruptFrameError(f"{spec}: payload does not decode: {exc}") from exc
+    if out.shape != raw.shape or out.dtype != np.float32:  # a codec bug, not bad input
+        raise CorruptFrameError(f"{spec}: decoded {out.dtype}{out.shape}, expected {raw.shape}")
+    return out
+
+
+def max_abs(a: np.ndarray) -> float:
+    """max(|a|) over finite values without allocating |a| (0.0 for empty)."""
+    if a.size == 0:
+        return 0.0
+    hi, lo = float(a.max()), float(a.min())
+    if not (math.isfinite(hi) and math.isfinite(lo)):
+        finite = a[np.isfinite(a)]
+        if finite.size == 0:
+            return 0.0
+        hi, lo = float(finite.max()), float(finite.min())
+    return max(abs(hi), abs(lo))

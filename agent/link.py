@@ -1,0 +1,516 @@
+"""The device's MQTT v5 connection: Will/birth/state, reconnects, and spooled publishing.
+
+Reliable messages (activations) go through the ``Spool`` first, which is the single source
+of truth: one drain thread hands spooled records to paho, at most ``max_inflight`` at a time,
+and acks a record in the spool only when its PUBACK carries a success reason code.
+
+Two paho 2.x behaviours shape this module:
+
+* paho keeps every unacknowledged QoS>0 message (even one published while disconnected)
+  and re-sends it after a reconnect, *after* ``on_connect`` returns. Left alone, that would
+  duplicate what we re-send from the spool and could reorder it behind newer records. So
+  ``on_connect`` calls ``drop_out_messages()`` and the drain thread restarts from the
+  spool's head: order is kept, delivery is at-least-once (the trainer dedups by
+  ``(device, session, seq)``).
+* ``on_publish`` runs inside paho's ``_out_message_mutex``, which ``publish()`` also takes.
+  A lock held around ``publish()`` and taken again in ``on_publish`` deadlocks, so
+  ``on_publish`` only appends to a deque and wakes the drain thread, which alone touches
+  the in-flight table; and it registers a mid right after ``publish()`` returns, before
+  it looks at any PUBACK, so an early PUBACK can never miss its record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from agent.spool import Spool
+from agent.topics import Topics, validate_id
+
+log = logging.getLogger(__name__)
+
+SESSION_FILE = "session"
+STAT_KEYS = ("sent", "acked", "publish_refused", "spooled", "dropped", "reconnects",
+             "bytes_out", "connect_refused")
+
+
+class LinkTls(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> LinkTls:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file go together")
+        return self
+
+
+class LinkSettings(BaseModel):
+    """How the device reaches its broker; unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None  # None: the device id (the ACL pattern relies on it)
+    password: SecretStr | None = None
+    tls: LinkTls | None = None
+    keepalive: int = Field(30, ge=5, le=65535)
+    reconnect_min_delay: float = Field(1.0, gt=0)
+    reconnect_max_delay: float = Field(60.0, gt=0)
+    # Broker keeps our subscriptions and QoS 1 messages to us this long while we are away.
+    session_expiry: int = Field(3600, ge=0)
+    max_inflight: int = Field(20, ge=1, le=65000)
+    # Keep at or below the broker's message_size_limit: Mosquitto 2.0 answers a bigger
+    # publish by dropping the connection, and a spooled one would then be re-sent after
+    # every reconnect for ever (a poison message), so we refuse it before it is spooled.
+    max_payload_bytes: int = Field(16 * 1024 * 1024, ge=1)
+    connect_timeout: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _delays(self) -> LinkSettings:
+        if self.reconnect_max_delay < self.reconnect_min_delay:
+            raise ValueError("reconnect_max_delay must be >= reconnect_min_delay")
+        return self
+
+
+@dataclass(frozen=True)
+class PublishOutcome:
+    """What became of one message, for metrics: status is the final word on it."""
+
+    topic: str
+    nbytes: int
+    reliable: bool
+    status: Literal["acked", "refused", "sent", "dropped"]
+    reason: str = ""
+
+
+MessageHandler = Callable[[mqtt.MQTTMessage], None]
+
+
+@dataclass
+class _Inflight:
+    gen: int
+    record_id: int
+    topic: str
+    nbytes: int
+
+
+def next_session(state_dir: Path) -> int:
+    """Increment and durably persist the session counter; never returns a value twice.
+
+    An unreadable counter falls back to the Unix time, which is larger than any counter a
+    device reaches by restarting, so (device, session, seq) stays unique for the trainer.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / SESSION_FILE
+    try:
+        current = int(path.read_text().strip())
+    except FileNotFoundError:
+        current = 0
+    except (OSError, ValueError) as exc:
+        current = int(time.time())
+        log.warning("session counter %s unreadable (%s): continuing from %d", path, exc, current)
+    session = current + 1
+    tmp = path.with_name(SESSION_FILE + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(f"{session}\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+    dir_fd = os.open(state_dir, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return session
+
+
+class Link:
+    """One MQTT v5 connection per device: ``with Link(...) as link: link.publish_reliable(...)``.
+
+    Entering starts the network loop and returns at once (an offline start is normal: messages
+    spool); use ``wait_connected()`` to block. Exiting flushes the spool for up to
+    ``close_timeout`` seconds, publishes ``stopped`` and disconnects cleanly (so no Will).
+    """
+
+    def __init__(
+        self,
+        settings: LinkSettings,
+        topics: Topics,
+        device_id: str,
+        spool: Spool,
+        birth_payload_fn: Callable[[], dict[str, Any]],
+        *,
+        state_dir: Path | None = None,
+        on_outcome: Callable[[PublishOutcome], None] | None = None,
+        close_timeout: float = 5.0,
+    ) -> None:
+        self.settings = settings
+        self.topics = topics
+        self.device_id = validate_id(device_id)
+        self.spool = spool
+        self.birth_payload_fn = birth_payload_fn
+        self.on_outcome = on_outcome
+        self.close_timeout = close_timeout
+        self.session = next_session(Path(state_dir) if state_dir else spool.directory)
+        self.connected = threading.Event()
+        self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+        self._stats_lock = threading.Lock()
+        self._subs: dict[str, tuple[int, MessageHandler]] = {}
+        self._lock = threading.Lock()  # guards _gen, _cursor, _inflight, _subs, publish calls
+        self._gen = 0
+        self._cursor = 0
+        self._inflight: dict[int, _Inflight] = {}
+        self._acks: deque[tuple[int, int, ReasonCode]] = deque()
+        self._wake = threading.Event()
+        self._progress = threading.Condition()
+        self._stopping = False
+        self._ever_connected = False
+        self._beat = time.monotonic()
+        self._drainer: threading.Thread | None = None
+        self._started = False
+        self._client = self._make_client()
+
+    # -- setup ---------------------------------------------------------------------------
+    def _make_client(self) -> mqtt.Client:
+        s = self.settings
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.device_id,
+            protocol=mqtt.MQTTv5,
+        )
+        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        client.username_pw_set(
+            s.username or self.device_id,
+            s.password.get_secret_value() if s.password else None,
+        )
+        if s.tls is not None:
+            client.tls_set(
+                ca_certs=str(s.tls.ca_file) if s.tls.ca_file else None,
+                certfile=str(s.tls.cert_file) if s.tls.cert_file else None,
+                keyfile=str(s.tls.key_file) if s.tls.key_file else None,
+            )
+        client.reconnect_delay_set(s.reconnect_min_delay, s.reconnect_max_delay)  # type: ignore[arg-type]
+        client.connect_timeout = s.connect_timeout
+        # Our drain thread bounds the window; paho must never park messages in its own queue.
+        client.max_inflight_messages_set(0)
+        client.max_queued_messages_set(0)
+        client.will_set(self.topics.state(self.device_id), self._state_payload("offline"),
+                        qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_unhandled_message
+        return client
+
+    def _state_payload(self, state: str) -> bytes:
+        body: dict[str, Any] = {"state": state, "session": self.session, "device": self.device_id}
+        if state != "offline":  # the Will is composed once, its time would be misleading
+            body["ts"] = time.time()
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    def start(self) -> Link:
+        """Start the network loop and the drain thread; does not wait for the connection."""
+        if self._started:
+            return self
+        self._started = True
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self.settings.session_expiry
+        self._drainer = threading.Thread(target=self._drain_loop, name="knet-link-drain",
+                                         daemon=True)
+        self._drainer.start()
+        self._client.connect_async(self.settings.host, self.settings.port,
+                                   keepalive=self.settings.keepalive, clean_start=False,
+                                   properties=props)
+        self._client.loop_start()
+        log.info("link %s session %d connecting to %s:%d as %s", self.device_id, self.session,
+                 self.settings.host, self.settings.port, self.settings.username or self.device_id)
+        return self
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        return self.connected.wait(timeout)
+
+    # -- paho callbacks (network thread) -------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, _userdata: Any, flags: mqtt.ConnectFlags,
+                    reason: ReasonCode, _props: Properties | None) -> None:
+        if reason.is_failure:
+            self._count("connect_refused")
+            log.error("broker %s:%d refused the connection: %s (check the device's username, "
+                      "password and certificates); retrying with back-off",
+                      self.settings.host, self.settings.port, reason)
+            return
+        with self._lock:
+            # Re-send unacked records from the spool head ourselves (see module docstring).
+            dropped = client.drop_out_messages()
+            self._gen += 1
+            self._cursor = 0
+            subs = list(self._subs.items())
+        if self._ever_connected:
+            self._count("reconnects")
+        self._ever_connected = True
+        log.info("link %s connected (session present: %s, %d unacked messages to re-send "
+                 "from the spool)", self.device_id, flags.session_present, len(dropped))
+        for topic_filter, (qos, _handler) in subs:
+            client.subscribe(topic_filter, qos)
+        try:
+            birth = dict(self.birth_payload_fn())
+        except Exception:
+            log.exception("birth_payload_fn failed; publishing a minimal birth")
+            birth = {}
+        birth.setdefault("device", self.device_id)
+        birth.setdefault("session", self.session)
+        birth.setdefault("ts", time.time())
+        client.publish(self.topics.birth(self.device_id),
+                       json.dumps(birth, separators=(",", ":")).encode(), qos=1, retain=True)
+        client.publish(self.topics.state(self.device_id), self._state_payload("online"),
+                       qos=1, retain=True)
+        self.connected.set()
+        self._wake.set()
+
+    def _on_disconnect(self, _client: mqtt.Client, _userdata: Any,
+                       _flags: mqtt.DisconnectFlags, reason: ReasonCode,
+                       _props: Properties | None) -> None:
+        was = self.connected.is_set()
+        self.connected.clear()
+        if was and not self._stopping:
+            log.warning("link %s disconnected: %s; reconnecting with back-off", self.device_id,
+                        reason)
+
+    def _on_publish(self, _client: mqtt.Client, _userdata: Any, mid: int, reason: ReasonCode,
+                    _props: Properties | None) -> None:
+        # Runs under paho's _out_message_mutex: no locks of ours here (see module docstring).
+        self._acks.append((self._gen, mid, reason))
+        self._wake.set()
+
+    def _on_unhandled_message(self, _client: mqtt.Client, _userdata: Any,
+                              msg: mqtt.MQTTMessage) -> None:
+        log.debug("no handler for a message on %s", msg.topic)
+
+    # -- drain thread --------------------------------------------------------------------
+    def _drain_loop(self) -> None:
+        while True:
+            self._wake.wait(1.0)
+            self._wake.clear()
+            self._beat = time.monotonic()
+            try:
+                self._process_acks()
+                if self._stopping:
+                    return
+                self._fill_window()
+            except Exception:  # keep draining: a dead drain thread would strand the spool
+                log.exception("link drain step failed")
+                time.sleep(0.5)
+
+    def _process_acks(self) -> None:
+        gen = self._gen  # read first: every ack of an older connection is already queued
+        done: list[int] = []
+        outcomes: list[PublishOutcome] = []
+        while True:
+            try:
+                ack_gen, mid, reason = self._acks.popleft()
+            except IndexError:
+                break
+            with self._lock:
+                entry = self._inflight.pop(mid, None)
+            if entry is None or entry.gen != ack_gen:
+                continue  # birth/state/best-effort QoS 1, or a connection we gave up on
+            done.append(entry.record_id)
+            if reason.is_failure:
+                self._count("publish_refused")
+                log.warning("broker refused a message on %s: %s (%d); dropped from the spool, "
+                            "it would be refused again", entry.topic, reason, reason.value)
+                outcomes.append(PublishOutcome(entry.topic, entry.nbytes, True, "refused",
+                                               str(reason)))
+            else:
+                self._count("acked", "sent")
+                self._count("bytes_out", n=entry.nbytes)
+                outcomes.append(PublishOutcome(entry.topic, entry.nbytes, True, "acked"))
+        with self._lock:
+            for mid in [m for m, e in self._inflight.items() if e.gen < gen]:
+                del self._inflight[mid]
+        if done:
+            self.spool.ack_many(done)
+            with self._progress:
+                self._progress.notify_all()
+        for outcome in outcomes:
+            self._emit(outcome)
+
+    def _fill_window(self) -> None:
+        with self._lock:
+            if not self.connected.is_set():
+                return
+            room = self.settings.max_inflight - len(self._inflight)
+            if room <= 0:
+                return
+            for rec in self.spool.peek(room, self._cursor):
+                try:
+                    info = self._client.publish(rec.topic, rec.payload, rec.qos)
+                except ValueError as exc:  # invalid topic/payload: it can never be sent
+                    log.error("spooled message on %r cannot be published (%s): dropped",
+                              rec.topic, exc)
+                    self.spool.ack(rec.id)
+                    self._count("dropped")
+                    continue
+                # Even on MQTT_ERR_NO_CONN paho kept the message under this mid; the next
+                # on_connect drops it and we re-send from the spool.
+                self._inflight[info.mid] = _Inflight(self._gen, rec.id, rec.topic,
+                                                     len(rec.payload))
+                self._cursor = rec.id
+                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    break
+
+    # -- public API ----------------------------------------------------------------------
+    def publish_reliable(self, topic: str, payload: bytes, qos: int = 1) -> bool:
+        """Spool durably, then deliver in order (at least once); False if the spool dropped it."""
+        if qos not in (1, 2):
+            raise ValueError("reliable messages need QoS 1 or 2")
+        if not topic or "+" in topic or "#" in topic:
+            raise ValueError(f"cannot publish to {topic!r}")
+        if self._too_big(topic, payload):
+            return False
+        if not self.spool.append(topic, payload, qos):
+            self._emit(PublishOutcome(topic, len(payload), True, "dropped", "spool full"))
+            return False
+        self._count("spooled")
+        self._wake.set()
+        return True
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 0,
+                retain: bool = False) -> bool:
+        """Best effort (stats and the like): dropped and counted when offline."""
+        data = payload.encode() if isinstance(payload, str) else payload
+        if self._too_big(topic, data):
+            return False
+        if not self.connected.is_set():
+            self._count("dropped")
+            self._emit(PublishOutcome(topic, len(data), False, "dropped", "offline"))
+            return False
+        info = self._client.publish(topic, data, qos=qos, retain=retain)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._count("dropped")
+            self._emit(PublishOutcome(topic, len(data), False, "dropped",
+                                      mqtt.error_string(info.rc)))
+            return False
+        self._count("sent")
+        self._count("bytes_out", n=len(data))
+        self._emit(PublishOutcome(topic, len(data), False, "sent"))
+        return True
+
+    def subscribe(self, topic_filter: str, qos: int, handler: MessageHandler) -> None:
+        """Subscribe now if connected and again on every reconnect; handler runs on paho's
+        thread, so it must return quickly (hand work to a queue)."""
+        def _call(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+            try:
+                handler(msg)
+            except Exception:
+                log.exception("handler for %s failed", topic_filter)
+
+        with self._lock:
+            self._subs[topic_filter] = (qos, handler)
+        self._client.message_callback_add(topic_filter, _call)
+        if self.connected.is_set():
+            self._client.subscribe(topic_filter, qos)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until the spool is empty (every record acked or refused); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._progress:
+            while len(self.spool):
+                left = deadline - time.monotonic()
+                if left <= 0 or not self.connected.is_set():
+                    return False
+                self._progress.wait(min(left, 0.25))
+        return True
+
+    def healthy(self, max_beat_age: float = 30.0) -> bool:
+        """Both threads alive and the drain loop not wedged; says nothing of the broker
+        (an outage is not fixed by restarting the agent: see ``connected``)."""
+        loop = getattr(self._client, "_thread", None)
+        return (
+            self._started and not self._stopping
+            and self._drainer is not None and self._drainer.is_alive()
+            and loop is not None and loop.is_alive()
+            and time.monotonic() - self._beat < max_beat_age
+        )
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def close(self) -> None:
+        """Flush what we can, publish ``stopped``, disconnect cleanly (so no Will)."""
+        if not self._started or self._stopping:
+            return
+        if self.connected.is_set():
+            if not self.flush(self.close_timeout):
+                log.warning("closing with %d messages still spooled; they go on next start",
+                            len(self.spool))
+            info = self._client.publish(self.topics.state(self.device_id),
+                                        self._state_payload("stopped"), qos=1, retain=True)
+            if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                try:
+                    info.wait_for_publish(min(self.close_timeout, 5.0))
+                except (RuntimeError, ValueError) as exc:
+                    log.warning("stopped state not confirmed: %s", exc)
+        self._stopping = True
+        self._wake.set()
+        self._client.disconnect()
+        self._client.loop_stop()
+        self.connected.clear()
+        if self._drainer is not None:
+            self._drainer.join(5.0)
+        log.info("link %s closed (%s)", self.device_id, self.stats)
+
+    # -- helpers -------------------------------------------------------------------------
+    def _count(self, *keys: str, n: int = 1) -> None:
+        with self._stats_lock:
+            for key in keys:
+                self.stats[key] += n
+
+    def _too_big(self, topic: str, payload: bytes) -> bool:
+        limit = self.settings.max_payload_bytes
+        if len(payload) <= limit:
+            return False
+        log.error("a %d-byte message for %s exceeds max_payload_bytes (%d): dropped",
+                  len(payload), topic, limit)
+        self._count("dropped")
+        self._emit(PublishOutcome(topic, len(payload), False, "dropped", "too large"))
+        return True
+
+    def _emit(self, outcome: PublishOutcome) -> None:
+        if self.on_outcome is not None:
+            try:
+                self.on_outcome(outcome)
+            except Exception:
+                log.exception("publish outcome hook failed")
+
+    def __enter__(self) -> Link:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

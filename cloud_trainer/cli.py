@@ -1,0 +1,101 @@
+"""`knet`: the operator's command line (benchmarks, broker, keys, export, demo).
+
+Heavy imports (torch, onnxruntime) happen inside each command so that `knet broker ...`
+starts fast and works on a machine without the trainer extras.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _bench_codec(args: argparse.Namespace) -> int:
+    from bench.codec import run_codec_bench
+
+    run_codec_bench(model=args.model, seed=args.seed, samples=args.samples,
+                    json_path=args.json, plot_path=args.plot, codecs=args.codecs)
+    return 0
+
+
+def _bench_runtime(args: argparse.Namespace) -> int:
+    from bench.runtime import run_runtime_bench
+
+    run_runtime_bench(model=args.model, seed=args.seed, repeats=args.repeats,
+                      json_path=args.json, threads=args.threads)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from cloud_trainer.export import export_for_profile
+
+    manifest = export_for_profile(args.model, args.profile, Path(args.out), seed=args.seed,
+                                  role=args.role, model_version=args.version)
+    print(f"exported {len(manifest.blocks)} blocks of {manifest.model_id} "
+          f"(IR {manifest.ir_version}, opset {manifest.opset}) to {args.out}/manifest.json")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from cloud_trainer.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="knet", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser("bench", help="measure knet (tables + JSON)")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    b = bsub.add_parser("codec", help="activation codecs on every boundary of a trained model")
+    b.add_argument("--model", choices=["digits", "vision"], default="digits")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--samples", type=int, default=None, help="inputs to use (default: all/256)")
+    b.add_argument("--codecs", nargs="*", default=None, help="codec specs (default: a sweep)")
+    b.add_argument("--json", type=Path, default=None)
+    b.add_argument("--plot", type=Path, default=None, help="ratio-vs-accuracy PNG")
+    b.set_defaults(func=_bench_codec)
+    b = bsub.add_parser("runtime", help="torch eager vs onnxruntime per block")
+    b.add_argument("--model", choices=["digits", "vision"], default="vision")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--repeats", type=int, default=50)
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--json", type=Path, default=None)
+    b.set_defaults(func=_bench_runtime)
+
+    e = sub.add_parser("export", help="export a zoo model's blocks to ONNX for a profile")
+    e.add_argument("--model", choices=["digits", "vision"], default="digits")
+    e.add_argument("--profile", default="x86-dev")
+    e.add_argument("--role", choices=["student", "teacher"], default="student")
+    e.add_argument("--version", type=int, default=1)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", required=True)
+    e.set_defaults(func=_export)
+
+    d = sub.add_parser("demo", help="run knet end to end on this machine")
+    d.add_argument("--model", choices=["digits", "vision"], default="digits")
+    d.add_argument("--out", type=Path, default=Path("out/demo"))
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Test helpers for the spool and link tests: a collecting subscriber, polling, child processes.
+
+Run as a script it is the child process the kill tests SIGKILL:
+``python tests/mqtt_helpers.py spool-writer DIR`` or ``... link-publisher ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from broker.config import BrokerSettings
+
+REPO = Path(__file__).resolve().parent.parent
+HELPER = Path(__file__).resolve()
+FLEET = "lab"
+
+
+class RootSafeBrokerSettings(BrokerSettings):
+    """BrokerSettings that keep Mosquitto running as the invoking user.
+
+    Started as root (CI containers), Mosquitto drops to the ``mosquitto`` user, which cannot
+    read pytest's 0700 tmp dirs: the password file is "unable to open" (fatal) and, silently,
+    neither the log nor the persistence database get written, so a restart loses sessions
+    and retained messages. ``user root`` tells it not to switch. (A ``user`` field in
+    broker/config.py would make this subclass unnecessary.)
+    """
+
+    def render(self) -> str:
+        text = super().render()
+        if os.geteuid() == 0:
+            text = text.replace("per_listener_settings false\n",
+                                "per_listener_settings false\nuser root\n", 1)
+        return text
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
+    """Poll ``pred`` until true or ``timeout`` seconds pass; returns the last result."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if pred():
+            return True
+        if time.monotonic() >= deadline:
+            return bool(pred())
+        time.sleep(interval)
+
+
+def seq_payload(seq: int, size: int = 0) -> bytes:
+    return struct.pack("<Q", seq) + bytes(size)
+
+
+def payload_seq(payload: bytes) -> int:
+    return int(struct.unpack_from("<Q", payload)[0])
+
+
+def checked_payload(seq: int) -> bytes:
+    """seq + a seq-dependent filler + CRC: a torn record would fail ``check_payload``."""
+    body = struct.pack("<Q", seq) + bytes([seq % 251]) * (seq * 37 % 3000)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def check_payload(payload: bytes) -> int:
+    body, (crc,) = payload[:-4], struct.unpack("<I", payload[-4:])
+    assert zlib.crc32(body) == crc, "torn or corrupted record"
+    seq = payload_seq(body)
+    assert len(body) == 8 + seq * 37 % 3000
+    return seq
+
+
+class Collector:
+    """A plain paho v5 subscriber that records (topic, payload, retain) in arrival order.
+
+    It (re)subscribes in every ``on_connect``; ``persistent`` asks the broker to keep its
+    session, so QoS 1 messages published while it is away are queued for it.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        topic_filter: str,
+        *,
+        client_id: str = "",
+        persistent: bool = False,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        self.host, self.port, self.topic_filter = host, port, topic_filter
+        self.persistent = persistent
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.cond = threading.Condition()
+        self.subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                  protocol=mqtt.MQTTv5)
+        if username:
+            self.client.username_pw_set(username, password)
+        self.client.reconnect_delay_set(0.05, 0.5)  # type: ignore[arg-type]
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+
+    def _on_connect(self, client: mqtt.Client, *_: Any) -> None:
+        client.subscribe(self.topic_filter, 1)
+
+    def _on_subscribe(self, *_: Any) -> None:
+        self.subscribed.set()
+
+    def _on_disconnect(self, *_: Any) -> None:
+        self.subscribed.clear()
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        with self.cond:
+            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+            self.cond.notify_all()
+
+    def start(self, timeout: float = 10.0) -> Collector:
+        props = Properties(PacketTypes.CONNECT)
+        if self.persistent:
+            props.SessionExpiryInterval = 600
+        self.client.connect(self.host, self.port, keepalive=10,
+                            clean_start=not self.persistent, properties=props)
+        self.client.loop_start()
+        assert self.subscribed.wait(timeout), "subscriber did not get its SUBACK"
+        return self
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def wait_for(self, pred: Callable[[list[tuple[str, bytes, bool]]], bool],
+                 timeout: float) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: pred(self.messages), timeout)
+
+    def payloads(self, topic: str | None = None) -> list[bytes]:
+        with self.cond:
+            return [p for t, p, _r in self.messages if topic is None or t == topic]
+
+    def __enter__(self) -> Collector:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+def spawn_helper(*args: str) -> subprocess.Popen[str]:
+    """Start this file as a child process with the repo importable; stdout is a pipe."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(HELPER), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, text=True)
+
+
+def read_until(proc: subprocess.Popen[str], pred: Callable[[str], bool],
+               timeout: float = 20.0) -> str:
+    """Read the child's stdout lines until one satisfies ``pred`` (a watchdog kills a hang)."""
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if pred(line.strip()):
+                return line.strip()
+        raise AssertionError(f"child exited (rc={proc.wait()}) before the expected line")
+    finally:
+        timer.cancel()
+
+
+# -- child process entry points -----------------------------------------------------------
+def _spool_writer(directory: Path) -> None:
+    from agent.spool import Spool
+
+    spool = Spool(directory, 1 << 30)
+    seq = max((check_payload(r.payload) for r in spool), default=-1) + 1
+    while True:
+        spool.append("knet/v1/lab/dev/act", checked_payload(seq), 1)
+        print(seq, flush=True)
+        seq += 1
+
+
+def _link_publisher(ns: argparse.Namespace) -> None:
+    from agent.link import Link, LinkSettings
+    from agent.spool import Spool
+    from agent.topics import Topics
+
+    settings = LinkSettings(host="127.0.0.1", port=ns.port, reconnect_min_delay=0.05,
+                            reconnect_max_delay=0.5, keepalive=5, connect_timeout=2)
+    topics = Topics(FLEET)
+    spool = Spool(Path(ns.dir), 64 << 20)
+    link = Link(settings, topics, ns.device, spool, lambda: {"agent": "test"}).start()
+    print(f"session {link.session}", flush=True)
+    for seq in range(ns.start, ns.start + ns.count):
+        assert link.publish_reliable(topics.act(ns.device), seq_payload(seq))
+    print(f"spooled {ns.count}", flush=True)
+    if ns.wait_connected:
+        link.wait_connected(30)
+        print("connected", flush=True)
+    threading.Event().wait()  # until SIGKILL
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sw = sub.add_parser("spool-writer")
+    sw.add_argument("dir", type=Path)
+    lp = sub.add_parser("link-publisher")
+    lp.add_argument("--port", type=int, required=True)
+    lp.add_argument("--dir", required=True)
+    lp.add_argument("--device", default="dev-a")
+    lp.add_argument("--start", type=int, default=0)
+    lp.add_argument("--count", type=int, default=0)
+    lp.add_argument("--wait-connected", action="store_true")
+    ns = parser.parse_args()
+    if ns.cmd == "spool-writer":
+        _spool_writer(ns.dir)
+    else:
+        _link_publisher(ns)
+
+
+def state_of(payload: bytes) -> dict[str, Any]:
+    return dict(json.loads(payload))
+
+
+if __name__ == "__main__":
+    main()
