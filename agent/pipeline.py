@@ -1,0 +1,160 @@
+"""Threaded stages joined by bounded queues.
+
+Source, inference, encoding and publishing each run in their own thread so communication
+overlaps computation (the offloading pipeline of the Duan thesis); onnxruntime, lz4 and zfp
+release the GIL for their heavy work. A full queue blocks the stage before it, so a slow
+uplink slows the source instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_END = object()  # flows down the pipeline once the source is exhausted
+
+
+@dataclass
+class Stage:
+    """One thread: takes items from ``inbox``, hands what ``fn`` returns to the next stage.
+
+    ``fn`` may return None to drop an item (it was counted by the stage itself).
+    """
+
+    name: str
+    fn: Callable[[Any], Any]
+    queue_size: int = 16
+    inbox: queue.Queue[Any] = field(init=False)
+    processed: int = 0
+    errors: int = 0
+    beat: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.inbox = queue.Queue(maxsize=self.queue_size)
+
+
+class RunnerSlot:
+    """Holds the active inference object; a swap takes effect between two inputs.
+
+    The inference stage reads ``current`` once per input, so an input is processed wholly
+    by the old or wholly by the new chain, never by a mix.
+    """
+
+    def __init__(self, runner: Any) -> None:
+        self._runner = runner
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> Any:
+        return self._runner
+
+    def swap(self, runner: Any) -> Any:
+        with self._lock:
+            old, self._runner = self._runner, runner
+        return old
+
+
+class Pipeline:
+    """``source`` feeds ``stages`` in order; call :meth:`start`, then :meth:`join` or :meth:`stop`."""
+
+    def __init__(self, source: Iterable[Any], stages: list[Stage]) -> None:
+        if not stages:
+            raise ValueError("a pipeline needs at least one stage")
+        self.source = source
+        self.stages = stages
+        self.source_items = 0
+        self.source_done = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.source_beat = time.monotonic()
+
+    def start(self) -> Pipeline:
+        self._threads = [threading.Thread(target=self._feed, name="knet-source", daemon=True)]
+        for i, stage in enumerate(self.stages):
+            nxt = self.stages[i + 1] if i + 1 < len(self.stages) else None
+            self._threads.append(threading.Thread(
+                target=self._work, args=(stage, nxt), name=f"knet-{stage.name}", daemon=True))
+        for t in self._threads:
+            t.start()
+        return self
+
+    def _put(self, q: queue.Queue[Any], item: Any) -> bool:
+        """Blocking put that still notices a stop request: back-pressure, not a hang."""
+        while not self._stop.is_set():
+            try:
+                q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _feed(self) -> None:
+        first = self.stages[0].inbox
+        try:
+            for item in self.source:
+                self.source_beat = time.monotonic()
+                if self._stop.is_set() or not self._put(first, item):
+                    return
+                self.source_items += 1
+        except Exception:
+            log.exception("input source failed; no more input will be read")
+        finally:
+            self.source_done.set()
+            self._put(first, _END)
+
+    def _work(self, stage: Stage, nxt: Stage | None) -> None:
+        while True:
+            stage.beat = time.monotonic()
+            try:
+                item = stage.inbox.get(timeout=0.5)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return
+                continue
+            if item is _END:
+                if nxt is not None:
+                    self._put(nxt.inbox, _END)
+                return
+            try:
+                out = stage.fn(item)
+            except Exception:
+                stage.errors += 1
+                log.exception("stage %s failed on one item; it was dropped", stage.name)
+                continue
+            stage.processed += 1
+            if out is not None and nxt is not None and not self._put(nxt.inbox, out):
+                return
+
+    def depths(self) -> dict[str, int]:
+        return {s.name: s.inbox.qsize() for s in self.stages}
+
+    def healthy(self, max_beat_age: float = 30.0) -> bool:
+        """Every stage thread alive and looping (an idle stage still beats on its timeout)."""
+        now = time.monotonic()
+        workers = self._threads[1:]
+        if not workers:
+            return False
+        alive = all(t.is_alive() for t in workers) or self.finished()
+        return alive and all(now - s.beat < max_beat_age for s in self.stages)
+
+    def finished(self) -> bool:
+        """The source is exhausted and every stage has passed the end marker on."""
+        return self.source_done.is_set() and not any(t.is_alive() for t in self._threads)
+
+    def join(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            t.join(remaining)
+        return not any(t.is_alive() for t in self._threads)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self.join(timeout)

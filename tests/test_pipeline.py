@@ -1,0 +1,65 @@
+import threading
+import time
+
+from agent.pipeline import Pipeline, RunnerSlot, Stage
+
+
+def test_items_flow_through_every_stage_in_order() -> None:
+    out: list[int] = []
+    stages = [Stage("double", lambda x: x * 2), Stage("sink", out.append)]
+    p = Pipeline(range(500), stages).start()
+    assert p.join(10)
+    assert out == [2 * i for i in range(500)]
+    assert p.finished()
+    assert [s.processed for s in stages] == [500, 500]
+
+
+def test_a_failing_item_is_dropped_and_counted_not_fatal() -> None:
+    out: list[int] = []
+
+    def picky(x: int) -> int:
+        if x == 3:
+            raise ValueError("bad input")
+        return x
+
+    stages = [Stage("picky", picky), Stage("sink", out.append)]
+    p = Pipeline(range(6), stages).start()
+    assert p.join(10)
+    assert out == [0, 1, 2, 4, 5]
+    assert stages[0].errors == 1
+
+
+def test_a_slow_sink_applies_back_pressure_to_the_source() -> None:
+    release = threading.Event()
+
+    def slow(x: int) -> None:
+        release.wait()
+
+    def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    stages = [Stage("a", lambda x: x, queue_size=4), Stage("slow", slow, queue_size=4)]
+    p = Pipeline(endless(), stages).start()
+    time.sleep(0.5)
+    # Bounded: at most the two queues, one item in each stage and one in the feeder's hand.
+    assert p.source_items <= 4 + 4 + 2 + 1
+    release.set()
+    p.stop(5)
+    assert not any(t.is_alive() for t in p._threads)
+
+
+def test_runner_slot_swap_is_seen_by_the_next_item() -> None:
+    slot = RunnerSlot("v1")
+    seen: list[str] = []
+
+    def infer(x: int) -> None:
+        seen.append(slot.current)
+        if x == 2:
+            slot.swap("v2")
+
+    p = Pipeline(range(5), [Stage("infer", infer)]).start()
+    assert p.join(10)
+    assert seen == ["v1", "v1", "v1", "v2", "v2"]
