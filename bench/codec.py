@@ -50,6 +50,7 @@ def run_codec_bench(model: str = "digits", seed: int = 0, samples: int | None = 
     import torch
     from agent.profiles import load_profile
     from agent.runtime import BlockRunner
+
     from cloud_trainer.export import export_partition
     from cloud_trainer.train import eval_set, trained_pair
 

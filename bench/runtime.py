@@ -28,6 +28,7 @@ def run_runtime_bench(model: str = "vision", seed: int = 0, repeats: int = 50,
                       batches: tuple[int, ...] = (1, 32)) -> list[dict[str, Any]]:
     import onnxruntime as ort
     import torch
+
     from cloud_trainer.export import export_partition
     from cloud_trainer.train import model_inputs, trained_pair
 

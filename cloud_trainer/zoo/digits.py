@@ -1,0 +1,42 @@
+"""``digits``: 8×8 handwritten digits, four blocks.
+
+Boundaries: (1,8,8) → (16,8,8) → (32,4,4) → (64,) → (10,) logits. Every inner boundary is
+post-ReLU, which is what makes uint8 + LZ4 effective on the wire. The teacher is wide and
+deep inside each block; the student keeps only what the boundary needs (≈82 % fewer
+parameters, beyond KnowledgeNet's 62 %).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from cloud_trainer.blocks import BlockModel, ModelPair
+
+INPUT_SHAPE = (1, 8, 8)
+
+
+def _conv(cin: int, cout: int, k: int = 3) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+def teacher() -> BlockModel:
+    return BlockModel([
+        nn.Sequential(*_conv(1, 64), *_conv(64, 16)),
+        nn.Sequential(*_conv(16, 96), *_conv(96, 32), nn.MaxPool2d(2)),
+        nn.Sequential(nn.Flatten(), nn.Linear(512, 256), nn.ReLU(), nn.Dropout(0.2),
+                      nn.Linear(256, 64), nn.ReLU()),
+        nn.Sequential(nn.Linear(64, 10)),
+    ], INPUT_SHAPE)
+
+
+def student() -> BlockModel:
+    return BlockModel([
+        nn.Sequential(*_conv(1, 16)),
+        nn.Sequential(*_conv(16, 32), nn.MaxPool2d(2)),
+        nn.Sequential(nn.Flatten(), nn.Linear(512, 64), nn.ReLU()),
+        nn.Sequential(nn.Linear(64, 10)),
+    ], INPUT_SHAPE)
+
+
+def build_pair() -> ModelPair:
+    return ModelPair("digits", teacher(), student())
