@@ -396,7 +396,7 @@ class Link:
         return True
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 0,
-                retain: bool = False) -> bool:
+                retain: bool = False, properties: Properties | None = None) -> bool:
         """Best effort (stats and the like): dropped and counted when offline."""
         data = payload.encode() if isinstance(payload, str) else payload
         if self._too_big(topic, data):
@@ -405,7 +405,7 @@ class Link:
             self._count("dropped")
             self._emit(PublishOutcome(topic, len(data), False, "dropped", "offline"))
             return False
-        info = self._client.publish(topic, data, qos=qos, retain=retain)
+        info = self._client.publish(topic, data, qos=qos, retain=retain, properties=properties)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             self._count("dropped")
             self._emit(PublishOutcome(topic, len(data), False, "dropped",

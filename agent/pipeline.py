@@ -62,7 +62,7 @@ class RunnerSlot:
 
 
 class Pipeline:
-    """``source`` feeds ``stages`` in order; call :meth:`start`, then :meth:`join` or :meth:`stop`."""
+    """``source`` feeds ``stages`` in order: :meth:`start`, then :meth:`join` or :meth:`stop`."""
 
     def __init__(self, source: Iterable[Any], stages: list[Stage]) -> None:
         if not stages:

@@ -48,9 +48,9 @@ def run_codec_bench(model: str = "digits", seed: int = 0, samples: int | None = 
                     json_path: Path | None = None, plot_path: Path | None = None,
                     codecs: list[str] | None = None) -> dict[str, Any]:
     import torch
+
     from agent.profiles import load_profile
     from agent.runtime import BlockRunner
-
     from cloud_trainer.export import export_partition
     from cloud_trainer.train import eval_set, trained_pair
 

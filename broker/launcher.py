@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -68,6 +69,8 @@ class Mosquitto:
             settings = BrokerSettings(port=free_port(), allow_anonymous=True)
         if settings.persistence and settings.persistence_location is None:
             settings = settings.model_copy(update={"persistence_location": self.workdir / "data"})
+        if settings.user is None and os.geteuid() == 0:
+            settings = settings.model_copy(update={"user": pwd.getpwuid(0).pw_name})
         if settings.log_file is None:
             settings = settings.model_copy(update={"log_file": self.workdir / "mosquitto.log"})
         self.settings = settings

@@ -8,6 +8,7 @@ blocks k+1..N, and every student block can be supervised by the matching teacher
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,7 +48,7 @@ class BlockModel(nn.Module):
         if sorted(set(points)) != points or points[-2] >= len(seq):
             raise BlockModelError(f"cuts {list(cuts)} must be increasing positions inside "
                                   f"the {len(seq)} layers")
-        return cls([seq[a:b] for a, b in zip(points, points[1:], strict=False)], input_shape)
+        return cls([seq[a:b] for a, b in itertools.pairwise(points)], input_shape)
 
     def _dry_run(self) -> tuple[Shape, ...]:
         was_training = self.training

@@ -120,7 +120,6 @@ def export_for_profile(model_name: str, profile: str, out: Path, *, seed: int = 
                        role: str = "student", model_version: int = 1) -> PartitionManifest:
     """Train (or load from cache) a zoo pair and export one of its models for a profile."""
     from agent.profiles import load_profile
-
     from cloud_trainer.train import trained_pair
 
     prof = load_profile(profile)

@@ -25,29 +25,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from broker.config import BrokerSettings
-
 REPO = Path(__file__).resolve().parent.parent
 HELPER = Path(__file__).resolve()
 FLEET = "lab"
-
-
-class RootSafeBrokerSettings(BrokerSettings):
-    """BrokerSettings that keep Mosquitto running as the invoking user.
-
-    Started as root (CI containers), Mosquitto drops to the ``mosquitto`` user, which cannot
-    read pytest's 0700 tmp dirs: the password file is "unable to open" (fatal) and, silently,
-    neither the log nor the persistence database get written, so a restart loses sessions
-    and retained messages. ``user root`` tells it not to switch. (A ``user`` field in
-    broker/config.py would make this subclass unnecessary.)
-    """
-
-    def render(self) -> str:
-        text = super().render()
-        if os.geteuid() == 0:
-            text = text.replace("per_listener_settings false\n",
-                                "per_listener_settings false\nuser root\n", 1)
-        return text
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:

@@ -12,7 +12,6 @@ import pytest
 from mqtt_helpers import (
     FLEET,
     Collector,
-    RootSafeBrokerSettings,
     payload_seq,
     read_until,
     seq_payload,
@@ -25,6 +24,7 @@ from pydantic import SecretStr, ValidationError
 from agent.link import Link, LinkSettings, PublishOutcome, next_session
 from agent.spool import Spool
 from agent.topics import Topics
+from broker.config import BrokerSettings
 from broker.launcher import Mosquitto, free_port
 
 TOPICS = Topics(FLEET)
@@ -48,7 +48,7 @@ def spool(tmp_path: Path) -> Iterator[Spool]:
 @pytest.fixture
 def persistent_broker(tmp_path: Path) -> Iterator[Mosquitto]:
     """Like the conftest broker, but its persistence works when the tests run as root."""
-    settings = RootSafeBrokerSettings(port=free_port(), allow_anonymous=True)
+    settings = BrokerSettings(port=free_port(), allow_anonymous=True)
     with Mosquitto(tmp_path / "pbroker", settings) as broker:
         yield broker
 
@@ -179,7 +179,7 @@ def acl_broker(tmp_path: Path) -> Iterator[Mosquitto]:
         subprocess.run(["mosquitto_passwd", "-b", str(pw), user, secret], check=True,
                        capture_output=True)
     acl.write_text("user observer\ntopic read knet/#\n\npattern readwrite knet/v1/+/%u/#\n")
-    settings = RootSafeBrokerSettings(port=free_port(), allow_anonymous=False,
+    settings = BrokerSettings(port=free_port(), allow_anonymous=False,
                                       password_file=pw, acl_file=acl)
     with Mosquitto(work, settings) as broker:
         yield broker
@@ -251,7 +251,7 @@ def test_birth_and_state_republished_after_broker_restart(tmp_path: Path,
                                                           spool: Spool) -> None:
     # No persistence: retained messages die with the broker, so seeing them again proves
     # the link re-published them on reconnect.
-    settings = RootSafeBrokerSettings(port=free_port(), allow_anonymous=True,
+    settings = BrokerSettings(port=free_port(), allow_anonymous=True,
                                       persistence=False)
     with Mosquitto(tmp_path / "volatile", settings) as broker:
         got = threading.Event()
@@ -280,7 +280,7 @@ def test_birth_and_state_republished_after_broker_restart(tmp_path: Path,
 def test_oversized_message_never_reaches_spool_or_broker(tmp_path: Path, spool: Spool) -> None:
     # Mosquitto drops a v5 client that sends more than message_size_limit; spooled, such a
     # message would be re-sent after every reconnect. The link refuses it up front.
-    settings = RootSafeBrokerSettings(port=free_port(), allow_anonymous=True,
+    settings = BrokerSettings(port=free_port(), allow_anonymous=True,
                                       message_size_limit=1000)
     with Mosquitto(tmp_path / "small", settings) as broker, \
             Collector(broker.host, broker.port, TOPICS.act(DEV)) as col:

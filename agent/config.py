@@ -1,0 +1,242 @@
+"""The agent's configuration (``agent.toml``), validated before anything starts.
+
+Unknown keys are rejected at every level and every error names the file, the field and the
+reason. Relative paths are resolved against the config file's directory, so a deployment
+directory can be moved as a whole. Secrets may come from a file or from systemd's
+``LoadCredential`` (``$CREDENTIALS_DIRECTORY``), so they never sit in the config itself.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from agent.configfile import ConfigError, load_model
+from agent.topics import Topics, validate_id
+
+_STRICT = ConfigDict(extra="forbid")
+
+
+def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
+    base = (info.context or {}).get("base_dir")
+    if value is None or value.is_absolute() or base is None:
+        return value
+    return (Path(base) / value).resolve()
+
+
+class DeviceSection(BaseModel):
+    model_config = _STRICT
+
+    id: str
+    fleet: str = "default"
+    topic_prefix: str = "knet"
+    state_dir: Path = Path("/var/lib/knet")
+    cache_dir: Path = Path("/var/cache/knet")
+
+    @field_validator("id", "fleet")
+    @classmethod
+    def _ids(cls, v: str, info: ValidationInfo) -> str:
+        return validate_id(v, "fleet id" if info.field_name == "fleet" else "device id")
+
+    _paths = field_validator("state_dir", "cache_dir")(_resolve)
+
+
+class ModelSection(BaseModel):
+    model_config = _STRICT
+
+    manifest: Path
+    profile: str = "x86-dev"
+
+    _paths = field_validator("manifest")(_resolve)
+
+
+class TlsSection(BaseModel):
+    model_config = _STRICT
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    _paths = field_validator("ca_file", "cert_file", "key_file")(_resolve)
+
+
+class MqttSection(BaseModel):
+    model_config = _STRICT
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    password_credential: str | None = Field(
+        None, description="name of a systemd credential in $CREDENTIALS_DIRECTORY")
+    tls: TlsSection | None = None
+    keepalive: int = Field(30, ge=5, le=3600)
+    reconnect_min_delay: float = Field(0.5, gt=0)
+    reconnect_max_delay: float = Field(30.0, gt=0)
+    max_inflight: int = Field(20, ge=1, le=1000)
+
+    _paths = field_validator("password_file")(_resolve)
+
+    @model_validator(mode="after")
+    def _one_secret_source(self) -> MqttSection:
+        given = [n for n in ("password", "password_file", "password_credential")
+                 if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give only one of password, password_file, password_credential "
+                             f"(got {', '.join(given)})")
+        return self
+
+    def resolve_password(self) -> SecretStr | None:
+        """Read the secret now; a missing file or credential is a config error."""
+        if self.password is not None:
+            return self.password
+        if self.password_file is not None:
+            return SecretStr(_read_secret(self.password_file, "mqtt.password_file"))
+        if self.password_credential is not None:
+            cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+            if not cred_dir:
+                raise ConfigError("mqtt.password_credential: $CREDENTIALS_DIRECTORY is not set "
+                                  "(run under systemd with LoadCredential=, or use password_file)")
+            return SecretStr(_read_secret(Path(cred_dir) / self.password_credential,
+                                          "mqtt.password_credential"))
+        return None
+
+
+def _read_secret(path: Path, field: str) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{field}: cannot read {path}: {exc.strerror}") from None
+
+
+class NpzSource(BaseModel):
+    model_config = _STRICT
+
+    kind: Literal["npz"]
+    path: Path
+    x_key: str = "x"
+    y_key: str | None = "y"
+    rate_hz: float = Field(0.0, ge=0, description="0 = as fast as possible")
+    loop: bool = False
+
+    _paths = field_validator("path")(_resolve)
+
+
+class ImagesSource(BaseModel):
+    model_config = _STRICT
+
+    kind: Literal["images"]
+    directory: Path
+    glob: str = "*.png"
+    rate_hz: float = Field(0.0, ge=0)
+    loop: bool = False
+
+    _paths = field_validator("directory")(_resolve)
+
+
+class MqttSource(BaseModel):
+    model_config = _STRICT
+
+    kind: Literal["mqtt"]
+    topic: str | None = Field(None, description="default: knet/v1/{fleet}/{device}/input")
+    qos: int = Field(1, ge=0, le=1)
+
+
+Source = Annotated[NpzSource | ImagesSource | MqttSource, Field(discriminator="kind")]
+
+
+class UplinkSection(BaseModel):
+    model_config = _STRICT
+
+    enabled: bool = True
+    every_n: int = Field(1, ge=0, description="send every n-th input; 0 = hard examples only")
+    max_samples_per_s: float = Field(0.0, ge=0, description="0 = unlimited")
+    max_bytes_per_s: float = Field(0.0, ge=0, description="0 = unlimited")
+    hard_threshold: float | None = Field(None, gt=0, le=1)
+    boundaries: list[int] = Field(default_factory=lambda: [1])
+    allow_raw_upload: bool = False
+    codec: str = "uint8+lz4"
+
+    @model_validator(mode="after")
+    def _raw_needs_consent(self) -> UplinkSection:
+        if 0 in self.boundaries and not self.allow_raw_upload:
+            raise ValueError("boundary 0 is the raw input: it leaves the device only with "
+                             "allow_raw_upload = true")
+        if any(b < 0 for b in self.boundaries):
+            raise ValueError("boundaries are >= 0")
+        return self
+
+    @field_validator("codec")
+    @classmethod
+    def _codec(cls, v: str) -> str:
+        from agent.codec import CodecError, parse_spec
+
+        try:
+            return str(parse_spec(v))
+        except CodecError as exc:
+            raise ValueError(str(exc)) from None
+
+
+class SpoolSection(BaseModel):
+    model_config = _STRICT
+
+    max_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    policy: Literal["drop_oldest", "drop_newest"] = "drop_oldest"
+
+
+class PipelineSection(BaseModel):
+    model_config = _STRICT
+
+    queue_size: int = Field(32, ge=1, le=100_000)
+    exit_when_done: bool = Field(False, description="exit once a finite source is sent")
+
+
+class MetricsSection(BaseModel):
+    model_config = _STRICT
+
+    prometheus_port: int | None = Field(None, ge=0, le=65535)
+    prometheus_bind: str = "127.0.0.1"
+    stats_interval_s: float = Field(5.0, gt=0)
+    publish_results: bool = False
+
+
+class SplitSection(BaseModel):
+    model_config = _STRICT
+
+    enabled: bool = False
+    timeout_s: float = Field(5.0, gt=0)
+
+
+class AgentConfig(BaseModel):
+    model_config = _STRICT
+
+    device: DeviceSection
+    model: ModelSection
+    mqtt: MqttSection = Field(default_factory=MqttSection)
+    source: Source
+    uplink: UplinkSection = Field(default_factory=UplinkSection)
+    spool: SpoolSection = Field(default_factory=SpoolSection)
+    pipeline: PipelineSection = Field(default_factory=PipelineSection)
+    metrics: MetricsSection = Field(default_factory=MetricsSection)
+    split: SplitSection = Field(default_factory=SplitSection)
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.device.fleet, self.device.topic_prefix)
+
+
+def load_config(path: Path | str) -> AgentConfig:
+    path = Path(path).resolve()
+    return load_model(path, AgentConfig, context={"base_dir": path.parent})

@@ -1,0 +1,51 @@
+"""Loading TOML files into validated pydantic models, with errors a person can act on.
+
+Every message names the file, the field and the reason, e.g.
+``agent.toml: mqtt.port: Input should be less than or equal to 65535``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import tomllib
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A configuration or profile file that cannot be used; the text says where and why."""
+
+
+def format_errors(exc: ValidationError) -> str:
+    parts = []
+    for e in exc.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (misspelt? see the documented example)"
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def load_model(path: Path | str, model: type[M], context: dict[str, Any] | None = None) -> M:
+    path = Path(path)
+    data = read_toml(path)
+    try:
+        return model.model_validate(data, context=context)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {format_errors(exc)}") from None

@@ -1,0 +1,99 @@
+"""Firmware profiles: what a kind of device can run, one TOML file per kind.
+
+The profile decides the export target (onnxruntime version → opset/IR), the execution
+providers in order of preference, thread counts, and the figures the partition planner
+uses (relative speed, uplink, power).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from agent.configfile import ConfigError, load_model
+
+KNOWN_PROVIDERS = (
+    "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider",
+    "OpenVINOExecutionProvider", "CoreMLExecutionProvider", "ACLExecutionProvider",
+    "XnnpackExecutionProvider",
+)
+
+
+class FirmwareProfile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    description: str = ""
+    arch: Literal["aarch64", "armv7l", "x86_64"]
+    cores: int = Field(ge=1, le=256)
+    ram_mb: int = Field(ge=128)
+    model_memory_mb: int = Field(ge=16, description="memory budget for block sessions")
+    onnxruntime: str = Field(pattern=r"^\d+\.\d+(\.\d+)?$")
+    max_ir_version: int = Field(ge=3, le=20)
+    execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    intra_op_threads: int = Field(1, ge=1, le=256)
+    inter_op_threads: int = Field(1, ge=1, le=64)
+    relative_speed: float = Field(1.0, gt=0, description="block speed relative to x86-dev")
+    uplink_mbps: float = Field(gt=0)
+    rtt_ms: float = Field(ge=0)
+    power_idle_w: float | None = Field(None, ge=0)
+    power_active_w: float | None = Field(None, ge=0)
+
+    @field_validator("execution_providers")
+    @classmethod
+    def _providers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [p for p in value if p not in KNOWN_PROVIDERS]
+        if unknown:
+            raise ValueError(f"unknown execution provider(s) {unknown}; known: {KNOWN_PROVIDERS}")
+        if not value:
+            raise ValueError("at least one execution provider")
+        return value
+
+    @property
+    def ort_version(self) -> tuple[int, ...]:
+        return tuple(int(p) for p in self.onnxruntime.split("."))
+
+    def supports_ir(self, ir_version: int) -> bool:
+        return ir_version <= self.max_ir_version
+
+
+def search_path() -> list[Path]:
+    paths = [Path(p) for p in os.environ.get("KNET_PROFILES", "").split(os.pathsep) if p]
+    paths.append(Path(__file__).resolve().parent.parent / "firmware_profiles")
+    paths.append(Path("/usr/share/knet/firmware_profiles"))
+    return paths
+
+
+def find_profile(name_or_path: str | Path) -> Path:
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".toml" or candidate.parent != Path("."):
+        if candidate.is_file():
+            return candidate
+        raise ConfigError(f"{candidate}: no such profile file")
+    for directory in search_path():
+        path = directory / f"{name_or_path}.toml"
+        if path.is_file():
+            return path
+    raise ConfigError(
+        f"no firmware profile {str(name_or_path)!r} in {', '.join(map(str, search_path()))}; "
+        f"known: {', '.join(list_profiles()) or 'none'}"
+    )
+
+
+def load_profile(name_or_path: str | Path) -> FirmwareProfile:
+    path = find_profile(name_or_path)
+    profile = load_model(path, FirmwareProfile)
+    if path.stem != profile.name:
+        raise ConfigError(f"{path}: name: {profile.name!r} must match the file name {path.stem!r}")
+    return profile
+
+
+def list_profiles() -> list[str]:
+    names: set[str] = set()
+    for directory in search_path():
+        if directory.is_dir():
+            names.update(p.stem for p in directory.glob("*.toml"))
+    return sorted(names)

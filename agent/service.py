@@ -1,0 +1,331 @@
+"""The knet-agent daemon: source → inference → encode → publish, plus status and health.
+
+Runs as a systemd ``Type=notify`` service: READY once the sessions are warm, WATCHDOG only
+while both the inference pipeline and the MQTT loop are healthy, STOPPING on SIGTERM (then
+``stopped`` is published, the spool flushed and the process exits 0), and SIGHUP reloads
+what can change without a restart (uplink policy and codec, stats interval).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+import agent
+from agent.codec import encode
+from agent.config import AgentConfig, MqttSource, load_config
+from agent.envelope import Envelope
+from agent.link import Link, LinkSettings, LinkTls, PublishOutcome
+from agent.manifest import PartitionManifest
+from agent.metrics import AgentMetrics
+from agent.notify import Notifier, watchdog_interval
+from agent.pipeline import Pipeline, RunnerSlot, Stage
+from agent.profiles import FirmwareProfile, load_profile
+from agent.runtime import BlockRunner
+from agent.sources import BadInputs, MqttFrames, Sample, make_source
+from agent.spool import Spool
+from agent.uplink import UplinkPolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Inference:
+    sample: Sample
+    acts: list[np.ndarray]  # boundaries first..last of the partition, batch 1
+    runner: BlockRunner
+    prediction: int | None
+    confidence: float | None
+
+
+def softmax_top1(logits: np.ndarray) -> tuple[int, float]:
+    z = logits.astype(np.float64) - logits.max()
+    p = np.exp(z)
+    p /= p.sum()
+    k = int(p.argmax())
+    return k, float(p[k])
+
+
+def link_settings(cfg: AgentConfig) -> LinkSettings:
+    m = cfg.mqtt
+    tls = LinkTls(ca_file=m.tls.ca_file, cert_file=m.tls.cert_file,
+                  key_file=m.tls.key_file) if m.tls else None
+    return LinkSettings(host=m.host, port=m.port, username=m.username or cfg.device.id,
+                        password=m.resolve_password(), tls=tls, keepalive=m.keepalive,
+                        reconnect_min_delay=m.reconnect_min_delay,
+                        reconnect_max_delay=m.reconnect_max_delay, max_inflight=m.max_inflight)
+
+
+def make_policy(cfg: AgentConfig) -> UplinkPolicy:
+    u = cfg.uplink
+    return UplinkPolicy(every_n=u.every_n if u.enabled else 0,
+                        max_samples_per_s=u.max_samples_per_s, max_bytes_per_s=u.max_bytes_per_s,
+                        hard_threshold=u.hard_threshold if u.enabled else None)
+
+
+class Agent:
+    """One device agent. ``run()`` blocks until stopped and returns the exit status."""
+
+    def __init__(self, config: AgentConfig, config_path: Path | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.device = config.device.id
+        self.topics = config.topics
+        self.profile: FirmwareProfile = load_profile(config.model.profile)
+        manifest = PartitionManifest.load(config.model.manifest)
+        runner = BlockRunner(manifest, config.model.manifest.parent, self.profile)
+        runner.warmup()
+        self.slot = RunnerSlot(runner)
+        self.metrics = AgentMetrics()
+        self.metrics.model_version.set(manifest.model_version)
+        self.bad = BadInputs()
+        self.policy = make_policy(config)
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._seq = 0
+        self._seq_lock = threading.Lock()
+        self._pending_split: dict[int, tuple[int | None, float]] = {}
+        self.split_stats = {"requests": 0, "replies": 0, "errors": 0, "timeouts": 0}
+        self.notifier = Notifier()
+        state_dir = config.device.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.spool = Spool(state_dir / "spool", config.spool.max_bytes, config.spool.policy)
+        self.link = Link(link_settings(config), self.topics, self.device, self.spool,
+                         self.birth, state_dir=state_dir, on_outcome=self._on_outcome)
+        self.source = make_source(config.source, runner.input_shape, self.bad)
+        q = config.pipeline.queue_size
+        self._pipeline = Pipeline(self.source, [Stage("infer", self._infer, q),
+                                                Stage("encode", self._encode, q),
+                                                Stage("publish", self._publish, q)])
+
+    # --- what the device announces
+    def birth(self) -> dict[str, Any]:
+        runner: BlockRunner = self.slot.current
+        m = runner.manifest
+        return {
+            "agent_version": agent.__version__, "hostname": socket.gethostname(),
+            "profile": self.profile.name, "onnxruntime": self.profile.onnxruntime,
+            "model_id": m.model_id, "model_version": m.model_version,
+            "partition": {"first": m.first, "last": m.last, "num_blocks": m.num_blocks},
+            "blocks": {str(b.index): b.sha256 for b in m.blocks},
+            "providers": runner.active_providers,
+            "uplink": {"boundaries": self.config.uplink.boundaries,
+                       "codec": self.config.uplink.codec},
+            "session": self.link.session,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        snap = self.metrics.snapshot()
+        snap.update({
+            "model_version": self.slot.current.version,
+            "session": self.link.session,
+            "queue_depth": self._pipeline.depths(),
+            "spool_bytes": self.spool.bytes, "spool_records": len(self.spool),
+            "spool_dropped": self.spool.dropped_oldest + self.spool.dropped_newest,
+            "link": dict(self.link.stats), "bad_inputs": dict(self.bad.counts),
+            "uplink": dict(self.policy.counts), "split": dict(self.split_stats),
+            "time": time.time(),
+        })
+        return snap
+
+    # --- pipeline stages
+    def _infer(self, sample: Sample) -> Inference:
+        runner: BlockRunner = self.slot.current  # read once: one chain per input
+        t0 = time.perf_counter()
+        acts = runner.run(sample.x[None])
+        elapsed = time.perf_counter() - t0
+        pred = conf = None
+        if runner.manifest.is_complete:
+            pred, conf = softmax_top1(acts[-1][0])
+        correct = (pred == sample.label) if pred is not None and sample.label is not None else None
+        self.metrics.observe_inference(elapsed, correct)
+        return Inference(sample, acts, runner, pred, conf)
+
+    def next_seq(self) -> int:
+        with self._seq_lock:
+            self._seq += 1
+            return self._seq
+
+    def _encode(self, inf: Inference) -> list[tuple[str, bytes, Properties | None]] | None:
+        out: list[tuple[str, bytes, Properties | None]] = []
+        m = inf.runner.manifest
+        if self.config.metrics.publish_results and inf.prediction is not None:
+            out.append((self.topics.result(self.device), json.dumps(
+                {"index": inf.sample.index, "prediction": inf.prediction,
+                 "confidence": inf.confidence, "label": inf.sample.label}).encode(), None))
+        if self.config.split.enabled and not m.is_complete:
+            out.append(self._split_request(inf))
+        decision = self.policy.decide(inf.sample.index, inf.confidence)
+        if decision.send:
+            for b in self.config.uplink.boundaries:
+                if not m.first - 1 <= b <= m.last:
+                    continue  # this partition neither receives nor produces that boundary
+                arr = inf.sample.x[None] if b == m.first - 1 else inf.acts[b - m.first]
+                env = Envelope(
+                    device=self.device, session=self.link.session, seq=self.next_seq(),
+                    timestamp=time.time(), model_version=m.model_version, boundary=b,
+                    payload=encode(arr, self.config.uplink.codec), label=inf.sample.label,
+                    prediction=inf.prediction, confidence=inf.confidence,
+                    meta={"model": m.model_id, "index": inf.sample.index},
+                ).pack()
+                self.policy.charge(len(env))
+                out.append((self.topics.act(self.device), env, None))
+            self.metrics.uplinked.inc()
+        return out or None
+
+    def _split_request(self, inf: Inference) -> tuple[str, bytes, Properties]:
+        m = inf.runner.manifest
+        seq = self.next_seq()
+        env = Envelope(device=self.device, session=self.link.session, seq=seq,
+                       timestamp=time.time(), model_version=m.model_version, boundary=m.last,
+                       payload=encode(inf.acts[-1], "raw"), label=inf.sample.label,
+                       meta={"model": m.model_id, "index": inf.sample.index}).pack()
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = self.topics.reply(self.device)
+        props.CorrelationData = seq.to_bytes(8, "big")
+        props.MessageExpiryInterval = max(1, int(self.config.split.timeout_s))
+        self._pending_split[seq] = (inf.sample.label, time.monotonic())
+        self.split_stats["requests"] += 1
+        return self.topics.infer(self.device), env, props
+
+    def _on_split_reply(self, msg: mqtt.MQTTMessage) -> None:
+        corr = getattr(msg.properties, "CorrelationData", None)
+        seq = int.from_bytes(corr, "big") if corr else -1
+        pending = self._pending_split.pop(seq, None)
+        if pending is None:
+            return  # late or unknown: it already timed out
+        try:
+            reply = json.loads(msg.payload)
+        except (ValueError, UnicodeDecodeError):
+            reply = {"error": "undecodable reply"}
+        if "error" in reply:
+            self.split_stats["errors"] += 1
+            log.warning("split inference refused: %s", reply["error"])
+            return
+        self.split_stats["replies"] += 1
+        label, t_sent = pending
+        correct = None if label is None else reply.get("prediction") == label
+        self.metrics.observe_inference(time.monotonic() - t_sent, correct)
+
+    def _publish(self, messages: list[tuple[str, bytes, Properties | None]]) -> None:
+        for topic, payload, props in messages:
+            if topic.endswith("/act"):
+                self.link.publish_reliable(topic, payload)
+            else:
+                self.link.publish(topic, payload, qos=1 if props else 0, properties=props)
+
+    def _on_outcome(self, outcome: PublishOutcome) -> None:
+        if outcome.status in ("acked", "sent"):
+            self.metrics.bytes_out.inc(outcome.nbytes)
+        else:
+            self.metrics.publish_failures.labels(outcome.reason or outcome.status).inc()
+
+    def _on_frame(self, msg: mqtt.MQTTMessage) -> None:
+        label = None
+        for key, value in getattr(msg.properties, "UserProperty", None) or []:
+            if key == "label" and value.lstrip("-").isdigit():
+                label = int(value)
+        assert isinstance(self.source, MqttFrames)
+        self.source.offer(msg.payload, label, timeout=5.0)
+
+    # --- lifecycle
+    def request_stop(self, *_: Any) -> None:
+        self._stop.set()
+
+    def request_reload(self, *_: Any) -> None:
+        self._reload.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGHUP, self.request_reload)
+
+    def _apply_reload(self) -> None:
+        self._reload.clear()
+        if self.config_path is None:
+            return
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+        except Exception as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+        else:
+            self.config = self.config.model_copy(update={"uplink": new.uplink,
+                                                         "metrics": new.metrics})
+            self.policy = make_policy(self.config)
+            log.info("configuration reloaded (uplink, metrics); other changes need a restart")
+        self.notifier.ready()
+
+    def healthy(self) -> bool:
+        return self._pipeline.healthy() and self.link.healthy()
+
+    def run(self) -> int:
+        cfg = self.config
+        if cfg.metrics.prometheus_port is not None:
+            port = self.metrics.serve(cfg.metrics.prometheus_port, cfg.metrics.prometheus_bind)
+            log.info("prometheus metrics on %s:%d", cfg.metrics.prometheus_bind, port)
+        with self.link:
+            if isinstance(cfg.source, MqttSource):
+                self.link.subscribe(cfg.source.topic or self.topics.input(self.device),
+                                    cfg.source.qos, self._on_frame)
+            if cfg.split.enabled:
+                self.link.subscribe(self.topics.reply(self.device), 1, self._on_split_reply)
+            self._pipeline.start()
+            self.notifier.ready(f"running {self.slot.current.manifest.model_id} "
+                                f"v{self.slot.current.version}")
+            self._supervise()
+            self.notifier.stopping()
+            self._pipeline.stop()
+            if isinstance(self.source, MqttFrames):
+                self.source.close()
+            self.link.publish(self.topics.stats(self.device), json.dumps(self.stats()))
+        self.spool.close()
+        log.info("agent stopped cleanly")
+        return 0
+
+    def _supervise(self) -> None:
+        """The main thread: watchdog, stats, reloads, and the end of a finite source."""
+        wd = watchdog_interval()
+        next_wd = next_stats = time.monotonic()
+        while not self._stop.wait(0.1):
+            now = time.monotonic()
+            if self._reload.is_set():
+                self._apply_reload()
+            if wd is not None and now >= next_wd:
+                if self.healthy():
+                    self.notifier.watchdog()
+                else:
+                    log.error("unhealthy (pipeline or MQTT loop stalled): withholding the "
+                              "watchdog ping so systemd restarts the agent")
+                next_wd = now + wd
+            if now >= next_stats:
+                for stage, depth in self._pipeline.depths().items():
+                    self.metrics.queue_depth.labels(stage).set(depth)
+                self.metrics.spool_bytes.set(self.spool.bytes)
+                self.metrics.spool_records.set(len(self.spool))
+                self.link.publish(self.topics.stats(self.device), json.dumps(self.stats()))
+                self._expire_split(now)
+                next_stats = now + self.config.metrics.stats_interval_s
+            if (self.config.pipeline.exit_when_done and self._pipeline.finished()
+                    and len(self.spool) == 0 and self.link.inflight == 0):
+                log.info("source finished and every message acknowledged; exiting")
+                return
+
+    def _expire_split(self, now: float) -> None:
+        timeout = self.config.split.timeout_s
+        for seq, (_label, t) in list(self._pending_split.items()):
+            if now - t > timeout:
+                self._pending_split.pop(seq, None)
+                self.split_stats["timeouts"] += 1
