@@ -64,10 +64,12 @@ def run_codec_bench(model: str = "digits", seed: int = 0, samples: int | None = 
         manifest = export_partition(student, Path(tmp), model_id=model, model_version=1)
         runner = BlockRunner(manifest, Path(tmp), load_profile("x86-dev"))
         acts = boundary_activations(runner, x)
-    logits = acts[-1]
-    reference = logits.argmax(1)
-    base_score = float((reference == y).mean() * 100) if y is not None else 100.0
-    metric = "top-1 accuracy %" if y is not None else "top-1 agreement %"
+    reference = acts[-1].argmax(1)
+    # digits scores accuracy against labels; vision, as the issue asks, top-1 agreement with
+    # uncompressed inference (its labels are a proxy task). Agreement is reported for both.
+    labelled = model == "digits"
+    base_score = float((reference == y).mean() * 100) if labelled else 100.0
+    metric = "top-1 accuracy %" if labelled else "top-1 agreement %"
 
     rows: list[dict[str, Any]] = []
     with torch.no_grad():
@@ -77,7 +79,8 @@ def run_codec_bench(model: str = "digits", seed: int = 0, samples: int | None = 
                 frames, dec, t_enc, t_dec = _measure(spec, acts[b])
                 out = student.run(torch.from_numpy(dec), b + 1, student.num_blocks).numpy()
                 pred = out.argmax(1)
-                score = float(((pred == y) if y is not None else (pred == reference)).mean() * 100)
+                agreement = float((pred == reference).mean() * 100)
+                score = float((pred == y).mean() * 100) if labelled else agreement
                 mb = acts[b].nbytes / 1e6
                 rows.append({
                     "boundary": b, "codec": spec, "shape": list(acts[b].shape[1:]),
@@ -85,7 +88,7 @@ def run_codec_bench(model: str = "digits", seed: int = 0, samples: int | None = 
                     "bytes": float(np.mean([len(f) for f in frames])),
                     "max_abs_err": float(np.max(np.abs(dec - acts[b]))) if dec.size else 0.0,
                     "encode_MBps": mb / t_enc, "decode_MBps": mb / t_dec,
-                    "score": score, "delta": score - base_score,
+                    "score": score, "delta": score - base_score, "agreement": agreement,
                 })
     by_key = {(r["boundary"], r["codec"]): r for r in rows}
     for r in rows:
@@ -97,9 +100,10 @@ def run_codec_bench(model: str = "digits", seed: int = 0, samples: int | None = 
             f"{model} boundary {b} {tuple(sel[0]['shape'])}: {sel[0]['raw_bytes']} B raw per "
             f"sample; baseline {metric} {base_score:.2f}",
             ["codec", "bytes/sample", "ratio", "× fewer than defer", "max |err|",
-             "enc MB/s", "dec MB/s", metric, "Δ points"],
+             "enc MB/s", "dec MB/s", metric, "Δ points", "agreement %"],
             [(r["codec"], r["bytes"], r["ratio"], r["vs_defer"], r["max_abs_err"],
-              r["encode_MBps"], r["decode_MBps"], r["score"], r["delta"]) for r in sel],
+              r["encode_MBps"], r["decode_MBps"], r["score"], r["delta"], r["agreement"])
+             for r in sel],
         )
     recommended = recommend(rows, student.num_blocks)
     if recommended:

@@ -15,7 +15,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+# Wide enough that a table piped to a file is not cut into ellipses.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 _PACKAGES = ("numpy", "onnxruntime", "torch", "zfpy", "lz4", "paho-mqtt")
 

@@ -31,6 +31,14 @@ def _bench_runtime(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_agent(args: argparse.Namespace) -> int:
+    from bench.agent import run_agent_bench
+
+    run_agent_bench(model=args.model, frames=args.frames, repeats=args.repeats,
+                    json_path=args.json, codec=args.codec)
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from cloud_trainer.export import export_for_profile
 
@@ -69,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--json", type=Path, default=None)
     b.set_defaults(func=_bench_runtime)
+
+    b = bsub.add_parser("agent", help="full agent pipeline vs bare onnxruntime")
+    b.add_argument("--model", choices=["digits", "vision"], default="vision")
+    b.add_argument("--frames", type=int, default=600)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--codec", default="uint8+lz4")
+    b.add_argument("--json", type=Path, default=None)
+    b.set_defaults(func=_bench_agent)
 
     e = sub.add_parser("export", help="export a zoo model's blocks to ONNX for a profile")
     e.add_argument("--model", choices=["digits", "vision"], default="digits")

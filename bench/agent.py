@@ -1,0 +1,137 @@
+"""`knet bench agent`: the full agent pipeline against bare onnxruntime, in one run.
+
+Bare: the same exported student blocks on the same inputs, batch 1, in a loop. Agent: the
+real `knet-agent` process (source → inference → encode → publish to a private Mosquitto on
+loopback), timed from its READY notification to its exit once every message is
+acknowledged, with CPU time and peak RSS from the kernel's accounting of the child.
+Alternating the two, repeat by repeat, keeps machine noise out of the ratio.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.report import command_line, console, print_table, write_json
+
+
+def _bare_fps(runner: Any, x: np.ndarray) -> float:
+    t0 = time.perf_counter()
+    for i in range(len(x)):
+        runner.run(x[i : i + 1])
+    return len(x) / (time.perf_counter() - t0)
+
+
+def _write_config(path: Path, port: int, manifest: Path, npz: Path, state: Path,
+                  every_n: int, boundaries: list[int], codec: str) -> None:
+    path.write_text(f"""
+[device]
+id = "bench-1"
+fleet = "bench"
+state_dir = "{state}"
+cache_dir = "{state}/cache"
+[model]
+manifest = "{manifest}"
+profile = "x86-dev"
+[mqtt]
+host = "127.0.0.1"
+port = {port}
+[source]
+kind = "npz"
+path = "{npz}"
+[uplink]
+every_n = {every_n}
+boundaries = {boundaries}
+codec = "{codec}"
+[pipeline]
+exit_when_done = true
+[metrics]
+stats_interval_s = 1.0
+""")
+
+
+def _agent_run(config: Path, workdir: Path) -> dict[str, float]:
+    """Run knet-agent once; frames/s from READY to exit, CPU seconds, peak RSS MB."""
+    sock_path = workdir / f"notify-{time.monotonic_ns()}.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_path))
+        sock.settimeout(120)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "--config", str(config), "--log-level",
+             "WARNING"], env={**os.environ, "NOTIFY_SOCKET": str(sock_path)},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        while b"READY=1" not in sock.recv(4096):
+            pass
+        t_ready = time.perf_counter()
+        _, err = proc.communicate(timeout=600)
+        t_end = time.perf_counter()
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise RuntimeError(f"knet-agent failed: {err[-2000:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"seconds": t_end - t_ready, "cpu_s": cpu, "rss_mb": after.ru_maxrss / 1024}
+
+
+def run_agent_bench(model: str = "vision", frames: int = 600, repeats: int = 3,
+                    json_path: Path | None = None, codec: str = "uint8+lz4") -> dict[str, Any]:
+    from agent.manifest import PartitionManifest
+    from agent.profiles import load_profile
+    from agent.runtime import BlockRunner
+    from broker.launcher import Mosquitto
+    from cloud_trainer.export import export_partition
+    from cloud_trainer.train import model_inputs, trained_pair
+
+    pair = trained_pair(model)
+    x = model_inputs(model, frames)
+    variants = {"every input": 1, "every 10th": 10}
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        export_partition(pair.student, work / "model", model_id=model, model_version=1)
+        manifest = PartitionManifest.load(work / "model" / "manifest.json")
+        np.savez(work / "inputs.npz", x=x)
+        runner = BlockRunner(manifest, work / "model", load_profile("x86-dev"))
+        runner.warmup()
+        boundary = [min(2, manifest.num_blocks - 1)]
+        with Mosquitto(work / "broker") as broker:
+            results: dict[str, list[dict[str, float]]] = {"bare": []}
+            for r in range(repeats):
+                results["bare"].append({"fps": _bare_fps(runner, x)})
+                for name, every in variants.items():
+                    cfg = work / f"agent-{every}.toml"
+                    _write_config(cfg, broker.port, work / "model" / "manifest.json",
+                                  work / "inputs.npz", work / f"state-{every}-{r}", every,
+                                  boundary, codec)
+                    run = _agent_run(cfg, work)
+                    run["fps"] = frames / run["seconds"]
+                    results.setdefault(name, []).append(run)
+    bare = statistics.median(r["fps"] for r in results["bare"])
+    rows.append({"pipeline": "bare onnxruntime", "fps": bare, "ratio": 1.0,
+                 "cpu_s": float("nan"), "rss_mb": float("nan")})
+    for name in variants:
+        runs = results[name]
+        fps = statistics.median(r["fps"] for r in runs)
+        rows.append({"pipeline": f"knet-agent, uplink {name} (boundary {boundary[0]}, {codec})",
+                     "fps": fps, "ratio": fps / bare,
+                     "cpu_s": statistics.median(r["cpu_s"] for r in runs),
+                     "rss_mb": max(r["rss_mb"] for r in runs)})
+    print_table(f"{model} student, batch 1, {frames} frames, median of {repeats}",
+                ["pipeline", "frames/s", "× bare", "agent CPU s", "agent peak RSS MB"],
+                [(r["pipeline"], r["fps"], r["ratio"], r["cpu_s"], r["rss_mb"]) for r in rows])
+    console.print("[dim]agent time runs from READY to exit after the last PUBACK, so it "
+                  "includes draining the spool and a clean shutdown[/dim]")
+    result = {"model": model, "frames": frames, "repeats": repeats, "rows": rows,
+              "raw": results}
+    write_json(json_path, "agent", command_line(), result)
+    return result

@@ -1,0 +1,101 @@
+"""A device with a partial partition asks the cloud to finish; the reply matches local
+teacher inference, and bad requests get error replies rather than silence."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+import torch
+from agent_helpers import agent_config, start_agent, write_inputs
+from mqtt_helpers import Collector
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.codec import encode
+from agent.envelope import Envelope
+from agent.topics import Topics
+from broker.launcher import Mosquitto
+from cloud_trainer.export import export_partition
+from cloud_trainer.serve import SplitServer
+from cloud_trainer.zoo import get_pair
+
+pytestmark = pytest.mark.mqtt
+T = Topics("lab")
+
+
+def request(port: int, payload: bytes, topic: str) -> dict:
+    got: dict = {}
+    done = threading.Event()
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+
+    def on_message(_c, _u, msg):
+        got.update(json.loads(msg.payload), corr=msg.properties.CorrelationData)
+        done.set()
+
+    c.on_message = on_message
+    c.connect("127.0.0.1", port)
+    c.subscribe(T.reply("dev-1"), 1)
+    c.loop_start()
+    props = Properties(PacketTypes.PUBLISH)
+    props.ResponseTopic = T.reply("dev-1")
+    props.CorrelationData = b"\x00\x07"
+    c.publish(topic, payload, qos=1, properties=props)
+    assert done.wait(10), "no reply"
+    c.disconnect()
+    c.loop_stop()
+    return got
+
+
+def test_reply_matches_local_teacher_inference_and_errors_are_answered(
+        mosquitto: Mosquitto) -> None:
+    pair = get_pair("digits", seed=2)
+    x = torch.rand(1, 1, 8, 8)
+    with torch.no_grad():
+        a2 = pair.student.run(x, 1, 2)
+        expected = pair.teacher.run(a2, 3).argmax(1).item()
+    env = Envelope("dev-1", 1, 1, 0.0, 1, 2, encode(a2.numpy(), "raw"), meta={"model": "digits"})
+    with SplitServer(pair.teacher, "digits", T, mosquitto.host, mosquitto.port) as server:
+        assert server.connected.wait(5)
+        got = request(mosquitto.port, env.pack(), T.infer("dev-1"))
+        assert got["prediction"] == expected and got["corr"] == b"\x00\x07"
+        assert 0 < got["confidence"] <= 1
+        bad = request(mosquitto.port, b"garbage", T.infer("dev-1"))
+        assert "error" in bad
+        wrong = Envelope("dev-1", 1, 2, 0.0, 1, 2, encode(np.zeros((1, 5)), "raw"))
+        assert "shape" in request(mosquitto.port, wrong.pack(), T.infer("dev-1"))["error"]
+        spoof = request(mosquitto.port, env.pack(), T.infer("dev-2"))
+        assert "topic device" in spoof["error"]
+        assert server.stats["replies"] == 1 and server.stats["errors"] == 3
+
+
+def test_agent_with_a_partial_partition_gets_its_answers(
+        tmp_path: Path, mosquitto: Mosquitto) -> None:
+    pair = get_pair("digits", seed=0)
+    export_partition(pair.student, tmp_path / "model", model_id="digits", model_version=1,
+                     first=1, last=2, ort_version="1.16.3")
+    write_inputs(tmp_path / "inputs.npz", 40)
+    cfg = agent_config(tmp_path, mosquitto.port, tmp_path / "model" / "manifest.json",
+                       source={"kind": "npz", "path": tmp_path / "inputs.npz", "rate_hz": 40},
+                       split={"enabled": True}, uplink={"enabled": False})
+    with SplitServer(pair.teacher, "digits", T, mosquitto.host, mosquitto.port) as server, \
+            Collector(mosquitto.host, mosquitto.port, T.stats("dev-1")) as sub:
+        assert server.connected.wait(5)
+        proc = start_agent(cfg)
+        try:
+            assert sub.wait_for(
+                lambda m: bool(m) and json.loads(m[-1][1])["split"]["replies"] >= 40, 30)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out[-2000:]
+        last = json.loads(sub.payloads()[-1])
+    assert last["split"]["errors"] == 0 and last["split"]["timeouts"] == 0
+    assert last["accuracy"] is not None  # replies were scored against the labels
+    assert server.stats["replies"] >= 40
