@@ -45,6 +45,7 @@ class AgentMetrics:
         self._frames_at_snapshot = 0
         self._t_snapshot = time.monotonic()
         self.frames_total = 0
+        self.scored = self.correct = 0
 
     def observe_inference(self, seconds: float, correct: bool | None = None) -> None:
         self.latency.observe(seconds)
@@ -52,9 +53,16 @@ class AgentMetrics:
         with self._lock:
             self.frames_total += 1
             self._recent.append(seconds)
-            if correct is not None:
-                self._hits.append(correct)
-                self.accuracy.set(sum(self._hits) / len(self._hits))
+        if correct is not None:
+            self.observe_result(correct)
+
+    def observe_result(self, correct: bool) -> None:
+        """A scored prediction: local, or the cloud's answer to a split request."""
+        with self._lock:
+            self._hits.append(correct)
+            self.scored += 1
+            self.correct += int(correct)
+            self.accuracy.set(sum(self._hits) / len(self._hits))
 
     def recent_accuracy(self) -> float | None:
         with self._lock:
@@ -75,6 +83,7 @@ class AgentMetrics:
             "latency_ms_p50": round(pct(0.5), 3) if pct else None,
             "latency_ms_p95": round(pct(0.95), 3) if pct else None,
             "accuracy": self.recent_accuracy(),
+            "accuracy_total": self.correct / self.scored if self.scored else None,
         }
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> int:

@@ -97,7 +97,8 @@ class Agent:
         self._seq = 0
         self._seq_lock = threading.Lock()
         self._pending_split: dict[int, tuple[int | None, float]] = {}
-        self.split_stats = {"requests": 0, "replies": 0, "errors": 0, "timeouts": 0}
+        self.split_stats = {"requests": 0, "replies": 0, "errors": 0, "timeouts": 0,
+                            "offline": 0}
         self.notifier = Notifier()
         state_dir = config.device.state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -215,16 +216,21 @@ class Agent:
             log.warning("split inference refused: %s", reply["error"])
             return
         self.split_stats["replies"] += 1
-        label, t_sent = pending
-        correct = None if label is None else reply.get("prediction") == label
-        self.metrics.observe_inference(time.monotonic() - t_sent, correct)
+        label, _t_sent = pending
+        if label is not None:
+            self.metrics.observe_result(reply.get("prediction") == label)
 
     def _publish(self, messages: list[tuple[str, bytes, Properties | None]]) -> None:
         for topic, payload, props in messages:
             if topic.endswith("/act"):
                 self.link.publish_reliable(topic, payload)
+            elif props is not None:  # a split request: fails at once when offline
+                if not self.link.publish(topic, payload, qos=1, properties=props):
+                    seq = int.from_bytes(props.CorrelationData, "big")
+                    if self._pending_split.pop(seq, None) is not None:
+                        self.split_stats["offline"] += 1
             else:
-                self.link.publish(topic, payload, qos=1 if props else 0, properties=props)
+                self.link.publish(topic, payload)
 
     def _on_outcome(self, outcome: PublishOutcome) -> None:
         if outcome.status in ("acked", "sent"):
@@ -319,7 +325,8 @@ class Agent:
                 self._expire_split(now)
                 next_stats = now + self.config.metrics.stats_interval_s
             if (self.config.pipeline.exit_when_done and self._pipeline.finished()
-                    and len(self.spool) == 0 and self.link.inflight == 0):
+                    and len(self.spool) == 0 and self.link.inflight == 0
+                    and not self._pending_split):
                 log.info("source finished and every message acknowledged; exiting")
                 return
 

@@ -74,13 +74,27 @@ def _agent_run(config: Path, workdir: Path) -> dict[str, float]:
         while b"READY=1" not in sock.recv(4096):
             pass
         t_ready = time.perf_counter()
-        _, err = proc.communicate(timeout=600)
+        peak_kb = 0
+        while proc.poll() is None:  # the agent's own peak RSS, sampled from /proc
+            peak_kb = max(peak_kb, _rss_kb(proc.pid))
+            time.sleep(0.05)
         t_end = time.perf_counter()
+        err = proc.stderr.read() if proc.stderr else ""
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"knet-agent failed: {err[-2000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"seconds": t_end - t_ready, "cpu_s": cpu, "rss_mb": after.ru_maxrss / 1024}
+    return {"seconds": t_end - t_ready, "cpu_s": cpu, "rss_mb": peak_kb / 1024}
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def run_agent_bench(model: str = "vision", frames: int = 600, repeats: int = 3,

@@ -144,6 +144,7 @@ def plot(rows: list[dict[str, Any]], model: str, metric: str, path: Path) -> Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     boundaries = sorted({r["boundary"] for r in rows})
     fig, axes = plt.subplots(1, len(boundaries), figsize=(4.2 * len(boundaries), 4),
@@ -154,6 +155,8 @@ def plot(rows: list[dict[str, Any]], model: str, metric: str, path: Path) -> Non
             ax.scatter(r["ratio"], r["delta"], s=22, label=family)
             ax.annotate(r["codec"], (r["ratio"], r["delta"]), fontsize=6, alpha=0.7)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g×"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.axhline(-ACCURACY_BUDGET, color="red", lw=0.8, ls="--")
         ax.set_title(f"boundary {b}")
         ax.set_xlabel("compression ratio (raw fp32 / encoded)")
