@@ -425,10 +425,13 @@ class Link:
             except Exception:
                 log.exception("handler for %s failed", topic_filter)
 
+        self._client.message_callback_add(topic_filter, _call)
         with self._lock:
             self._subs[topic_filter] = (qos, handler)
-        self._client.message_callback_add(topic_filter, _call)
-        if self.connected.is_set():
+        # paho marks the client connected before on_connect snapshots _subs, so either that
+        # snapshot includes this filter or this check sees the connection (a duplicate
+        # SUBSCRIBE is harmless); our own `connected` event is set later and would race.
+        if self._client.is_connected():
             self._client.subscribe(topic_filter, qos)
 
     def flush(self, timeout: float) -> bool:

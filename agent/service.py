@@ -136,7 +136,8 @@ class Agent:
             "spool_bytes": self.spool.bytes, "spool_records": len(self.spool),
             "spool_dropped": self.spool.dropped_oldest + self.spool.dropped_newest,
             "link": dict(self.link.stats), "bad_inputs": dict(self.bad.counts),
-            "uplink": dict(self.policy.counts), "split": dict(self.split_stats),
+            "uplink": dict(self.policy.counts),
+            "split": {**self.split_stats, "pending": len(self._pending_split)},
             "time": time.time(),
         })
         return snap
