@@ -2,8 +2,10 @@
 
 Boundaries: (1,8,8) → (16,8,8) → (32,4,4) → (64,) → (10,) logits. Every inner boundary is
 post-ReLU, which is what makes uint8 + LZ4 effective on the wire. The teacher is wide and
-deep inside each block; the student keeps only what the boundary needs (≈82 % fewer
-parameters, beyond KnowledgeNet's 62 %).
+deep inside each block; the student keeps only what the boundary needs (≈79 % fewer
+parameters, beyond KnowledgeNet's 62 %). The teacher pools *inside* block 2, before its
+second conv, which quarters that conv's cost: training both models stays near 10 s on two
+cores.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ def _conv(cin: int, cout: int, k: int = 3) -> list[nn.Module]:
 
 def teacher() -> BlockModel:
     return BlockModel([
-        nn.Sequential(*_conv(1, 64), *_conv(64, 16)),
-        nn.Sequential(*_conv(16, 96), *_conv(96, 32), nn.MaxPool2d(2)),
+        nn.Sequential(*_conv(1, 32), *_conv(32, 16)),
+        nn.Sequential(*_conv(16, 64), nn.MaxPool2d(2), *_conv(64, 32)),
         nn.Sequential(nn.Flatten(), nn.Linear(512, 256), nn.ReLU(), nn.Dropout(0.2),
                       nn.Linear(256, 64), nn.ReLU()),
         nn.Sequential(nn.Linear(64, 10)),
@@ -39,4 +41,5 @@ def student() -> BlockModel:
 
 
 def build_pair() -> ModelPair:
-    return ModelPair("digits", teacher(), student())
+    return ModelPair("digits", teacher(), student(), num_classes=10,
+                     description="load_digits 8×8, 4 blocks: conv, conv, fc features, head")

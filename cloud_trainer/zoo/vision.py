@@ -63,4 +63,6 @@ def student() -> BlockModel:
 
 
 def build_pair() -> ModelPair:
-    return ModelPair("vision", teacher(), student())
+    return ModelPair("vision", teacher(), student(), num_classes=VISION_CLASSES,
+                     description="3×96×96 frames, 5 blocks: stem, 3 inverted-residual "
+                                 "stages, head")
