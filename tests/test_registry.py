@@ -62,3 +62,19 @@ def test_registry_survives_reopen_and_detects_corrupted_weights(tmp_path: Path) 
         reg.get("m", 9)
     with pytest.raises(RegistryError, match="status"):
         reg.set_status("m", 1, "bogus")
+
+
+def test_knet_trainer_models_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cloud_trainer.trainer_cli import main
+
+    reg = Registry(tmp_path)
+    reg.add_version("digits", states(Chain(0)), status="pushed")
+    reg.add_version("digits", states(Chain(1)), parent=1, status="rejected", reason="gate")
+    assert main(["--registry", str(tmp_path), "models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "rejected" in out and "gate" in out
+    assert main(["--registry", str(tmp_path), "models", "show", "digits", "2"]) == 0
+    assert '"status": "rejected"' in capsys.readouterr().out
+    assert main(["--registry", str(tmp_path), "models", "rollback", "digits", "1"]) == 0
+    assert reg.get("digits", 3).info == {"rollback_of": 1}
+    assert main(["--registry", str(tmp_path), "models", "show", "digits", "9"]) == 2
