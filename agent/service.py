@@ -146,7 +146,7 @@ class Agent:
     def _infer(self, sample: Sample) -> Inference:
         runner: BlockRunner = self.slot.current  # read once: one chain per input
         t0 = time.perf_counter()
-        acts = runner.run(sample.x[None])
+        acts = runner.run(sample.x[None], checked=True)  # sources validate shape and values
         elapsed = time.perf_counter() - t0
         pred = conf = None
         if runner.manifest.is_complete:

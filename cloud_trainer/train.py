@@ -6,12 +6,13 @@ label-free, block-wise supervision of students by their teacher lives in ``disti
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,8 @@ from cloud_trainer.zoo import get_pair
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int, float], None]  # (what, epoch, epochs, loss)
+Progress = Callable[[str, int, int, float], None]
+"""Called after every epoch with (what, epoch, epochs, mean loss); the CLI draws bars."""
 
 
 @dataclass(frozen=True)
@@ -37,10 +39,35 @@ class Recipe:
 
 RECIPES = {"digits": Recipe(epochs=30, lr=3e-3, shift=1), "vision": Recipe(epochs=5, lr=3e-3)}
 VISION_TRAIN, VISION_TEST = 1600, 512
+CACHE_FORMAT = 2  # bump when the cached file's content changes meaning
 
 
-def cache_dir() -> Path:
+def default_cache_dir() -> Path:
+    """``$KNET_CACHE/zoo`` (``$KNET_CACHE`` is knet's cache root), else ``~/.cache/knet/zoo``."""
     return Path(os.environ.get("KNET_CACHE", Path.home() / ".cache" / "knet")) / "zoo"
+
+
+@contextlib.contextmanager
+def training_context(seed: int, threads: int | None) -> Iterator[None]:
+    """Seeded, deterministic, and with a fixed intra-op thread count; all restored after.
+
+    Why a thread count: these models are small, so intra-op threads gain little, and on a
+    shared two-core machine torch's OpenMP barriers collapse (measured 10× slower steps)
+    whenever another process holds a core. One thread also fixes the reduction order,
+    which keeps results bit-identical for a seed.
+    """
+    old_threads = torch.get_num_threads()
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.manual_seed(seed)
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
 
 
 def train_data(name: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -86,10 +113,21 @@ def random_shift(x: torch.Tensor, pixels: int, gen: torch.Generator) -> torch.Te
 
 
 def train_supervised(model: BlockModel, x: np.ndarray, y: np.ndarray, *, epochs: int,
-                     lr: float, batch_size: int = 64, seed: int = 0, shift: int = 0,
-                     progress: Progress | None = None, what: str = "model") -> BlockModel:
-    """Adam + cosine schedule on cross-entropy; deterministic for a seed."""
-    torch.manual_seed(seed)
+                     lr: float, seed: int = 0, batch_size: int = 64, shift: int = 0,
+                     progress: Progress | None = None, what: str = "model",
+                     threads: int | None = 1) -> BlockModel:
+    """Adam + one-cycle schedule on cross-entropy; deterministic for a seed.
+
+    Returns the model in eval mode. ``threads=None`` keeps torch's current thread count.
+    """
+    with training_context(seed, threads):
+        return _train(model, x, y, epochs=epochs, lr=lr, seed=seed, batch_size=batch_size,
+                      shift=shift, progress=progress, what=what)
+
+
+def _train(model: BlockModel, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float,
+           seed: int, batch_size: int, shift: int, progress: Progress | None,
+           what: str) -> BlockModel:
     gen = torch.Generator().manual_seed(seed)
     xt, yt = torch.from_numpy(np.array(x, np.float32)), torch.from_numpy(np.array(y, np.int64))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -109,6 +147,7 @@ def train_supervised(model: BlockModel, x: np.ndarray, y: np.ndarray, *, epochs:
             opt.step()
             sched.step()
             total += float(loss.detach()) * len(idx)
+        log.debug("%s epoch %d/%d loss %.4f", what, epoch + 1, epochs, total / len(xt))
         if progress:
             progress(what, epoch + 1, epochs, total / len(xt))
     return model.eval()
@@ -126,32 +165,60 @@ def evaluate(model: BlockModel, x: np.ndarray, y: np.ndarray, batch_size: int = 
 
 
 def _arch_key(pair: ModelPair, recipe: Recipe) -> str:
-    text = f"{pair.teacher}|{pair.student}|{recipe}|v1"
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    """Names the architecture and recipe: layer reprs, parameter shapes, boundaries."""
+    parts = [repr(recipe), str(CACHE_FORMAT)]
+    for model in (pair.teacher, pair.student):
+        parts.append(repr(model))
+        parts += [f"{k}:{tuple(v.shape)}" for k, v in model.state_dict().items()]
+        parts.append(repr(model.boundary_shapes))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
 
 
-def trained_pair(name: str, seed: int = 0, cache: Path | None = None,
+def cache_path(name: str, seed: int = 0, cache_dir: Path | str | None = None) -> Path:
+    """Where ``trained_pair(name, seed)`` keeps its weights."""
+    return _cache_file(get_pair(name, seed), name, seed, cache_dir)
+
+
+def _cache_file(pair: ModelPair, name: str, seed: int, cache_dir: Path | str | None) -> Path:
+    key = _arch_key(pair, RECIPES[name])
+    return Path(cache_dir or default_cache_dir()) / f"{name}-seed{seed}-{key}.pt"
+
+
+def trained_pair(name: str, seed: int = 0, cache_dir: Path | str | None = None,
                  progress: Progress | None = None) -> ModelPair:
-    """The zoo pair trained on labels (teacher and student each alone), cached on disk."""
+    """The zoo pair trained on labels (teacher and student each alone), cached on disk.
+
+    The cache key is name + seed + a hash of the architecture and recipe, so editing a
+    model retrains it instead of loading mismatched weights. A cache file that cannot be
+    read is logged and replaced. ``pair.metrics`` holds test accuracies and train seconds.
+    """
     pair = get_pair(name, seed)
     recipe = RECIPES[name]
-    path = (cache or cache_dir()) / f"{name}-seed{seed}-{_arch_key(pair, recipe)}.pt"
+    path = _cache_file(pair, name, seed, cache_dir)
     if path.exists():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        pair.teacher.load_state_dict(state["teacher"])
-        pair.student.load_state_dict(state["student"])
-        pair.teacher.eval()
-        pair.student.eval()
-        return pair
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            pair.teacher.load_state_dict(state["teacher"])
+            pair.student.load_state_dict(state["student"])
+            pair.metrics.update(state.get("metrics", {}))
+            log.debug("loaded %s seed %d from %s", name, seed, path)
+            return pair.eval()
+        except Exception as exc:  # a truncated or foreign file: retrain
+            log.warning("cache %s unusable (%s); retraining", path, exc)
+            pair = get_pair(name, seed)
     x, y = train_data(name, seed)
-    t0 = time.perf_counter()
+    xte, yte = eval_set(name, seed)
     for role, model in (("teacher", pair.teacher), ("student", pair.student)):
+        t0 = time.perf_counter()
         train_supervised(model, x, y, epochs=recipe.epochs, lr=recipe.lr,
                          batch_size=recipe.batch_size, seed=seed, shift=recipe.shift,
                          progress=progress, what=f"{name} {role}")
-    log.info("trained %s seed %d in %.1f s", name, seed, time.perf_counter() - t0)
+        pair.metrics[f"{role}_train_s"] = round(time.perf_counter() - t0, 2)
+        pair.metrics[f"{role}_accuracy"] = evaluate(model, xte, yte)
+    log.info("trained %s seed %d: %s", name, seed, pair.metrics)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"teacher": pair.teacher.state_dict(), "student": pair.student.state_dict()}, tmp)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save({"teacher": pair.teacher.state_dict(), "student": pair.student.state_dict(),
+                "metrics": pair.metrics, "recipe": asdict(recipe)}, tmp)
     tmp.replace(path)
-    return pair
+    return pair.eval()

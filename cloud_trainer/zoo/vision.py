@@ -1,68 +1,95 @@
 """``vision``: a MobileNet-style chain for 3×96×96 frames, five blocks.
 
-Boundaries: (3,96,96) → (24,48,48) → (40,24,24) → (80,12,12) → (160,6,6) → (8,) logits.
-Each stage is made of inverted-residual units (expand 1×1 → depthwise 3×3 → project 1×1);
-the teacher uses expansion 4 and two units per stage, the student expansion 2 and one unit,
-so both have the same boundaries and run the same operators on a device.
+Boundaries: (3,96,96) → (16,48,48) → (32,24,24) → (64,12,12) → (128,6,6) → (8,) logits.
+Block 1 is a stride-2 stem; blocks 2-4 are stages that each halve the resolution with a
+depthwise-separable unit (MobileNetV1) and, in the teacher, refine with inverted-residual
+units (MobileNetV2: expand 1×1 → depthwise 3×3 → project 1×1, with a skip). The student
+keeps the downsampling units and the boundaries, drops most refinement, so both run the
+same operators on a device.
+
+Costs are set for CPU training on two cores: every layer that widens channels works at
+the stage's *output* resolution (downsample first, then widen), because an expansion at
+48×48 made one stage cost more than the rest of the teacher.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from cloud_trainer.blocks import BlockModel, ModelPair
 from cloud_trainer.data import VISION_CLASSES, VISION_SIZE
 
 INPUT_SHAPE = (3, VISION_SIZE, VISION_SIZE)
-STAGES = (24, 40, 80, 160)
+STEM = 16
+STAGES = (32, 64, 128)
+
+
+def _bn_relu(c: int) -> list[nn.Module]:
+    return [nn.BatchNorm2d(c), nn.ReLU()]
 
 
 class InvertedResidual(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+    """Expand 1×1 → depthwise 3×3 → project 1×1, plus the input (MobileNetV2)."""
+
+    def __init__(self, channels: int, expand: int) -> None:
         super().__init__()
-        mid = cin * expand
+        mid = channels * expand
         self.body = nn.Sequential(
-            nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU6(),
-            nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), nn.BatchNorm2d(mid),
-            nn.ReLU6(),
-            nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout),
+            nn.Conv2d(channels, mid, 1, bias=False), *_bn_relu(mid),
+            nn.Conv2d(mid, mid, 3, 1, 1, groups=mid, bias=False), *_bn_relu(mid),
+            nn.Conv2d(mid, channels, 1, bias=False), nn.BatchNorm2d(channels),
         )
-        self.residual = stride == 1 and cin == cout
         self.act = nn.ReLU()
 
-    def forward(self, x):  # type: ignore[no-untyped-def]
-        y = self.body(x)
-        return self.act(x + y if self.residual else y)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x + self.body(x))
+
+
+def _separable(cin: int, cout: int, stride: int) -> list[nn.Module]:
+    """Depthwise 3×3 (with the stride), then pointwise to ``cout`` (MobileNetV1)."""
+    return [nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), *_bn_relu(cin),
+            nn.Conv2d(cin, cout, 1, bias=False), *_bn_relu(cout)]
 
 
 def _stage(cin: int, cout: int, units: int, expand: int) -> nn.Sequential:
-    layers = [InvertedResidual(cin, cout, 2, expand)]
-    layers += [InvertedResidual(cout, cout, 1, expand) for _ in range(units - 1)]
-    return nn.Sequential(*layers)
+    """Downsample + widen, then ``units`` refinements (expand 1: a separable unit)."""
+    refine: list[nn.Module] = []
+    for _ in range(units):
+        refine += [InvertedResidual(cout, expand)] if expand > 1 else _separable(cout, cout, 1)
+    return nn.Sequential(*_separable(cin, cout, 2), *refine)
 
 
-def _chain(stem: int, units: int, expand: int) -> BlockModel:
-    c1, c2, c3, c4 = STAGES
-    return BlockModel([
-        nn.Sequential(nn.Conv2d(3, stem, 3, 2, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(),
-                      nn.Conv2d(stem, c1, 1, bias=False), nn.BatchNorm2d(c1), nn.ReLU()),
-        _stage(c1, c2, units, expand),
-        _stage(c2, c3, units, expand),
-        _stage(c3, c4, units, expand),
-        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.1),
-                      nn.Linear(c4, VISION_CLASSES)),
-    ], INPUT_SHAPE)
+def _head() -> nn.Sequential:
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.1),
+                         nn.Linear(STAGES[-1], VISION_CLASSES))
 
 
 def teacher() -> BlockModel:
-    return _chain(stem=32, units=2, expand=4)
+    c1, c2, c3 = STAGES
+    return BlockModel([
+        nn.Sequential(nn.Conv2d(3, STEM, 3, 2, 1, bias=False), *_bn_relu(STEM),
+                      nn.Conv2d(STEM, STEM, 3, 1, 1, groups=STEM, bias=False),
+                      *_bn_relu(STEM)),
+        _stage(STEM, c1, units=1, expand=1),
+        _stage(c1, c2, units=1, expand=3),
+        _stage(c2, c3, units=2, expand=3),
+        _head(),
+    ], INPUT_SHAPE)
 
 
 def student() -> BlockModel:
-    return _chain(stem=16, units=1, expand=2)
+    c1, c2, c3 = STAGES
+    return BlockModel([
+        nn.Sequential(nn.Conv2d(3, STEM, 3, 2, 1, bias=False), *_bn_relu(STEM)),
+        _stage(STEM, c1, units=0, expand=1),
+        _stage(c1, c2, units=0, expand=1),
+        _stage(c2, c3, units=1, expand=1),
+        _head(),
+    ], INPUT_SHAPE)
 
 
 def build_pair() -> ModelPair:
     return ModelPair("vision", teacher(), student(), num_classes=VISION_CLASSES,
-                     description="3×96×96 frames, 5 blocks: stem, 3 inverted-residual "
-                                 "stages, head")
+                     description="3×96×96 frames, 5 blocks: stem, 3 MobileNet-style stages, "
+                                 "head")
