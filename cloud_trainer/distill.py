@@ -1,38 +1,73 @@
 """Block-wise knowledge transfer (KnowledgeNet): every student block learns its teacher block.
 
 Student block ``i`` is trained on pairs ``(a_{i-1}, teacher_block_i(a_{i-1}))``: no labels,
-and no gradient crosses a block boundary, so blocks train independently (no backprop
-locking; each could run on its own worker). Inner blocks regress the teacher's boundary
-activation (MSE); the last block matches the teacher's logits with Hinton's
-temperature-scaled KL, which keeps the chain's predictions consistent. When a student agrees
-with its teacher at every boundary their blocks are interchangeable, which is what split
-inference (student 1..k on the device, teacher k+1..N in the cloud) relies on.
+and no gradient crosses a block boundary (inputs are detached, every block has its own
+optimiser), so blocks train independently — no backprop locking, each could run on its own
+worker. Inner blocks regress the teacher block's output with MSE; the last block matches the
+teacher's logits with Hinton's temperature-scaled KL (plus cross-entropy where labels exist),
+which keeps the chain's predictions consistent. When a student agrees with its teacher at
+every boundary their blocks are interchangeable, which split inference relies on.
+
+Why MSE and not smooth-L1: the targets are a deterministic function of the inputs (no label
+noise, no outliers to be robust against), and the error that propagates downstream is the L2
+distance at the boundary; smooth-L1 would under-weight exactly the large errors on strongly
+activated units that matter most to the next block. Adam makes the loss scale irrelevant.
+
+Two sources of ``a_{i-1}`` (see ``train_student_blockwise_from_inputs``): the teacher's own
+boundary (classic KT, teacher forcing) or the student's (what devices uplink). Measured on
+``digits``, the student's own inputs are better: docs/distill.md.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
 from cloud_trainer.blocks import BlockModel
+from cloud_trainer.train import random_shift, training_context
 
 log = logging.getLogger(__name__)
 Array = np.ndarray | torch.Tensor
 Progress = Callable[[str, int, int, float], None]
+InputSource = Literal["teacher", "student"]
+_CHUNK = 512  # inference batch for targets and evaluation
 
 
 @dataclass
 class BlockwiseResult:
-    student: BlockModel  # a new model; the one passed in is never modified
+    """What a block-wise run did. ``student`` is a new model; the one passed in is untouched.
+
+    ``loss_before``/``loss_after`` are each trained block's loss on its own training inputs,
+    in eval mode, so the two are comparable (the training loss mixes batch-norm modes).
+    """
+
+    student: BlockModel
     trained: list[int] = field(default_factory=list)
     frozen: dict[int, str] = field(default_factory=dict)  # block -> why it was not trained
-    losses: dict[int, float] = field(default_factory=dict)  # final epoch's mean loss
+    loss_before: dict[int, float] = field(default_factory=dict)
+    loss_after: dict[int, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def losses(self) -> dict[int, float]:
+        return self.loss_after
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable summary (without the model)."""
+        return {"trained": list(self.trained),
+                "frozen": {str(k): v for k, v in sorted(self.frozen.items())},
+                "loss_before": {str(k): v for k, v in sorted(self.loss_before.items())},
+                "loss_after": {str(k): v for k, v in sorted(self.loss_after.items())},
+                "seconds": self.seconds}
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -44,87 +79,307 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         nn.functional.softmax(teacher_logits / t, dim=1), reduction="batchmean") * t * t
 
 
+def logits_loss(out: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
+                *, temperature: float, alpha: float) -> torch.Tensor:
+    """``alpha``·KD + (1-``alpha``)·CE with labels; KD alone without them."""
+    kd = kd_loss(out, teacher_logits, temperature)
+    if labels is None:
+        return kd
+    return alpha * kd + (1 - alpha) * nn.functional.cross_entropy(out, labels)
+
+
 def _tensor(a: Array) -> torch.Tensor:
-    return a.detach().float() if isinstance(a, torch.Tensor) else torch.from_numpy(
-        np.array(a, dtype=np.float32))
+    if isinstance(a, torch.Tensor):
+        return a.detach().float()
+    return torch.from_numpy(np.array(a, dtype=np.float32))
 
 
-def train_block(student_block: nn.Module, teacher_block: nn.Module, x: torch.Tensor, *,
-                last: bool, epochs: int, lr: float, batch_size: int, temperature: float,
-                gen: torch.Generator) -> float:
-    """Fit one student block to its teacher block on inputs ``x``; returns the final loss."""
-    teacher_block.eval()
-    with torch.no_grad():
-        target = torch.cat([teacher_block(x[i : i + 512]) for i in range(0, len(x), 512)])
-    opt = torch.optim.Adam(student_block.parameters(), lr=lr)
-    steps = max(1, epochs * ((len(x) + batch_size - 1) // batch_size))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    student_block.train()
+@torch.no_grad()
+def _apply(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([module(x[i : i + _CHUNK]) for i in range(0, len(x), _CHUNK)])
+
+
+class BlockFit:
+    """One student block, its own Adam + one-cycle schedule, and its local loss.
+
+    Nothing here sees another block: inputs arrive detached, so the gradient stops at the
+    block's input and blocks can be stepped in any order, or on different workers.
+    """
+
+    def __init__(self, block: nn.Module, *, last: bool, lr: float, steps: int,
+                 temperature: float, alpha: float) -> None:
+        self.block, self.last = block, last
+        self.temperature, self.alpha = temperature, alpha
+        self.opt = torch.optim.Adam(block.parameters(), lr=lr)
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(
+            self.opt, max_lr=lr, total_steps=max(1, steps))
+
+    def loss(self, out: torch.Tensor, target: torch.Tensor,
+             labels: torch.Tensor | None) -> torch.Tensor:
+        if self.last:
+            return logits_loss(out, target, labels, temperature=self.temperature,
+                               alpha=self.alpha)
+        return nn.functional.mse_loss(out, target)
+
+    def step(self, x: torch.Tensor, target: torch.Tensor,
+             labels: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
+        """One optimiser step; returns the loss and the block's (detached) output."""
+        self.block.train()
+        out = self.block(x.detach())
+        loss = self.loss(out, target, labels)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        if self.sched.last_epoch < self.sched.total_steps:
+            self.sched.step()
+        return float(loss.detach()), out.detach()
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, target: torch.Tensor,
+                 labels: torch.Tensor | None = None) -> float:
+        self.block.eval()
+        return float(self.loss(_apply(self.block, x), target, labels))
+
+
+def _frozen_reason(i: int) -> str:
+    if i == 1:
+        return "no raw inputs (boundary 0) were uplinked"
+    return f"no activations at boundary {i - 1}"
+
+
+def _steps(n: int, epochs: int, batch_size: int) -> int:
+    return epochs * ((n + batch_size - 1) // batch_size)
+
+
+def _fit_block(fit: BlockFit, x: torch.Tensor, target: torch.Tensor,
+               labels: torch.Tensor | None, *, epochs: int, batch_size: int,
+               gen: torch.Generator) -> float:
+    """Train one block on its fixed (input, target) set; returns the final epoch's mean."""
     mean = 0.0
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=gen)
         total = 0.0
         for start in range(0, len(x), batch_size):
             idx = order[start : start + batch_size]
-            out = student_block(x[idx])
-            loss = (kd_loss(out, target[idx], temperature) if last
-                    else nn.functional.mse_loss(out, target[idx]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
+            loss, _ = fit.step(x[idx], target[idx], None if labels is None else labels[idx])
+            total += loss * len(idx)
         mean = total / len(x)
-    student_block.eval()
+    fit.block.eval()
     return mean
+
+
+def _check_pair(teacher: BlockModel, student: BlockModel) -> None:
+    if teacher.boundary_shapes != student.boundary_shapes:
+        raise ValueError(f"teacher and student boundaries differ: {teacher.boundary_shapes} "
+                         f"vs {student.boundary_shapes}")
+
+
+def _selected(student: BlockModel, blocks: Iterable[int] | None) -> list[int]:
+    wanted = sorted(set(blocks)) if blocks is not None else list(
+        range(1, student.num_blocks + 1))
+    for i in wanted:
+        student.block(i)  # raises IndexError for a block that does not exist
+    return wanted
 
 
 def train_blockwise(teacher: BlockModel, student: BlockModel,
                     activations: Mapping[int, Array], *, blocks: Iterable[int] | None = None,
-                    epochs: int = 20, lr: float = 2e-3, batch_size: int = 64,
-                    temperature: float = 4.0, seed: int = 0,
+                    epochs: int = 20, lr: float = 3e-3, batch_size: int = 64,
+                    temperature: float = 4.0, alpha: float = 0.5, seed: int = 0,
+                    labels: Array | None = None, workers: int = 1, threads: int | None = 1,
                     progress: Progress | None = None) -> BlockwiseResult:
     """Train the student blocks whose input boundary is present in ``activations``.
 
-    ``activations[b]`` holds inputs at boundary ``b`` (what devices uplinked). Block 1 needs
-    the raw inputs (boundary 0); without them it stays frozen and the result says so.
+    ``activations[b]`` holds inputs at boundary ``b`` (what devices uplinked). Block ``i``
+    trains on ``activations[i-1]`` against ``teacher.block(i)`` applied to the same inputs.
+    Block 1 needs raw inputs (boundary 0); without them it stays frozen and the result says
+    why. ``labels`` (optional) align with ``activations[N-1]`` and add CE to the last block.
+    Each block draws from its own generator (seeded by ``seed`` and its index), so a block's
+    result does not depend on which other blocks train, nor on ``workers`` (threads; torch
+    releases the GIL in its kernels).
     """
-    if teacher.boundary_shapes != student.boundary_shapes:
-        raise ValueError("teacher and student boundaries differ")
-    wanted = list(blocks) if blocks is not None else list(range(1, student.num_blocks + 1))
+    _check_pair(teacher, student)
+    t0 = time.perf_counter()
+    teacher.eval()
     result = BlockwiseResult(student=copy.deepcopy(student).eval())
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    for i in wanted:
-        if (i - 1) not in activations or len(activations[i - 1]) == 0:
-            result.frozen[i] = (
-                "no raw inputs (boundary 0) were uplinked" if i == 1
-                else f"no activations at boundary {i - 1}")
-            continue
-        x = _tensor(activations[i - 1])
-        result.losses[i] = train_block(
-            result.student.block(i), teacher.block(i), x, last=i == student.num_blocks,
-            epochs=epochs, lr=lr, batch_size=batch_size, temperature=temperature, gen=gen)
-        result.trained.append(i)
-        if progress:
-            progress(f"block {i}", len(result.trained), len(wanted), result.losses[i])
+    wanted = _selected(student, blocks)
+    todo = []
     for i in range(1, student.num_blocks + 1):
         if i not in wanted:
-            result.frozen.setdefault(i, "not selected")
-    log.info("block-wise KT: trained %s, frozen %s", result.trained, result.frozen)
+            result.frozen[i] = "not selected"
+        elif i - 1 not in activations or len(activations[i - 1]) == 0:
+            result.frozen[i] = _frozen_reason(i)
+        else:
+            todo.append(i)
+    y = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+
+    def one(i: int) -> tuple[int, float, float]:
+        x = _tensor(activations[i - 1])
+        last = i == student.num_blocks
+        target = _apply(teacher.block(i), x)
+        block_labels = y if last and y is not None and len(y) == len(x) else None
+        if last and y is not None and block_labels is None:
+            raise ValueError(f"{len(y)} labels for {len(x)} inputs of the last block")
+        fit = BlockFit(result.student.block(i), last=last, lr=lr,
+                       steps=_steps(len(x), epochs, batch_size),
+                       temperature=temperature, alpha=alpha)
+        before = fit.evaluate(x, target, block_labels)
+        gen = torch.Generator().manual_seed(seed * 1009 + i)
+        _fit_block(fit, x, target, block_labels, epochs=epochs, batch_size=batch_size, gen=gen)
+        return i, before, fit.evaluate(x, target, block_labels)
+
+    with training_context(seed, threads):
+        if workers > 1 and len(todo) > 1:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                done = list(pool.map(one, todo))
+        else:
+            done = [one(i) for i in todo]
+    for n, (i, before, after) in enumerate(done, start=1):
+        result.trained.append(i)
+        result.loss_before[i], result.loss_after[i] = before, after
+        if progress:
+            progress(f"block {i}", n, len(todo), after)
+    result.student.eval()
+    result.seconds = round(time.perf_counter() - t0, 3)
+    log.info("block-wise KT: trained %s, frozen %s, loss %s -> %s", result.trained,
+             result.frozen, result.loss_before, result.loss_after)
     return result
 
 
 @torch.no_grad()
-def teacher_boundaries(teacher: BlockModel, x: Array) -> dict[int, torch.Tensor]:
-    """The teacher's activations at boundaries 0..N-1 for raw inputs (teacher forcing)."""
+def boundary_activations(model: BlockModel, x: Array) -> dict[int, torch.Tensor]:
+    """``model``'s activations at boundaries 0..N-1 for raw inputs ``x`` (eval mode)."""
+    model.eval()
+    xt = _tensor(x)
+    chunks = [model.boundaries(xt[i : i + _CHUNK]) for i in range(0, len(xt), _CHUNK)]
+    return {b: torch.cat([c[b] for c in chunks]) for b in range(model.num_blocks)}
+
+
+def train_student_blockwise_from_inputs(
+        teacher: BlockModel, student: BlockModel, x_unlabeled: Array, *,
+        inputs: InputSource = "student", labels: Array | None = None, epochs: int = 30,
+        lr: float = 3e-3, batch_size: int = 64, temperature: float = 4.0, alpha: float = 0.5,
+        shift: int = 0, seed: int = 0, threads: int | None = 1,
+        progress: Progress | None = None) -> BlockwiseResult:
+    """Block-wise KT from raw inputs, every block trained, activations computed per batch.
+
+    ``inputs="teacher"`` feeds block ``i`` the teacher's ``a_{i-1}`` (classic KT, teacher
+    forcing); ``"student"`` feeds it the student's own ``a_{i-1}`` — the previous block's
+    output in the same step, detached — with target ``teacher_block_i(a_{i-1})``, exactly
+    what training on device uplinks does. Either way no gradient crosses a boundary; each
+    block has its own optimiser taking ``epochs`` × ⌈n/batch⌉ steps (the same budget as
+    training the whole student once). ``shift`` augments the raw inputs per batch.
+    """
+    _check_pair(teacher, student)
+    if inputs not in ("teacher", "student"):
+        raise ValueError(f"inputs must be 'teacher' or 'student', not {inputs!r}")
+    t0 = time.perf_counter()
     teacher.eval()
-    acts = teacher.boundaries(_tensor(x))
-    return dict(enumerate(acts[:-1]))
+    result = BlockwiseResult(student=copy.deepcopy(student).eval())
+    s = result.student
+    xt = _tensor(x_unlabeled)
+    y = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    steps = _steps(len(xt), epochs, batch_size)
+    fits = [BlockFit(s.block(i), last=i == s.num_blocks, lr=lr, steps=steps,
+                     temperature=temperature, alpha=alpha) for i in range(1, s.num_blocks + 1)]
+    with training_context(seed, threads):
+        result.loss_before = _chain_losses(teacher, s, fits, xt, y, inputs)
+        gen = torch.Generator().manual_seed(seed)
+        for epoch in range(epochs):
+            order = torch.randperm(len(xt), generator=gen)
+            total = 0.0
+            for start in range(0, len(xt), batch_size):
+                idx = order[start : start + batch_size]
+                xb = random_shift(xt[idx], shift, gen)
+                losses = _chain_step(teacher, fits, xb, None if y is None else y[idx], inputs)
+                total += sum(losses) * len(idx)
+            if progress:
+                progress(f"block-wise KT ({inputs} inputs)", epoch + 1, epochs,
+                         total / len(xt))
+        s.eval()
+        result.loss_after = _chain_losses(teacher, s, fits, xt, y, inputs)
+    result.trained = list(range(1, s.num_blocks + 1))
+    result.seconds = round(time.perf_counter() - t0, 3)
+    log.info("block-wise KT from inputs (%s): loss %s -> %s", inputs, result.loss_before,
+             result.loss_after)
+    return result
 
 
-def distill_from_inputs(teacher: BlockModel, student: BlockModel, x: Array,
-                        **kwargs: object) -> BlockwiseResult:
-    """Classic block-wise KT from unlabeled raw inputs: every block learns on the teacher's
-    own boundary activations, so the student converges to the teacher's representation."""
-    return train_blockwise(teacher, student, teacher_boundaries(teacher, x), **kwargs)  # type: ignore[arg-type]
+def _chain_step(teacher: BlockModel, fits: list[BlockFit], xb: torch.Tensor,
+                yb: torch.Tensor | None, inputs: InputSource) -> list[float]:
+    """One step of every block on one batch; each block's input is detached."""
+    with torch.no_grad():
+        t_acts = teacher.boundaries(xb) if inputs == "teacher" else None
+    a = xb
+    losses = []
+    for i, fit in enumerate(fits, start=1):
+        if t_acts is not None:
+            a_in, target = t_acts[i - 1], t_acts[i]
+        else:
+            a_in = a
+            with torch.no_grad():
+                target = teacher.block(i)(a_in)
+        loss, a = fit.step(a_in, target, yb if fit.last else None)
+        losses.append(loss)
+    return losses
+
+
+@torch.no_grad()
+def _chain_losses(teacher: BlockModel, student: BlockModel, fits: list[BlockFit],
+                  x: torch.Tensor, y: torch.Tensor | None,
+                  inputs: InputSource) -> dict[int, float]:
+    """Every block's local loss on ``x`` in eval mode, with the inputs the mode trains on."""
+    src = teacher if inputs == "teacher" else student
+    acts = boundary_activations(src, x)
+    out = {}
+    for i, fit in enumerate(fits, start=1):
+        target = _apply(teacher.block(i), acts[i - 1])
+        out[i] = fit.evaluate(acts[i - 1], target, y if fit.last else None)
+    return out
+
+
+def train_logit_kd(teacher: BlockModel, student: BlockModel, x: Array, labels: Array | None,
+                   *, epochs: int = 30, lr: float = 3e-3, batch_size: int = 64,
+                   temperature: float = 4.0, alpha: float = 0.5, shift: int = 0,
+                   seed: int = 0, threads: int | None = 1) -> BlockModel:
+    """Classic (Hinton) distillation: supervision at the final logits only, end to end.
+
+    The baseline block-wise KT is compared against; returns a new, trained student.
+    """
+    _check_pair(teacher, student)
+    teacher.eval()
+    model = copy.deepcopy(student)
+    xt = _tensor(x)
+    y = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    with training_context(seed, threads):
+        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=lr, total_steps=max(1, _steps(len(xt), epochs, batch_size)))
+        model.train()
+        for _ in range(epochs):
+            order = torch.randperm(len(xt), generator=gen)
+            for start in range(0, len(xt), batch_size):
+                idx = order[start : start + batch_size]
+                xb = random_shift(xt[idx], shift, gen)
+                with torch.no_grad():
+                    t_logits = teacher(xb)
+                loss = logits_loss(model(xb), t_logits, None if y is None else y[idx],
+                                   temperature=temperature, alpha=alpha)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def boundary_mse(teacher: BlockModel, student: BlockModel, x: Array) -> dict[int, float]:
+    """MSE between the chains' own activations at every boundary 1..N (how interchangeable
+    their blocks are: small everywhere means split inference can switch at any cut)."""
+    t, s = boundary_activations(teacher, x), boundary_activations(student, x)
+    xt = _tensor(x)
+    t_last, s_last = teacher(xt), student(xt)
+    out = {b: float(nn.functional.mse_loss(s[b], t[b])) for b in range(1, teacher.num_blocks)}
+    out[teacher.num_blocks] = float(nn.functional.mse_loss(s_last, t_last))
+    return out

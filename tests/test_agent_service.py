@@ -267,3 +267,37 @@ def test_spool_restart_marker(tmp_path: Path) -> None:
     t0 = time.monotonic()
     assert not wait_until(lambda: False, 0.2)
     assert time.monotonic() - t0 < 2
+
+
+def test_sighup_reloads_the_uplink_policy_and_prometheus_serves_metrics(
+        tmp_path: Path, mosquitto: Mosquitto, model_dir: Path) -> None:
+    import urllib.request
+
+    from broker.launcher import free_port
+
+    write_inputs(tmp_path / "inputs.npz", 50)
+    prom = free_port()
+    cfg = agent_config(tmp_path, mosquitto.port, model_dir / "manifest.json",
+                       source={"kind": "npz", "path": tmp_path / "inputs.npz", "rate_hz": 100,
+                               "loop": True},
+                       uplink={"boundaries": [1], "codec": "raw"},
+                       metrics={"prometheus_port": prom})
+    with Collector(mosquitto.host, mosquitto.port, T.act("dev-1")) as sub:
+        proc = start_agent(cfg)
+        try:
+            assert sub.wait_for(lambda m: len(m) >= 20, 15)
+            cfg.write_text(cfg.read_text().replace('codec = "raw"', 'codec = "uint8+lz4"'))
+            proc.send_signal(signal.SIGHUP)
+            assert sub.wait_for(lambda m: len(m[-1][1]) < 2000, 10)  # smaller frames now
+            text = urllib.request.urlopen(f"http://127.0.0.1:{prom}/metrics", timeout=5).read()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            finish(proc)
+    sizes = [len(p) for p in sub.payloads()]
+    assert sizes[0] > 4096 and sizes[-1] < 2000
+    metrics = text.decode()
+    for name in ("knet_frames_total", "knet_inference_seconds_bucket", "knet_bytes_out_total",
+                 "knet_spool_bytes", "knet_queue_depth"):
+        assert name in metrics
+    frames = [line for line in metrics.splitlines() if line.startswith("knet_frames_total")]
+    assert float(frames[0].split()[1]) > 20
