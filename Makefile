@@ -19,7 +19,6 @@ test: bootstrap
 
 lint: bootstrap
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
 
 bench: bootstrap
 	$(VENV)/bin/knet bench codec --json out/bench-codec.json

@@ -39,6 +39,14 @@ def _bench_agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_distill(args: argparse.Namespace) -> int:
+    from bench.distill import run_distill_bench
+
+    run_distill_bench(seeds=tuple(args.seeds), epochs=args.epochs, json_path=args.json,
+                      plot_path=args.plot)
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from cloud_trainer.export import export_for_profile
 
@@ -85,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--codec", default="uint8+lz4")
     b.add_argument("--json", type=Path, default=None)
     b.set_defaults(func=_bench_agent)
+
+    b = bsub.add_parser("distill", help="KnowledgeNet's knowledge-transfer table on digits")
+    b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    b.add_argument("--epochs", type=int, default=30)
+    b.add_argument("--json", type=Path, default=None)
+    b.add_argument("--plot", type=Path, default=None)
+    b.set_defaults(func=_bench_distill)
 
     e = sub.add_parser("export", help="export a zoo model's blocks to ONNX for a profile")
     e.add_argument("--model", choices=["digits", "vision"], default="digits")

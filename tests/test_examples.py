@@ -1,7 +1,8 @@
 """The documented example config must stay valid."""
 
-from agent.config import load_config
 from conftest import REPO
+
+from agent.config import load_config
 
 
 def test_documented_agent_config_validates() -> None:

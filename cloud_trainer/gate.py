@@ -1,0 +1,102 @@
+"""The evaluation gate: a retrained student is pushed only if it is no worse than the deployed one.
+
+Both models are scored on the same held-out inputs: accuracy where labels exist, otherwise
+top-1 agreement with the teacher (the only reference on unlabeled edge data). A candidate
+passes iff ``candidate_score >= deployed_score - margin`` (scores and margin in points).
+A candidate that produces non-finite outputs or the wrong output shape is rejected outright.
+The scheduler records every result, rejected ones included, and never pushes a rejected one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from cloud_trainer.blocks import BlockModel
+
+log = logging.getLogger(__name__)
+_EPS = 1e-9  # float slack when comparing scores that are ratios of counts
+_CHUNK = 512
+
+
+@dataclass(frozen=True)
+class GateResult:
+    passed: bool
+    metric: str  # "accuracy" (labels) or "teacher_agreement" (none)
+    candidate_score: float  # points, 0..100
+    deployed_score: float
+    margin: float  # points the candidate may lose
+    samples: int
+    reason: str
+
+    @property
+    def delta(self) -> float:
+        return self.candidate_score - self.deployed_score
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types; a score that could not be measured is ``None``, not NaN."""
+        out = {**asdict(self), "delta": self.delta}
+        return {k: None if isinstance(v, float) and v != v else v for k, v in out.items()}
+
+
+@torch.no_grad()
+def predictions(model: BlockModel, x: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Top-1 classes; raises ``ValueError`` on non-finite logits (a broken candidate)."""
+    model.eval()
+    xt = x.detach().float() if isinstance(x, torch.Tensor) else torch.from_numpy(
+        np.array(x, dtype=np.float32))
+    out = torch.cat([model(xt[i : i + _CHUNK]) for i in range(0, len(xt), _CHUNK)])
+    if out.ndim != 2:
+        raise ValueError(f"expected (N, classes) logits, got shape {tuple(out.shape)}")
+    if not torch.isfinite(out).all():
+        raise ValueError("non-finite outputs")
+    return out.argmax(1).numpy()
+
+
+def _score(pred: np.ndarray, reference: np.ndarray) -> float:
+    return float((pred == reference).mean() * 100.0)
+
+
+def evaluate_candidate(candidate: BlockModel, deployed: BlockModel, teacher: BlockModel | None,
+                       x_holdout: np.ndarray | torch.Tensor,
+                       y_holdout: np.ndarray | None = None, *,
+                       margin: float = 0.0) -> GateResult:
+    """Score candidate and deployed student on held-out data and decide whether to push."""
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0 points, got {margin}")
+    if len(x_holdout) == 0:
+        raise ValueError("the gate needs at least one held-out sample")
+    if candidate.boundary_shapes != deployed.boundary_shapes:
+        raise ValueError("candidate and deployed model have different boundaries")
+    if y_holdout is not None:
+        reference, metric = np.asarray(y_holdout), "accuracy"
+        if len(reference) != len(x_holdout):
+            raise ValueError(f"{len(reference)} labels for {len(x_holdout)} inputs")
+    elif teacher is None:
+        raise ValueError("without labels the gate needs the teacher as reference")
+    else:
+        reference, metric = predictions(teacher, x_holdout), "teacher_agreement"
+    deployed_score = _score(predictions(deployed, x_holdout), reference)
+    try:
+        candidate_score = _score(predictions(candidate, x_holdout), reference)
+    except ValueError as exc:
+        return _decide(False, metric, float("nan"), deployed_score, margin, len(reference),
+                       f"candidate rejected: {exc}")
+    passed = candidate_score + _EPS >= deployed_score - margin
+    word = "passed" if passed else "rejected"
+    reason = (f"candidate {word}: {metric} {candidate_score:.2f} vs deployed "
+              f"{deployed_score:.2f} (margin {margin:.2f} points, {len(reference)} samples)")
+    return _decide(passed, metric, candidate_score, deployed_score, margin, len(reference),
+                   reason)
+
+
+def _decide(passed: bool, metric: str, cand: float, dep: float, margin: float, n: int,
+            reason: str) -> GateResult:
+    result = GateResult(passed=passed, metric=metric, candidate_score=cand,
+                        deployed_score=dep, margin=float(margin), samples=n, reason=reason)
+    (log.info if passed else log.warning)("gate: %s", reason)
+    return result

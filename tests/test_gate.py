@@ -1,0 +1,83 @@
+"""The evaluation gate: better candidates pass, worse ones are rejected with their scores."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from cloud_trainer.blocks import BlockModel
+from cloud_trainer.gate import evaluate_candidate
+
+
+def _model(seed: int) -> BlockModel:
+    torch.manual_seed(seed)
+    return BlockModel([nn.Sequential(nn.Linear(4, 8), nn.ReLU()), nn.Linear(8, 3)],
+                      input_shape=(4,)).eval()
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(300, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = _model(0)(x).argmax(1)  # labels = the teacher's decisions
+    return x, y
+
+
+def test_better_candidate_passes_on_teacher_agreement() -> None:
+    teacher = _model(0)
+    x, _ = _data()
+    result = evaluate_candidate(copy.deepcopy(teacher), _model(1), teacher, x)
+    assert result.passed and result.metric == "teacher_agreement"
+    assert result.candidate_score == 100.0 and result.deployed_score < 100.0
+    assert result.samples == 300 and "passed" in result.reason
+    json.dumps(result.to_dict())
+
+
+def test_worse_candidate_is_rejected_with_both_scores_recorded() -> None:
+    teacher = _model(0)
+    x, y = _data()
+    result = evaluate_candidate(_model(1), copy.deepcopy(teacher), teacher, x, y.numpy())
+    assert not result.passed and result.metric == "accuracy"
+    assert result.deployed_score == 100.0 and result.candidate_score < 100.0
+    d = result.to_dict()
+    assert d["passed"] is False and d["delta"] < 0 and "rejected" in d["reason"]
+    assert json.loads(json.dumps(d)) == d
+
+
+def test_margin_in_points_and_equal_scores_pass() -> None:
+    teacher = _model(0)
+    x, y = _data()
+    same = evaluate_candidate(copy.deepcopy(teacher), teacher, teacher, x, y)
+    assert same.passed and same.delta == 0.0
+    worse = evaluate_candidate(_model(1), teacher, teacher, x, y)
+    gap = -worse.delta
+    assert evaluate_candidate(_model(1), teacher, teacher, x, y, margin=gap + 0.01).passed
+    assert not evaluate_candidate(_model(1), teacher, teacher, x, y, margin=gap - 0.5).passed
+    with pytest.raises(ValueError, match="margin"):
+        evaluate_candidate(teacher, teacher, teacher, x, y, margin=-1)
+
+
+def test_a_broken_candidate_is_rejected_not_raised() -> None:
+    teacher = _model(0)
+    x, _ = _data()
+    broken = copy.deepcopy(teacher)
+    with torch.no_grad():
+        broken.block(2).weight.fill_(float("nan"))
+    result = evaluate_candidate(broken, teacher, teacher, x)
+    assert not result.passed and "non-finite" in result.reason
+    assert result.to_dict()["candidate_score"] is None
+    json.dumps(result.to_dict(), allow_nan=False)
+
+
+def test_inputs_are_checked() -> None:
+    teacher = _model(0)
+    x, y = _data()
+    with pytest.raises(ValueError, match="labels"):
+        evaluate_candidate(teacher, teacher, teacher, x, y[:5])
+    with pytest.raises(ValueError, match="teacher"):
+        evaluate_candidate(teacher, teacher, None, x)
+    with pytest.raises(ValueError, match="held-out"):
+        evaluate_candidate(teacher, teacher, teacher, x[:0])
