@@ -1,0 +1,68 @@
+"""The trainer's update signing key: generate, load, sign.
+
+The private key never goes to a device; devices get the public PEM (several during a key
+rotation: add the new public key to every device, start signing with the new private key,
+then retire the old public key).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import stat
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.signing import SigningError, key_id
+from agent.update_manifest import SignedManifest, UpdateManifest
+
+log = logging.getLogger(__name__)
+
+
+def generate_keypair(directory: Path | str, name: str = "knet-update") -> tuple[Path, Path]:
+    """Write ``<name>.key`` (private, mode 0600) and ``<name>.pub``; never overwrite a key."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    private_path, public_path = directory / f"{name}.key", directory / f"{name}.pub"
+    key = Ed25519PrivateKey.generate()
+    private_pem = key.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    # O_EXCL: losing a fleet's signing key to a typo would lock every device out of updates.
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(private_pem)
+    public_path.write_bytes(public_pem)
+    log.info("update key %s written to %s (public: %s)", key_id(key.public_key()),
+             private_path, public_path)
+    return private_path, public_path
+
+
+def load_private_key(path: Path | str, password: bytes | None = None) -> Ed25519PrivateKey:
+    path = Path(path)
+    try:
+        pem = path.read_bytes()
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise SigningError(f"private key {path}: {exc.strerror or exc}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("private key %s is readable by group/others (mode %o): chmod 600 it",
+                    path, stat.S_IMODE(mode))
+    try:
+        key = serialization.load_pem_private_key(pem, password)
+    except (ValueError, TypeError) as exc:
+        raise SigningError(f"private key {path}: {exc}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SigningError(f"private key {path} is {type(key).__name__}, not Ed25519")
+    return key
+
+
+def sign_manifest(manifest: UpdateManifest, private_key: Ed25519PrivateKey) -> SignedManifest:
+    signature = private_key.sign(manifest.canonical_bytes())
+    return SignedManifest(manifest=manifest, key_id=key_id(private_key.public_key()),
+                          signature=base64.b64encode(signature).decode())
