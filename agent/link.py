@@ -434,6 +434,15 @@ class Link:
         if self._client.is_connected():
             self._client.subscribe(topic_filter, qos)
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Forget a subscription here, on the broker, and for every later reconnect."""
+        with self._lock:
+            known = self._subs.pop(topic_filter, None) is not None
+        if known:
+            self._client.message_callback_remove(topic_filter)
+            if self._client.is_connected():
+                self._client.unsubscribe(topic_filter)
+
     def flush(self, timeout: float) -> bool:
         """Wait until the spool is empty (every record acked or refused); False on timeout."""
         deadline = time.monotonic() + timeout

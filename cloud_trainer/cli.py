@@ -47,6 +47,15 @@ def _bench_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_gen(args: argparse.Namespace) -> int:
+    from cloud_trainer.keys import generate_keypair
+
+    private, public = generate_keypair(args.dir, name=args.name)
+    print(f"private key (keep it on the trainer, never on a device): {private}")
+    print(f"public key (list it in every agent's config): {public}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from cloud_trainer.export import export_for_profile
 
@@ -100,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", type=Path, default=None)
     b.add_argument("--plot", type=Path, default=None)
     b.set_defaults(func=_bench_distill)
+
+    k = sub.add_parser("keys", help="update-signing keys")
+    ksub = k.add_subparsers(dest="keys", required=True)
+    g = ksub.add_parser("gen", help="create an Ed25519 key pair for signing block updates")
+    g.add_argument("--dir", type=Path, required=True)
+    g.add_argument("--name", default="knet-update")
+    g.set_defaults(func=_keys_gen)
 
     e = sub.add_parser("export", help="export a zoo model's blocks to ONNX for a profile")
     e.add_argument("--model", choices=["digits", "vision"], default="digits")

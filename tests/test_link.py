@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -294,3 +295,21 @@ def test_oversized_message_never_reaches_spool_or_broker(tmp_path: Path, spool: 
             assert link.stats["dropped"] == 1 and link.stats["reconnects"] == 0
             assert len(spool) == 0
         assert seqs_of(col, TOPICS.act(DEV)) == [1]
+
+
+@pytest.mark.mqtt
+def test_unsubscribe_stops_delivery_now_and_after_reconnects(mosquitto: Mosquitto,
+                                                            spool: Spool) -> None:
+    topics = Topics(FLEET)
+    got: list[bytes] = []
+    with Link(settings_for(mosquitto), topics, "dev-u", spool, dict) as link:
+        assert link.wait_connected(10)
+        link.subscribe("lab/probe", 1, lambda m: got.append(m.payload))
+        assert wait_until(lambda: link.publish("lab/probe", b"1", qos=1) and bool(got), 5)
+        link.unsubscribe("lab/probe")
+        link.unsubscribe("lab/never-subscribed")  # harmless
+        time.sleep(0.3)
+        n = len(got)
+        link.publish("lab/probe", b"2", qos=1)
+        time.sleep(0.5)
+        assert len(got) == n
