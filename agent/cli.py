@@ -13,7 +13,7 @@ from agent.configfile import ConfigError
 
 def check(config_path: Path) -> str:
     """Validate config, profile, manifest and block files; returns a one-line summary."""
-    from agent.config import load_config
+    from agent.config import check_partition, load_config
     from agent.manifest import ManifestError, PartitionManifest
     from agent.profiles import load_profile
     from agent.runtime import BlockRunner, PartitionError
@@ -22,8 +22,13 @@ def check(config_path: Path) -> str:
     profile = load_profile(cfg.model.profile)
     try:
         manifest = PartitionManifest.load(cfg.model.manifest)
+    except ManifestError as exc:
+        raise ConfigError(f"{config_path}: model.manifest: {exc}") from None
+    for warning in check_partition(cfg, manifest, profile):
+        print(f"warning: {warning}", file=sys.stderr)
+    try:
         runner = BlockRunner(manifest, cfg.model.manifest.parent, profile)
-    except (ManifestError, PartitionError) as exc:
+    except PartitionError as exc:
         raise ConfigError(f"{config_path}: model.manifest: {exc}") from None
     cfg.mqtt.resolve_password()
     return (f"ok: device {cfg.device.id} (fleet {cfg.device.fleet}), profile {profile.name}, "

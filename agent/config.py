@@ -8,14 +8,16 @@ directory can be moved as a whole. Secrets may come from a file or from systemd'
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationInfo,
     field_validator,
@@ -24,6 +26,12 @@ from pydantic import (
 
 from agent.configfile import ConfigError, load_model
 from agent.topics import Topics, validate_id
+
+if TYPE_CHECKING:
+    from agent.manifest import PartitionManifest
+    from agent.profiles import FirmwareProfile
+
+log = logging.getLogger(__name__)
 
 _STRICT = ConfigDict(extra="forbid")
 
@@ -49,6 +57,12 @@ class DeviceSection(BaseModel):
     def _ids(cls, v: str, info: ValidationInfo) -> str:
         return validate_id(v, "fleet id" if info.field_name == "fleet" else "device id")
 
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        Topics("default", v)  # raises TopicError (a ValueError) with the reason
+        return v
+
     _paths = field_validator("state_dir", "cache_dir")(_resolve)
 
 
@@ -56,7 +70,7 @@ class ModelSection(BaseModel):
     model_config = _STRICT
 
     manifest: Path
-    profile: str = "x86-dev"
+    profile: str = Field("x86-dev", description="a profile name, or a path to a profile TOML")
 
     _paths = field_validator("manifest")(_resolve)
 
@@ -70,13 +84,19 @@ class TlsSection(BaseModel):
 
     _paths = field_validator("ca_file", "cert_file", "key_file")(_resolve)
 
+    @model_validator(mode="after")
+    def _pair(self) -> TlsSection:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (client certificate auth)")
+        return self
+
 
 class MqttSection(BaseModel):
     model_config = _STRICT
 
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", min_length=1)
     port: int = Field(1883, ge=1, le=65535)
-    username: str | None = None
+    username: str | None = Field(None, description="default: the device id (the ACL needs it)")
     password: SecretStr | None = None
     password_file: Path | None = None
     password_credential: str | None = Field(
@@ -96,6 +116,12 @@ class MqttSection(BaseModel):
         if len(given) > 1:
             raise ValueError(f"give only one of password, password_file, password_credential "
                              f"(got {', '.join(given)})")
+        if self.reconnect_min_delay > self.reconnect_max_delay:
+            raise ValueError(f"reconnect_min_delay {self.reconnect_min_delay} > "
+                             f"reconnect_max_delay {self.reconnect_max_delay}")
+        if self.password_credential is not None and (
+                "/" in self.password_credential or self.password_credential in ("", ".", "..")):
+            raise ValueError("password_credential is a credential name, not a path")
         return self
 
     def resolve_password(self) -> SecretStr | None:
@@ -140,8 +166,9 @@ class ImagesSource(BaseModel):
     kind: Literal["images"]
     directory: Path
     glob: str = "*.png"
-    rate_hz: float = Field(0.0, ge=0)
+    rate_hz: float = Field(0.0, ge=0, description="0 = as fast as possible")
     loop: bool = False
+    resize: bool = Field(True, description="resize to the input HxW; false = skip other sizes")
 
     _paths = field_validator("directory")(_resolve)
 
@@ -150,8 +177,9 @@ class MqttSource(BaseModel):
     model_config = _STRICT
 
     kind: Literal["mqtt"]
-    topic: str | None = Field(None, description="default: knet/v1/{fleet}/{device}/input")
+    topic: str | None = Field(None, description="default: {prefix}/v1/{fleet}/{device}/input")
     qos: int = Field(1, ge=0, le=1)
+    queue_size: int = Field(64, ge=1, le=100_000, description="frames waiting for inference")
 
 
 Source = Annotated[NpzSource | ImagesSource | MqttSource, Field(discriminator="kind")]
@@ -165,7 +193,8 @@ class UplinkSection(BaseModel):
     max_samples_per_s: float = Field(0.0, ge=0, description="0 = unlimited")
     max_bytes_per_s: float = Field(0.0, ge=0, description="0 = unlimited")
     hard_threshold: float | None = Field(None, gt=0, le=1)
-    boundaries: list[int] = Field(default_factory=lambda: [1])
+    boundaries: list[int] = Field(default_factory=lambda: [1],
+                                  description="0 = the raw input, i = output of block i")
     allow_raw_upload: bool = False
     codec: str = "uint8+lz4"
 
@@ -176,6 +205,8 @@ class UplinkSection(BaseModel):
                              "allow_raw_upload = true")
         if any(b < 0 for b in self.boundaries):
             raise ValueError("boundaries are >= 0")
+        if len(set(self.boundaries)) != len(self.boundaries):
+            raise ValueError(f"boundary listed twice: {self.boundaries}")
         return self
 
     @field_validator("codec")
@@ -212,6 +243,13 @@ class MetricsSection(BaseModel):
     publish_results: bool = False
 
 
+class WatchdogSection(BaseModel):
+    model_config = _STRICT
+
+    enabled: bool = Field(True, description="ping systemd when $WATCHDOG_USEC is set")
+    max_stall_s: float = Field(30.0, gt=0, description="a stage silent this long is unhealthy")
+
+
 class SplitSection(BaseModel):
     model_config = _STRICT
 
@@ -230,13 +268,77 @@ class AgentConfig(BaseModel):
     spool: SpoolSection = Field(default_factory=SpoolSection)
     pipeline: PipelineSection = Field(default_factory=PipelineSection)
     metrics: MetricsSection = Field(default_factory=MetricsSection)
+    watchdog: WatchdogSection = Field(default_factory=WatchdogSection)
     split: SplitSection = Field(default_factory=SplitSection)
+
+    _path: Path | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _defaults_from_device(self) -> AgentConfig:
+        """Fill the defaults that depend on the device id (copies: sections may be shared)."""
+        if self.mqtt.username is None:
+            self.mqtt = self.mqtt.model_copy(update={"username": self.device.id})
+        if isinstance(self.source, MqttSource) and self.source.topic is None:
+            self.source = self.source.model_copy(
+                update={"topic": self.topics.input(self.device.id)})
+        return self
 
     @property
     def topics(self) -> Topics:
         return Topics(self.device.fleet, self.device.topic_prefix)
 
+    @property
+    def path(self) -> Path | None:
+        """The file this config was loaded from (None when built in code)."""
+        return self._path
+
+    @property
+    def model_dir(self) -> Path:
+        """Block files are named relative to the manifest's directory."""
+        return self.model.manifest.parent
+
 
 def load_config(path: Path | str) -> AgentConfig:
+    """Read and validate ``agent.toml``; ConfigError names the file, the field and why."""
     path = Path(path).resolve()
-    return load_model(path, AgentConfig, context={"base_dir": path.parent})
+    config = load_model(path, AgentConfig, context={"base_dir": path.parent})
+    config._path = path
+    return config
+
+
+def check_partition(config: AgentConfig, manifest: PartitionManifest,
+                    profile: FirmwareProfile) -> list[str]:
+    """Refuse a deployment that cannot run; return warnings for what merely degrades it.
+
+    Refused (ConfigError naming the field): a block file missing or not matching its
+    sha256, IR newer than the profile's onnxruntime reads, blocks that do not fit the
+    profile's memory budget, an image source for a non-image input. Warned: GPU providers
+    this onnxruntime build lacks (CPU takes over), uplink boundaries this partition neither
+    receives nor produces, split inference on a node that holds the whole model.
+    """
+    from agent.manifest import ManifestError
+    from agent.runtime import PartitionError, check_fit
+
+    where = str(config.path or "agent config")
+    try:
+        manifest.verify_files(config.model_dir)
+    except ManifestError as exc:
+        raise ConfigError(f"{where}: model.manifest: {exc}") from None
+    try:
+        warnings = check_fit(manifest, profile)
+    except PartitionError as exc:
+        raise ConfigError(f"{where}: model.profile: {exc}") from None
+    shape = manifest.blocks[0].input_shape
+    if isinstance(config.source, ImagesSource) and (len(shape) != 3 or shape[0] not in (1, 3)):
+        raise ConfigError(f"{where}: source.kind: an image source needs a (1|3, H, W) input, "
+                          f"this partition takes {shape}")
+    outside = [b for b in config.uplink.boundaries
+               if not manifest.first - 1 <= b <= manifest.last]
+    if outside:
+        warnings.append(f"uplink.boundaries {outside} are outside this partition "
+                        f"({manifest.first - 1}..{manifest.last}); they are not sent")
+    if config.split.enabled and manifest.is_complete:
+        warnings.append("split.enabled: this node holds the whole model; nothing to split")
+    for w in warnings:
+        log.warning("%s: %s", where, w)
+    return warnings

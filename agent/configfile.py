@@ -23,7 +23,7 @@ def format_errors(exc: ValidationError) -> str:
     parts = []
     for e in exc.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (misspelt? see the documented example)"
         parts.append(f"{loc}: {msg}")

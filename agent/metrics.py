@@ -17,11 +17,16 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5
 
 
 class AgentMetrics:
+    """Every metric of one agent, plus the recent-window figures for the ``stats`` topic."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.latency = Histogram("knet_inference_seconds", "Inference latency of the partition",
                                  buckets=_LATENCY_BUCKETS, registry=r)
+        self.block_latency = Histogram("knet_block_inference_seconds",
+                                       "Inference latency of one block", ["block"],
+                                       buckets=_LATENCY_BUCKETS, registry=r)
         self.frames = Counter("knet_frames", "Inputs run through the partition", registry=r)
         self.uplinked = Counter("knet_uplinked_samples", "Inputs whose activations were queued "
                                 "for the trainer", registry=r)
@@ -43,12 +48,17 @@ class AgentMetrics:
         self._recent: collections.deque[float] = collections.deque(maxlen=2048)
         self._hits: collections.deque[bool] = collections.deque(maxlen=256)
         self._frames_at_snapshot = 0
+        self._bytes_at_snapshot = 0.0
         self._t_snapshot = time.monotonic()
         self.frames_total = 0
         self.scored = self.correct = 0
 
-    def observe_inference(self, seconds: float, correct: bool | None = None) -> None:
+    def observe_inference(self, seconds: float, correct: bool | None = None,
+                          block_seconds: dict[int, float] | None = None) -> None:
+        """One input through the partition (end to end), optionally with per-block times."""
         self.latency.observe(seconds)
+        for block, dt in (block_seconds or {}).items():
+            self.block_latency.labels(str(block)).observe(dt)
         self.frames.inc()
         with self._lock:
             self.frames_total += 1
@@ -68,13 +78,29 @@ class AgentMetrics:
         with self._lock:
             return sum(self._hits) / len(self._hits) if self._hits else None
 
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """A sample's current value from this registry (0 when never set)."""
+        return self.registry.get_sample_value(name, labels or {}) or 0.0
+
+    def _by_label(self, metric: Counter | Gauge, label: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for family in metric.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                out[sample.labels[label]] = sample.value
+        return out
+
     def snapshot(self) -> dict[str, Any]:
-        """Rates since the previous snapshot and recent latency percentiles."""
+        """Rates since the previous snapshot, recent latency percentiles, current levels."""
+        bytes_out = self.value("knet_bytes_out_total")
         with self._lock:
             now = time.monotonic()
             dt = max(1e-9, now - self._t_snapshot)
             fps = (self.frames_total - self._frames_at_snapshot) / dt
+            bytes_rate = (bytes_out - self._bytes_at_snapshot) / dt
             self._frames_at_snapshot, self._t_snapshot = self.frames_total, now
+            self._bytes_at_snapshot = bytes_out
             lat = sorted(self._recent)
         pct = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1e3) if lat else None
         return {
@@ -84,9 +110,19 @@ class AgentMetrics:
             "latency_ms_p95": round(pct(0.95), 3) if pct else None,
             "accuracy": self.recent_accuracy(),
             "accuracy_total": self.correct / self.scored if self.scored else None,
+            "bytes_out": int(bytes_out),
+            "bytes_out_per_s": round(bytes_rate, 1),
+            "queue_depth": {k: int(v) for k, v in self._by_label(self.queue_depth,
+                                                                 "stage").items()},
+            "spool_bytes": int(self.value("knet_spool_bytes")),
+            "spool_records": int(self.value("knet_spool_records")),
+            "bad_inputs": {k: int(v) for k, v in self._by_label(self.bad_inputs,
+                                                                "reason").items()},
         }
 
-    def serve(self, port: int, addr: str = "127.0.0.1") -> int:
+    def start_http(self, port: int, addr: str = "127.0.0.1") -> int:
         """Start the /metrics endpoint; returns the bound port (useful with port 0)."""
         server, _thread = start_http_server(port, addr=addr, registry=self.registry)
         return int(server.server_port)
+
+    serve = start_http  # the name agent.service uses

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
 from agent.manifest import ManifestError, PartitionManifest
-from agent.profiles import FirmwareProfile
+from agent.profiles import CPU, FirmwareProfile
 
 log = logging.getLogger(__name__)
 
@@ -29,100 +30,215 @@ class PartitionError(ValueError):
 
 
 def choose_providers(profile: FirmwareProfile) -> list[str]:
-    """The profile's providers in order of preference, minus those this build lacks."""
+    """The profile's providers in order of preference, minus those this build lacks.
+
+    A Jetson profile asks for TensorRT/CUDA; a CPU-only build (or a broken CUDA install)
+    must still run, so missing GPU providers are a warning, and CPU is always last.
+    """
     available = set(ort.get_available_providers())
     chosen = [p for p in profile.execution_providers if p in available]
     missing = [p for p in profile.execution_providers if p not in available]
     if missing:
         log.warning("execution providers %s are not in this onnxruntime build (%s); "
-                    "falling back to %s", missing, ort.__version__,
-                    chosen or ["CPUExecutionProvider"])
-    if "CPUExecutionProvider" not in chosen:
-        chosen.append("CPUExecutionProvider")
+                    "falling back to %s", missing, ort.__version__, chosen or [CPU])
+    if CPU not in chosen:
+        chosen.append(CPU)
     return chosen
 
 
-def check_partition(manifest: PartitionManifest, base_dir: Path,
-                    profile: FirmwareProfile) -> dict[int, Path]:
-    """Refuse, with the reason, a partition that is missing, altered or does not fit."""
-    try:
-        paths = manifest.verify_files(base_dir)
-    except ManifestError as exc:
-        raise PartitionError(str(exc)) from None
+def check_fit(manifest: PartitionManifest, profile: FirmwareProfile) -> list[str]:
+    """PartitionError when the profile cannot load the partition; warnings otherwise."""
     if not profile.supports_ir(manifest.ir_version):
         raise PartitionError(
             f"partition {manifest.model_id} v{manifest.model_version} is ONNX IR "
             f"{manifest.ir_version}, but profile {profile.name} (onnxruntime "
             f"{profile.onnxruntime}) reads IR <= {profile.max_ir_version}: re-export it for "
             f"this profile (knet export --profile {profile.name})")
+    if not profile.supports_opset(manifest.opset):
+        raise PartitionError(
+            f"partition {manifest.model_id} v{manifest.model_version} uses opset "
+            f"{manifest.opset}, profile {profile.name} reads opset <= {profile.max_opset}: "
+            f"re-export it for this profile")
     # A session holds the weights plus roughly as much again in arenas and optimised copies.
     need_mb = 2 * sum(b.size for b in manifest.blocks) / 2**20
     if need_mb > profile.model_memory_mb:
         raise PartitionError(
-            f"partition needs about {need_mb:.0f} MB, profile {profile.name} allows "
-            f"{profile.model_memory_mb} MB for models: run fewer blocks on this device")
+            f"partition needs about {need_mb:.0f} MB (2x its {len(manifest.blocks)} block "
+            f"files), profile {profile.name} allows {profile.model_memory_mb} MB for models: "
+            f"run fewer blocks on this device")
+    available = set(ort.get_available_providers())
+    missing = [p for p in profile.execution_providers if p not in available]
+    return ([f"execution providers {missing} are not available in onnxruntime "
+             f"{ort.__version__}; the CPU provider runs instead"] if missing else [])
+
+
+def check_partition(manifest: PartitionManifest, base_dir: Path,
+                    profile: FirmwareProfile) -> dict[int, Path]:
+    """Refuse, with the reason, a partition that is missing, altered or does not fit."""
+    try:
+        paths = manifest.verify_files(Path(base_dir))
+    except ManifestError as exc:
+        raise PartitionError(str(exc)) from None
+    check_fit(manifest, profile)
     return paths
 
 
-class BlockRunner:
-    """One session per block of a partition, built with the profile's providers."""
+def session_options(profile: FirmwareProfile) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = profile.intra_op_threads
+    opts.inter_op_num_threads = profile.inter_op_threads
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # blocks are small chains
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return opts
 
-    def __init__(self, manifest: PartitionManifest, base_dir: Path, profile: FirmwareProfile,
-                 *, verify: bool = True) -> None:
+
+def _shape_matches(declared: list[Any], expected: tuple[int, ...]) -> bool:
+    """The file's input/output shape (batch dim first, possibly symbolic) vs the manifest."""
+    if len(declared) != len(expected) + 1:
+        return False
+    return all(not isinstance(d, int) or d == e for d, e in zip(declared[1:], expected,
+                                                                  strict=True))
+
+
+class _Block:
+    __slots__ = ("index", "input_name", "input_shape", "output_shape", "session")
+
+    def __init__(self, index: int, session: ort.InferenceSession, input_name: str,
+                 input_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> None:
+        self.index, self.session, self.input_name = index, session, input_name
+        self.input_shape, self.output_shape = input_shape, output_shape
+
+
+class BlockRunner:
+    """One session per block of a partition, built with the profile's providers.
+
+    Immutable after ``__init__`` (attribute assignment raises), so a reference to it can be
+    swapped atomically and an in-flight inference keeps the chain it started with.
+    """
+
+    __slots__ = (
+        "_blocks",
+        "_frozen",
+        "input_shape",
+        "manifest",
+        "output_shape",
+        "profile",
+        "providers",
+        "requested_providers",
+    )
+
+    def __init__(self, manifest: PartitionManifest, base_dir: Path | str,
+                 profile: FirmwareProfile, *, verify: bool = True) -> None:
+        base_dir = Path(base_dir)
         self.manifest = manifest
         self.profile = profile
         paths = (check_partition(manifest, base_dir, profile) if verify
                  else {b.index: base_dir / b.file for b in manifest.blocks})
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = profile.intra_op_threads
-        opts.inter_op_num_threads = profile.inter_op_threads
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.providers = choose_providers(profile)
-        self._sessions: list[tuple[int, ort.InferenceSession, str]] = []
-        for block in manifest.blocks:
+        opts = session_options(profile)
+        self.requested_providers = tuple(choose_providers(profile))
+        blocks = []
+        for entry in manifest.blocks:
+            path = paths[entry.index]
             try:
-                sess = ort.InferenceSession(str(paths[block.index]), opts,
-                                            providers=self.providers)
+                sess = ort.InferenceSession(str(path), opts,
+                                            providers=list(self.requested_providers))
             except Exception as exc:  # onnxruntime raises its own exception types
-                raise PartitionError(f"block {block.index}: onnxruntime cannot load "
-                                     f"{paths[block.index]}: {exc}") from None
-            self._sessions.append((block.index, sess, sess.get_inputs()[0].name))
-        self.active_providers = self._sessions[0][1].get_providers()
+                raise PartitionError(f"block {entry.index}: onnxruntime {ort.__version__} "
+                                     f"cannot load {path}: {exc}") from None
+            inp, out = sess.get_inputs()[0], sess.get_outputs()[0]
+            if not (_shape_matches(inp.shape, entry.input_shape)
+                    and _shape_matches(out.shape, entry.output_shape)):
+                raise PartitionError(
+                    f"block {entry.index}: {path} maps {inp.shape} -> {out.shape}, the "
+                    f"manifest says (batch, *{entry.input_shape}) -> "
+                    f"(batch, *{entry.output_shape}): the file and manifest do not belong "
+                    f"together")
+            blocks.append(_Block(entry.index, sess, inp.name, entry.input_shape,
+                                 entry.output_shape))
+        self._blocks = tuple(blocks)
+        self.providers = tuple(self._blocks[0].session.get_providers())
+        if self.providers[0] != self.requested_providers[0]:
+            log.warning("onnxruntime could not initialise %s; running on %s",
+                        self.requested_providers[0], self.providers[0])
         self.input_shape = manifest.blocks[0].input_shape
         self.output_shape = manifest.blocks[-1].output_shape
+        self._frozen = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, "_frozen", False):
+            raise AttributeError(f"BlockRunner is immutable (set {name!r}): build a new one")
+        object.__setattr__(self, name, value)
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"BlockRunner({m.model_id} v{m.model_version}, blocks {m.first}..{m.last}, "
+                f"{self.providers[0]})")
+
+    @property
+    def active_providers(self) -> list[str]:
+        """The providers in use (a list, for JSON); same as ``providers``."""
+        return list(self.providers)
 
     @property
     def version(self) -> int:
         return self.manifest.model_version
 
-    def check_input(self, x: np.ndarray) -> np.ndarray:
-        if x.ndim != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
-            raise InputError(f"input shape {tuple(x.shape)} != (batch, *{self.input_shape})")
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        return tuple(b.index for b in self._blocks)
+
+    def check_input(self, x: np.ndarray, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """A float32, C-contiguous, finite batch of ``shape`` (default: the input shape)."""
+        shape = self.input_shape if shape is None else shape
+        if not isinstance(x, np.ndarray):
+            raise InputError(f"input is a {type(x).__name__}, not a numpy array")
+        if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+            raise InputError(f"input shape {tuple(x.shape)} != (batch, *{shape})")
+        if x.shape[0] == 0:
+            raise InputError("empty batch")
         if x.dtype != np.float32:
-            if not np.issubdtype(x.dtype, np.number):
-                raise InputError(f"input dtype {x.dtype} is not numeric")
+            if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+                raise InputError(f"input dtype {x.dtype} is not a real number type")
             x = x.astype(np.float32)
         if not np.isfinite(x).all():
             raise InputError("input contains NaN or inf")
         return np.ascontiguousarray(x)
 
-    def run(self, x: np.ndarray, *, checked: bool = False) -> list[np.ndarray]:
-        """Activations at every boundary this partition produces (first..last), in order.
+    def run(self, x: np.ndarray, upto: int | None = None, *, checked: bool = False,
+            timings: list[float] | None = None) -> list[np.ndarray]:
+        """Activations at every boundary produced, blocks ``first..upto`` (default: last).
 
         ``checked=True`` skips the input check for inputs a source already validated (the
-        agent's pipeline), which matters at sub-millisecond block latencies.
+        agent's pipeline), which matters at sub-millisecond block latencies. ``timings``,
+        when given, receives each block's seconds (per-block latency metrics).
         """
+        last = self.manifest.last if upto is None else upto
+        if not self.manifest.first <= last <= self.manifest.last:
+            raise ValueError(f"upto={upto} outside blocks {self.manifest.first}.."
+                             f"{self.manifest.last}")
         if not checked:
             x = self.check_input(x)
         outs = []
-        for _index, sess, name in self._sessions:
-            x = sess.run(None, {name: x})[0]
+        for block in self._blocks[: last - self.manifest.first + 1]:
+            t0 = time.perf_counter()
+            x = block.session.run(None, {block.input_name: x})[0]
+            if timings is not None:
+                timings.append(time.perf_counter() - t0)
             outs.append(x)
         return outs
 
-    def warmup(self, repeats: int = 2) -> float:
+    def run_block(self, index: int, x: np.ndarray) -> np.ndarray:
+        """Block ``index`` alone on its input boundary (self-tests, split inference)."""
+        if index not in self.blocks:
+            raise ValueError(f"block {index} is not in this partition "
+                             f"({self.manifest.first}..{self.manifest.last})")
+        block = self._blocks[index - self.manifest.first]
+        x = self.check_input(x, block.input_shape)
+        return block.session.run(None, {block.input_name: x})[0]
+
+    def warmup(self, repeats: int = 1) -> float:
         """Run dummy inputs so the first real input does not pay for lazy initialisation."""
         t0 = time.perf_counter()
         for _ in range(repeats):
-            self.run(np.zeros((1, *self.input_shape), dtype=np.float32))
+            self.run(np.zeros((1, *self.input_shape), dtype=np.float32), checked=True)
         return time.perf_counter() - t0

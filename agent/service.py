@@ -90,7 +90,7 @@ class Agent:
         self.slot = RunnerSlot(runner)
         self.metrics = AgentMetrics()
         self.metrics.model_version.set(manifest.model_version)
-        self.bad = BadInputs()
+        self.bad = BadInputs(listener=lambda reason: self.metrics.bad_inputs.labels(reason).inc())
         self.policy = make_policy(config)
         self._stop = threading.Event()
         self._reload = threading.Event()
@@ -145,14 +145,16 @@ class Agent:
     # --- pipeline stages
     def _infer(self, sample: Sample) -> Inference:
         runner: BlockRunner = self.slot.current  # read once: one chain per input
+        timings: list[float] = []
         t0 = time.perf_counter()
-        acts = runner.run(sample.x[None], checked=True)  # sources validate shape and values
+        acts = runner.run(sample.x[None], checked=True, timings=timings)  # sources validated
         elapsed = time.perf_counter() - t0
         pred = conf = None
         if runner.manifest.is_complete:
             pred, conf = softmax_top1(acts[-1][0])
         correct = (pred == sample.label) if pred is not None and sample.label is not None else None
-        self.metrics.observe_inference(elapsed, correct)
+        self.metrics.observe_inference(elapsed, correct, block_seconds=dict(
+            zip((b.index for b in runner.manifest.blocks), timings, strict=False)))
         return Inference(sample, acts, runner, pred, conf)
 
     def next_seq(self) -> int:
@@ -276,7 +278,8 @@ class Agent:
         self.notifier.ready()
 
     def healthy(self) -> bool:
-        return self._pipeline.healthy() and self.link.healthy()
+        stall = self.config.watchdog.max_stall_s
+        return self._pipeline.healthy(max_beat_age=stall) and self.link.healthy()
 
     def run(self) -> int:
         cfg = self.config
@@ -304,7 +307,7 @@ class Agent:
 
     def _supervise(self) -> None:
         """The main thread: watchdog, stats, reloads, and the end of a finite source."""
-        wd = watchdog_interval()
+        wd = watchdog_interval() if self.config.watchdog.enabled else None
         next_wd = next_stats = time.monotonic()
         while not self._stop.wait(0.1):
             now = time.monotonic()

@@ -1,21 +1,22 @@
 """Input sources: an ``.npz`` replay, a directory of images, frames arriving over MQTT.
 
-A bad input (wrong shape or dtype, an undecodable image, a corrupt archive member) is
-counted by reason and skipped: a camera glitch must never stop the agent.
+Every source is an iterable of ``Sample``. A bad input (wrong shape or dtype, an
+undecodable image, a corrupt archive member) is counted by reason and skipped: a camera
+glitch must never stop the agent. A finite source ends; a looping source that yields nothing
+in a whole pass ends too, instead of spinning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import queue
 import threading
 import time
-import zipfile
-import zlib
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +25,20 @@ from agent.config import ImagesSource, MqttSource, NpzSource
 
 log = logging.getLogger(__name__)
 
+# Decoders fed untrusted bytes raise far more than ValueError/OSError: numpy's .npy header
+# parser raises tokenize.TokenError or SyntaxError, Pillow's plugins struct.error,
+# IndexError, TypeError... A bad input must be counted and skipped, so parsing catches
+# Exception (never BaseException: KeyboardInterrupt/SystemExit still stop the agent).
+UNTRUSTED_PARSE_ERRORS = (Exception,)
+
 
 @dataclass(frozen=True)
 class Sample:
-    x: np.ndarray  # float32, the partition's input shape (no batch dimension)
+    x: np.ndarray  # float32, C-contiguous, the partition's input shape (no batch dimension)
     label: int | None
-    index: int
-    source: str
-    t_read: float  # time.monotonic() when the input was read
+    source_id: str  # e.g. "npz:inputs.npz", "images:frames", "mqtt"
+    index: int  # counts the samples this source yielded, from 0
+    t_read: float = field(default_factory=time.monotonic)
 
 
 class FrameError(ValueError):
@@ -39,16 +46,23 @@ class FrameError(ValueError):
 
 
 class BadInputs:
-    """Counts of skipped inputs by reason, shared with metrics."""
+    """Counts of skipped inputs by reason (``source.bad_inputs``), shared with metrics.
 
-    def __init__(self) -> None:
+    ``listener(reason)`` is called for each one, e.g. a Prometheus counter's
+    ``labels(reason).inc``; it must not raise.
+    """
+
+    def __init__(self, listener: Callable[[str], None] | None = None) -> None:
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()
+        self._listener = listener
 
     def add(self, reason: str, detail: str = "") -> None:
         with self._lock:
             self.counts[reason] += 1
             n = self.counts[reason]
+        if self._listener is not None:
+            self._listener(reason)
         if n <= 3 or n % 1000 == 0:  # a flood of bad frames must not flood the log
             log.warning("bad input skipped (%s, %d so far): %s", reason, n, detail)
 
@@ -73,10 +87,22 @@ def coerce(x: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
             x = x.reshape(input_shape)  # flattened, or with a batch axis of 1
         else:
             raise FrameError(f"shape {tuple(x.shape)} != expected {input_shape}")
+    if np.issubdtype(x.dtype, np.complexfloating):
+        raise FrameError(f"dtype {x.dtype} is complex")
     x = x.astype(np.float32, copy=False)
     if not np.isfinite(x).all():
         raise FrameError("contains NaN or inf")
-    return x
+    return np.ascontiguousarray(x)
+
+
+def _label(y: np.ndarray | None, i: int) -> int | None:
+    if y is None:
+        return None
+    try:
+        value = y[i].item()
+        return int(value) if float(value).is_integer() else None
+    except (TypeError, ValueError, OverflowError, AttributeError):
+        return None
 
 
 class NpzReplay:
@@ -87,15 +113,28 @@ class NpzReplay:
         self.name = f"npz:{cfg.path.name}"
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """Inputs and labels; a corrupt label member costs the labels, not the inputs."""
+        errors = UNTRUSTED_PARSE_ERRORS
         try:
             with np.load(self.cfg.path, allow_pickle=False) as data:
+                if not hasattr(data, "files"):
+                    raise ValueError("a single .npy array, not an .npz archive")
                 x = data[self.cfg.x_key]
-                y = data[self.cfg.y_key] if self.cfg.y_key and self.cfg.y_key in data else None
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                y = None
+                if self.cfg.y_key and self.cfg.y_key in data.files:
+                    try:
+                        y = data[self.cfg.y_key]
+                    except errors as exc:
+                        self.bad.add("npz_labels", f"{self.cfg.y_key!r}: {exc}; labels ignored")
+        except errors as exc:
             self.bad.add("npz_unreadable", f"{self.cfg.path}: {exc}")
             return None
-        if y is not None and len(y) != len(x):
-            self.bad.add("npz_labels", f"{len(y)} labels for {len(x)} inputs; labels ignored")
+        if x.ndim == 0:
+            self.bad.add("npz_unreadable", f"{self.cfg.path}: {self.cfg.x_key!r} is a scalar")
+            return None
+        if y is not None and (y.ndim != 1 or len(y) != len(x)):
+            self.bad.add("npz_labels", f"labels of shape {y.shape} for {len(x)} inputs; "
+                         "labels ignored")
             y = None
         return x, y
 
@@ -107,6 +146,7 @@ class NpzReplay:
             if arrays is None:
                 return
             x, y = arrays
+            first_of_pass = index
             for i in range(len(x)):
                 _pace(self.cfg.rate_hz, start, index)
                 try:
@@ -114,29 +154,40 @@ class NpzReplay:
                 except FrameError as exc:
                     self.bad.add("shape", f"{self.name}[{i}]: {exc}")
                     continue
-                label = int(y[i]) if y is not None else None
-                yield Sample(xi, label, index, self.name, time.monotonic())
+                yield Sample(xi, _label(y, i), self.name, index)
                 index += 1
-            if not self.cfg.loop:
+            if not self.cfg.loop or index == first_of_pass:
                 return
 
 
-def decode_image(data: bytes | Path, input_shape: tuple[int, ...]) -> np.ndarray:
-    """PNG/JPEG → (C, H, W) float32 in [0, 1], converted and resized to the input shape."""
-    from PIL import Image, UnidentifiedImageError
+MAX_IMAGE_PIXELS = 4096 * 4096  # far below Pillow's own limit, which assumes a desktop
+
+
+def decode_image(data: bytes | Path, input_shape: tuple[int, ...], *,
+                 resize: bool = True) -> np.ndarray:
+    """PNG/JPEG → (C, H, W) float32 in [0, 1], converted (and resized) to the input shape."""
+    from PIL import Image
 
     if len(input_shape) != 3 or input_shape[0] not in (1, 3):
         raise FrameError(f"images need a (1|3, H, W) input, this partition takes {input_shape}")
     channels, height, width = input_shape
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:  # header only: nothing decoded yet
+                raise FrameError(f"image of {img.width}x{img.height} pixels exceeds "
+                                 f"{MAX_IMAGE_PIXELS} (a decompression bomb on a 4 GB device)")
             img = img.convert("L" if channels == 1 else "RGB")
             if img.size != (width, height):
+                if not resize:
+                    raise FrameError(f"image is {img.size[0]}x{img.size[1]}, the input "
+                                     f"{width}x{height} (source.resize = false)")
                 img = img.resize((width, height), Image.BILINEAR)
             arr = np.asarray(img, dtype=np.float32) / 255.0
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise FrameError(f"undecodable image: {exc}") from None
-    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+    except FrameError:
+        raise
+    except UNTRUSTED_PARSE_ERRORS as exc:
+        raise FrameError(f"undecodable image: {type(exc).__name__}: {exc}") from None
+    return np.ascontiguousarray(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
 
 
 class ImageDirectory:
@@ -150,17 +201,19 @@ class ImageDirectory:
         index = 0
         start = time.monotonic()
         while True:
-            files = sorted(self.cfg.directory.glob(self.cfg.glob))
+            files = sorted(p for p in self.cfg.directory.glob(self.cfg.glob) if p.is_file())
+            yielded = False
             for path in files:
                 _pace(self.cfg.rate_hz, start, index)
                 try:
-                    x = np.ascontiguousarray(decode_image(path, self.input_shape))
+                    x = decode_image(path, self.input_shape, resize=self.cfg.resize)
                 except FrameError as exc:
                     self.bad.add("image", f"{path.name}: {exc}")
                     continue
-                yield Sample(x, None, index, self.name, time.monotonic())
+                yield Sample(x, None, self.name, index)
                 index += 1
-            if not self.cfg.loop or not files:
+                yielded = True
+            if not self.cfg.loop or not yielded:
                 return
 
 
@@ -170,7 +223,14 @@ CODEC_MAGIC = b"KNCF"
 
 def decode_frame(payload: bytes, input_shape: tuple[int, ...],
                  max_bytes: int = 64 * 2**20) -> np.ndarray:
-    """A frame from a sensor: a knet codec frame, a ``.npy`` array, or a PNG/JPEG image."""
+    """A frame from a sensor: a knet codec frame, a ``.npy`` array, or a PNG/JPEG image.
+
+    The first bytes decide: ``KNCF`` (``agent.codec``), the ``.npy`` magic, else Pillow.
+    Raises FrameError, never anything else, so the caller can count and skip.
+    """
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise FrameError(f"payload is a {type(payload).__name__}, not bytes")
+    payload = bytes(payload)
     if len(payload) > max_bytes:
         raise FrameError(f"frame of {len(payload)} bytes exceeds {max_bytes}")
     if payload.startswith(CODEC_MAGIC):
@@ -183,8 +243,8 @@ def decode_frame(payload: bytes, input_shape: tuple[int, ...],
     if payload.startswith(NPY_MAGIC):
         try:
             arr = np.load(io.BytesIO(payload), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise FrameError(f"bad .npy frame: {exc}") from None
+        except UNTRUSTED_PARSE_ERRORS as exc:
+            raise FrameError(f"bad .npy frame: {type(exc).__name__}: {exc}") from None
         return coerce(arr, input_shape)
     return decode_image(payload, input_shape)
 
@@ -197,10 +257,11 @@ class MqttFrames:
     """
 
     def __init__(self, cfg: MqttSource, input_shape: tuple[int, ...], bad: BadInputs,
-                 queue_size: int = 64) -> None:
+                 queue_size: int | None = None) -> None:
         self.cfg, self.input_shape, self.bad = cfg, input_shape, bad
         self.name = "mqtt"
-        self._queue: queue.Queue[Sample | None] = queue.Queue(maxsize=queue_size)
+        self._queue: queue.Queue[Sample | None] = queue.Queue(
+            maxsize=queue_size or cfg.queue_size)
         self._index = 0
 
     def offer(self, payload: bytes, label: int | None = None, timeout: float = 30.0) -> bool:
@@ -209,25 +270,37 @@ class MqttFrames:
         except FrameError as exc:
             self.bad.add("frame", str(exc))
             return False
-        sample = Sample(np.ascontiguousarray(x), label, self._index, self.name, time.monotonic())
+        sample = Sample(x, label, self.name, self._index)
         self._index += 1
         try:
             self._queue.put(sample, timeout=timeout)
         except queue.Full:
-            self.bad.add("overflow", "input queue full for 30 s; frame dropped")
+            self.bad.add("overflow", f"input queue full for {timeout:g} s; frame dropped")
             return False
         return True
 
     def close(self) -> None:
-        self._queue.put(None)
+        """End the iteration; never blocks, even with a full queue and no reader."""
+        while True:
+            try:
+                self._queue.put_nowait(None)
+                return
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    self._queue.get_nowait()
 
     def __iter__(self) -> Iterator[Sample]:
         while (item := self._queue.get()) is not None:
             yield item
 
 
+Source = NpzReplay | ImageDirectory | MqttFrames
+
+
 def make_source(cfg: NpzSource | ImagesSource | MqttSource, input_shape: tuple[int, ...],
-                bad: BadInputs) -> NpzReplay | ImageDirectory | MqttFrames:
+                bad: BadInputs | None = None) -> Source:
+    """The source a ``[source]`` section describes; bad inputs go to ``bad``."""
+    bad = bad if bad is not None else BadInputs()
     if isinstance(cfg, NpzSource):
         return NpzReplay(cfg, input_shape, bad)
     if isinstance(cfg, ImagesSource):
