@@ -47,6 +47,24 @@ def _bench_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_ingest(args: argparse.Namespace) -> int:
+    from bench.ingest import run_ingest_bench
+    from bench.report import command_line, print_table, write_json
+
+    rows = []
+    for validation in args.validation:
+        r = run_ingest_bench(messages=args.messages, payload_codec=args.codec,
+                             devices=args.devices, validation=validation)
+        rows.append({"validation": validation, **r})
+    print_table(f"ingest: {args.messages} activation messages from {args.devices} devices, "
+                f"{args.codec}", ["validation", "msg/s", "MB/s on the wire",
+                                   "fp32-equivalent MB/s", "stored", "lost"],
+                [(r["validation"], r["messages_per_s"], r["mb_per_s_wire"],
+                  r["mb_per_s_float32_equivalent"], r["stored"], r["lost"]) for r in rows])
+    write_json(args.json, "ingest", command_line(), rows)
+    return 0
+
+
 def _keys_gen(args: argparse.Namespace) -> int:
     from cloud_trainer.keys import generate_keypair
 
@@ -109,6 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", type=Path, default=None)
     b.add_argument("--plot", type=Path, default=None)
     b.set_defaults(func=_bench_distill)
+
+    b = bsub.add_parser("ingest", help="trainer ingest rate from a loopback publisher")
+    b.add_argument("--messages", type=int, default=20_000)
+    b.add_argument("--devices", type=int, default=4)
+    b.add_argument("--codec", default="uint8+lz4")
+    b.add_argument("--validation", nargs="+", default=["decode", "header"])
+    b.add_argument("--json", type=Path, default=None)
+    b.set_defaults(func=_bench_ingest)
 
     k = sub.add_parser("keys", help="update-signing keys")
     ksub = k.add_subparsers(dest="keys", required=True)

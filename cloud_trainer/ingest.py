@@ -1,0 +1,450 @@
+"""Ingest: activation envelopes from the broker into the sample store, nothing acknowledged lost.
+
+Data path::
+
+    paho network thread (on_message)            writer thread
+    ─ parse topic, Envelope.unpack,    bounded   ─ drain the queue (a batch)
+      codec frame check, shape check ─ queue ──▶ ─ store.add_many (one transaction)
+    ─ bad: count per device/reason,              ─ then PUBACK every message of the batch,
+      ack token only                               in the order they arrived
+
+Guarantees and why:
+
+* **Ack after commit.** The client runs with ``manual_ack=True`` (paho 2.x): paho does not
+  PUBACK a QoS 1 message when ``on_message`` returns; ``client.ack(mid, 1)`` is called by
+  the writer thread after the batch's transaction committed. With a persistent session
+  (``clean_start=False`` + session expiry) the broker re-sends every un-acked message after
+  a crash, and ``UNIQUE(device, session, seq)`` turns the re-delivery into a no-op.
+* **Acks never cross connections.** A packet id names a message only within one session;
+  after a reconnect whose session was lost, an old id could name a different, unstored
+  message. Each item carries the connection generation it arrived on and is acked only on
+  that same connection; anything older is simply re-delivered and deduplicated. The
+  generation changes in ``on_disconnect`` (paho's network thread, before it reconnects)
+  under the same lock the writer holds around ``ack``, so a stale PUBACK can never be queued
+  into a new connection.
+* **PUBACKs in arrival order** (MQTT v5 §4.6): bad messages are acked through the same queue
+  as good ones, as ack-only tokens, instead of straight from the callback.
+* **Back-pressure is MQTT's own flow control first.** ``receive_maximum`` (a CONNECT
+  property) caps how many un-acked messages the broker sends us, and every queued item is
+  un-acked. Mosquitto 2.0.11 honours it exactly when we never ack, but while acks flow it was
+  measured overshooting (87 outstanding for a maximum of 50), so the queue (twice the
+  maximum) is the hard bound: when full, ``on_message`` blocks paho's thread, TCP fills, and
+  the broker queues for us; its ``max_queued_messages``/``bytes`` are sized for that
+  (``broker/config.py``). The writer drains continuously, so such a block is short, far
+  below the keepalive.
+* **Fairness.** Messages reach us in the order the broker queued them, on one session, and
+  PUBACK order must follow arrival order, so re-ordering a batch per device buys nothing:
+  a device's share of our throughput is its share of the broker's queue. A flooding device
+  must be limited upstream (its agent's uplink budget, a broker rate limit) or its storage
+  capped by the store's per-device quota. What this module guarantees is that a *bad*
+  device costs a header parse and a CRC per message, never a database write or a crash.
+* **Never crash on input.** Every failure of a message is caught, counted in
+  ``stats.bad[device][reason]`` and logged at most once per ``log_interval_s`` per
+  (device, reason). A failing store (disk full, lock timeout) is retried with back-off;
+  nothing is acked meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from agent.codec import CodecError, OversizedFrameError, UnknownCodecError, decode
+from agent.codec.frame import parse_frame
+from agent.envelope import Envelope, EnvelopeError, EnvelopeVersionError
+from agent.topics import TopicError, Topics
+from cloud_trainer.fleet import FleetMessageError, FleetTable
+from cloud_trainer.store import SampleStore
+
+log = logging.getLogger(__name__)
+
+BAD_REASONS = ("malformed", "oversized", "version", "spoofed", "bad_frame", "wrong_shape",
+               "bad_topic", "bad_state", "bad_birth")
+INVALID_DEVICE = "?invalid"  # bad_topic counts go here: the topic's id is not a device id
+
+
+class IngestSettings(BaseModel):
+    """How the trainer reads the fleet's activations; unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: SecretStr | None = None
+    # Stable across restarts (the broker keeps the session under it) and distinct per replica.
+    client_id: str = Field(default_factory=lambda: f"knet-ingest-{socket.gethostname()}")
+    share_group: str = "trainers"
+    keepalive: int = Field(30, ge=5, le=65535)
+    session_expiry: int = Field(24 * 3600, ge=0)
+    receive_maximum: int = Field(1000, ge=1, le=65535)
+    reconnect_min_delay: float = Field(0.5, gt=0)
+    reconnect_max_delay: float = Field(30.0, gt=0)
+    max_payload: int = Field(4 << 20, ge=1)  # codec frame bytes inside an envelope
+    max_decoded_bytes: int = Field(16 << 20, ge=1)  # float32 bytes a frame may declare
+    # "decode": every stored sample is known to decode (costs a decompression per message);
+    # "header": frame header, size and CRC only (an unknown codec id is caught at training).
+    validation: Literal["decode", "header"] = "decode"
+    # boundary -> expected shape, without or with the batch dimension; unknown: accepted.
+    expected_shapes: dict[int, tuple[int, ...]] = Field(default_factory=dict)
+    batch_size: int = Field(512, ge=1)
+    # How long the writer lets a batch fill after its first message: fewer, larger commits
+    # (and less GIL contention with paho's thread) for at most this much added latency.
+    batch_wait_s: float = Field(0.01, ge=0)
+    store_retry_s: float = Field(1.0, gt=0)
+    expire_interval_s: float = Field(60.0, gt=0)
+    log_interval_s: float = Field(10.0, ge=0)
+    subscribe_timeout_s: float = Field(10.0, gt=0)
+
+
+@dataclass
+class IngestStats:
+    """Counters for Prometheus; each field is written by one thread only."""
+
+    received: int = 0
+    bytes_received: int = 0
+    stored: int = 0
+    bytes_committed: int = 0
+    duplicates: int = 0
+    acked: int = 0
+    ack_skipped: int = 0  # arrived on an older connection: the broker re-delivers them
+    batches: int = 0
+    store_errors: int = 0
+    connects: int = 0
+    fleet_messages: int = 0
+    bad: dict[str, Counter[str]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count_bad(self, device: str, reason: str) -> None:
+        with self._lock:
+            self.bad.setdefault(device, Counter())[reason] += 1
+
+    def bad_snapshot(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            return {d: dict(c) for d, c in self.bad.items()}
+
+    @property
+    def bad_total(self) -> int:
+        with self._lock:
+            return sum(sum(c.values()) for c in self.bad.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "bad"}
+        out["bad"] = self.bad_snapshot()
+        out["bad_total"] = self.bad_total
+        return out
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One received QoS>0 message waiting for its PUBACK; ``envelope`` None: ack only."""
+
+    mid: int
+    qos: int
+    generation: int
+    envelope: Envelope | None = None
+    size: int = 0
+
+
+class _RateLimitedLog:
+    """At most one line per key per interval, with a count of what was suppressed."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def warning(self, key: tuple[str, str], msg: str, *args: Any) -> None:
+        now = time.monotonic()
+        last, suppressed = self._last.get(key, (-1e18, 0))
+        if now - last >= self.interval:
+            extra = f" ({suppressed} similar suppressed)" if suppressed else ""
+            log.warning(msg + extra, *args)
+            self._last[key] = (now, 0)
+        else:
+            self._last[key] = (last, suppressed + 1)
+
+
+class Ingestor:
+    """Subscribe, validate, store in batches, acknowledge after commit. A context manager."""
+
+    def __init__(self, settings: IngestSettings, topics: Topics, store: SampleStore,
+                 fleet: FleetTable | None = None) -> None:
+        self.settings = settings
+        self.topics = topics
+        self.store = store
+        self.fleet = fleet if fleet is not None else FleetTable()
+        self.stats = IngestStats()
+        self._act_filter = topics.shared(settings.share_group, topics.all_devices("act"))
+        self._filters = [(self._act_filter, 1), (topics.all_devices("state"), 1),
+                         (topics.all_devices("birth"), 1)]
+        # Twice receive_maximum: the hard bound behind the broker's flow control (module doc).
+        self._queue: queue.Queue[_Item] = queue.Queue(maxsize=2 * settings.receive_maximum)
+        self._ack_lock = threading.Lock()
+        self._generation = 0
+        self._subscribed = threading.Event()
+        self._stopping = threading.Event()
+        self._writer_stop = threading.Event()
+        self._writer: threading.Thread | None = None
+        self._busy = False
+        self._bad_log = _RateLimitedLog(settings.log_interval_s)
+        self._last_expire = time.monotonic()
+        self.client = self._make_client()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def _make_client(self) -> mqtt.Client:
+        s = self.settings
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id,
+                             protocol=mqtt.MQTTv5, manual_ack=True)
+        if s.username:
+            client.username_pw_set(s.username,
+                                   s.password.get_secret_value() if s.password else None)
+        client.reconnect_delay_set(s.reconnect_min_delay, s.reconnect_max_delay)  # type: ignore[arg-type]
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        return client
+
+    def start(self, wait: bool = True) -> Ingestor:
+        """Start the writer and the network loop; by default wait for the SUBACK."""
+        s = self.settings
+        self._writer = threading.Thread(target=self._write_loop, name="ingest-writer",
+                                        daemon=True)
+        self._writer.start()
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = s.session_expiry
+        props.ReceiveMaximum = s.receive_maximum
+        self.client.connect_async(s.host, s.port, keepalive=s.keepalive, clean_start=False,
+                                  properties=props)
+        self.client.loop_start()
+        if wait and not self._subscribed.wait(s.subscribe_timeout_s):
+            log.warning("ingestor %s: no SUBACK from %s:%d within %.0f s; still trying",
+                        s.client_id, s.host, s.port, s.subscribe_timeout_s)
+        return self
+
+    def wait_subscribed(self, timeout: float) -> bool:
+        return self._subscribed.wait(timeout)
+
+    def stop(self, drain_timeout: float = 5.0) -> None:
+        """Store and acknowledge what is queued, then disconnect (the session stays)."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        deadline = time.monotonic() + drain_timeout
+        while (self._queue.unfinished_tasks or self._busy) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.client.disconnect()  # queued after the PUBACKs: they go out first
+        self.client.loop_stop()
+        self._writer_stop.set()  # anything left is stored; the broker re-delivers it anyway
+        if self._writer is not None:
+            self._writer.join(timeout=30)
+
+    def __enter__(self) -> Ingestor:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def metrics(self) -> dict[str, Any]:
+        """Counters plus gauges, ready for a Prometheus collector."""
+        out = self.stats.as_dict()
+        out["queue_depth"] = self.queue_depth
+        out["fleet_devices"] = len(self.fleet)
+        out["fleet_online"] = len(self.fleet.online())
+        out["fleet_stale_ignored"] = self.fleet.stale_ignored
+        return out
+
+    # -- paho callbacks (network thread) ---------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, reason: Any,
+                    _p: Any) -> None:
+        if reason.is_failure:
+            log.warning("ingestor %s: connection refused: %s", self.settings.client_id, reason)
+            return
+        with self._ack_lock:
+            self._generation += 1
+        self.stats.connects += 1
+        log.info("ingestor %s connected (session present: %s)", self.settings.client_id,
+                 flags.session_present)
+        client.subscribe(self._filters)
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, _mid: int, reasons: Any,
+                      _p: Any) -> None:
+        bad = [r for r in reasons if r.is_failure]
+        if bad:
+            log.error("ingestor %s: subscription refused: %s", self.settings.client_id, bad)
+        else:
+            self._subscribed.set()
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        with self._ack_lock:
+            self._generation += 1  # nothing received so far may be acked any more
+        self._subscribed.clear()
+        if not self._stopping.is_set():
+            log.warning("ingestor %s disconnected: %s", self.settings.client_id, reason)
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            envelope = self._accept(msg)
+        except Exception:  # a bug must not kill paho's thread nor leave the message un-acked
+            log.exception("ingestor: unexpected error on %r", msg.topic)
+            envelope = None
+        if msg.qos:
+            self._put(_Item(msg.mid, msg.qos, self._generation, envelope, len(msg.payload)))
+
+    def _put(self, item: _Item) -> None:
+        while True:
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                if self._writer_stop.is_set():
+                    return  # shutting down: not acked, so the broker re-delivers it
+                log.warning("ingest queue full (%d): receive_maximum not honoured?",
+                            self._queue.maxsize)
+
+    def _bad(self, device: str, reason: str, detail: object) -> None:
+        self.stats.count_bad(device, reason)
+        self._bad_log.warning((device, reason), "dropped a message from %s: %s: %s",
+                              device, reason, detail)
+
+    def _accept(self, msg: mqtt.MQTTMessage) -> Envelope | None:
+        """Validate one message; the envelope when it should be stored, else None."""
+        data = msg.payload
+        try:
+            device, leaf = self.topics.parse_device_topic(msg.topic)
+        except (TopicError, UnicodeDecodeError) as exc:
+            self._bad(INVALID_DEVICE, "bad_topic", exc)
+            return None
+        now = time.time()
+        if leaf == "state" or leaf == "birth":
+            self.stats.fleet_messages += 1
+            try:
+                if leaf == "state":
+                    self.fleet.update_state(device, data, now)
+                else:
+                    self.fleet.update_birth(device, data, now)
+            except FleetMessageError as exc:
+                self._bad(device, f"bad_{leaf}", exc)
+            return None
+        if leaf != "act":
+            return None
+        self.stats.received += 1
+        self.stats.bytes_received += len(data)
+        s = self.settings
+        try:
+            env = Envelope.unpack(data, max_payload=s.max_payload)
+        except EnvelopeVersionError as exc:
+            self._bad(device, "version", exc)
+            return None
+        except EnvelopeError as exc:
+            self._bad(device, "oversized" if len(data) > s.max_payload else "malformed", exc)
+            return None
+        if env.device != device:
+            self._bad(device, "spoofed", f"envelope names {env.device!r}")
+            return None
+        try:
+            if s.validation == "decode":
+                shape = decode(env.payload, max_bytes=s.max_decoded_bytes).shape
+            else:
+                shape = parse_frame(env.payload, s.max_decoded_bytes).shape
+        except OversizedFrameError as exc:
+            self._bad(device, "oversized", exc)
+            return None
+        except UnknownCodecError as exc:
+            self._bad(device, "version", exc)
+            return None
+        except CodecError as exc:
+            self._bad(device, "bad_frame", exc)
+            return None
+        expected = s.expected_shapes.get(env.boundary)
+        if expected is not None and tuple(shape) != tuple(expected) and (
+                len(shape) != len(expected) + 1 or tuple(shape[1:]) != tuple(expected)):
+            self._bad(device, "wrong_shape",
+                      f"boundary {env.boundary} shape {shape}, expected {expected}")
+            return None
+        self.fleet.seen(device, now)
+        return env
+
+    # -- writer thread ---------------------------------------------------------------------
+    def _write_loop(self) -> None:
+        batch: list[_Item] = []
+        while True:
+            if not batch:
+                try:
+                    batch.append(self._queue.get(timeout=0.1))
+                except queue.Empty:
+                    if self._writer_stop.is_set():
+                        return
+                    self._maybe_expire()
+                    continue
+                fill_until = time.monotonic() + self.settings.batch_wait_s
+                while len(batch) < self.settings.batch_size:
+                    try:
+                        batch.append(self._queue.get(
+                            timeout=max(0.0, fill_until - time.monotonic())))
+                    except queue.Empty:
+                        break
+            self._busy = True
+            try:
+                if self._commit(batch):
+                    for _ in batch:
+                        self._queue.task_done()
+                    batch = []
+                elif self._writer_stop.wait(self.settings.store_retry_s):
+                    return  # stopping with a failing store: the broker keeps these
+            finally:
+                self._busy = False
+
+    def _commit(self, batch: list[_Item]) -> bool:
+        envs = [i.envelope for i in batch if i.envelope is not None]
+        try:
+            inserted = self.store.add_many(envs) if envs else 0
+        except Exception as exc:
+            self.stats.store_errors += 1
+            log.error("sample store write of %d samples failed (retrying, nothing acked): %s",
+                      len(envs), exc)
+            return False
+        st = self.stats
+        st.batches += 1
+        st.stored += inserted
+        st.duplicates += len(envs) - inserted
+        st.bytes_committed += sum(i.size for i in batch if i.envelope is not None)
+        with self._ack_lock:
+            generation = self._generation
+            for item in batch:
+                if item.generation == generation:
+                    self.client.ack(item.mid, item.qos)
+                    st.acked += 1
+                else:
+                    st.ack_skipped += 1
+        return True
+
+    def _maybe_expire(self) -> None:
+        now = time.monotonic()
+        if now - self._last_expire < self.settings.expire_interval_s:
+            return
+        self._last_expire = now
+        try:
+            n = self.store.expire()
+            if n:
+                log.info("retention evicted %d samples", n)
+        except Exception as exc:
+            log.error("sample store retention failed: %s", exc)

@@ -1,0 +1,137 @@
+"""The sample store: dedup, retention, quotas, reopen, and a reader beside a writer (WAL)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.codec import encode
+from agent.envelope import Envelope
+from cloud_trainer.store import SQLiteSampleStore, StoreError, StoreLimits
+
+RNG = np.random.default_rng(0)
+FRAME = encode(np.maximum(RNG.standard_normal((1, 4, 3, 3)), 0).astype(np.float32), "uint8+lz4")
+
+
+def env(device: str = "dev-a", session: int = 1, seq: int = 0, boundary: int = 1,
+        model_version: int = 1, payload: bytes = FRAME, **kw: object) -> Envelope:
+    return Envelope(device=device, session=session, seq=seq, timestamp=1000.0 + seq,
+                    model_version=model_version, boundary=boundary, payload=payload, **kw)
+
+
+def test_dedup_and_fields(tmp_path: Path) -> None:
+    with SQLiteSampleStore(tmp_path) as store:
+        e = env(label=3, prediction=4, confidence=0.5, meta={"model": "digits", "index": 7})
+        assert store.add(e) is True
+        assert store.add(e) is False
+        batch = [env(seq=i) for i in range(5)] + [env(seq=1), env(session=2, seq=1)]
+        assert store.add_many(batch) == 5  # seq 0 already there, seq 1 twice in the batch
+        assert store.count() == 6
+        first = store.query(device="dev-a", limit=1)[0]
+        assert first.key == ("dev-a", 1, 0)
+        assert (first.label, first.prediction, first.confidence) == (3, 4, 0.5)
+        assert first.model_id == "digits" and first.meta["index"] == 7
+        assert first.shape == (1, 4, 3, 3) and first.payload == FRAME
+        # u64 extremes survive SQLite's signed integers, and stay distinct
+        big = 2**64 - 1
+        assert store.add(env(session=big, seq=big)) and store.add(env(session=big, seq=big - 1))
+        assert {("dev-a", big, big), ("dev-a", big, big - 1)} <= store.sample_keys()
+
+
+def test_query_filters_and_load_arrays(tmp_path: Path) -> None:
+    with SQLiteSampleStore(tmp_path) as store:
+        store.add_many([env(seq=i, boundary=1, model_version=1) for i in range(3)], 100.0)
+        store.add_many([env(seq=10 + i, boundary=1, model_version=2) for i in range(4)], 200.0)
+        store.add_many([env(device="dev-b", seq=i, boundary=2) for i in range(2)], 300.0)
+        assert store.count(boundary=1) == 7
+        assert store.count(boundary=1, model_version=2) == 4
+        assert store.count(since=150.0) == 6
+        assert store.count(device="dev-b") == 2 and store.count() == 9
+        assert [s.seq for s in store.query(boundary=1, model_version=2, limit=2)] == [10, 11]
+        arrays = store.load_arrays(1, model_version=1)
+        assert arrays.shape == (3, 4, 3, 3) and arrays.dtype == np.float32
+        assert store.load_arrays(7).shape == (0,)
+        stats = store.stats()
+        assert stats["samples"] == 9 and stats["devices"]["dev-b"]["count"] == 2
+        assert stats["bytes"] == 9 * len(FRAME)
+
+
+def test_retention_by_age_and_bytes(tmp_path: Path) -> None:
+    limits = StoreLimits(max_age_s=100.0)
+    with SQLiteSampleStore(tmp_path, limits) as store:
+        store.add_many([env(seq=i) for i in range(5)], received_at=1000.0)
+        store.add_many([env(seq=10 + i) for i in range(3)], received_at=1090.0)
+        assert store.expire(now=1150.0) == 5
+        assert sorted(k[2] for k in store.sample_keys()) == [10, 11, 12]
+    size = len(FRAME)
+    with SQLiteSampleStore(tmp_path / "b", StoreLimits(max_bytes=10 * size)) as store:
+        store.add_many([env(device="dev-a", seq=i) for i in range(6)])
+        store.add_many([env(device="dev-b", seq=i) for i in range(6)])  # 12 > 10: evict 2
+        assert store.count() == 10 and store.stats()["bytes"] <= 10 * size
+        assert not {("dev-a", 1, 0), ("dev-a", 1, 1)} & store.sample_keys()
+        assert store.count(device="dev-b") == 6  # the oldest overall went, not the newest
+
+
+def test_per_device_quotas(tmp_path: Path) -> None:
+    size = len(FRAME)
+    limits = StoreLimits(device_max_count=4, device_max_bytes=3 * size)
+    with SQLiteSampleStore(tmp_path, limits) as store:
+        store.add_many([env(device="noisy", seq=i) for i in range(20)])
+        store.add_many([env(device="quiet", seq=i) for i in range(2)])
+        assert store.count(device="noisy") == 3  # the byte quota is the tighter one here
+        assert sorted(k[2] for k in store.sample_keys() if k[0] == "noisy") == [17, 18, 19]
+        assert store.count(device="quiet") == 2
+    with SQLiteSampleStore(tmp_path / "c", StoreLimits(device_max_count=2)) as store:
+        for i in range(5):
+            store.add(env(seq=i))
+        assert [s.seq for s in store.query()] == [3, 4]
+        assert store.evicted == 3
+
+
+def test_survives_reopen(tmp_path: Path) -> None:
+    store = SQLiteSampleStore(tmp_path)
+    store.add_many([env(seq=i) for i in range(10)])
+    store.close()
+    with pytest.raises(StoreError):
+        store.count()
+    with SQLiteSampleStore(tmp_path) as again:
+        assert again.count() == 10
+        assert again.add_many([env(seq=i) for i in range(12)]) == 2  # dedup across restarts
+        assert again.stats()["devices"]["dev-a"] == {"count": 12, "bytes": 12 * len(FRAME)}
+
+
+def test_concurrent_reader_while_writer_writes(tmp_path: Path) -> None:
+    """WAL: a reader (own connection, other thread and other store object) never blocks."""
+    writer = SQLiteSampleStore(tmp_path)
+    reader = SQLiteSampleStore(tmp_path)
+    stop = threading.Event()
+    counts: list[int] = []
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            while not stop.is_set():
+                n = reader.count(boundary=1)
+                assert len(reader.query(boundary=1, limit=50)) >= min(n, 50)  # later snapshot
+                counts.append(n)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    t = threading.Thread(target=read)
+    t.start()
+    try:
+        for b in range(40):
+            writer.add_many([env(seq=b * 50 + i) for i in range(50)])
+            time.sleep(0.001)
+    finally:
+        stop.set()
+        t.join()
+    assert not errors, errors
+    assert counts == sorted(counts) and len(counts) > 5  # monotone: every read a snapshot
+    assert reader.count() == 2000
+    writer.close()
+    reader.close()
