@@ -6,10 +6,10 @@ Every message names the file, the field and the reason, e.g.
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
 
-import tomllib
 from pydantic import BaseModel, ValidationError
 
 M = TypeVar("M", bound=BaseModel)

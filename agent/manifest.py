@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -50,7 +50,7 @@ class PartitionManifest(BaseModel):
     num_classes: int | None = None
     boundaries: tuple[Shape, ...]
     blocks: tuple[BlockEntry, ...]
-    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @model_validator(mode="after")
     def _consistent(self) -> PartitionManifest:

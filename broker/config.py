@@ -2,17 +2,26 @@
 
 The queue limits are explicit on purpose: Mosquitto's default ``max_queued_messages 1000``
 silently dropped QoS 1 messages for a slow subscriber here while the publisher still got a
-PUBACK for each one.
+PUBACK for each one. docs/broker.md justifies the numbers.
+
+Three listeners at most: the plain one (loopback by default: development and a trainer on
+the broker's host), ``tls`` (server certificate; clients log in with a password) and ``mtls``
+(client certificates; the certificate's CN becomes the username, so the ACL applies).
+Mosquitto refuses a client without a certificate on a ``use_identity_as_username``
+listener, hence two TLS listeners when a fleet mixes passwords and certificates.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class TlsListener(BaseModel):
+    """One TLS listener; Mosquitto 2.0.11 re-reads its certificates and CRL on SIGHUP."""
+
     model_config = ConfigDict(extra="forbid")
 
     port: int = Field(8883, ge=1, le=65535)
@@ -22,6 +31,25 @@ class TlsListener(BaseModel):
     keyfile: Path
     require_certificate: bool = False
     use_identity_as_username: bool = False
+    crlfile: Path | None = None
+
+    @model_validator(mode="after")
+    def _identity_needs_cert(self) -> TlsListener:
+        if self.use_identity_as_username and not self.require_certificate:
+            raise ValueError("use_identity_as_username needs require_certificate = true")
+        return self
+
+    def render(self) -> list[str]:
+        return [
+            f"listener {self.port} {self.bind_address}",
+            "protocol mqtt",
+            f"cafile {self.cafile}",
+            f"certfile {self.certfile}",
+            f"keyfile {self.keyfile}",
+            *([f"crlfile {self.crlfile}"] if self.crlfile else []),
+            f"require_certificate {'true' if self.require_certificate else 'false'}",
+            f"use_identity_as_username {'true' if self.use_identity_as_username else 'false'}",
+        ]
 
 
 class BrokerSettings(BaseModel):
@@ -42,12 +70,37 @@ class BrokerSettings(BaseModel):
     persistence: bool = True
     persistence_location: Path | None = None
     log_file: Path | None = None
-    # Sized for a fleet of hundreds of devices that may each buffer minutes of activations.
+    # Per client. Sized so the trainer's session holds ~3 minutes of a 1000-device fleet
+    # sending 1 activation/s each (docs/broker.md); 0 would mean unlimited.
     max_queued_messages: int = Field(200_000, ge=0)
     max_queued_bytes: int = Field(512 * 1024 * 1024, ge=0)
     max_inflight_messages: int = Field(100, ge=0)
+    # Above the largest legitimate message (a manifest with ~1.1 MB of chunk hashes, a raw
+    # frame) and equal to the agent's max_payload_bytes: Mosquitto 2.0 disconnects a v5
+    # client that sends more.
     message_size_limit: int = Field(16 * 1024 * 1024, ge=0)
+    # Sessions of devices that never come back (v3 clients, or v5 with an infinite session
+    # expiry) would otherwise hold queued chunks forever. Mosquitto syntax: 30d, 12h, 1w.
+    persistent_client_expiration: str | None = "30d"
     tls: TlsListener | None = None
+    mtls: TlsListener | None = None
+
+    @field_validator("persistent_client_expiration")
+    @classmethod
+    def _duration(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[1-9][0-9]*[hdwmy]", v):
+            raise ValueError(f"{v!r} is not a Mosquitto duration such as 12h, 30d, 2w")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> BrokerSettings:
+        ports = [self.port, *(t.port for t in (self.tls, self.mtls) if t)]
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"listeners need distinct ports, got {ports}")
+        if self.mtls and not self.mtls.use_identity_as_username:
+            raise ValueError("the mtls listener maps certificates to users: "
+                             "set require_certificate and use_identity_as_username")
+        return self
 
     def render(self) -> str:
         lines = [
@@ -61,6 +114,9 @@ class BrokerSettings(BaseModel):
             f"message_size_limit {self.message_size_limit}",
             f"persistence {'true' if self.persistence else 'false'}",
         ]
+        if self.persistent_client_expiration:
+            lines.append(f"persistent_client_expiration {self.persistent_client_expiration}")
+
         if self.persistence and self.persistence_location:
             lines.append(f"persistence_location {_dir(self.persistence_location)}")
             lines.append("autosave_interval 5")
@@ -74,18 +130,9 @@ class BrokerSettings(BaseModel):
         else:
             lines.append("log_dest stderr")
         lines += ["", f"listener {self.port} {self.bind_address}", "protocol mqtt"]
-        if self.tls:
-            t = self.tls
-            lines += [
-                "",
-                f"listener {t.port} {t.bind_address}",
-                "protocol mqtt",
-                f"cafile {t.cafile}",
-                f"certfile {t.certfile}",
-                f"keyfile {t.keyfile}",
-                f"require_certificate {'true' if t.require_certificate else 'false'}",
-                f"use_identity_as_username {'true' if t.use_identity_as_username else 'false'}",
-            ]
+        for listener in (self.tls, self.mtls):
+            if listener:
+                lines += ["", *listener.render()]
         return "\n".join(lines) + "\n"
 
 

@@ -21,6 +21,8 @@ from broker.config import BrokerSettings
 
 log = logging.getLogger(__name__)
 
+_RELOAD_LINE = "Reloading config."
+
 
 class BrokerError(RuntimeError):
     """The broker could not be found, started or stopped."""
@@ -130,6 +132,36 @@ class Mosquitto:
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
+
+    def reload(self, timeout: float = 5.0) -> None:
+        """SIGHUP: Mosquitto re-reads the password and ACL files and re-checks every
+        connected client against them, without dropping the authorised ones.
+
+        Waits until the broker logged the reload: its event loop is single-threaded, so any
+        packet handled after that line is judged by the new files. Mosquitto 2.0.11 also
+        re-reads the TLS certificates and the CRL for new handshakes; ports and other
+        listener settings need ``restart()``.
+        """
+        if not self.running():
+            raise BrokerError("mosquitto is not running")
+        assert self._proc is not None
+        before = self.log_text().count(_RELOAD_LINE)
+        self._proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while self.log_text().count(_RELOAD_LINE) <= before:
+            if time.monotonic() >= deadline or not self.running():
+                raise BrokerError(f"mosquitto did not log a reload within {timeout} s")
+            time.sleep(0.01)
+        log.info("mosquitto pid %s reloaded its password and ACL files", self._proc.pid)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Block until the broker exits (or ``timeout``); its exit status, None if running."""
+        if self._proc is None:
+            return None
+        try:
+            return self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
 
     def restart(self, downtime: float = 0.0) -> None:
         self.stop()

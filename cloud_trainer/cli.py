@@ -65,6 +65,35 @@ def _bench_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _broker(args: argparse.Namespace) -> int:
+    from broker import provision
+
+    if args.broker == "provision":
+        if args.trainer:
+            creds = provision.provision_trainer(args.dir, args.account, args.fleet,
+                                                cert=args.cert, tls=args.tls, host=args.host,
+                                                port=args.port)
+        else:
+            creds = provision.provision_device(args.dir, args.account, args.fleet[0],
+                                               cert=args.cert, tls=args.tls, host=args.host,
+                                               port=args.port)
+        print(f"# {creds.kind} {creds.username}: credentials in {creds.bundle} (0600)")
+        print(creds.snippet)
+        return 0
+    if args.broker == "revoke":
+        if not provision.revoke_device(args.dir, args.account):
+            print(f"knet broker: no account {args.account!r} in {args.dir}", file=sys.stderr)
+            return 1
+        print(f"revoked {args.account}; a running broker on {args.dir} was told to reload")
+        return 0
+    if args.broker == "certs":
+        for name, path in provision.create_certs(args.dir).items():
+            print(f"{name}: {path}")
+        return 0
+    return provision.run_foreground(args.dir, args.port, args.tls_port, args.mtls_port,
+                                    bind_address=args.bind)
+
+
 def _keys_gen(args: argparse.Namespace) -> int:
     from cloud_trainer.keys import generate_keypair
 
@@ -135,6 +164,31 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--validation", nargs="+", default=["decode", "header"])
     b.add_argument("--json", type=Path, default=None)
     b.set_defaults(func=_bench_ingest)
+
+    br = sub.add_parser("broker", help="a locked-down Mosquitto for a fleet")
+    brsub = br.add_subparsers(dest="broker", required=True)
+    b = brsub.add_parser("provision", help="create (or rotate) an account; prints its config")
+    b.add_argument("account", help="device id (or trainer id with --trainer)")
+    b.add_argument("--fleet", nargs="+", required=True)
+    b.add_argument("--dir", type=Path, required=True, help="the fleet's broker directory")
+    b.add_argument("--trainer", action="store_true")
+    b.add_argument("--cert", action="store_true", help="client certificate instead of password")
+    b.add_argument("--tls", action="store_true", default=None, help="connect over TLS")
+    b.add_argument("--host", default="127.0.0.1")
+    b.add_argument("--port", type=int, default=None)
+    b = brsub.add_parser("revoke", help="remove an account; a running broker reloads")
+    b.add_argument("account")
+    b.add_argument("--dir", type=Path, required=True)
+    b = brsub.add_parser("certs", help="development CA, CRL and server certificate")
+    b.add_argument("--dir", type=Path, required=True)
+    b = brsub.add_parser("run", help="run the fleet's Mosquitto in the foreground")
+    b.add_argument("--dir", type=Path, required=True)
+    b.add_argument("--port", type=int, default=1883)
+    b.add_argument("--tls-port", type=int, default=None)
+    b.add_argument("--mtls-port", type=int, default=None)
+    b.add_argument("--bind", default="127.0.0.1")
+    for parser in brsub.choices.values():
+        parser.set_defaults(func=_broker)
 
     k = sub.add_parser("keys", help="update-signing keys")
     ksub = k.add_subparsers(dest="keys", required=True)

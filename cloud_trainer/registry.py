@@ -15,7 +15,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +144,7 @@ class Registry:
             top = s.scalar(select(VersionRow.version).where(VersionRow.model_id == model_id)
                            .order_by(VersionRow.version.desc()).limit(1))
             row = VersionRow(model_id=model_id, version=(top or 0) + 1, parent=parent,
-                             status=status, reason=reason, created_at=datetime.now(timezone.utc),
+                             status=status, reason=reason, created_at=datetime.now(UTC),
                              window=window or {}, scores=scores or {}, info=info or {})
             row.blocks = [BlockRow(index=i + 1, sha256=sha) for i, sha in enumerate(shas)]
             s.add(row)
