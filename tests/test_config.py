@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from agent_helpers import write_config as write
 from test_runtime import build_partition
 
 from agent.config import AgentConfig, MqttSource, check_partition, load_config
@@ -13,25 +14,6 @@ from agent.configfile import ConfigError
 from agent.profiles import load_profile
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str | Path):
-        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(i) for i in v) + "]"
-    return str(v)
-
-
-def write(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
-    lines = []
-    for name, values in sections.items():
-        lines.append(f"[{name}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def sections(**overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
