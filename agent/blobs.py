@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from agent.fsutil import atomic_write
 from agent.manifest import BlockEntry
 from agent.topics import Topics
 from agent.update_manifest import MAX_BLOCK_SIZE, ChunkInfo, Variant
@@ -87,20 +88,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 class BlobCache:
@@ -168,7 +155,7 @@ class BlobCache:
             pass
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
-        _atomic_write(marker, f"{info.chunk_size}\n".encode())
+        atomic_write(marker, f"{info.chunk_size}\n".encode())
 
     def held(self, sha: str, info: ChunkInfo) -> set[int]:
         d = self._partial(sha)
@@ -192,7 +179,7 @@ class BlobCache:
             return False
         d = self._partial(sha)
         d.mkdir(parents=True, exist_ok=True)
-        _atomic_write(d / f"{n}.chunk", data)
+        atomic_write(d / f"{n}.chunk", data)
         return True
 
     def assemble(self, sha: str, info: ChunkInfo, size: int) -> Path:

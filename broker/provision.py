@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.fsutil import atomic_write
 from agent.topics import Topics, validate_id
 from broker import certs as pki
 from broker.acl import render_acl
@@ -132,19 +133,7 @@ def layout(directory: Path | str) -> FleetLayout:
 
 # -- registry and atomic files ------------------------------------------------------------
 def _atomic_write(path: Path, text: str, mode: int = 0o600) -> None:
-    """Write via a temporary file + rename; the mode is set before any byte is written."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, text, mode)
 
 
 def _empty_registry(prefix: str) -> dict[str, Any]:
