@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from cloud_trainer.blocks import BlockModel
-from cloud_trainer.train import random_shift, training_context
+from cloud_trainer.train import minibatches, random_shift, total_steps, training_context
 
 log = logging.getLogger(__name__)
 Array = np.ndarray | torch.Tensor
@@ -156,20 +156,14 @@ def _frozen_reason(i: int) -> str:
     return f"no activations at boundary {i - 1}"
 
 
-def _steps(n: int, epochs: int, batch_size: int) -> int:
-    return epochs * ((n + batch_size - 1) // batch_size)
-
-
 def _fit_block(fit: BlockFit, x: torch.Tensor, target: torch.Tensor,
                labels: torch.Tensor | None, *, epochs: int, batch_size: int,
                gen: torch.Generator) -> float:
     """Train one block on its fixed (input, target) set; returns the final epoch's mean."""
     mean = 0.0
     for _ in range(epochs):
-        order = torch.randperm(len(x), generator=gen)
         total = 0.0
-        for start in range(0, len(x), batch_size):
-            idx = order[start : start + batch_size]
+        for idx in minibatches(len(x), batch_size, gen):
             loss, _ = fit.step(x[idx], target[idx], None if labels is None else labels[idx])
             total += loss * len(idx)
         mean = total / len(x)
@@ -230,7 +224,7 @@ def train_blockwise(teacher: BlockModel, student: BlockModel,
         if last and y is not None and block_labels is None:
             raise ValueError(f"{len(y)} labels for {len(x)} inputs of the last block")
         fit = BlockFit(result.student.block(i), last=last, lr=lr,
-                       steps=_steps(len(x), epochs, batch_size),
+                       steps=total_steps(len(x), epochs, batch_size),
                        temperature=temperature, alpha=alpha)
         before = fit.evaluate(x, target, block_labels)
         gen = torch.Generator().manual_seed(seed * 1009 + i)
@@ -290,17 +284,15 @@ def train_student_blockwise_from_inputs(
     s = result.student
     xt = _tensor(x_unlabeled)
     y = None if labels is None else torch.tensor(np.asarray(labels), dtype=torch.int64)
-    steps = _steps(len(xt), epochs, batch_size)
+    steps = total_steps(len(xt), epochs, batch_size)
     fits = [BlockFit(s.block(i), last=i == s.num_blocks, lr=lr, steps=steps,
                      temperature=temperature, alpha=alpha) for i in range(1, s.num_blocks + 1)]
     with training_context(seed, threads):
         result.loss_before = _chain_losses(teacher, s, fits, xt, y, inputs)
         gen = torch.Generator().manual_seed(seed)
         for epoch in range(epochs):
-            order = torch.randperm(len(xt), generator=gen)
             total = 0.0
-            for start in range(0, len(xt), batch_size):
-                idx = order[start : start + batch_size]
+            for idx in minibatches(len(xt), batch_size, gen):
                 xb = random_shift(xt[idx], shift, gen)
                 losses = _chain_step(teacher, fits, xb, None if y is None else y[idx], inputs)
                 total += sum(losses) * len(idx)
@@ -370,12 +362,10 @@ def train_logit_kd(teacher: BlockModel, student: BlockModel, x: Array, labels: A
         gen = torch.Generator().manual_seed(seed)
         opt = torch.optim.Adam(model.parameters(), lr=lr)
         sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=lr, total_steps=max(1, _steps(len(xt), epochs, batch_size)))
+            opt, max_lr=lr, total_steps=max(1, total_steps(len(xt), epochs, batch_size)))
         model.train()
         for _ in range(epochs):
-            order = torch.randperm(len(xt), generator=gen)
-            for start in range(0, len(xt), batch_size):
-                idx = order[start : start + batch_size]
+            for idx in minibatches(len(xt), batch_size, gen):
                 xb = random_shift(xt[idx], shift, gen)
                 with torch.no_grad():
                     t_logits = teacher(xb)

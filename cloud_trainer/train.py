@@ -112,6 +112,18 @@ def random_shift(x: torch.Tensor, pixels: int, gen: torch.Generator) -> torch.Te
     return out
 
 
+def total_steps(n: int, epochs: int, batch_size: int) -> int:
+    """Optimiser steps for ``epochs`` passes over ``n`` samples (for LR schedules)."""
+    return epochs * ((n + batch_size - 1) // batch_size)
+
+
+def minibatches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """One epoch of shuffled index batches; one ``randperm`` draw per epoch from ``gen``."""
+    order = torch.randperm(n, generator=gen)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
 def train_supervised(model: BlockModel, x: np.ndarray, y: np.ndarray, *, epochs: int,
                      lr: float, seed: int = 0, batch_size: int = 64, shift: int = 0,
                      progress: Progress | None = None, what: str = "model",
@@ -131,15 +143,13 @@ def _train(model: BlockModel, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: 
     gen = torch.Generator().manual_seed(seed)
     xt, yt = torch.from_numpy(np.array(x, np.float32)), torch.from_numpy(np.array(y, np.int64))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = epochs * ((len(xt) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=total_steps(len(xt), epochs, batch_size))
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     for epoch in range(epochs):
-        order = torch.randperm(len(xt), generator=gen)
         total = 0.0
-        for start in range(0, len(xt), batch_size):
-            idx = order[start : start + batch_size]
+        for idx in minibatches(len(xt), batch_size, gen):
             xb = random_shift(xt[idx], shift, gen)
             loss = loss_fn(model(xb), yt[idx])
             opt.zero_grad()
