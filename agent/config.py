@@ -43,6 +43,10 @@ def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
     return (Path(base) / value).resolve()
 
 
+def _resolve_list(value: list[Path], info: ValidationInfo) -> list[Path]:
+    return [p for p in (_resolve(v, info) for v in value) if p is not None]
+
+
 class DeviceSection(BaseModel):
     model_config = _STRICT
 
@@ -257,6 +261,73 @@ class SplitSection(BaseModel):
     timeout_s: float = Field(5.0, gt=0)
 
 
+class UpdateHealthSection(BaseModel):
+    """When a freshly swapped version counts as unhealthy and is rolled back."""
+
+    model_config = _STRICT
+
+    watch_s: float = Field(30.0, ge=0, description="watch window after a swap; 0 = no watch")
+    min_inputs: int = Field(20, ge=1, description="inputs the new version must see first")
+    max_error_rate: float = Field(0.05, ge=0, le=1, description="failed inferences / inputs")
+    confidence_drop: float = Field(
+        0.5, ge=0, le=1,
+        description="roll back when the mean confidence falls below this fraction of the "
+                    "previous version's (0 = never)")
+
+
+class UpdateSection(BaseModel):
+    """Over-the-air block updates (``agent.updater``); off unless enabled."""
+
+    model_config = _STRICT
+
+    enabled: bool = False
+    public_keys: list[Path] = Field(
+        default_factory=list, description="operator Ed25519 public keys (PEM); several "
+                                          "during a key rotation")
+    allow_unsigned: bool = Field(False, description="development only; refused with a key")
+    canary_inputs: int = Field(32, ge=0, le=1024, description="recent inputs kept for "
+                                                               "the self-test")
+    min_canary_inputs: int = Field(8, ge=1, description="fewer: the agreement check is "
+                                                        "skipped (shapes/finite still run)")
+    agreement_threshold: float = Field(
+        0.5, ge=0, le=1,
+        description="top-1 agreement (or cosine similarity) with the running version on "
+                    "the canary inputs; it catches broken blocks, the trainer's gate judges "
+                    "accuracy: lower it when an update is meant to change many predictions")
+    max_manifest_bytes: int = Field(2 * 1024 * 1024, ge=1024, le=2 * 1024 * 1024)
+    max_block_bytes: int = Field(64 * 1024 * 1024, ge=1, le=64 * 1024 * 1024)
+    max_update_bytes: int = Field(256 * 1024 * 1024, ge=1,
+                                  description="block bytes one update may download")
+    cache_max_bytes: int | None = Field(None, ge=1, description="block cache budget")
+    download_timeout_s: float = Field(300.0, gt=0)
+    request_interval_s: float = Field(2.0, gt=0, description="re-request a chunk after")
+    first_request_after_s: float = Field(2.0, ge=0, description="wait for a push first")
+    health: UpdateHealthSection = Field(default_factory=UpdateHealthSection)
+
+    _paths = field_validator("public_keys")(_resolve_list)
+
+    @field_validator("public_keys")
+    @classmethod
+    def _keys_load(cls, v: list[Path]) -> list[Path]:
+        from agent.signing import SigningError, load_public_key
+
+        for path in v:
+            try:
+                load_public_key(path)
+            except SigningError as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _trust(self) -> UpdateSection:
+        if self.public_keys and self.allow_unsigned:
+            raise ValueError("allow_unsigned is refused while public_keys are configured")
+        if self.enabled and not self.public_keys and not self.allow_unsigned:
+            raise ValueError("enabled updates need public_keys (or allow_unsigned = true on "
+                             "a development fleet)")
+        return self
+
+
 class AgentConfig(BaseModel):
     model_config = _STRICT
 
@@ -270,6 +341,7 @@ class AgentConfig(BaseModel):
     metrics: MetricsSection = Field(default_factory=MetricsSection)
     watchdog: WatchdogSection = Field(default_factory=WatchdogSection)
     split: SplitSection = Field(default_factory=SplitSection)
+    update: UpdateSection = Field(default_factory=UpdateSection)
 
     _path: Path | None = PrivateAttr(None)
 

@@ -24,6 +24,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 import agent
+from agent.canary import CanaryRecorder
 from agent.codec import encode
 from agent.config import AgentConfig, MqttSource, load_config
 from agent.envelope import Envelope
@@ -36,6 +37,7 @@ from agent.profiles import FirmwareProfile, load_profile
 from agent.runtime import BlockRunner
 from agent.sources import BadInputs, MqttFrames, Sample, make_source
 from agent.spool import Spool
+from agent.updater import BootChoice, Updater, boot_runner, update_paths
 from agent.uplink import UplinkPolicy
 
 log = logging.getLogger(__name__)
@@ -85,11 +87,20 @@ class Agent:
         self.topics = config.topics
         self.profile: FirmwareProfile = load_profile(config.model.profile)
         manifest = PartitionManifest.load(config.model.manifest)
-        runner = BlockRunner(manifest, config.model.manifest.parent, self.profile)
+        upd = config.update
+        boot: BootChoice | None = None
+        if upd.enabled:  # a version installed by an update, if it still verifies
+            store, cache = update_paths(config.device.state_dir)
+            boot = boot_runner(manifest, config.model.manifest.parent, self.profile, store,
+                               cache, self.device)
+            runner = boot.runner
+        else:
+            runner = BlockRunner(manifest, config.model.manifest.parent, self.profile)
         runner.warmup()
         self.slot = RunnerSlot(runner)
+        self.canary = CanaryRecorder(upd.canary_inputs if upd.enabled else 0)
         self.metrics = AgentMetrics()
-        self.metrics.model_version.set(manifest.model_version)
+        self.metrics.model_version.set(runner.version)
         self.bad = BadInputs(listener=lambda reason: self.metrics.bad_inputs.labels(reason).inc())
         self.policy = make_policy(config)
         self._stop = threading.Event()
@@ -110,6 +121,16 @@ class Agent:
         self._pipeline = Pipeline(self.source, [Stage("infer", self._infer, q),
                                                 Stage("encode", self._encode, q),
                                                 Stage("publish", self._publish, q)])
+        self.updater: Updater | None = None
+        self._boot_note = boot.note if boot is not None else None
+        if upd.enabled:
+            self.updater = Updater(
+                upd, device=self.device, topics=self.topics, profile=self.profile,
+                link=self.link, slot=self.slot, recorder=self.canary, store=store,
+                cache=cache, session=lambda: self.link.session, on_swap=self._on_swap,
+                infer_counts=self._infer_counts,
+                on_event=lambda outcome: self.metrics.update_events.labels(outcome).inc(),
+                local_blocks={b.sha256: config.model_dir / b.file for b in manifest.blocks})
 
     # --- what the device announces
     def birth(self) -> dict[str, Any]:
@@ -126,6 +147,22 @@ class Agent:
                        "codec": self.config.uplink.codec},
             "session": self.link.session,
         }
+
+    def publish_birth(self) -> bool:
+        """Re-announce the device (retained), e.g. after an update swapped its version."""
+        body = {**self.birth(), "device": self.device, "ts": time.time()}
+        return self.link.publish(self.topics.birth(self.device),
+                                 json.dumps(body, separators=(",", ":")).encode(), qos=1,
+                                 retain=True)
+
+    def _on_swap(self, runner: BlockRunner) -> None:
+        self.metrics.model_version.set(runner.version)
+        self.publish_birth()
+
+    def _infer_counts(self) -> tuple[int, int]:
+        """(inputs inferred, inference failures) so far, for the update health watch."""
+        stage = self._pipeline.stages[0]
+        return stage.processed, stage.errors
 
     def stats(self) -> dict[str, Any]:
         snap = self.metrics.snapshot()
@@ -155,6 +192,7 @@ class Agent:
         correct = (pred == sample.label) if pred is not None and sample.label is not None else None
         self.metrics.observe_inference(elapsed, correct, block_seconds=dict(
             zip((b.index for b in runner.manifest.blocks), timings, strict=False)))
+        self.canary.record(sample.x, runner, conf)  # O(1): the update self-test
         return Inference(sample, acts, runner, pred, conf)
 
     def next_seq(self) -> int:
@@ -293,10 +331,14 @@ class Agent:
             if cfg.split.enabled:
                 self.link.subscribe(self.topics.reply(self.device), 1, self._on_split_reply)
             self._pipeline.start()
+            if self.updater is not None:
+                self.updater.start(self._boot_note)
             self.notifier.ready(f"running {self.slot.current.manifest.model_id} "
                                 f"v{self.slot.current.version}")
             self._supervise()
             self.notifier.stopping()
+            if self.updater is not None:
+                self.updater.stop()
             self._pipeline.stop()
             if isinstance(self.source, MqttFrames):
                 self.source.close()

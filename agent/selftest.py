@@ -1,0 +1,97 @@
+"""The self-test a freshly built ``BlockRunner`` passes before it may replace the running one.
+
+It checks what a signature cannot: the blocks fit this device's slice (same boundaries,
+so the device's neighbours in a chain still understand it), they produce outputs of the
+declared shapes, every output is finite, and on the device's own recent inputs (its
+canaries) they agree with the running version: top-1 agreement when the slice ends at the
+logits, mean cosine similarity of the last boundary otherwise. Agreement catches a wrong or
+broken block; judging accuracy is the trainer's evaluation gate's job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from agent.runtime import BlockRunner
+
+Failure = Literal["incompatible", "self_test_failed"]
+
+
+@dataclass(frozen=True)
+class SelfTestResult:
+    ok: bool
+    reason: Failure | None = None
+    detail: str = ""
+    agreement: float | None = None
+    canaries: int = 0
+
+
+def compatible(new: BlockRunner, old: BlockRunner) -> str | None:
+    """Why ``new`` cannot stand in for ``old`` on this device, or None."""
+    a, b = new.manifest, old.manifest
+    if a.model_id != b.model_id:
+        return f"model {a.model_id!r}, this device runs {b.model_id!r}"
+    if (a.first, a.last, a.num_blocks) != (b.first, b.last, b.num_blocks):
+        return (f"blocks {a.first}..{a.last} of {a.num_blocks}, this device runs "
+                f"{b.first}..{b.last} of {b.num_blocks}")
+    span = slice(a.first - 1, a.last + 1)
+    if a.boundaries[span] != b.boundaries[span]:
+        return f"boundary shapes {a.boundaries[span]} != running {b.boundaries[span]}"
+    return None
+
+
+def _probe_inputs(runner: BlockRunner, canaries: list[np.ndarray]) -> np.ndarray:
+    if canaries:
+        return np.stack(canaries).astype(np.float32, copy=False)
+    rng = np.random.default_rng(0)  # no inputs seen yet: shapes and finiteness only
+    return rng.random((4, *runner.input_shape), dtype=np.float32)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    num = (a * b).sum(axis=1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    both_zero = den == 0
+    cos = np.where(both_zero, 1.0, num / np.where(both_zero, 1.0, den))
+    return float(cos.mean())
+
+
+def agreement(new_out: np.ndarray, old_out: np.ndarray, ends_at_logits: bool) -> float:
+    if ends_at_logits:
+        return float((new_out.argmax(axis=1) == old_out.argmax(axis=1)).mean())
+    return _cosine(new_out, old_out)
+
+
+def self_test(new: BlockRunner, old: BlockRunner, canaries: list[np.ndarray], *,
+              threshold: float, min_canaries: int) -> SelfTestResult:
+    why = compatible(new, old)
+    if why is not None:
+        return SelfTestResult(False, "incompatible", why)
+    x = _probe_inputs(new, canaries)
+    try:
+        outs = new.run(x)
+    except Exception as exc:  # onnxruntime raises its own types for a bad graph
+        return SelfTestResult(False, "self_test_failed", f"inference failed: {exc}"[:500])
+    for block, out in zip(new.manifest.blocks, outs, strict=True):
+        if tuple(out.shape) != (len(x), *block.output_shape):
+            return SelfTestResult(False, "incompatible",
+                                  f"block {block.index} outputs {tuple(out.shape)}, the "
+                                  f"partition says (batch, *{block.output_shape})")
+        if not np.isfinite(out).all():
+            bad = int((~np.isfinite(out)).sum())
+            return SelfTestResult(False, "self_test_failed",
+                                  f"block {block.index} produced {bad} NaN/inf values on "
+                                  f"{len(x)} inputs")
+    if len(canaries) < min_canaries:
+        return SelfTestResult(True, detail=f"agreement not checked: {len(canaries)} canary "
+                                           f"inputs < {min_canaries}", canaries=len(canaries))
+    score = agreement(outs[-1], old.run(x)[-1], new.manifest.last == new.manifest.num_blocks)
+    if score < threshold:
+        return SelfTestResult(False, "self_test_failed",
+                              f"agreement {score:.3f} with the running version on "
+                              f"{len(x)} canary inputs < {threshold}", score, len(x))
+    return SelfTestResult(True, agreement=score, canaries=len(x))

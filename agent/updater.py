@@ -1,0 +1,491 @@
+"""Over-the-air block updates on the device: verify, fetch, self-test, swap, persist, report.
+
+The retained signed manifest arrives on ``Topics.manifest`` (Link re-subscribes on every
+connect, so a device that was away gets it too). paho's thread only keeps the newest
+payload; the updater thread does the work, in this order, stopping at the first failure
+with the running version untouched and the reason reported:
+
+1. signature (``parse_signed`` against ``[update].public_keys``), fleet, schema, limits;
+2. targets this device/profile; same model; version newer than the running one (older
+   only for a signed ``rollback``); not installed or refused before (a replay);
+3. only the blocks of this device's slice that the cache lacks are fetched
+   (``BlobFetcher``: verified chunks, resumable across disconnects and restarts);
+4. a new ``BlockRunner`` is built beside the running one and self-tested
+   (``agent.selftest``) on the device's recent inputs;
+5. ``RunnerSlot.swap``: the inference stage reads the slot once per input, so an input is
+   processed wholly by the old or wholly by the new chain;
+6. the new version is persisted (``agent.active``), birth is re-published, ``applied`` is
+   reported; for ``[update.health].watch_s`` the new version's error rate and confidence
+   are watched, and it is swapped back (``rolled_back``/``health_degraded``) if they
+   degrade. Manifests that arrive during the watch wait for it to end.
+
+Every outcome is an ``UpdateReport`` on ``Topics.update(device)`` (QoS 1; spooled when
+offline) and a ``knet_update_events`` count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.active import ActiveStore, UpdateState, VersionRecord, damaged_blocks
+from agent.blobs import BlobCache, BlobFetcher, FetchResult
+from agent.canary import CanaryRecorder
+from agent.config import UpdateSection
+from agent.fsutil import fsync_dir
+from agent.manifest import PartitionManifest, sha256_file
+from agent.pipeline import RunnerSlot
+from agent.profiles import FirmwareProfile
+from agent.runtime import BlockRunner, PartitionError
+from agent.selftest import self_test
+from agent.signing import load_public_keys
+from agent.topics import Topics
+from agent.update_manifest import UpdateManifest, UpdateRejected, Variant, parse_signed
+from agent.update_report import RejectReason, Status, UpdateReport
+
+log = logging.getLogger(__name__)
+
+UPDATE_DIR = "update"
+
+
+class _Refused(Exception):
+    """One step refused the update; carries the report's reason."""
+
+    def __init__(self, reason: RejectReason, detail: str, *, retry: bool = False) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+        self.retry = retry  # transient (a timeout): the same manifest is tried again
+
+
+@dataclass
+class _Job:
+    payload: bytes
+    digest: str
+    received: float  # monotonic
+
+
+@dataclass
+class _Watch:
+    """A version swapped in and on probation."""
+
+    new: BlockRunner
+    old: BlockRunner
+    state_before: UpdateState
+    digest: str
+    until: float
+    baseline_confidence: float | None
+    counts_at_swap: tuple[int, int]
+    started: float
+
+
+@dataclass(frozen=True)
+class BootChoice:
+    """What the agent runs at start, and what to report about it once connected."""
+
+    runner: BlockRunner
+    note: UpdateReport | None = None
+
+
+def payload_digest(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+def update_paths(state_dir: Path) -> tuple[ActiveStore, BlobCache]:
+    """The persisted state and the block cache, both under ``<state_dir>/update`` (blocks
+    of the active version are state, not cache: losing them would lose the version)."""
+    root = Path(state_dir) / UPDATE_DIR
+    return ActiveStore(root), BlobCache(root / "blocks")
+
+
+def _usable(rec: VersionRecord, configured: PartitionManifest) -> str | None:
+    p, c = rec.partition, configured
+    if (p.model_id, p.first, p.last, p.num_blocks) != (c.model_id, c.first, c.last,
+                                                      c.num_blocks):
+        return (f"it is {p.model_id} blocks {p.first}..{p.last}, the configuration says "
+                f"{c.model_id} blocks {c.first}..{c.last}")
+    if c.model_version > rec.version:
+        return f"the configured partition (v{c.model_version}) is newer"
+    return None
+
+
+def boot_runner(configured: PartitionManifest, model_dir: Path, profile: FirmwareProfile,
+                store: ActiveStore, cache: BlobCache, device: str) -> BootChoice:
+    """The persisted active version if its blocks still verify, else the last known good
+    one, else the configured partition; a damaged version is reported ``active_corrupt``.
+
+    The damaged block files are deleted and the damaged manifest forgotten, so the retained
+    manifest re-installs it (fetching only what was damaged).
+    """
+    state = store.load()
+    note: UpdateReport | None = None
+    candidates = [("active", state.current), ("last known good", state.last_known_good)]
+    for label, rec in candidates:
+        if rec is None:
+            continue
+        why = _usable(rec, configured)
+        if why is not None:
+            log.warning("not starting the persisted %s version %d: %s", label, rec.version, why)
+            continue
+        bad = damaged_blocks(rec, cache.blob_dir)
+        if not bad:
+            try:
+                runner = BlockRunner(rec.partition, cache.blob_dir, profile, verify=False)
+            except PartitionError as exc:
+                bad, detail = [], str(exc)
+            else:
+                if rec is not state.current:
+                    state.current, state.last_known_good = rec, None
+                    store.save(state)
+                    if note is not None:
+                        note = note.model_copy(update={"from_version": rec.version})
+                log.info("starting on the persisted %s version %s v%d", label, rec.model_id,
+                         rec.version)
+                return BootChoice(runner, note)
+        else:
+            detail = f"blocks {[s[:12] for s in bad]} missing or damaged"
+        log.error("persisted %s version %d cannot run (%s): falling back", label,
+                  rec.version, detail)
+        for sha in bad:
+            cache.path(sha).unlink(missing_ok=True)
+        state.forget(rec.digest)
+        if note is None:
+            note = UpdateReport(device=device, session=0, model_id=rec.model_id,
+                                version=rec.version, status="rolled_back",
+                                reason="active_corrupt", detail=f"{label}: {detail}"[:2000])
+    if state.current is not None or state.last_known_good is not None:
+        state.current = state.last_known_good = None
+        store.save(state)
+    runner = BlockRunner(configured, model_dir, profile)
+    if note is not None:
+        note = note.model_copy(update={"from_version": configured.model_version})
+    return BootChoice(runner, note)
+
+
+class Updater:
+    """Applies signed updates to one device's ``RunnerSlot``; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: UpdateSection,
+        *,
+        device: str,
+        topics: Topics,
+        profile: FirmwareProfile,
+        link: Any,  # agent.link.Link (subscribe, unsubscribe, publish, publish_reliable)
+        slot: RunnerSlot,
+        recorder: CanaryRecorder,
+        store: ActiveStore,
+        cache: BlobCache,
+        session: Callable[[], int] = lambda: 0,
+        on_swap: Callable[[BlockRunner], None] | None = None,
+        infer_counts: Callable[[], tuple[int, int]] | None = None,
+        on_event: Callable[[str], None] | None = None,
+        local_blocks: dict[str, Path] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.device, self.topics, self.profile = device, topics, profile
+        self.link, self.slot, self.recorder = link, slot, recorder
+        self.store, self.cache = store, cache
+        self.session = session
+        self.on_swap = on_swap
+        self.infer_counts = infer_counts or (lambda: (0, 0))
+        self.on_event = on_event
+        self.local_blocks = dict(local_blocks or {})  # sha -> file of the configured partition
+        self.keys = load_public_keys(cfg.public_keys)
+        self.fetcher = BlobFetcher(link, topics, device, cache,
+                                   request_interval=cfg.request_interval_s,
+                                   first_request_after=cfg.first_request_after_s)
+        self.state = store.load()
+        self.reports: list[UpdateReport] = []  # every report this run (tests, the bench)
+        self._pending: _Job | None = None
+        self._busy: str | None = None  # digest being processed
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._watch: _Watch | None = None
+
+    # -- lifecycle
+    def start(self, boot_note: UpdateReport | None = None) -> Updater:
+        if boot_note is not None:
+            self._report(boot_note.model_copy(update={"session": self.session()}))
+        self._thread = threading.Thread(target=self._loop, name="knet-updater", daemon=True)
+        self._thread.start()
+        self.link.subscribe(self.topics.manifest, 1, self._on_manifest)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self.fetcher.cancel()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def watching(self) -> bool:
+        return self._watch is not None
+
+    def idle(self) -> bool:
+        """Nothing queued, fetching, installing or on probation."""
+        with self._lock:
+            return self._pending is None and self._busy is None and self._watch is None
+
+    # -- paho's thread: keep only the newest payload
+    def _on_manifest(self, msg: Any) -> None:
+        payload = bytes(msg.payload)
+        if not payload:
+            return  # a cleared retained manifest
+        digest = payload_digest(payload)
+        with self._lock:
+            if digest == self._busy:
+                return  # the retained copy of what we are installing, after a reconnect
+            self._pending = _Job(payload, digest, time.monotonic())
+            busy = self._busy
+        if busy is not None:
+            self.fetcher.cancel()  # superseded: a newer manifest wins
+        self._wake.set()
+
+    # -- the updater thread
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(0.2)
+            self._wake.clear()
+            try:
+                if self._watch is not None:
+                    self._check_health()
+                    continue
+                with self._lock:
+                    job, self._pending = self._pending, None
+                    self._busy = job.digest if job is not None else None
+                if job is not None:
+                    self._handle(job)
+            except Exception:  # the updater must outlive any bug in one update
+                log.exception("update step failed")
+            finally:
+                with self._lock:
+                    self._busy = None
+
+    def _handle(self, job: _Job) -> None:
+        running: BlockRunner = self.slot.current
+        base = {"model_id": running.manifest.model_id, "version": 0,
+                "from_version": running.version}
+        if job.digest in self.state.rejected or self._is_current(job.digest):
+            log.debug("manifest %s seen before; ignored", job.digest[:12])
+            return
+        try:
+            manifest = parse_signed(job.payload, self.keys,
+                                    max_bytes=self.cfg.max_manifest_bytes,
+                                    allow_unsigned=self.cfg.allow_unsigned and not self.keys,
+                                    fleet=self.topics.fleet)
+            base.update(model_id=manifest.model_id, version=manifest.version)
+            variant = self._admit(manifest, job.digest, running)
+            part = variant.partition.slice(running.manifest.first, running.manifest.last)
+            result = self._fetch(variant, part, job, base)
+            new = self._build(part, running)
+        except (UpdateRejected, _Refused) as exc:
+            if not self._stop.is_set():  # a fetch cut off by shutdown resumes next start
+                self._refuse(job, exc.reason, exc.detail, base,
+                             retry=getattr(exc, "retry", False))
+            return
+        if self._stop.is_set():
+            return
+        self._install(new, running, part, job, result, base)
+
+    def _is_current(self, digest: str) -> bool:
+        return self.state.current is not None and self.state.current.digest == digest
+
+    def _admit(self, manifest: UpdateManifest, digest: str, running: BlockRunner) -> Variant:
+        """Target, model, version and replay checks; the variant for this profile."""
+        if not manifest.targets_device(self.device, self.profile.name):
+            raise _Refused("not_targeted", f"targets {manifest.targets.model_dump()}"[:500])
+        variant = manifest.variant_for(self.profile.name)
+        if manifest.model_id != running.manifest.model_id:
+            raise _Refused("incompatible", f"model {manifest.model_id!r}, this device runs "
+                                           f"{running.manifest.model_id!r}")
+        if digest in self.state.applied:
+            raise _Refused("replayed", f"v{manifest.version} was installed before")
+        if manifest.version == running.version:
+            raise _Refused("replayed", f"v{manifest.version} is already running")
+        if manifest.version < running.version and not manifest.rollback:
+            raise _Refused("downgrade", f"v{manifest.version} is older than the running "
+                                        f"v{running.version} and not a signed rollback")
+        p, r = variant.partition, running.manifest
+        if p.num_blocks != r.num_blocks:
+            raise _Refused("incompatible", f"{p.num_blocks} blocks, this device's model has "
+                                           f"{r.num_blocks}")
+        return variant
+
+    def _fetch(self, variant: Variant, part: PartitionManifest, job: _Job,
+               base: dict[str, Any]) -> FetchResult | None:
+        for b in part.blocks:
+            if b.size > self.cfg.max_block_bytes:
+                raise _Refused("too_large", f"block {b.index} is {b.size} bytes, "
+                                            f"update.max_block_bytes is "
+                                            f"{self.cfg.max_block_bytes}")
+        for b in part.blocks:
+            self._seed(b.sha256)
+        missing = {b.sha256: b.size for b in part.blocks if not self.cache.has(b.sha256)}
+        if sum(missing.values()) > self.cfg.max_update_bytes:
+            raise _Refused("too_large", f"{sum(missing.values())} bytes to fetch > "
+                                        f"update.max_update_bytes {self.cfg.max_update_bytes}")
+        if not missing:
+            return None
+        self._emit("downloading", job, base, detail=f"{len(missing)} blocks, "
+                                                    f"{sum(missing.values())} bytes")
+        result = self.fetcher.fetch(variant, [b.index for b in part.blocks],
+                                    timeout=self.cfg.download_timeout_s)
+        if not result.ok:
+            reason, detail = result.reason or "timeout", result.detail
+            if reason == "timeout" and result.stats.get("corrupt"):
+                reason = "hash_mismatch"  # the data came, but never matched its hashes
+                detail = f"{result.stats['corrupt']} chunks failed their sha256; {detail}"
+            if reason == "cancelled":
+                detail = "superseded by a newer manifest"
+            # Chunks held so far stay: the retained manifest, re-delivered on the next
+            # connect, resumes the download.
+            raise _Refused(reason, detail, retry=reason in ("timeout", "cancelled")
+                           or result.reason == "timeout")
+        self._emit("downloaded", job, base, nbytes=result.stats.get("bytes", 0))
+        return result
+
+    def _seed(self, sha: str) -> None:
+        """Copy a block the configured partition already has into the cache (verified), so
+        an update that changes one block downloads one block."""
+        src = self.local_blocks.get(sha)
+        if src is None or self.cache.has(sha):
+            return
+        try:
+            if sha256_file(src) != sha:
+                return
+            tmp = self.cache.blob_dir / f".{sha[:16]}.seed.tmp"
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.cache.path(sha))
+            fsync_dir(self.cache.blob_dir)
+        except OSError as exc:
+            log.warning("could not reuse %s for block %s: %s", src, sha[:12], exc)
+
+    def _build(self, part: PartitionManifest, running: BlockRunner) -> BlockRunner:
+        try:
+            new = BlockRunner(part, self.cache.blob_dir, self.profile)
+            new.warmup()
+        except PartitionError as exc:
+            raise _Refused("incompatible", str(exc)[:1500]) from None
+        except Exception as exc:  # onnxruntime failing on a valid-looking graph
+            raise _Refused("self_test_failed", f"warm-up failed: {exc}"[:1500]) from None
+        test = self_test(new, running, self.recorder.inputs(),
+                         threshold=self.cfg.agreement_threshold,
+                         min_canaries=self.cfg.min_canary_inputs)
+        if not test.ok:
+            raise _Refused(test.reason or "self_test_failed", test.detail)
+        log.info("self-test passed for v%d (agreement %s on %d canaries) %s", new.version,
+                 test.agreement, test.canaries, test.detail)
+        return new
+
+    def _install(self, new: BlockRunner, running: BlockRunner, part: PartitionManifest,
+                 job: _Job, result: FetchResult | None, base: dict[str, Any]) -> None:
+        before = self.state.model_copy(deep=True)
+        counts = self.infer_counts()
+        old = self.slot.swap(new)
+        record = VersionRecord(model_id=part.model_id, version=part.model_version,
+                               digest=job.digest, partition=part)
+        self.state.last_known_good = self.state.current
+        self.state.current = record
+        self.state.remember("applied", job.digest)
+        self.store.save(self.state)
+        log.info("update applied: %s v%d -> v%d", part.model_id, old.version, new.version)
+        if self.on_swap is not None:
+            self.on_swap(new)
+        nbytes = result.stats.get("bytes", 0) if result is not None else 0
+        self._emit("applied", job, base, nbytes=nbytes)
+        h = self.cfg.health
+        if h.watch_s <= 0:
+            self._settle()
+            return
+        confs = self.recorder.confidences(old)
+        self._watch = _Watch(new=new, old=old, state_before=before, digest=job.digest,
+                             until=time.monotonic() + h.watch_s,
+                             baseline_confidence=sum(confs) / len(confs) if confs else None,
+                             counts_at_swap=counts, started=job.received)
+
+    # -- health watch
+    def _check_health(self) -> None:
+        w = self._watch
+        assert w is not None
+        h = self.cfg.health
+        processed, errors = (a - b for a, b in zip(self.infer_counts(), w.counts_at_swap,
+                                                    strict=True))
+        seen = processed + errors
+        why = None
+        if seen >= h.min_inputs and errors / seen > h.max_error_rate:
+            why = f"error rate {errors}/{seen} > {h.max_error_rate}"
+        confs = self.recorder.confidences(w.new)
+        if (why is None and h.confidence_drop > 0 and w.baseline_confidence
+                and len(confs) >= h.min_inputs):
+            mean = sum(confs) / len(confs)
+            if mean < h.confidence_drop * w.baseline_confidence:
+                why = (f"mean confidence {mean:.3f} < {h.confidence_drop} x the previous "
+                       f"version's {w.baseline_confidence:.3f} over {len(confs)} inputs")
+        if why is not None:
+            self._roll_back(w, why)
+        elif time.monotonic() >= w.until:
+            log.info("v%d healthy through its %.0f s watch (%d inputs)", w.new.version,
+                     h.watch_s, seen)
+            self._watch = None
+            self._settle()
+
+    def _roll_back(self, w: _Watch, why: str) -> None:
+        self.slot.swap(w.old)
+        self.state = w.state_before
+        self.state.remember("rejected", w.digest)
+        self.store.save(self.state)
+        self._watch = None
+        log.error("rolled back v%d -> v%d: %s", w.new.version, w.old.version, why)
+        if self.on_swap is not None:
+            self.on_swap(w.old)
+        m = w.new.manifest
+        self._report(UpdateReport(
+            device=self.device, session=self.session(), model_id=m.model_id,
+            version=m.model_version, from_version=w.old.version, status="rolled_back",
+            reason="health_degraded", detail=why, seconds=time.monotonic() - w.started))
+        self._settle()
+
+    def _settle(self) -> None:
+        """Drop block files no version here needs any more."""
+        removed = self.cache.prune(self.state.keep_shas())
+        if removed:
+            log.info("pruned %d unused block files", len(removed))
+
+    # -- reports
+    def _refuse(self, job: _Job, reason: RejectReason, detail: str,
+                base: dict[str, Any], *, retry: bool = False) -> None:
+        log.warning("update refused (%s): %s", reason, detail)
+        if not retry:
+            self.state.remember("rejected", job.digest)
+            self.store.save(self.state)
+        self._emit("rejected", job, base, reason=reason, detail=detail)
+
+    def _emit(self, status: Status, job: _Job, base: dict[str, Any], *,
+              reason: RejectReason | None = None, detail: str = "", nbytes: int = 0) -> None:
+        self._report(UpdateReport(device=self.device, session=self.session(), status=status,
+                                  reason=reason, detail=detail[:2000], bytes=nbytes,
+                                  seconds=time.monotonic() - job.received, **base))
+
+    def _report(self, report: UpdateReport) -> None:
+        self.reports.append(report)
+        outcome = report.status if report.reason is None else f"{report.status}_{report.reason}"
+        if self.on_event is not None:
+            self.on_event(outcome)
+        topic, payload = self.topics.update(self.device), report.payload()
+        # Immediately when online; spooled (delivered after what is queued) when not.
+        if not self.link.publish(topic, payload, qos=1):
+            self.link.publish_reliable(topic, payload)
