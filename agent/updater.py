@@ -326,13 +326,13 @@ class Updater:
     def _fetch(self, variant: Variant, part: PartitionManifest, job: _Job,
                base: dict[str, Any]) -> FetchResult | None:
         for b in part.blocks:
-            if b.size > self.cfg.max_block_bytes:
+            self._seed(b.sha256)
+        missing = {b.sha256: b.size for b in part.blocks if not self.cache.has(b.sha256)}
+        for b in part.blocks:
+            if b.sha256 in missing and b.size > self.cfg.max_block_bytes:
                 raise _Refused("too_large", f"block {b.index} is {b.size} bytes, "
                                             f"update.max_block_bytes is "
                                             f"{self.cfg.max_block_bytes}")
-        for b in part.blocks:
-            self._seed(b.sha256)
-        missing = {b.sha256: b.size for b in part.blocks if not self.cache.has(b.sha256)}
         if sum(missing.values()) > self.cfg.max_update_bytes:
             raise _Refused("too_large", f"{sum(missing.values())} bytes to fetch > "
                                         f"update.max_update_bytes {self.cfg.max_update_bytes}")
