@@ -12,12 +12,15 @@ import contextlib
 import io
 import logging
 import queue
+import struct
 import threading
 import time
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -105,57 +108,163 @@ def _label(y: np.ndarray | None, i: int) -> int | None:
         return None
 
 
+_ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name and extra lengths
+
+
+def _npy_header(fh: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, Fortran order and dtype of the ``.npy`` stream at ``fh`` (size-limited)."""
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+    if dtype.hasobject:
+        raise ValueError("an object array (it would need pickle, which is refused)")
+    return shape, fortran, dtype
+
+
+def _stored_data_offset(fh: IO[bytes], info: zipfile.ZipInfo) -> int:
+    """Where a stored (uncompressed) member's bytes start in the archive file."""
+    fh.seek(info.header_offset)
+    raw = fh.read(_ZIP_LOCAL_HEADER.size)
+    if len(raw) != _ZIP_LOCAL_HEADER.size:
+        raise ValueError("truncated zip local header")
+    magic, name_len, extra_len = _ZIP_LOCAL_HEADER.unpack(raw)
+    if magic != b"PK\x03\x04":
+        raise ValueError("bad zip local header")
+    return info.header_offset + _ZIP_LOCAL_HEADER.size + name_len + extra_len
+
+
+class _NpyRows:
+    """The rows (first axis) of one ``.npy`` member of an ``.npz``, read one at a time.
+
+    Why not ``np.load``: it reads and CRC-checks the whole member before the first frame, which
+    for a 3,000-frame camera replay is 330 MB of RAM and over a second of start-up on a small
+    device. A stored member (``np.savez``) is read row by row straight from its offset in the
+    file; its zip CRC is not checked (it would cost more than the inference of a small
+    student), but a short or inconsistent member is detected and every row is still checked
+    by ``coerce``. A compressed member (``np.savez_compressed``) streams through ``zipfile``,
+    whose CRC check fails at the end of a damaged member. Fortran-ordered arrays have no
+    contiguous rows and are loaded whole.
+    """
+
+    def __init__(self, path: Path, key: str) -> None:
+        self._zip = zipfile.ZipFile(path)
+        self._fh: IO[bytes] | None = None
+        try:
+            names = self._zip.namelist()
+            name = f"{key}.npy" if f"{key}.npy" in names else key
+            if name not in names:
+                raise KeyError(f"{key!r} is not in the archive (members: {names[:10]})")
+            info = self._zip.getinfo(name)
+            if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:
+                self._fh = open(path, "rb")  # noqa: SIM115 - closed by close()
+                start = _stored_data_offset(self._fh, info)
+                self._fh.seek(start)
+                self.shape, fortran, self.dtype = _npy_header(self._fh)
+                available = info.file_size - (self._fh.tell() - start)
+            else:
+                self._fh = self._zip.open(info)
+                self.shape, fortran, self.dtype = _npy_header(self._fh)
+                available = None
+            if not self.shape:
+                raise ValueError(f"{key!r} is a scalar")
+            self._row_shape = tuple(self.shape[1:])
+            self._row_bytes = int(np.prod(self._row_shape, dtype=np.int64)) * self.dtype.itemsize
+            need = self._row_bytes * self.shape[0]
+            if available is not None and need > available:
+                raise ValueError(f"member {name!r} holds {available} bytes, its header "
+                                 f"promises {need} (truncated)")
+            self._whole: np.ndarray | None = None
+            if fortran and len(self.shape) > 1:
+                self._whole = np.load(path, allow_pickle=False)[key]
+        except BaseException:
+            self.close()
+            raise
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        if self._whole is not None:
+            yield from self._whole
+            return
+        assert self._fh is not None
+        if self._row_bytes == 0:
+            raise ValueError("rows of zero bytes")
+        for i in range(len(self)):
+            data = self._fh.read(self._row_bytes)
+            if len(data) != self._row_bytes:
+                raise ValueError(f"member ends inside row {i} of {len(self)} (truncated)")
+            yield np.frombuffer(data, self.dtype).reshape(self._row_shape)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        self._zip.close()
+
+
 class NpzReplay:
-    """Replays ``x`` (and optional labels ``y``) from an ``.npz`` file."""
+    """Replays ``x`` (and optional labels ``y``) from an ``.npz`` file, streaming ``x``."""
 
     def __init__(self, cfg: NpzSource, input_shape: tuple[int, ...], bad: BadInputs) -> None:
         self.cfg, self.input_shape, self.bad = cfg, input_shape, bad
         self.name = f"npz:{cfg.path.name}"
 
-    def _arrays(self) -> tuple[np.ndarray, np.ndarray | None] | None:
-        """Inputs and labels; a corrupt label member costs the labels, not the inputs."""
-        errors = UNTRUSTED_PARSE_ERRORS
+    def _labels(self, n: int) -> np.ndarray | None:
+        """The labels, or None; a corrupt label member costs the labels, not the inputs."""
+        if not self.cfg.y_key:
+            return None
         try:
             with np.load(self.cfg.path, allow_pickle=False) as data:
-                if not hasattr(data, "files"):
-                    raise ValueError("a single .npy array, not an .npz archive")
-                x = data[self.cfg.x_key]
-                y = None
-                if self.cfg.y_key and self.cfg.y_key in data.files:
-                    try:
-                        y = data[self.cfg.y_key]
-                    except errors as exc:
-                        self.bad.add("npz_labels", f"{self.cfg.y_key!r}: {exc}; labels ignored")
-        except errors as exc:
+                if self.cfg.y_key not in data.files:
+                    return None
+                y = data[self.cfg.y_key]
+        except UNTRUSTED_PARSE_ERRORS as exc:
+            self.bad.add("npz_labels", f"{self.cfg.y_key!r}: {exc}; labels ignored")
+            return None
+        if y.ndim != 1 or len(y) != n:
+            self.bad.add("npz_labels", f"labels of shape {y.shape} for {n} inputs; "
+                         "labels ignored")
+            return None
+        return y
+
+    def _open(self) -> tuple[_NpyRows, np.ndarray | None] | None:
+        try:
+            rows = _NpyRows(self.cfg.path, self.cfg.x_key)
+        except UNTRUSTED_PARSE_ERRORS as exc:
             self.bad.add("npz_unreadable", f"{self.cfg.path}: {exc}")
             return None
-        if x.ndim == 0:
-            self.bad.add("npz_unreadable", f"{self.cfg.path}: {self.cfg.x_key!r} is a scalar")
-            return None
-        if y is not None and (y.ndim != 1 or len(y) != len(x)):
-            self.bad.add("npz_labels", f"labels of shape {y.shape} for {len(x)} inputs; "
-                         "labels ignored")
-            y = None
-        return x, y
+        try:
+            return rows, self._labels(len(rows))
+        except BaseException:
+            rows.close()
+            raise
 
     def __iter__(self) -> Iterator[Sample]:
         index = 0
         start = time.monotonic()
         while True:
-            arrays = self._arrays()
-            if arrays is None:
+            opened = self._open()
+            if opened is None:
                 return
-            x, y = arrays
+            rows, y = opened
             first_of_pass = index
-            for i in range(len(x)):
-                _pace(self.cfg.rate_hz, start, index)
-                try:
-                    xi = coerce(x[i], self.input_shape)
-                except FrameError as exc:
-                    self.bad.add("shape", f"{self.name}[{i}]: {exc}")
-                    continue
-                yield Sample(xi, _label(y, i), self.name, index)
-                index += 1
+            try:
+                for i, row in enumerate(rows):
+                    _pace(self.cfg.rate_hz, start, index)
+                    try:
+                        xi = coerce(row, self.input_shape)
+                    except FrameError as exc:
+                        self.bad.add("shape", f"{self.name}[{i}]: {exc}")
+                        continue
+                    yield Sample(xi, _label(y, i), self.name, index)
+                    index += 1
+            except UNTRUSTED_PARSE_ERRORS as exc:
+                self.bad.add("npz_unreadable", f"{self.cfg.path}: {exc}")
+                return
+            finally:
+                rows.close()
             if not self.cfg.loop or index == first_of_pass:
                 return
 

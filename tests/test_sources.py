@@ -116,6 +116,38 @@ def test_npz_loop_and_rate(tmp_path: Path) -> None:
     assert bad.counts == {"shape": 2}
 
 
+def _npz_with_short_member(path: Path, rows: int, promised: int, compression: int) -> None:
+    """An archive whose x.npy header promises more rows than the member holds."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False,
+                                               "shape": (promised, *SHAPE)})
+    data = np.arange(rows * 64, dtype="<f4").tobytes()
+    with zipfile.ZipFile(path, "w", compression) as zf:
+        zf.writestr("x.npy", buf.getvalue() + data)
+
+
+def test_npz_streams_stored_compressed_and_fortran_members(tmp_path: Path) -> None:
+    x = np.random.default_rng(1).random((6, *SHAPE)).astype(np.float32)
+    np.savez_compressed(tmp_path / "c.npz", x=x, y=np.arange(6))
+    np.savez(tmp_path / "f.npz", x=np.asfortranarray(x))
+    np.savez(tmp_path / "be.npz", x=x.astype(">f8"))
+    for name in ("c.npz", "f.npz", "be.npz"):
+        samples = list(NpzReplay(npz_cfg(tmp_path / name), SHAPE, BadInputs()))
+        np.testing.assert_allclose(np.stack([s.x for s in samples]), x, rtol=1e-6)
+        assert all(s.x.dtype == np.float32 and s.x.flags.c_contiguous for s in samples)
+
+
+def test_npz_short_member_is_counted(tmp_path: Path) -> None:
+    _npz_with_short_member(tmp_path / "stored.npz", 3, 5, zipfile.ZIP_STORED)
+    bad = BadInputs()
+    assert list(NpzReplay(npz_cfg(tmp_path / "stored.npz"), SHAPE, bad)) == []  # at open
+    assert bad.counts == {"npz_unreadable": 1}
+    _npz_with_short_member(tmp_path / "deflated.npz", 3, 5, zipfile.ZIP_DEFLATED)
+    bad = BadInputs()
+    samples = list(NpzReplay(npz_cfg(tmp_path / "deflated.npz"), SHAPE, bad))
+    assert len(samples) == 3 and bad.counts == {"npz_unreadable": 1}  # where it ends
+
+
 def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr, mode).save(buf, format="PNG")
