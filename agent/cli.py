@@ -1,4 +1,4 @@
-"""`knet-agent`: run the device agent, or check its configuration without connecting."""
+"""`knet-agent`: run the device agent, check its configuration, or benchmark its blocks."""
 
 from __future__ import annotations
 
@@ -37,6 +37,11 @@ def check(config_path: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["benchmark"]:  # `knet-agent benchmark --config ...` (agent/blockbench.py)
+        from agent.blockbench import cli_main
+
+        return cli_main(argv[1:])
     p = argparse.ArgumentParser(prog="knet-agent", description=__doc__)
     p.add_argument("--config", type=Path, required=True, help="agent.toml")
     p.add_argument("--check", action="store_true",

@@ -24,7 +24,8 @@ from collections.abc import Iterable, Mapping
 from agent.topics import Topics, validate_id
 
 # What the trainer reads from every device of its fleets, and what it answers on.
-TRAINER_READ_LEAVES = ("act", "state", "birth", "stats", "update", "infer", "blobreq", "result")
+TRAINER_READ_LEAVES = ("act", "state", "birth", "stats", "update", "infer", "blobreq", "result",
+                       "bench")
 TRAINER_WRITE_LEAVES = ("reply",)
 
 

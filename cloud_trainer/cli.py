@@ -206,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.set_defaults(func=_export)
 
+    from cloud_trainer.plan.cli import add_parser as add_plan_parser
+
+    add_plan_parser(sub)  # knet plan [bench] (cloud_trainer/plan/cli.py)
+
     d = sub.add_parser("demo", help="run knet end to end on this machine")
     d.add_argument("--model", choices=["digits", "vision"], default="digits")
     d.add_argument("--out", type=Path, default=Path("out/demo"))

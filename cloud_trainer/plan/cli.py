@@ -1,0 +1,157 @@
+"""``knet plan`` (rank partitions) and ``knet plan bench`` (benchmark a zoo model here)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+
+def _pair(text: str, kind: type = str) -> tuple[object, object]:
+    left, sep, right = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE")
+    return left, kind(right)
+
+
+def _block_node(text: str) -> tuple[int, str]:
+    block, node = _pair(text)
+    try:
+        return int(str(block)), str(node)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected BLOCK=NODE") from None
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("plan", help="rank partitions of a model over a chain of nodes")
+    p.add_argument("--model", help="model id the records must be of (zoo name for --deploy)")
+    p.add_argument("--bench", type=Path, nargs="+", default=[], help="BenchRecord JSON files")
+    p.add_argument("--network", type=Path, help="network.toml")
+    p.add_argument("--objective", choices=["latency", "throughput", "energy"],
+                   default="latency")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--min-device-blocks", type=int, default=None)
+    p.add_argument("--pin", type=_block_node, action="append", default=[],
+                   metavar="BLOCK=NODE")
+    p.add_argument("--forbid", type=_block_node, action="append", default=[],
+                   metavar="BLOCK=NODE")
+    p.add_argument("--max-upload-bytes", type=lambda t: _pair(t, int), action="append",
+                   default=[], metavar="NODE=BYTES", help="per link leaving NODE (* = all)")
+    p.add_argument("--max-node-time", type=lambda t: _pair(t, float), action="append",
+                   default=[], metavar="NODE=SECONDS")
+    p.add_argument("--accuracy-budget", type=float, default=None,
+                   help="top-1 points a codec may cost per boundary")
+    p.add_argument("--codecs", nargs="+", default=None)
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None)
+    p.add_argument("--deploy", type=Path, default=None,
+                   help="write a manifest + block files per node of every ranked plan")
+    p.add_argument("--export", type=Path, default=None,
+                   help="an existing whole-model export for --deploy (else export per node)")
+    p.set_defaults(func=run_plan)
+    psub = p.add_subparsers(dest="plan_command")
+    b = psub.add_parser("bench", help="benchmark a zoo model's blocks here (a BenchRecord)")
+    b.add_argument("--model", dest="bench_model", required=True)
+    b.add_argument("--profile", required=True)
+    b.add_argument("--role", choices=["student", "teacher", "both"], default="student")
+    b.add_argument("--out", type=Path, required=True,
+                   help="record file (with --role both: {role} in the name, or a suffix)")
+    b.add_argument("--device", default=None, help="the record's device name (default: host)")
+    b.add_argument("--samples", type=int, default=32)
+    b.add_argument("--repeats", type=int, default=30)
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from agent.blockbench import DEFAULT_CODECS
+    from cloud_trainer.plan.localbench import bench_model
+
+    roles = ["student", "teacher"] if args.role == "both" else [args.role]
+    for role in roles:
+        rec = bench_model(args.bench_model, args.profile, role=role, seed=args.seed,
+                          samples=args.samples, repeats=args.repeats, codecs=DEFAULT_CODECS,
+                          device=args.device)
+        out = Path(str(args.out).replace("{role}", role))
+        if len(roles) > 1 and "{role}" not in str(args.out):
+            out = out.with_name(f"{out.stem}-{role}{out.suffix}")
+        rec.dump(out)
+        total = sum(b.median_s for b in rec.blocks)
+        print(f"{role}: {len(rec.blocks)} blocks, {total * 1e3:.3f} ms per input "
+              f"(sum of medians), {len(rec.codecs)} codec measures -> {out}")
+    return 0
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from agent.blockbench import BenchRecord, BenchRecordError
+    from agent.configfile import ConfigError
+    from cloud_trainer.plan.costs import Overrides, PlanError, build_problem
+    from cloud_trainer.plan.network import load_network
+    from cloud_trainer.plan.report import plot_plan, print_plans, write_json
+    from cloud_trainer.plan.solver import solve
+
+    if args.network is None:
+        print("knet plan: --network is required (or use `knet plan bench`)", file=sys.stderr)
+        return 2
+    try:
+        net = load_network(args.network)
+        records = [BenchRecord.load(p) for p in args.bench]
+        ov = Overrides(min_device_blocks=args.min_device_blocks,
+                       accuracy_budget=args.accuracy_budget, pins=tuple(args.pin),
+                       forbids=tuple(args.forbid),
+                       max_upload_bytes=tuple(args.max_upload_bytes),
+                       max_node_time=tuple(args.max_node_time),
+                       codecs=tuple(args.codecs) if args.codecs else None)
+        problem, _recs = build_problem(net, records, args.model, ov)
+        plans = solve(problem, args.objective, top=args.top)
+    except (ConfigError, BenchRecordError, PlanError, ValueError) as exc:
+        print(f"knet plan: {exc}", file=sys.stderr)
+        return 2
+    if not plans:
+        print("knet plan: no plan satisfies the constraints", file=sys.stderr)
+        return 1
+    print_plans(problem, plans, args.objective)
+    extra: dict[str, object] = {"network": str(args.network)}
+    if args.deploy:
+        extra["deploy"] = deploy(problem, plans, net, args)
+    if args.json:
+        write_json(args.json, problem, plans, args.objective, extra)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_plan(problem, plans, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def deploy(problem: object, plans: list, net: object, args: argparse.Namespace
+           ) -> list[dict[str, str]]:
+    from cloud_trainer.plan.report import write_manifests
+
+    exports: dict[tuple[str, str], Path] = {}
+    tmp = tempfile.TemporaryDirectory() if args.export is None else None
+    try:
+        for node in net.nodes:  # type: ignore[attr-defined]
+            key = (node.profile, node.role)
+            if key in exports:
+                continue
+            if args.export is not None:
+                exports[key] = args.export
+                continue
+            if not args.model:
+                raise SystemExit("knet plan: --deploy needs --model (a zoo name) or --export")
+            from cloud_trainer.export import export_for_profile
+
+            d = Path(tmp.name) / f"{node.profile}-{node.role}"  # type: ignore[union-attr]
+            export_for_profile(args.model, node.profile, d, role=node.role)
+            exports[key] = d
+        out = []
+        for rank, plan in enumerate(plans, 1):
+            written = write_manifests(problem, plan, net, args.deploy / f"plan-{rank}",  # type: ignore[arg-type]
+                                      exports)
+            out.append({k: str(v) for k, v in written.items()})
+            print(f"plan #{rank}: " + ", ".join(f"{k} -> {v}" for k, v in written.items()))
+        return out
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
