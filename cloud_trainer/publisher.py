@@ -295,11 +295,14 @@ class BlobPublisher:
         *,
         push_chunks: bool = True,
         timeout: float = 120.0,
+        held: Sequence[str] = (),
     ) -> PublishReport:
         """Serve, publish the manifest (retained), then push the changed blocks' chunks.
 
         With ``push_chunks`` the blocks that were not in the previous manifest published
         here are pushed (devices hold the others); False leaves everything to pulls.
+        ``held`` names more shas devices already hold (e.g. the deployed version's blocks
+        after a trainer restart, when this publisher has no previous manifest).
         """
         started = time.monotonic()
         payload = signed.payload()
@@ -313,7 +316,7 @@ class BlobPublisher:
         log.info("published manifest %s v%d (%d bytes, rollback=%s)", m.model_id, m.version,
                  len(payload), m.rollback)
         chunks = nbytes = 0
-        push = sorted(shas - self._previous) if push_chunks else []
+        push = sorted(shas - self._previous - set(held)) if push_chunks else []
         self._previous = shas
         if push:
             time.sleep(self.push_delay)  # let online devices subscribe to the new shas

@@ -1,8 +1,9 @@
-"""`knet-trainer`: the cloud side's operator commands.
+"""`knet-trainer`: the cloud side's daemon and operator commands.
 
-Today: inspect and roll back the model registry, and serve split inference (teacher blocks
-k+1..N) for a fleet. The scheduled retraining service (`knet-trainer --config trainer.toml`)
-is the trainer issue's work and is not here yet.
+``knet-trainer --config trainer.toml`` runs the trainer daemon (``cloud_trainer/service.py``):
+ingest, fleet table, scheduled retraining, signed pushes, staged rollout, split serving.
+``jobs list`` / ``jobs run-now JOB`` operate its scheduled jobs; ``models list/show/rollback``
+inspect the registry; ``serve-split`` answers split-inference requests on its own.
 """
 
 from __future__ import annotations
@@ -77,11 +78,145 @@ def _serve_split(args: argparse.Namespace) -> int:
     return 0
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: what log shippers parse without a regex."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        body = {"time": round(record.created, 3), "level": record.levelname,
+                "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            body["exception"] = self.formatException(record.exc_info)
+        return json.dumps(body, ensure_ascii=False)
+
+
+def _setup_logging(fmt: str, verbose: int = 0) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    if fmt == "auto":
+        fmt = "text" if sys.stderr.isatty() else "json"
+    if fmt == "json":
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter())
+    else:
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=Console(stderr=True), show_path=False)
+    root.addHandler(handler)
+    root.setLevel(level)
+    for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "apscheduler.executors"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from cloud_trainer.trainer_config import load_trainer_config
+
+    if args.config is None:
+        raise SystemExit("knet-trainer: this command needs --config trainer.toml")
+    return load_trainer_config(args.config)
+
+
+def _daemon(args: argparse.Namespace) -> int:
+    from cloud_trainer.service import TrainerService
+
+    config = _load_config(args)
+    _setup_logging(args.log_format or config.trainer.log_format, args.verbose)
+    service = TrainerService(config)
+    signal.signal(signal.SIGTERM, lambda *_: service.stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: service.stopping.set())
+    service.start()
+    try:
+        service.wait()
+    finally:
+        logging.getLogger(__name__).info("stopping")
+        service.stop()
+    return 0
+
+
+def _jobs_list(args: argparse.Namespace) -> int:
+    from cloud_trainer.service import holder, list_jobs
+
+    config = _load_config(args)
+    rows = list_jobs(config)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    owner = holder(config.lock_file)
+    t = Table(title=f"jobs of trainer {config.trainer.id} "
+                    f"({'scheduler: ' + owner if owner else 'no scheduler running'})",
+              header_style="bold")
+    for col in ("job", "model", "trigger", "next run", "last run", "version", "missed",
+                "failed", "reason"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["id"], r["model"], r["trigger"], r["next_run"] or "-",
+                  r["last_status"] or "-", str(r["last_version"] or "-"), str(r["missed"]),
+                  str(r["failed"]), (r["last_reason"] or "")[:60])
+    console.print(t)
+    return 0
+
+
+def _jobs_run_now(args: argparse.Namespace) -> int:
+    import time
+
+    from cloud_trainer.runs import RunLog
+    from cloud_trainer.service import SchedulerLocked, TrainerService, lock_info, request_run_now
+
+    config = _load_config(args)
+    config.job(args.job)  # ConfigError names the configured jobs
+    _setup_logging(args.log_format or config.trainer.log_format, args.verbose)
+    info = lock_info(config.lock_file)
+    if info is not None and info.get("purpose") == "daemon":
+        pid, at = request_run_now(config, args.job)
+        console.print(f"asked the trainer daemon (pid {pid}) to run {args.job} now")
+        if args.no_wait:
+            return 0
+        runs = RunLog(config.registry_dir)
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
+            done = [r for r in runs.runs(args.job, kind="run", limit=5)
+                    if r.started_at.timestamp() >= at - 1 and r.finished]
+            if done:
+                return _print_run(done[0])
+            time.sleep(0.5)
+        print(f"knet-trainer: no finished run of {args.job} within {args.timeout:.0f} s",
+              file=sys.stderr)
+        return 1
+    try:
+        with TrainerService(config, oneshot=True) as service:
+            return _print_run(service.run_job(args.job, trigger="run-now"))
+    except SchedulerLocked as exc:
+        print(f"knet-trainer: {exc}", file=sys.stderr)
+        return 3
+
+
+def _print_run(run) -> int:  # type: ignore[no-untyped-def]
+    console.print(f"run {run.run_id} of {run.job_id}: {run.status}"
+                  + (f" (v{run.version})" if run.version else "")
+                  + (f" — {run.reason}" if run.reason else ""))
+    return 0 if run.status in ("pushed", "skipped", "rejected") else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="knet-trainer", description=__doc__.splitlines()[0])
+    p.add_argument("--config", type=Path, default=None,
+                   help="trainer.toml; without a command: run the trainer daemon")
+    p.add_argument("--log-format", choices=["auto", "text", "json"], default=None)
+    p.add_argument("-v", "--verbose", action="count", default=0)
     p.add_argument("--registry", type=Path,
                    default=Path(os.environ.get("KNET_REGISTRY", "/var/lib/knet/registry")))
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command")
+    jobs = sub.add_parser("jobs", help="the daemon's scheduled retraining jobs")
+    jsub = jobs.add_subparsers(dest="action", required=True)
+    j = jsub.add_parser("list", help="configured jobs, their schedule and last run")
+    j.add_argument("--json", action="store_true")
+    j.set_defaults(func=_jobs_list)
+    j = jsub.add_parser("run-now", help="run a job now (through the daemon if one runs)")
+    j.add_argument("job")
+    j.add_argument("--timeout", type=float, default=1800.0)
+    j.add_argument("--no-wait", action="store_true")
+    j.set_defaults(func=_jobs_run_now)
     models = sub.add_parser("models", help="inspect and roll back trained versions")
     msub = models.add_subparsers(dest="action", required=True)
     m = msub.add_parser("list")
@@ -106,14 +241,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
-                        "%(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        if args.config is None:
+            parser.error("give --config trainer.toml (run the daemon) or a command")
+        args.func = _daemon
+    elif args.command not in ("jobs",):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s "
+                            "%(name)s: %(message)s")
+    if args.command == "models" and args.config is not None and \
+            "--registry" not in (argv if argv is not None else sys.argv):
+        args.registry = _load_config(args).registry_dir
+    from agent.configfile import ConfigError
     from cloud_trainer.registry import RegistryError
+    from cloud_trainer.service import SchedulerLocked
 
     try:
         return int(args.func(args))
-    except RegistryError as exc:
+    except (RegistryError, ConfigError, SchedulerLocked) as exc:
         print(f"knet-trainer: {exc}", file=sys.stderr)
         return 2
 

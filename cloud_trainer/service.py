@@ -1,0 +1,551 @@
+"""The trainer daemon (`knet-trainer --config trainer.toml`): everything tied together.
+
+One process holds:
+
+* one MQTT v5 connection for the trainer itself: the retained ``trainer_state`` (``online``
+  with a summary of runs; the Will says ``offline``), the fleet's ``state``/``birth`` (the
+  fleet table) and ``update`` reports (the rollout's evidence), and the ``BlobPublisher``
+  that publishes signed updates and serves chunk re-requests;
+* the ``Ingestor`` (its own persistent session, shared subscription) into the sample store;
+* optionally the ``SplitServer`` (teacher blocks k+1..N);
+* an APScheduler 3.x ``BackgroundScheduler`` whose jobs live in an ``SQLAlchemyJobStore`` on
+  SQLite in the state directory, one thread, ``coalesce``/``max_instances=1``/per-job
+  ``misfire_grace_time``; listeners record missed and failed runs in the run log.
+
+Exactly one scheduler per job store: the process takes an exclusive ``flock`` on
+``scheduler.lock`` before touching the store and refuses to start when another holds it
+(``SchedulerLocked``). The lock is held for the process's life, so the kernel releases it
+even after SIGKILL. ``knet-trainer jobs run-now`` either asks the running daemon (a request
+file + SIGUSR1; the daemon moves the job's next run time to now) or, when no daemon holds
+the lock, takes the lock and runs the job in-process without any scheduler.
+
+Job functions are module-level (APScheduler stores a reference): ``scheduled_run(job_id)``
+finds the process's active service.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.signing import SigningError
+from agent.topics import TopicError
+from agent.update_manifest import SignedManifest
+from agent.update_report import UpdateReport, UpdateReportError
+from cloud_trainer.fleet import FleetMessageError, FleetTable
+from cloud_trainer.keys import load_private_key
+from cloud_trainer.publisher import BlobPublisher
+from cloud_trainer.registry import Registry
+from cloud_trainer.retrain import ModelRuntime, ProgressSink, Retrainer, ensure_initial_version
+from cloud_trainer.runs import Run, RunLog
+from cloud_trainer.store import SQLiteSampleStore, StoreLimits
+from cloud_trainer.trainer_config import TrainerConfig
+
+log = logging.getLogger(__name__)
+
+_ACTIVE: TrainerService | None = None  # the process's service, for scheduled_run
+
+
+class SchedulerLocked(RuntimeError):
+    """Another knet-trainer process owns this state directory's job store."""
+
+
+def scheduled_run(job_id: str) -> None:
+    """The APScheduler job function (module-level so the job store can reference it)."""
+    service = _ACTIVE
+    if service is None:
+        raise RuntimeError(f"job {job_id}: no trainer service is running in this process")
+    service.run_job(job_id, trigger="schedule")
+
+
+# -- the lock -------------------------------------------------------------------------------
+class StateLock:
+    """An exclusive, non-blocking ``flock`` on ``scheduler.lock`` holding the owner's pid."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self, purpose: str) -> StateLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SchedulerLocked(
+                f"{self.path} is held by {holder(self.path) or 'another process'}: exactly "
+                "one scheduler may use this job store; stop it first, or ask it with "
+                "`knet-trainer jobs run-now`") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "purpose": purpose,
+                                 "since": time.time()}).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
+def holder(path: Path) -> str | None:
+    """Who holds the lock, as text ("pid 123 (daemon)"), from the lock file; None if free."""
+    info = lock_info(path)
+    return None if info is None else f"pid {info['pid']} ({info.get('purpose', '?')})"
+
+
+def lock_info(path: Path) -> dict[str, Any] | None:
+    """The holder's record when the lock is held right now, else None."""
+    if not path.exists():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return dict(json.loads(Path(path).read_text() or "{}")) or {"pid": "?"}
+            except ValueError:
+                return {"pid": "?"}
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+# -- MQTT -----------------------------------------------------------------------------------
+def apply_tls(client: mqtt.Client, config: TrainerConfig) -> None:
+    tls = config.mqtt.tls
+    if tls is not None:
+        client.tls_set(ca_certs=str(tls.ca_file),
+                       certfile=str(tls.cert_file) if tls.cert_file else None,
+                       keyfile=str(tls.key_file) if tls.key_file else None)
+
+
+class _Channel:
+    """The retrainer's way out: the BlobPublisher on the trainer's connection."""
+
+    def __init__(self, client: mqtt.Client, publisher: BlobPublisher, manifest_topic: str):
+        self.client, self.publisher, self.topic = client, publisher, manifest_topic
+
+    def publish(self, signed: SignedManifest, files: Any, held: set[str]) -> None:
+        self.publisher.publish_update(signed, files, held=sorted(held))
+
+    def clear_manifest(self) -> None:
+        self.client.publish(self.topic, b"", qos=1, retain=True).wait_for_publish(30)
+
+
+class TrainerService:
+    """The daemon's parts; ``oneshot`` (run-now without a daemon) skips ingest/scheduler."""
+
+    def __init__(self, config: TrainerConfig, *, oneshot: bool = False,
+                 interactive: bool | None = None) -> None:
+        self.config = config
+        self.oneshot = oneshot
+        self.topics = config.topics
+        self.stopping = threading.Event()
+        self.fleet = FleetTable()
+        self.lock = StateLock(config.lock_file)
+        self.progress = ProgressSink(interactive)
+        self._run_lock = threading.Lock()
+        self._requests_event = threading.Event()
+        self.started_at = time.time()
+        self.scheduler: Any = None
+        self.ingestor: Any = None
+        self.split: Any = None
+        self.client: mqtt.Client | None = None
+        self.connected = threading.Event()
+        self.stats: dict[str, int] = {"reports": 0, "bad_reports": 0, "fleet_bad": 0}
+
+    # --- lifecycle
+    def start(self) -> TrainerService:
+        global _ACTIVE
+        cfg = self.config
+        self.lock.acquire("run-now" if self.oneshot else "daemon")
+        try:
+            cfg.trainer.state_dir.mkdir(parents=True, exist_ok=True)
+            self.key = load_private_key(cfg.trainer.signing_key_file)
+            self.password = cfg.mqtt.resolve_password()
+            self.registry = Registry(cfg.registry_dir)
+            self.runs = RunLog(cfg.registry_dir)
+            s = cfg.store
+            self.store = SQLiteSampleStore(cfg.store_dir, StoreLimits(
+                max_age_s=s.max_age_s, max_bytes=s.max_bytes,
+                device_max_bytes=s.device_max_bytes, device_max_count=s.device_max_count))
+            self.models = {mid: ModelRuntime.load(mid, sec) for mid, sec in cfg.models.items()}
+            for rt in self.models.values():
+                ensure_initial_version(self.registry, rt)
+            self._connect()
+            self.retrainer = Retrainer(cfg, self.registry, self.store, self.runs, self.fleet,
+                                       _Channel(self.client, self.publisher,
+                                                self.topics.manifest),
+                                       self.key, self.models, self.progress,
+                                       stop=self.stopping.is_set, on_change=self.publish_state)
+            self._serve_current()
+            if not self.oneshot:
+                if cfg.ingest.enabled:
+                    self._start_ingest()
+                if cfg.split.enabled:
+                    self._start_split()
+                _ACTIVE = self
+                self._start_scheduler()
+        except BaseException:
+            self.stop()
+            raise
+        log.info("trainer %s started for fleet %s (%s)", cfg.trainer.id, cfg.trainer.fleet,
+                 "run-now" if self.oneshot else f"jobs: {', '.join(cfg.job_ids) or 'none'}")
+        return self
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop scheduling, let a running job finish (bounded), say offline, disconnect."""
+        global _ACTIVE
+        self.stopping.set()
+        if self.scheduler is not None:
+            with contextlib.suppress(Exception):
+                self.scheduler.shutdown(wait=False)
+        if self._run_lock.acquire(timeout=timeout):
+            self._run_lock.release()
+        else:
+            log.warning("a run is still going after %.0f s; it will be resumed", timeout)
+        if self.split is not None:
+            with contextlib.suppress(Exception):
+                self.split.__exit__(None, None, None)
+            self.split = None
+        if self.ingestor is not None:
+            self.ingestor.stop()
+            self.ingestor = None
+        if self.client is not None:
+            if not self.oneshot and self.connected.is_set():
+                with contextlib.suppress(Exception):
+                    self.client.publish(self.topics.trainer_state(self.config.trainer.id),
+                                        self._state_payload("offline"), qos=1,
+                                        retain=True).wait_for_publish(5)
+            with contextlib.suppress(Exception):
+                self.publisher.close()
+            self.client.disconnect()
+            self.client.loop_stop()
+            self.client = None
+        if getattr(self, "store", None) is not None:
+            self.store.close()
+        if _ACTIVE is self:
+            _ACTIVE = None
+        self.lock.release()
+
+    def __enter__(self) -> TrainerService:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def _connect(self) -> None:
+        cfg = self.config
+        suffix = f"-run-now-{os.getpid()}" if self.oneshot else ""
+        client = mqtt.Client(CallbackAPIVersion.VERSION2,
+                             client_id=f"knet-trainer-{cfg.trainer.id}{suffix}",
+                             protocol=mqtt.MQTTv5)
+        if cfg.mqtt.username:
+            client.username_pw_set(cfg.mqtt.username, self.password)
+        apply_tls(client, cfg)
+        client.reconnect_delay_set(1, 30)
+        if not self.oneshot:
+            client.will_set(self.topics.trainer_state(cfg.trainer.id),
+                            self._state_payload("offline"), qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        for leaf, handler in (("state", self._on_state), ("birth", self._on_birth),
+                              ("update", self._on_report)):
+            client.message_callback_add(self.topics.all_devices(leaf), handler)
+        self.client = client
+        self.publisher = BlobPublisher(client, self.topics, cfg.trainer.state_dir / "blobs")
+        self.publisher.start()
+        client.connect_async(cfg.mqtt.host, cfg.mqtt.port, keepalive=cfg.mqtt.keepalive)
+        client.loop_start()
+        if not self.connected.wait(cfg.mqtt.connect_timeout_s):
+            log.warning("trainer: no connection to %s:%d within %.0f s; still trying",
+                        cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.connect_timeout_s)
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _flags: Any, reason: Any,
+                    _p: Any = None) -> None:
+        if getattr(reason, "is_failure", False):
+            log.error("trainer connection refused: %s", reason)
+            return
+        client.subscribe([(self.topics.all_devices(leaf), 1)
+                          for leaf in ("state", "birth", "update")])
+        self.connected.set()
+        if not self.oneshot:
+            self.publish_state()
+
+    def _on_disconnect(self, *_: Any) -> None:
+        self.connected.clear()
+        if not self.stopping.is_set():
+            log.warning("trainer disconnected from the broker; reconnecting")
+
+    def _device(self, topic: str) -> str | None:
+        try:
+            return self.topics.parse_device_topic(topic)[0]
+        except TopicError:
+            return None
+
+    def _on_state(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        device = self._device(msg.topic)
+        try:
+            if device is not None:
+                self.fleet.update_state(device, bytes(msg.payload))
+        except FleetMessageError as exc:
+            self.stats["fleet_bad"] += 1
+            log.warning("bad state from %s: %s", device, exc)
+
+    def _on_birth(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        device = self._device(msg.topic)
+        try:
+            if device is not None:
+                self.fleet.update_birth(device, bytes(msg.payload))
+        except FleetMessageError as exc:
+            self.stats["fleet_bad"] += 1
+            log.warning("bad birth from %s: %s", device, exc)
+
+    def _on_report(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        device = self._device(msg.topic)
+        try:
+            report = UpdateReport.parse(bytes(msg.payload))
+            if report.device != device:
+                raise UpdateReportError(f"report names {report.device!r} on {device}'s topic")
+            self.runs.add_report(report)
+            self.stats["reports"] += 1
+            log.info("update report from %s: %s v%d %s %s", device, report.model_id,
+                     report.version, report.status, report.reason or "")
+        except UpdateReportError as exc:
+            self.stats["bad_reports"] += 1
+            log.warning("bad update report on %s: %s", msg.topic, exc)
+        except Exception:  # never kill paho's thread (e.g. a locked database)
+            self.stats["bad_reports"] += 1
+            log.exception("storing the update report on %s failed", msg.topic)
+
+    def _serve_current(self) -> None:
+        """After a restart, answer re-requests for what the retained manifests name."""
+        for model_id in self.models:
+            path = self.retrainer.current_manifest_path(model_id)
+            if not path.is_file():
+                continue
+            try:
+                self.publisher.serve(SignedManifest.model_validate_json(path.read_bytes()))
+            except (OSError, ValueError) as exc:
+                log.warning("cannot serve %s's current manifest %s: %s", model_id, path, exc)
+
+    def _start_ingest(self) -> None:
+        from cloud_trainer.ingest import Ingestor, IngestSettings
+
+        cfg, ing = self.config, self.config.ingest
+        settings = IngestSettings(
+            host=cfg.mqtt.host, port=cfg.mqtt.port, username=cfg.mqtt.username,
+            password=self.password, client_id=f"knet-ingest-{cfg.trainer.id}",
+            share_group=ing.share_group, keepalive=cfg.mqtt.keepalive,
+            receive_maximum=ing.receive_maximum, max_payload=ing.max_payload,
+            validation=ing.validation)
+        self.ingestor = Ingestor(settings, self.topics, self.store, self.fleet)
+        apply_tls(self.ingestor.client, cfg)
+        self.ingestor.start(wait=False)
+
+    def _start_split(self) -> None:
+        from cloud_trainer.serve import SplitServer
+
+        cfg = self.config
+        model_id = cfg.split.model or next(iter(cfg.models))
+        srv = SplitServer(self.models[model_id].teacher, model_id, self.topics,
+                          cfg.mqtt.host, cfg.mqtt.port, username=cfg.mqtt.username,
+                          password=self.password, workers=cfg.split.workers,
+                          client_id=f"knet-split-{cfg.trainer.id}")
+        apply_tls(srv._client, cfg)  # the server owns its client; TLS is set before connect
+        self.split = srv.__enter__()
+
+    # --- scheduler
+    def _start_scheduler(self) -> None:
+        from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED
+        from apscheduler.executors.pool import ThreadPoolExecutor
+        from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        sched = BackgroundScheduler(
+            jobstores={"default": SQLAlchemyJobStore(url=f"sqlite:///{self.config.jobs_db}")},
+            executors={"default": ThreadPoolExecutor(1)},
+            job_defaults={"coalesce": True, "max_instances": 1}, timezone=UTC)
+        sched.add_listener(self._on_event,
+                           EVENT_JOB_MISSED | EVENT_JOB_ERROR | EVENT_JOB_MAX_INSTANCES)
+        sched.start(paused=True)  # read the stored jobs before anything can fire
+        self.scheduler = sched
+        wanted = set(self.config.job_ids)
+        for stored in sched.get_jobs():
+            if stored.id not in wanted:
+                log.info("job %s is no longer configured: removed from the job store",
+                         stored.id)
+                sched.remove_job(stored.id)
+        for job in self.config.jobs:
+            trigger = make_trigger(job)
+            stored = sched.get_job(job.id)
+            kwargs: dict[str, Any] = {}
+            if stored is not None and str(stored.trigger) == str(trigger) and \
+                    stored.next_run_time is not None:
+                kwargs["next_run_time"] = stored.next_run_time  # keep its place in time
+            sched.add_job(scheduled_run, trigger, args=[job.id], id=job.id,
+                          name=f"retrain {job.model}", replace_existing=True,
+                          misfire_grace_time=job.misfire_grace_s, coalesce=True,
+                          max_instances=1, **kwargs)
+        sched.resume()
+        for j in sched.get_jobs():
+            log.info("job %s: %s, next run %s", j.id, j.trigger, j.next_run_time)
+
+    def _on_event(self, event: Any) -> None:
+        from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED
+
+        when = getattr(event, "scheduled_run_time", None)
+        if event.code == EVENT_JOB_MISSED:
+            status, reason = "missed", f"run due at {when} missed its grace time"
+        elif event.code == EVENT_JOB_ERROR:
+            status, reason = "failed", f"job raised {event.exception!r}"
+        else:
+            status, reason = "skipped", "the previous run was still going (max_instances=1)"
+        log.warning("job %s: %s", event.job_id, reason)
+        with contextlib.suppress(Exception):
+            self.runs.record_event(event.job_id, status, reason,
+                                   when if isinstance(when, datetime) else None)
+
+    # --- runs
+    def run_job(self, job_id: str, trigger: str = "manual") -> Run:
+        """One run of ``job_id`` (serialised: never two runs at once in this process)."""
+        with self._run_lock:
+            if self.stopping.is_set() and trigger == "schedule":
+                raise RuntimeError("the trainer is stopping")
+            return self.retrainer.run(job_id, trigger)
+
+    def run_now_requests(self) -> None:
+        """Apply ``jobs run-now`` request files: move each job's next run to now."""
+        folder = requests_dir(self.config)
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            try:
+                job_id = json.loads(path.read_text())["job"]
+                self.config.job(job_id)
+                self.scheduler.modify_job(job_id, next_run_time=datetime.now(UTC))
+                log.info("job %s: run-now requested", job_id)
+            except Exception as exc:
+                log.warning("run-now request %s ignored: %s", path.name, exc)
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def wait(self) -> None:
+        """Until ``stopping``; SIGUSR1 (run-now) wakes it to read the request files."""
+        signal.signal(signal.SIGUSR1, lambda *_: self._requests_event.set())
+        self.run_now_requests()
+        while not self.stopping.is_set():
+            if self._requests_event.wait(1.0):
+                self._requests_event.clear()
+                self.run_now_requests()
+
+    # --- trainer state
+    def _state_payload(self, state: str) -> bytes:
+        body: dict[str, Any] = {"state": state, "trainer": self.config.trainer.id,
+                                "fleet": self.config.trainer.fleet, "pid": os.getpid(),
+                                "started_at": self.started_at, "time": time.time()}
+        if state == "online" and hasattr(self, "runs"):
+            runs = self.runs.runs(kind="run", limit=200)
+            body["rounds"] = sum(r.status == "pushed" for r in runs)
+            body["runs"] = {}
+            for r in runs:
+                if r.job_id not in body["runs"]:
+                    body["runs"][r.job_id] = {
+                        "run_id": r.run_id, "status": r.status, "version": r.version,
+                        "reason": r.reason[:200], "started_at": r.started_at.isoformat(),
+                        "finished_at": r.finished_at.isoformat() if r.finished_at else None}
+            body["models"] = {}
+            for mid in self.models:
+                v = self.registry.deployed(mid)
+                body["models"][mid] = {"deployed": v.version if v else None}
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    def publish_state(self) -> None:
+        if self.oneshot or self.client is None:
+            return
+        try:
+            self.client.publish(self.topics.trainer_state(self.config.trainer.id),
+                                self._state_payload("online"), qos=1, retain=True)
+        except Exception:
+            log.exception("publishing the trainer state failed")
+
+
+def make_trigger(job: Any) -> Any:
+    from apscheduler.triggers.cron import CronTrigger
+    from apscheduler.triggers.interval import IntervalTrigger
+
+    if job.cron is not None:
+        return CronTrigger.from_crontab(job.cron, timezone=UTC)
+    return IntervalTrigger(seconds=job.interval_s, timezone=UTC)
+
+
+def requests_dir(config: TrainerConfig) -> Path:
+    return config.trainer.state_dir / "requests"
+
+
+def request_run_now(config: TrainerConfig, job_id: str) -> tuple[int, float]:
+    """Ask the daemon holding the lock to run ``job_id`` now; returns (pid, request time)."""
+    info = lock_info(config.lock_file)
+    if info is None or info.get("purpose") != "daemon" or not isinstance(info.get("pid"), int):
+        raise SchedulerLocked(f"{config.lock_file}: no daemon to ask "
+                              f"({holder(config.lock_file) or 'free'})")
+    folder = requests_dir(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    at = time.time()
+    tmp = folder / f".{uuid.uuid4().hex}.tmp"
+    tmp.write_text(json.dumps({"job": job_id, "requested_at": at}))
+    tmp.replace(folder / f"{uuid.uuid4().hex}.json")
+    os.kill(int(info["pid"]), signal.SIGUSR1)
+    return int(info["pid"]), at
+
+
+def list_jobs(config: TrainerConfig) -> list[dict[str, Any]]:
+    """Every configured job with its stored schedule and last run, without a scheduler."""
+    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    stored: dict[str, Any] = {}
+    if config.jobs_db.exists():
+        store = SQLAlchemyJobStore(url=f"sqlite:///{config.jobs_db}")
+        store.start(BackgroundScheduler(timezone=UTC), "default")  # reading only, never run
+        stored = {j.id: j for j in store.get_all_jobs()}
+        store.shutdown()
+    runs = RunLog(config.registry_dir) if config.registry_dir.exists() else None
+    out = []
+    for job in config.jobs:
+        j = stored.get(job.id)
+        history = runs.runs(job.id, limit=50) if runs else []
+        last = next((r for r in history if r.kind == "run"), None)
+        out.append({
+            "id": job.id, "model": job.model,
+            "trigger": str(j.trigger) if j else str(make_trigger(job)),
+            "stored": j is not None,
+            "next_run": j.next_run_time.isoformat() if j and j.next_run_time else None,
+            "last_status": last.status if last else None,
+            "last_version": last.version if last else None,
+            "last_reason": last.reason if last else "",
+            "missed": sum(r.status == "missed" for r in history if r.kind == "event"),
+            "failed": sum(r.status == "failed" for r in history),
+        })
+    return out
+
+
+__all__ = ["SchedulerLocked", "SigningError", "TrainerService", "list_jobs",
+           "request_run_now", "scheduled_run"]

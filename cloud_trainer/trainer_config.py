@@ -1,0 +1,342 @@
+"""The trainer's configuration (``trainer.toml``), validated before anything starts.
+
+Unknown keys are rejected at every level and every error names the file, the field and the
+reason (``agent.configfile.load_model``). Relative paths resolve against the config file's
+directory. The broker password may sit in a file (``password_file``) so the config itself
+holds no secret. Cross-references are checked here too: a job must name a configured model
+and a rollout's canary devices must be valid device ids.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from agent.configfile import ConfigError, load_model
+from agent.topics import Topics, validate_id
+
+_STRICT = ConfigDict(extra="forbid")
+
+
+def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
+    base = (info.context or {}).get("base_dir")
+    if value is None or value.is_absolute() or base is None:
+        return value
+    return (Path(base) / value).resolve()
+
+
+class TrainerSection(BaseModel):
+    model_config = _STRICT
+
+    id: str = "trainer-1"
+    fleet: str = "default"
+    topic_prefix: str = "knet"
+    state_dir: Path = Path("/var/lib/knet/trainer")
+    signing_key_file: Path = Field(description="Ed25519 private key from `knet keys gen`")
+    log_format: Literal["auto", "text", "json"] = Field(
+        "auto", description="auto: rich text on a terminal, JSON lines otherwise")
+
+    @field_validator("id", "fleet")
+    @classmethod
+    def _ids(cls, v: str, info: ValidationInfo) -> str:
+        return validate_id(v, "trainer id" if info.field_name == "id" else "fleet id")
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        Topics("default", v)  # raises TopicError (a ValueError) with the reason
+        return v
+
+    _paths = field_validator("state_dir", "signing_key_file")(_resolve)
+
+
+class TlsSection(BaseModel):
+    model_config = _STRICT
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    _paths = field_validator("ca_file", "cert_file", "key_file")(_resolve)
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsSection:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (client certificate auth)")
+        return self
+
+
+class MqttSection(BaseModel):
+    model_config = _STRICT
+
+    host: str = Field("127.0.0.1", min_length=1)
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    tls: TlsSection | None = None
+    keepalive: int = Field(30, ge=5, le=3600)
+    connect_timeout_s: float = Field(10.0, gt=0)
+
+    _paths = field_validator("password_file")(_resolve)
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> MqttSection:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        return self
+
+    def resolve_password(self) -> str | None:
+        """The secret, read now; a missing file is a config error."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is not None:
+            try:
+                return self.password_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"mqtt.password_file: cannot read {self.password_file}: "
+                                  f"{exc.strerror}") from None
+        return None
+
+
+class ModelSection(BaseModel):
+    """A zoo model the trainer supervises and the profiles its updates are exported for."""
+
+    model_config = _STRICT
+
+    zoo: str = "digits"
+    seed: int = Field(0, ge=0)
+    profiles: list[str] = Field(default_factory=lambda: ["x86-dev"], min_length=1,
+                                description="firmware profiles to export each update for")
+
+    @field_validator("zoo")
+    @classmethod
+    def _zoo(cls, v: str) -> str:
+        from cloud_trainer.zoo import zoo_names
+
+        if v not in zoo_names():
+            raise ValueError(f"no zoo model {v!r}; choose from {', '.join(zoo_names())}")
+        return v
+
+    @field_validator("profiles")
+    @classmethod
+    def _profiles(cls, v: list[str]) -> list[str]:
+        from agent.profiles import load_profile
+
+        for name in v:
+            try:
+                load_profile(name)
+            except (ConfigError, OSError, ValueError) as exc:
+                raise ValueError(f"profile {name!r}: {exc}") from None
+        if len(set(v)) != len(v):
+            raise ValueError(f"profile listed twice: {v}")
+        return v
+
+
+class StoreSection(BaseModel):
+    model_config = _STRICT
+
+    max_age_s: float | None = Field(7 * 24 * 3600.0, gt=0)
+    max_bytes: int | None = Field(2 << 30, ge=1)
+    device_max_bytes: int | None = Field(256 << 20, ge=1)
+    device_max_count: int | None = Field(None, ge=1)
+
+
+class IngestSection(BaseModel):
+    model_config = _STRICT
+
+    enabled: bool = True
+    share_group: str = "trainers"
+    receive_maximum: int = Field(1000, ge=1, le=65535)
+    max_payload: int = Field(4 << 20, ge=1)
+    validation: Literal["decode", "header"] = "decode"
+
+    @field_validator("share_group")
+    @classmethod
+    def _group(cls, v: str) -> str:
+        return validate_id(v, "share group")
+
+
+class GateSection(BaseModel):
+    model_config = _STRICT
+
+    metric: Literal["auto", "accuracy", "teacher_agreement"] = Field(
+        "auto", description="auto: accuracy with a labelled holdout, else teacher agreement")
+    margin: float = Field(0.0, ge=0, description="points the candidate may lose")
+    min_improvement: float | None = Field(
+        None, description="points the candidate must gain (None: not required)")
+    holdout: Path | None = Field(
+        None, description="npz with x (raw inputs) and y (labels) from the operator")
+    holdout_fraction: float = Field(0.2, gt=0, lt=1,
+                                    description="stored samples kept out of training")
+
+    _paths = field_validator("holdout")(_resolve)
+
+
+class TrainingSection(BaseModel):
+    model_config = _STRICT
+
+    epochs: int = Field(20, ge=1, le=10_000)
+    lr: float = Field(3e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+    temperature: float = Field(4.0, gt=0)
+    max_samples: int = Field(20_000, ge=1, description="newest samples used per run")
+    blocks: list[int] | None = Field(None, description="blocks allowed to change (None: all)")
+    raw_input_mode: Literal["student", "student+boundary"] = Field(
+        "student+boundary", description="how boundary-0 samples supervise the chain")
+    seed: int = 0
+
+
+class JobSection(BaseModel):
+    """One scheduled retraining job: which model, which devices, when, and how."""
+
+    model_config = _STRICT
+
+    id: str
+    model: str
+    profiles: list[str] = Field(default_factory=list, description="device group by profile")
+    devices: list[str] = Field(default_factory=list, description="device group by id")
+    interval_s: float | None = Field(None, gt=0)
+    cron: str | None = Field(None, description="crontab expression, e.g. '0 3 * * *'")
+    min_new_samples: int = Field(100, ge=1)
+    boundaries: list[int] | None = Field(None, description="boundaries to train on (None: any)")
+    misfire_grace_s: int = Field(300, ge=1)
+    training: TrainingSection = TrainingSection()
+    gate: GateSection = GateSection()
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        return validate_id(v, "job id")
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: list[str]) -> list[str]:
+        return [validate_id(d) for d in v]
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str | None) -> str | None:
+        if v is not None:
+            from apscheduler.triggers.cron import CronTrigger
+
+            CronTrigger.from_crontab(v)  # raises ValueError naming the bad field
+        return v
+
+    @model_validator(mode="after")
+    def _one_trigger(self) -> JobSection:
+        if (self.interval_s is None) == (self.cron is None):
+            raise ValueError("give exactly one of interval_s or cron")
+        return self
+
+
+class RolloutSection(BaseModel):
+    model_config = _STRICT
+
+    enabled: bool = True
+    canary_devices: list[str] = Field(default_factory=list,
+                                      description="explicit canary group (else a fraction)")
+    canary_fraction: float = Field(0.25, gt=0, le=1)
+    success_timeout_s: float = Field(300.0, gt=0)
+    required_success_ratio: float = Field(1.0, gt=0, le=1)
+
+    @field_validator("canary_devices")
+    @classmethod
+    def _devices(cls, v: list[str]) -> list[str]:
+        return [validate_id(d) for d in v]
+
+    def canary_count(self, eligible: int) -> int:
+        return min(eligible, max(1, math.ceil(self.canary_fraction * eligible)))
+
+
+class SplitSection(BaseModel):
+    model_config = _STRICT
+
+    enabled: bool = False
+    model: str | None = Field(None, description="which [models.*] to serve (default: first)")
+    workers: int = Field(2, ge=1, le=64)
+
+
+class TrainerConfig(BaseModel):
+    model_config = _STRICT
+
+    trainer: TrainerSection
+    mqtt: MqttSection = MqttSection()
+    models: dict[str, ModelSection] = Field(min_length=1)
+    store: StoreSection = StoreSection()
+    ingest: IngestSection = IngestSection()
+    jobs: list[JobSection] = Field(default_factory=list)
+    rollout: RolloutSection = RolloutSection()
+    split: SplitSection = SplitSection()
+
+    @field_validator("models")
+    @classmethod
+    def _model_ids(cls, v: dict[str, ModelSection]) -> dict[str, ModelSection]:
+        import re
+
+        for name in v:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,62}", name):
+                raise ValueError(f"model id {name!r}: lowercase a-z, 0-9, '_', '.', '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _references(self) -> TrainerConfig:
+        ids = [j.id for j in self.jobs]
+        dup = {i for i in ids if ids.count(i) > 1}
+        if dup:
+            raise ValueError(f"job ids must be unique: {sorted(dup)}")
+        for j in self.jobs:
+            if j.model not in self.models:
+                raise ValueError(f"job {j.id!r}: model {j.model!r} is not in [models] "
+                                 f"({', '.join(self.models)})")
+        if self.split.model is not None and self.split.model not in self.models:
+            raise ValueError(f"split.model {self.split.model!r} is not in [models]")
+        return self
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.trainer.fleet, self.trainer.topic_prefix)
+
+    def job(self, job_id: str) -> JobSection:
+        for j in self.jobs:
+            if j.id == job_id:
+                return j
+        raise ConfigError(f"no job {job_id!r} in the config ({', '.join(self.job_ids) or '-'})")
+
+    @property
+    def job_ids(self) -> list[str]:
+        return [j.id for j in self.jobs]
+
+    # state directory layout
+    @property
+    def store_dir(self) -> Path:
+        return self.trainer.state_dir / "store"
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.trainer.state_dir / "registry"
+
+    @property
+    def jobs_db(self) -> Path:
+        return self.trainer.state_dir / "jobs.sqlite3"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.trainer.state_dir / "scheduler.lock"
+
+
+def load_trainer_config(path: Path | str) -> TrainerConfig:
+    """Read and validate ``trainer.toml``; ConfigError names file, field and reason."""
+    path = Path(path)
+    return load_model(path, TrainerConfig, context={"base_dir": path.resolve().parent})
