@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -186,7 +186,47 @@ class MqttSource(BaseModel):
     queue_size: int = Field(64, ge=1, le=100_000, description="frames waiting for inference")
 
 
-Source = Annotated[NpzSource | ImagesSource | MqttSource, Field(discriminator="kind")]
+class UpstreamSource(BaseModel):
+    """A later stage of a chain: envelopes from the previous stage (``agent/chain.py``)."""
+
+    model_config = _STRICT
+
+    kind: Literal["upstream"]
+    device: str = Field(description="the previous stage's device id")
+    topic: str | None = Field(None, description="default: {prefix}/v1/{fleet}/{device}/chain")
+    queue_size: int = Field(256, ge=1, le=100_000,
+                            description="decoded inputs waiting; keep >= the broker's "
+                                        "max_inflight_messages")
+    max_payload_bytes: int = Field(16 * 2**20, ge=1024)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return validate_id(v, "source.device")
+
+
+Source = Annotated[NpzSource | ImagesSource | MqttSource | UpstreamSource,
+                   Field(discriminator="kind")]
+
+
+class ChainSection(BaseModel):
+    """This agent is a stage of a chain: relay its last boundary, or publish results."""
+
+    model_config = _STRICT
+
+    enabled: bool = False
+    codec: str = Field("uint8+lz4", description="codec of the boundary sent to the next stage")
+    topic: str | None = Field(None, description="default: {prefix}/v1/{fleet}/{device}/chain")
+
+    @field_validator("codec")
+    @classmethod
+    def _codec(cls, v: str) -> str:
+        from agent.codec import CodecError, parse_spec
+
+        try:
+            return str(parse_spec(v))
+        except CodecError as exc:
+            raise ValueError(str(exc)) from None
 
 
 class UplinkSection(BaseModel):
@@ -306,17 +346,14 @@ class UpdateSection(BaseModel):
 
     _paths = field_validator("public_keys")(_resolve_list)
 
-    @field_validator("public_keys")
-    @classmethod
-    def _keys_load(cls, v: list[Path]) -> list[Path]:
-        from agent.signing import SigningError, load_public_key
+    def load_keys(self) -> dict[str, Any]:
+        """``{key_id: Ed25519PublicKey}``; ConfigError naming the field if a key is bad."""
+        from agent.signing import SigningError, load_public_keys
 
-        for path in v:
-            try:
-                load_public_key(path)
-            except SigningError as exc:
-                raise ValueError(str(exc)) from None
-        return v
+        try:
+            return load_public_keys(self.public_keys)
+        except SigningError as exc:
+            raise ConfigError(f"update.public_keys: {exc}") from None
 
     @model_validator(mode="after")
     def _trust(self) -> UpdateSection:
@@ -341,6 +378,7 @@ class AgentConfig(BaseModel):
     metrics: MetricsSection = Field(default_factory=MetricsSection)
     watchdog: WatchdogSection = Field(default_factory=WatchdogSection)
     split: SplitSection = Field(default_factory=SplitSection)
+    chain: ChainSection = Field(default_factory=ChainSection)
     update: UpdateSection = Field(default_factory=UpdateSection)
 
     _path: Path | None = PrivateAttr(None)
@@ -350,6 +388,9 @@ class AgentConfig(BaseModel):
         """Fill the defaults that depend on the device id (copies: sections may be shared)."""
         if self.mqtt.username is None:
             self.mqtt = self.mqtt.model_copy(update={"username": self.device.id})
+        if isinstance(self.source, UpstreamSource) and not self.chain.enabled:
+            raise ValueError("source.kind = upstream makes this a chain stage: set "
+                             "[chain] enabled = true")
         if isinstance(self.source, MqttSource) and self.source.topic is None:
             self.source = self.source.model_copy(
                 update={"topic": self.topics.input(self.device.id)})
@@ -409,6 +450,11 @@ def check_partition(config: AgentConfig, manifest: PartitionManifest,
     if outside:
         warnings.append(f"uplink.boundaries {outside} are outside this partition "
                         f"({manifest.first - 1}..{manifest.last}); they are not sent")
+    if config.update.enabled:
+        try:
+            config.update.load_keys()
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     if config.split.enabled and manifest.is_complete:
         warnings.append("split.enabled: this node holds the whole model; nothing to split")
     for w in warnings:

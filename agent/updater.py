@@ -46,7 +46,6 @@ from agent.pipeline import RunnerSlot
 from agent.profiles import FirmwareProfile
 from agent.runtime import BlockRunner, PartitionError
 from agent.selftest import self_test
-from agent.signing import load_public_keys
 from agent.topics import Topics
 from agent.update_manifest import UpdateManifest, UpdateRejected, Variant, parse_signed
 from agent.update_report import RejectReason, Status, UpdateReport
@@ -199,7 +198,7 @@ class Updater:
         self.infer_counts = infer_counts or (lambda: (0, 0))
         self.on_event = on_event
         self.local_blocks = dict(local_blocks or {})  # sha -> file of the configured partition
-        self.keys = load_public_keys(cfg.public_keys)
+        self.keys = cfg.load_keys()
         self.fetcher = BlobFetcher(link, topics, device, cache,
                                    request_interval=cfg.request_interval_s,
                                    first_request_after=cfg.first_request_after_s)

@@ -1,0 +1,174 @@
+"""The update path's pieces without a broker: config section, persisted state, self-test,
+canary ring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from agent_helpers import agent_config, write_config
+from update_helpers import Versions, versions
+
+from agent.active import MAX_SEEN, ActiveStore, UpdateState, VersionRecord, damaged_blocks
+from agent.canary import CanaryRecorder
+from agent.config import check_partition, load_config
+from agent.configfile import ConfigError
+from agent.manifest import PartitionManifest
+from agent.profiles import load_profile
+from agent.runtime import BlockRunner
+from agent.selftest import self_test
+
+PROFILE = load_profile("x86-dev")
+
+
+@pytest.fixture(scope="module")
+def v(tmp_path_factory: pytest.TempPathFactory) -> Versions:
+    return versions(lambda: tmp_path_factory.mktemp("versions"))
+
+
+def runner(v: Versions, name: str) -> BlockRunner:
+    part, directory = v.get(name)
+    return BlockRunner(part, directory, PROFILE)
+
+
+def config_with(tmp_path: Path, v: Versions, update: dict[str, object]) -> Path:
+    _p, d1 = v.get("v1")
+    cfg = agent_config(tmp_path, 1883, d1 / "manifest.json")
+    extra = write_config(tmp_path / "extra.toml", {"update": update})
+    cfg.write_text(cfg.read_text() + "\n" + extra.read_text())
+    return cfg
+
+
+# -- [update] config
+def test_update_section_defaults_off_and_needs_a_trust_anchor(tmp_path: Path,
+                                                              v: Versions) -> None:
+    assert load_config(config_with(tmp_path, v, {})).update.enabled is False
+    with pytest.raises(ConfigError, match=r"update.*public_keys"):
+        load_config(config_with(tmp_path, v, {"enabled": True}))
+    with pytest.raises(ConfigError, match="allow_unsigned is refused"):
+        load_config(config_with(tmp_path, v, {"enabled": True, "public_keys": [v.pub],
+                                              "allow_unsigned": True}))
+    with pytest.raises(ConfigError, match="agreement_threshold"):
+        load_config(config_with(tmp_path, v, {"enabled": True, "public_keys": [v.pub],
+                                              "agreement_threshold": 1.5}))
+    with pytest.raises(ConfigError, match="canary"):
+        load_config(config_with(tmp_path, v, {"enabled": True, "public_keys": [v.pub],
+                                              "canary": 3}))
+
+
+def test_bad_key_file_is_named_by_the_deployment_check(tmp_path: Path, v: Versions) -> None:
+    (tmp_path / "not-a-key.pub").write_text("hello")
+    cfg = load_config(config_with(tmp_path, v, {"enabled": True,
+                                                "public_keys": ["not-a-key.pub"]}))
+    assert cfg.update.public_keys == [tmp_path / "not-a-key.pub"]  # relative to the file
+    manifest = PartitionManifest.load(cfg.model.manifest)
+    with pytest.raises(ConfigError, match=r"update\.public_keys: not a PEM public key"):
+        check_partition(cfg, manifest, PROFILE)
+    good = load_config(config_with(tmp_path, v, {"enabled": True, "public_keys": [v.pub]}))
+    check_partition(good, manifest, PROFILE)
+    assert len(good.update.load_keys()) == 1
+
+
+# -- persisted state
+def record(v: Versions, name: str, digest: str) -> VersionRecord:
+    part, _d = v.get(name)
+    return VersionRecord(model_id=part.model_id, version=part.model_version, digest=digest,
+                         partition=part)
+
+
+def test_state_round_trips_and_a_torn_write_leaves_the_old_state(tmp_path: Path,
+                                                                 v: Versions) -> None:
+    store = ActiveStore(tmp_path / "update")
+    assert store.load() == UpdateState()
+    state = UpdateState(current=record(v, "v2-head", "a" * 64),
+                        last_known_good=record(v, "v1", "b" * 64))
+    state.remember("applied", "a" * 64)
+    store.save(state)
+    # a crash after the temporary file was written but before the rename
+    (tmp_path / "update" / ".active.json.x.tmp").write_text('{"torn": ')
+    assert store.load() == state
+    assert store.load().keep_shas() == ({b.sha256 for b in v.get("v1")[0].blocks}
+                                        | {b.sha256 for b in v.get("v2-head")[0].blocks})
+
+
+def test_unreadable_state_is_set_aside(tmp_path: Path) -> None:
+    store = ActiveStore(tmp_path)
+    store.path.write_text('{"format_version": 1, "current": 17}')
+    assert store.load() == UpdateState()
+    assert (tmp_path / "active.json.corrupt").is_file() and not store.path.exists()
+
+
+def test_seen_lists_are_bounded_and_ordered() -> None:
+    state = UpdateState()
+    for i in range(MAX_SEEN + 10):
+        state.remember("rejected", f"{i:064x}")
+    state.remember("rejected", f"{20:064x}")  # seen again: moves to the end
+    assert len(state.rejected) == MAX_SEEN and state.rejected[-1] == f"{20:064x}"
+    state.forget(f"{20:064x}")
+    assert f"{20:064x}" not in state.rejected
+
+
+def test_damaged_blocks_are_found(tmp_path: Path, v: Versions) -> None:
+    part, directory = v.get("v1")
+    rec = record(v, "v1", "c" * 64)
+    assert damaged_blocks(rec, directory) == []
+    copy = tmp_path / "blocks"
+    copy.mkdir()
+    for b in part.blocks[1:]:
+        data = (directory / b.file).read_bytes()
+        if b.index == 3:
+            data = data[:-1] + bytes([data[-1] ^ 1])
+        (copy / b.file).write_bytes(data)
+    assert damaged_blocks(rec, copy) == [part.blocks[0].sha256, part.blocks[2].sha256]
+
+
+# -- self-test
+def canaries(n: int = 16) -> list[np.ndarray]:
+    from cloud_trainer.data import digits_splits
+
+    return list(digits_splits().x_test[:n].reshape(n, 1, 8, 8).astype(np.float32))
+
+
+def test_self_test_passes_a_small_change_and_refuses_nan(v: Versions) -> None:
+    old = runner(v, "v1")
+    ok = self_test(runner(v, "v2-head"), old, canaries(), threshold=0.9, min_canaries=4)
+    assert ok.ok and ok.agreement == 1.0 and ok.canaries == 16
+    bad = self_test(runner(v, "v2-nan"), old, canaries(), threshold=0.0, min_canaries=4)
+    assert not bad.ok and bad.reason == "self_test_failed" and "block 4" in bad.detail
+    # no canaries yet: shapes and finiteness still checked, agreement skipped
+    assert not self_test(runner(v, "v2-nan"), old, [], threshold=0.0, min_canaries=4).ok
+    skipped = self_test(runner(v, "v2-head"), old, [], threshold=1.0, min_canaries=4)
+    assert skipped.ok and "not checked" in skipped.detail
+
+
+def test_self_test_agreement_threshold_and_slices(v: Versions) -> None:
+    old, full = runner(v, "v1"), runner(v, "v2-full")
+    score = self_test(full, old, canaries(), threshold=0.0, min_canaries=4).agreement
+    assert score is not None and 0.0 <= score <= 1.0
+    refused = self_test(full, old, canaries(), threshold=score + 0.01, min_canaries=4)
+    assert not refused.ok and "agreement" in refused.detail
+    # a slice that ends inside the model: cosine similarity of its last boundary
+    p1, d1 = v.get("v1")
+    p2, d2 = v.get("v2-head")
+    head_old = BlockRunner(p1.slice(1, 3), d1, PROFILE)
+    head_new = BlockRunner(p2.slice(1, 3), d2, PROFILE)  # blocks 1..3 unchanged
+    same = self_test(head_new, head_old, canaries(), threshold=0.999, min_canaries=4)
+    assert same.ok and same.agreement == pytest.approx(1.0)
+    other = self_test(BlockRunner(p2.slice(1, 2), d2, PROFILE), head_old, canaries(),
+                      threshold=0.0, min_canaries=4)
+    assert not other.ok and other.reason == "incompatible"
+
+
+# -- canary ring
+def test_canary_ring_is_bounded_and_tags_confidences() -> None:
+    ring = CanaryRecorder(4)
+    a, b = object(), object()
+    xs = [np.full((1, 8, 8), i, np.float32) for i in range(10)]
+    for i, x in enumerate(xs):
+        ring.record(x, a if i < 7 else b, 0.1 * i)
+    assert [int(x[0, 0, 0]) for x in ring.inputs()] == [6, 7, 8, 9]
+    assert ring.confidences(b) == pytest.approx([0.7, 0.8, 0.9])
+    off = CanaryRecorder(0)
+    off.record(xs[0], a, 0.5)
+    assert off.inputs() == [] and off.confidences(a) == []
