@@ -108,7 +108,7 @@ def boundary_envelopes(student: BlockModel, x: np.ndarray, boundary: int, *,
                        version: int = 1) -> list[Envelope]:
     """What a device running ``student`` uplinks at ``boundary`` for inputs ``x``."""
     with torch.no_grad():
-        acts = student.boundaries(torch.from_numpy(np.asarray(x, np.float32)))[boundary]
+        acts = student.boundaries(torch.from_numpy(np.array(x, np.float32)))[boundary]
     out = []
     for i, a in enumerate(acts.numpy()):
         out.append(Envelope(device=device, session=session, seq=start + i,
