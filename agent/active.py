@@ -53,8 +53,11 @@ class UpdateState(BaseModel):
     last_known_good: VersionRecord | None = None  # what ran before ``current``
     applied: list[str] = Field(default_factory=list)  # digests installed, oldest first
     rejected: list[str] = Field(default_factory=list)  # digests refused or rolled back
+    # digests of manifests for the version that was already running (nothing to install)
+    acknowledged: list[str] = Field(default_factory=list)
 
-    def remember(self, which: Literal["applied", "rejected"], digest: str) -> None:
+    def remember(self, which: Literal["applied", "rejected", "acknowledged"],
+                 digest: str) -> None:
         seen = getattr(self, which)
         if digest in seen:
             seen.remove(digest)
@@ -62,7 +65,7 @@ class UpdateState(BaseModel):
         del seen[:-MAX_SEEN]
 
     def forget(self, digest: str) -> None:
-        for seen in (self.applied, self.rejected):
+        for seen in (self.applied, self.rejected, self.acknowledged):
             while digest in seen:
                 seen.remove(digest)
 

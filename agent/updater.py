@@ -276,7 +276,7 @@ class Updater:
         running: BlockRunner = self.slot.current
         base = {"model_id": running.manifest.model_id, "version": 0,
                 "from_version": running.version}
-        if job.digest in self.state.rejected or self._is_current(job.digest):
+        if self._settled(job.digest):
             log.debug("manifest %s seen before; ignored", job.digest[:12])
             return
         try:
@@ -287,6 +287,9 @@ class Updater:
             base.update(model_id=manifest.model_id, version=manifest.version)
             variant = self._admit(manifest, job.digest, running)
             part = variant.partition.slice(running.manifest.first, running.manifest.last)
+            if manifest.version == running.version:
+                self._same_version(part, running, job, base)
+                return
             result = self._fetch(variant, part, job, base)
             new = self._build(part, running)
         except (UpdateRejected, _Refused) as exc:
@@ -298,8 +301,24 @@ class Updater:
             return
         self._install(new, running, part, job, result, base)
 
-    def _is_current(self, digest: str) -> bool:
-        return self.state.current is not None and self.state.current.digest == digest
+    def _settled(self, digest: str) -> bool:
+        """A manifest already acted on that needs no new report (the retained copy comes
+        again on every reconnect)."""
+        s = self.state
+        return (digest in s.rejected or digest in s.acknowledged
+                or (s.current is not None and s.current.digest == digest))
+
+    def _same_version(self, part: PartitionManifest, running: BlockRunner, job: _Job,
+                      base: dict[str, Any]) -> None:
+        """The running version described again (first manifest after provisioning, a
+        widened rollout): ``applied`` with nothing done. Other blocks under the running
+        version number are refused: a new version needs a new number."""
+        if [b.sha256 for b in part.blocks] != [b.sha256 for b in running.manifest.blocks]:
+            raise _Refused("replayed", f"v{part.model_version} is already running, with "
+                                       f"other blocks")
+        self.state.remember("acknowledged", job.digest)
+        self.store.save(self.state)
+        self._emit("applied", job, base, detail="already running")
 
     def _admit(self, manifest: UpdateManifest, digest: str, running: BlockRunner) -> Variant:
         """Target, model, version and replay checks; the variant for this profile."""
@@ -311,8 +330,6 @@ class Updater:
                                            f"{running.manifest.model_id!r}")
         if digest in self.state.applied:
             raise _Refused("replayed", f"v{manifest.version} was installed before")
-        if manifest.version == running.version:
-            raise _Refused("replayed", f"v{manifest.version} is already running")
         if manifest.version < running.version and not manifest.rollback:
             raise _Refused("downgrade", f"v{manifest.version} is older than the running "
                                         f"v{running.version} and not a signed rollback")
@@ -467,7 +484,9 @@ class Updater:
     # -- reports
     def _refuse(self, job: _Job, reason: RejectReason, detail: str,
                 base: dict[str, Any], *, retry: bool = False) -> None:
-        log.warning("update refused (%s): %s", reason, detail)
+        quiet = reason in ("not_targeted", "replayed")  # normal in a fleet, not an alarm
+        log.log(logging.INFO if quiet else logging.WARNING, "update refused (%s): %s",
+                reason, detail)
         if not retry:
             self.state.remember("rejected", job.digest)
             self.store.save(self.state)

@@ -65,6 +65,14 @@ def _bench_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_update(args: argparse.Namespace) -> int:
+    from bench.update import run_update_bench
+
+    run_update_bench(devices=tuple(args.devices), changes=tuple(args.changes),
+                     rate_hz=args.rate_hz, push_delay=args.push_delay, json_path=args.json)
+    return 0
+
+
 def _broker(args: argparse.Namespace) -> int:
     from broker import provision
 
@@ -164,6 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--validation", nargs="+", default=["decode", "header"])
     b.add_argument("--json", type=Path, default=None)
     b.set_defaults(func=_bench_ingest)
+
+    b = bsub.add_parser("update", help="signed block update to N loopback agents; swap stall")
+    b.add_argument("--devices", type=int, nargs="+", default=[1, 5, 10])
+    b.add_argument("--changes", nargs="+", choices=["one-block", "full-model"],
+                   default=["one-block", "full-model"])
+    b.add_argument("--rate-hz", type=float, default=20.0, help="each device's input rate")
+    b.add_argument("--push-delay", type=float, default=0.3,
+                   help="publisher's wait between manifest and chunk push")
+    b.add_argument("--json", type=Path, default=None)
+    b.set_defaults(func=_bench_update)
 
     br = sub.add_parser("broker", help="a locked-down Mosquitto for a fleet")
     brsub = br.add_subparsers(dest="broker", required=True)

@@ -135,10 +135,18 @@ def test_manifest_signed_by_an_unknown_key(rig: Rig) -> None:
     rig.expect_refused("unknown_key")
 
 
-def test_manifest_of_the_running_version_is_a_replay(rig: Rig) -> None:
+def test_running_version_is_acknowledged_and_other_blocks_under_its_number_refused(
+        rig: Rig) -> None:
     p1, d1 = rig.v.get("v1")
     rig.publish_raw(signed_update(p1, d1, rig.v.key)[0].payload())
-    assert "already running" in rig.expect_refused("replayed")["detail"]
+    assert wait_until(lambda: len(rig.reports.payloads()) > rig.seen, 10)
+    ack = json.loads(rig.reports.payloads()[rig.seen])
+    rig.seen += 1
+    assert (ack["status"], ack["version"], ack["bytes"]) == ("applied", 1, 0)
+    assert ack["detail"] == "already running" and rig.agent.slot.current.version == 1
+    po, do = rig.v.get("v1-other")
+    rig.publish_raw(signed_update(po, do, rig.v.key)[0].payload())
+    assert "other blocks" in rig.expect_refused("replayed")["detail"]
 
 
 def test_manifest_for_other_devices(rig: Rig) -> None:

@@ -158,6 +158,7 @@ _VERSIONS: dict[str, tuple[int, Transform | None]] = {
     "v2-full": (2, perturb((1, 2, 3, 4))),  # every block
     "v2-nan": (2, nan_head),
     "v3-head": (3, scale_head(1.05)),
+    "v1-other": (1, scale_head(1.03)),  # other blocks under the running version number
     "v1-confident": (1, scale_head(20.0)),
     "v2-unsure": (2, scale_head(0.01)),  # same top-1 as v1-confident, confidence collapsed
 }
