@@ -69,7 +69,8 @@ def _bench_update(args: argparse.Namespace) -> int:
     from bench.update import run_update_bench
 
     run_update_bench(devices=tuple(args.devices), changes=tuple(args.changes),
-                     rate_hz=args.rate_hz, push_delay=args.push_delay, json_path=args.json)
+                     rate_hz=args.rate_hz, push_delay=args.push_delay,
+                     repeats=args.repeats, json_path=args.json)
     return 0
 
 
@@ -180,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rate-hz", type=float, default=20.0, help="each device's input rate")
     b.add_argument("--push-delay", type=float, default=0.3,
                    help="publisher's wait between manifest and chunk push")
+    b.add_argument("--repeats", type=int, default=5, help="updates in the stall measurement")
     b.add_argument("--json", type=Path, default=None)
     b.set_defaults(func=_bench_update)
 
