@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, Float, Integer, String, create_engine, event, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from agent.update_report import UpdateReport
@@ -118,7 +119,12 @@ class RunLog:
         root.mkdir(parents=True, exist_ok=True)
         self.engine = create_engine(f"sqlite:///{root / 'registry.sqlite3'}")
         event.listen(self.engine, "connect", _sqlite_pragmas)
-        _Base.metadata.create_all(self.engine)
+        try:
+            _Base.metadata.create_all(self.engine)
+        except OperationalError as exc:  # another process created them between check and DDL
+            if "already exists" not in str(exc):
+                raise
+            _Base.metadata.create_all(self.engine)
         self.reports_changed = threading.Condition()
 
     # --- runs

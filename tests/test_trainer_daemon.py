@@ -1,0 +1,146 @@
+"""`knet-trainer --config` as a real process: retained online/offline state, the persisted job
+store across a restart, one scheduler per job store, `jobs list/run-now`, and SIGKILL in the
+middle of a run followed by a consistent registry and a run that proceeds."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mqtt_helpers import Collector, wait_until
+from trainer_helpers import (
+    FLEET,
+    boundary_envelopes,
+    degraded_student,
+    job,
+    register_deployed,
+    start_trainer,
+    store_samples,
+    trainer_cli,
+    trainer_toml,
+)
+
+from agent.topics import Topics
+from broker.launcher import Mosquitto
+from cloud_trainer.data import digits_splits
+from cloud_trainer.registry import Registry
+from cloud_trainer.runs import RunLog
+from cloud_trainer.train import trained_pair
+
+pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
+TOPICS = Topics(FLEET)
+STATE = TOPICS.trainer_state("trainer-t")
+
+
+def runs_of(tmp: Path, job_id: str) -> list:  # type: ignore[type-arg]
+    path = tmp / "state" / "registry" / "registry.sqlite3"
+    return RunLog(path.parent).runs(job_id, kind="run") if path.exists() else []
+
+
+def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 60) -> str:
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=timeout)
+    return out
+
+
+def last_state(c: Collector) -> dict:  # type: ignore[type-arg]
+    return json.loads(c.payloads(STATE)[-1])
+
+
+def test_daemon_schedules_persists_and_refuses_a_second_scheduler(
+        tmp_path: Path, mosquitto: Mosquitto) -> None:
+    config = trainer_toml(tmp_path, mosquitto.port, ingest={"enabled": True}, jobs=[
+        job("tick", interval_s=1.5, min_new_samples=10**6),
+        job("later", interval_s=3600, min_new_samples=10**6),
+    ])
+    with Collector(mosquitto.host, mosquitto.port, STATE) as states:
+        daemon = start_trainer(config)
+        try:
+            assert wait_until(lambda: any(r.finished for r in runs_of(tmp_path, "tick")),
+                              90), "no run"
+            assert wait_until(lambda: bool(states.payloads()) and
+                              last_state(states)["state"] == "online", 10)
+            assert last_state(states)["models"]["digits"]["deployed"] == 1
+            tick = next(r for r in runs_of(tmp_path, "tick") if r.finished)
+            assert tick.trigger == "schedule" and tick.status == "skipped"
+
+            second = start_trainer(config)
+            out, _ = second.communicate(timeout=60)
+            assert second.returncode == 2, out
+            assert "scheduler.lock is held by pid" in out and str(daemon.pid) in out
+
+            listed = json.loads(trainer_cli(config, "jobs", "list", "--json").stdout)
+            by_id = {r["id"]: r for r in listed}
+            assert by_id["tick"]["stored"] and by_id["later"]["stored"]
+            later_next = by_id["later"]["next_run"]
+            assert later_next is not None and by_id["tick"]["last_status"] == "skipped"
+
+            assert not runs_of(tmp_path, "later")
+            done = trainer_cli(config, "jobs", "run-now", "later", "--timeout", "60")
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert "asked the trainer daemon" in done.stdout and "skipped" in done.stdout
+            assert len(runs_of(tmp_path, "later")) == 1
+            listed = json.loads(trainer_cli(config, "jobs", "list", "--json").stdout)
+            later_next = {r["id"]: r for r in listed}["later"]["next_run"]  # run-now moved it
+        finally:
+            out = stop(daemon)
+        assert daemon.returncode == 0, out[-3000:]
+        assert wait_until(lambda: last_state(states)["state"] == "offline", 10)
+        for line in out.splitlines():  # structured logs: one JSON object per line
+            if line.startswith("{"):
+                assert {"time", "level", "logger", "message"} <= json.loads(line).keys()
+
+        restarted = time.time()
+        daemon = start_trainer(config)
+        try:
+            assert wait_until(lambda: any(r.started_at.timestamp() > restarted
+                                          for r in runs_of(tmp_path, "tick")), 90)
+            listed = json.loads(trainer_cli(config, "jobs", "list", "--json").stdout)
+            # the stored job kept its place in time: not rescheduled an hour from the restart
+            assert {r["id"]: r for r in listed}["later"]["next_run"] == later_next
+        finally:
+            out = stop(daemon)
+        assert daemon.returncode == 0, out[-3000:]
+
+
+def test_sigkill_mid_run_leaves_a_consistent_registry_and_the_next_run_proceeds(
+        tmp_path: Path, mosquitto: Mosquitto) -> None:
+    pair = trained_pair("digits")
+    deployed = degraded_student(pair.student, block=3, scale=1.0)
+    register_deployed(tmp_path / "state", deployed)
+    store_samples(tmp_path / "state", boundary_envelopes(deployed, digits_splits().x_train, 0))
+    config = trainer_toml(tmp_path, mosquitto.port, ingest={"enabled": False}, jobs=[
+        job("r", interval_s=1, min_new_samples=100, boundaries=[0],
+            training={"epochs": 40}, gate={"margin": 100.0}),
+    ])
+    daemon = start_trainer(config)
+    try:
+        assert wait_until(lambda: any(r.step == "train" for r in runs_of(tmp_path, "r")), 90)
+        time.sleep(1.0)  # inside the training step
+    finally:
+        daemon.kill()
+        daemon.communicate(timeout=30)
+    interrupted = runs_of(tmp_path, "r")
+    assert [r.status for r in interrupted] == ["running"]
+    registry = Registry(tmp_path / "state" / "registry")
+    assert [v.status for v in registry.versions("digits")] == ["pushed"]  # no half version
+
+    resumed = trainer_cli(config, "jobs", "run-now", "r", timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    run = runs_of(tmp_path, "r")[0]
+    assert run.run_id == interrupted[0].run_id and run.attempts == 2, run
+    assert run.status == "pushed" and run.version == 2
+    versions = registry.versions("digits")
+    assert [v.status for v in versions] == ["superseded", "pushed"]
+    assert versions[1].info["run_id"] == run.run_id
+    assert (tmp_path / "state" / "manifests" / "digits" / "current.json").is_file()
+
+    nxt = trainer_cli(config, "jobs", "run-now", "r", timeout=300)
+    assert nxt.returncode == 0, nxt.stdout + nxt.stderr
+    latest = runs_of(tmp_path, "r")[0]
+    assert latest.run_id != run.run_id and latest.status == "skipped"  # window consumed
+    assert latest.deployed_version == 2
