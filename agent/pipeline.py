@@ -4,6 +4,12 @@ Source, inference, encoding and publishing each run in their own thread so commu
 overlaps computation (the offloading pipeline of the Duan thesis); onnxruntime, lz4 and zfp
 release the GIL for their heavy work. A full queue blocks the stage before it, so a slow
 uplink slows the source instead of growing memory.
+
+The queues are :class:`Channel`, not ``queue.Queue``: a ``Queue`` wakes a blocked producer on
+every ``get``, so a source that is ahead of inference costs one thread switch (and a GIL
+hand-over) per frame; a ``Channel`` lets it sleep until the queue is half empty and then
+refill it in one burst. A stage with ``batch > 1`` receives lists of what is waiting (up to
+``batch`` items), e.g. to commit many messages to the spool in one transaction.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,23 +28,80 @@ log = logging.getLogger(__name__)
 _END = object()  # flows down the pipeline once the source is exhausted
 
 
+class Channel:
+    """A bounded FIFO between two threads whose blocked producer is woken only once the
+    consumer has drained it to half (see the module docstring); ``queue.Queue``'s
+    ``put``/``get``/``qsize`` semantics otherwise (``queue.Full``/``queue.Empty``)."""
+
+    def __init__(self, maxsize: int) -> None:
+        if maxsize < 1:
+            raise ValueError(f"maxsize must be >= 1, got {maxsize}")
+        self.maxsize = maxsize
+        self._low = maxsize // 2  # a waiting producer is woken at or below this depth
+        self._items: deque[Any] = deque()
+        self._lock = threading.Lock()
+        self._not_empty = threading.Condition(self._lock)
+        self._not_full = threading.Condition(self._lock)
+        self._getters = self._putters = 0
+
+    def put(self, item: Any, timeout: float) -> None:
+        with self._lock:
+            if len(self._items) >= self.maxsize:
+                self._putters += 1
+                try:
+                    self._not_full.wait_for(lambda: len(self._items) <= self._low, timeout)
+                finally:
+                    self._putters -= 1
+                if len(self._items) >= self.maxsize:
+                    raise queue.Full
+            self._items.append(item)
+            if self._getters:
+                self._not_empty.notify()
+
+    def get_many(self, limit: int, timeout: float) -> list[Any]:
+        """Up to ``limit`` items, oldest first, waiting up to ``timeout`` for the first."""
+        with self._lock:
+            if not self._items:
+                self._getters += 1
+                try:
+                    self._not_empty.wait_for(lambda: self._items, timeout)
+                finally:
+                    self._getters -= 1
+                if not self._items:
+                    raise queue.Empty
+            items = self._items
+            out = [items.popleft() for _ in range(min(limit, len(items)))]
+            if self._putters and len(items) <= self._low:
+                self._not_full.notify_all()
+            return out
+
+    def get(self, timeout: float) -> Any:
+        return self.get_many(1, timeout)[0]
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+
 @dataclass
 class Stage:
     """One thread: takes items from ``inbox``, hands what ``fn`` returns to the next stage.
 
-    ``fn`` may return None to drop an item (it was counted by the stage itself).
+    ``fn`` may return None to drop an item (it was counted by the stage itself). With
+    ``batch > 1``, ``fn`` takes a list of up to ``batch`` waiting items instead of one item
+    (and returns one result for the whole list).
     """
 
     name: str
     fn: Callable[[Any], Any]
     queue_size: int = 16
-    inbox: queue.Queue[Any] = field(init=False)
+    batch: int = 1
+    inbox: Channel = field(init=False)
     processed: int = 0
     errors: int = 0
     beat: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
-        self.inbox = queue.Queue(maxsize=self.queue_size)
+        self.inbox = Channel(self.queue_size)
 
 
 class RunnerSlot:
@@ -85,7 +149,7 @@ class Pipeline:
             t.start()
         return self
 
-    def _put(self, q: queue.Queue[Any], item: Any) -> bool:
+    def _put(self, q: Channel, item: Any) -> bool:
         """Blocking put that still notices a stop request: back-pressure, not a hang."""
         while not self._stop.is_set():
             try:
@@ -113,23 +177,29 @@ class Pipeline:
         while True:
             stage.beat = time.monotonic()
             try:
-                item = stage.inbox.get(timeout=0.5)
+                items = stage.inbox.get_many(stage.batch, timeout=0.5)
             except queue.Empty:
                 if self._stop.is_set():
                     return
                 continue
-            if item is _END:
+            end = items[-1] is _END  # nothing follows the end marker
+            if end:
+                items.pop()
+            work = [items] if stage.batch > 1 and items else items
+            for item in work:
+                n = len(item) if stage.batch > 1 else 1
+                try:
+                    out = stage.fn(item)
+                except Exception:
+                    stage.errors += n
+                    log.exception("stage %s failed on %d item(s); dropped", stage.name, n)
+                    continue
+                stage.processed += n
+                if out is not None and nxt is not None and not self._put(nxt.inbox, out):
+                    return
+            if end:
                 if nxt is not None:
                     self._put(nxt.inbox, _END)
-                return
-            try:
-                out = stage.fn(item)
-            except Exception:
-                stage.errors += 1
-                log.exception("stage %s failed on one item; it was dropped", stage.name)
-                continue
-            stage.processed += 1
-            if out is not None and nxt is not None and not self._put(nxt.inbox, out):
                 return
 
     def depths(self) -> dict[str, int]:

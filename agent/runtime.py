@@ -117,6 +117,7 @@ class BlockRunner:
     """
 
     __slots__ = (
+        "_block_ids",
         "_blocks",
         "_frozen",
         "input_shape",
@@ -156,6 +157,7 @@ class BlockRunner:
             blocks.append(_Block(entry.index, sess, inp.name, entry.input_shape,
                                  entry.output_shape))
         self._blocks = tuple(blocks)
+        self._block_ids = tuple(b.index for b in blocks)  # read per frame by the metrics
         self.providers = tuple(self._blocks[0].session.get_providers())
         if self.providers[0] != self.requested_providers[0]:
             log.warning("onnxruntime could not initialise %s; running on %s",
@@ -185,7 +187,7 @@ class BlockRunner:
 
     @property
     def blocks(self) -> tuple[int, ...]:
-        return tuple(b.index for b in self._blocks)
+        return self._block_ids
 
     def check_input(self, x: np.ndarray, shape: tuple[int, ...] | None = None) -> np.ndarray:
         """A float32, C-contiguous, finite batch of ``shape`` (default: the input shape)."""

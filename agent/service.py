@@ -50,14 +50,14 @@ class Inference:
     runner: BlockRunner
     prediction: int | None
     confidence: float | None
+    uplink: bool = False  # the uplink policy chose this input (decided in the inference stage)
 
 
 def softmax_top1(logits: np.ndarray) -> tuple[int, float]:
-    z = logits.astype(np.float64) - logits.max()
-    p = np.exp(z)
-    p /= p.sum()
-    k = int(p.argmax())
-    return k, float(p[k])
+    """Top class and its softmax probability, 1 / sum(exp(z - z_top)): three numpy calls,
+    since this runs once per frame."""
+    k = int(logits.argmax())
+    return k, float(1.0 / np.exp(logits - logits[k]).sum(dtype=np.float64))
 
 
 def link_settings(cfg: AgentConfig) -> LinkSettings:
@@ -180,20 +180,30 @@ class Agent:
         return snap
 
     # --- pipeline stages
-    def _infer(self, sample: Sample) -> Inference:
+    def _infer(self, sample: Sample) -> Inference | None:
+        """Run the partition; hand the input on only when a message will be sent for it.
+
+        The uplink policy decides here, so the inputs it skips (most of them, usually) never
+        cross to the encode thread: at sub-millisecond inference a queue hand-off per frame
+        costs as much as the student itself.
+        """
         runner: BlockRunner = self.slot.current  # read once: one chain per input
         timings: list[float] = []
         t0 = time.perf_counter()
         acts = runner.run(sample.x[None], checked=True, timings=timings)  # sources validated
         elapsed = time.perf_counter() - t0
         pred = conf = None
-        if runner.manifest.is_complete:
+        m = runner.manifest
+        if m.is_complete:
             pred, conf = softmax_top1(acts[-1][0])
         correct = (pred == sample.label) if pred is not None and sample.label is not None else None
-        self.metrics.observe_inference(elapsed, correct, block_seconds=dict(
-            zip((b.index for b in runner.manifest.blocks), timings, strict=False)))
+        self.metrics.observe_inference(elapsed, correct, runner.blocks, timings)
         self.canary.record(sample.x, runner, conf)  # O(1): the update self-test
-        return Inference(sample, acts, runner, pred, conf)
+        uplink = self.policy.decide(sample.index, conf).send
+        if not (uplink or (self.config.split.enabled and not m.is_complete)
+                or (self.config.metrics.publish_results and pred is not None)):
+            return None
+        return Inference(sample, acts, runner, pred, conf, uplink)
 
     def next_seq(self) -> int:
         with self._seq_lock:
@@ -209,8 +219,7 @@ class Agent:
                  "confidence": inf.confidence, "label": inf.sample.label}).encode(), None))
         if self.config.split.enabled and not m.is_complete:
             out.append(self._split_request(inf))
-        decision = self.policy.decide(inf.sample.index, inf.confidence)
-        if decision.send:
+        if inf.uplink:
             for b in self.config.uplink.boundaries:
                 if not m.first - 1 <= b <= m.last:
                     continue  # this partition neither receives nor produces that boundary
@@ -330,6 +339,8 @@ class Agent:
                                     cfg.source.qos, self._on_frame)
             if cfg.split.enabled:
                 self.link.subscribe(self.topics.reply(self.device), 1, self._on_split_reply)
+            if hasattr(self.source, "prepare"):
+                self.source.prepare()  # e.g. verify an archive before READY (NpzReplay)
             self._pipeline.start()
             if self.updater is not None:
                 self.updater.start(self._boot_note)
@@ -351,7 +362,8 @@ class Agent:
         """The main thread: watchdog, stats, reloads, and the end of a finite source."""
         wd = watchdog_interval() if self.config.watchdog.enabled else None
         next_wd = next_stats = time.monotonic()
-        while not self._stop.wait(0.1):
+        tick = 0.1
+        while not self._stop.wait(tick):
             now = time.monotonic()
             if self._reload.is_set():
                 self._apply_reload()
@@ -370,11 +382,12 @@ class Agent:
                 self.link.publish(self.topics.stats(self.device), json.dumps(self.stats()))
                 self._expire_split(now)
                 next_stats = now + self.config.metrics.stats_interval_s
-            if (self.config.pipeline.exit_when_done and self._pipeline.finished()
-                    and len(self.spool) == 0 and self.link.inflight == 0
-                    and not self._pending_split):
-                log.info("source finished and every message acknowledged; exiting")
-                return
+            if self.config.pipeline.exit_when_done and self._pipeline.source_done.is_set():
+                tick = 0.005  # the end is near: notice it within milliseconds, not 100 ms
+                if (self._pipeline.finished() and len(self.spool) == 0
+                        and self.link.inflight == 0 and not self._pending_split):
+                    log.info("source finished and every message acknowledged; exiting")
+                    return
 
     def _expire_split(self, now: float) -> None:
         timeout = self.config.split.timeout_s

@@ -25,7 +25,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, NamedTuple
@@ -143,45 +143,70 @@ class Spool:
     # -- writing -------------------------------------------------------------------------
     def append(self, topic: str, payload: bytes, qos: int = 1) -> bool:
         """Store a message durably; False when the bound made us drop this one."""
-        size = len(topic.encode()) + len(payload)
+        return self.append_many([(topic, payload, qos)])[0]
+
+    def append_many(self, messages: Sequence[tuple[str, bytes, int]]) -> list[bool]:
+        """Store several messages in one transaction: one commit instead of one each, and
+        every kept message is committed (durable) when this returns. One flag per message:
+        False where the bound made us drop it."""
+        if not messages:
+            return []
         with self._lock:
-            if size > self.max_bytes:
-                self.dropped_newest += 1
-                log.warning("a %d-byte message exceeds the whole spool (%d bytes): dropped",
-                            size, self.max_bytes)
-                return False
-            overflow = self._bytes + size - self.max_bytes
-            if overflow > 0 and self.policy == "drop_newest":
-                self.dropped_newest += 1
-                return False
+            kept: list[bool] = []
+            count, nbytes = self._count, self._bytes
+            dropped_newest = evicted_total = 0
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
-                evicted = evicted_bytes = 0
-                if overflow > 0:
-                    last_id = 0
-                    cur = db.execute("SELECT id, size FROM records ORDER BY id")
-                    while evicted_bytes < overflow and (rows := cur.fetchmany(64)):
-                        for rid, rsize in rows:
-                            evicted += 1
-                            evicted_bytes += rsize
-                            last_id = rid
-                            if evicted_bytes >= overflow:
-                                break
-                    cur.close()
-                    db.execute("DELETE FROM records WHERE id <= ?", (last_id,))
-                db.execute(
-                    "INSERT INTO records (topic, qos, size, payload) VALUES (?, ?, ?, ?)",
-                    (topic, qos, size, payload),
-                )
+                for topic, payload, qos in messages:
+                    size = len(topic.encode()) + len(payload)
+                    if size > self.max_bytes:
+                        dropped_newest += 1
+                        kept.append(False)
+                        log.warning("a %d-byte message exceeds the whole spool (%d bytes): "
+                                    "dropped", size, self.max_bytes)
+                        continue
+                    overflow = nbytes + size - self.max_bytes
+                    if overflow > 0 and self.policy == "drop_newest":
+                        dropped_newest += 1
+                        kept.append(False)
+                        continue
+                    if overflow > 0:
+                        evicted, evicted_bytes = self._evict_oldest(db, overflow)
+                        count -= evicted
+                        nbytes -= evicted_bytes
+                        evicted_total += evicted
+                    db.execute(
+                        "INSERT INTO records (topic, qos, size, payload) VALUES (?, ?, ?, ?)",
+                        (topic, qos, size, payload),
+                    )
+                    count += 1
+                    nbytes += size
+                    kept.append(True)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            self._count += 1 - evicted
-            self._bytes += size - evicted_bytes
-            self.dropped_oldest += evicted
-            return True
+            self._count, self._bytes = count, nbytes
+            self.dropped_newest += dropped_newest
+            self.dropped_oldest += evicted_total
+            return kept
+
+    @staticmethod
+    def _evict_oldest(db: sqlite3.Connection, overflow: int) -> tuple[int, int]:
+        """Delete the oldest records until ``overflow`` bytes are free (inside a transaction)."""
+        evicted = evicted_bytes = last_id = 0
+        cur = db.execute("SELECT id, size FROM records ORDER BY id")
+        while evicted_bytes < overflow and (rows := cur.fetchmany(64)):
+            for rid, rsize in rows:
+                evicted += 1
+                evicted_bytes += rsize
+                last_id = rid
+                if evicted_bytes >= overflow:
+                    break
+        cur.close()
+        db.execute("DELETE FROM records WHERE id <= ?", (last_id,))
+        return evicted, evicted_bytes
 
     def ack(self, record_id: int) -> bool:
         """Remove a record the broker acknowledged; False when it was already gone."""

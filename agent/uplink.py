@@ -8,6 +8,7 @@ saturate a shared uplink.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,7 +52,10 @@ class UplinkDecision:
 
 
 class UplinkPolicy:
-    """Decides per input; call :meth:`charge` with the bytes actually sent."""
+    """Decides per input; call :meth:`charge` with the bytes actually sent.
+
+    Thread-safe: the agent decides in its inference thread and charges in its encode thread.
+    """
 
     def __init__(self, every_n: int = 1, max_samples_per_s: float = 0.0,
                  max_bytes_per_s: float = 0.0, hard_threshold: float | None = None,
@@ -63,8 +67,13 @@ class UplinkPolicy:
         self._samples = TokenBucket(max_samples_per_s, max(1.0, max_samples_per_s), clock)
         self._bytes = TokenBucket(max_bytes_per_s, max_bytes_per_s, clock)
         self.counts: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def decide(self, index: int, confidence: float | None = None) -> UplinkDecision:
+        with self._lock:
+            return self._decide(index, confidence)
+
+    def _decide(self, index: int, confidence: float | None) -> UplinkDecision:
         hard = (
             self.hard_threshold is not None
             and confidence is not None
@@ -85,7 +94,8 @@ class UplinkPolicy:
 
     def charge(self, nbytes: int) -> None:
         """Debit the bytes sent; a negative balance pauses uplink until it refills."""
-        self._bytes.take(nbytes)
+        with self._lock:
+            self._bytes.take(nbytes)
 
     def _count(self, decision: UplinkDecision) -> UplinkDecision:
         self.counts[decision.reason] = self.counts.get(decision.reason, 0) + 1

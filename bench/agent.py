@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,8 @@ stats_interval_s = 1.0
 
 
 def _agent_run(config: Path, workdir: Path) -> dict[str, float]:
-    """Run knet-agent once; frames/s from READY to exit, CPU seconds, peak RSS MB."""
+    """Run knet-agent once: seconds from READY to exit (and to STOPPING, sent once every
+    message is acknowledged), CPU seconds, peak RSS MB."""
     sock_path = workdir / f"notify-{time.monotonic_ns()}.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(sock_path))
@@ -74,17 +76,35 @@ def _agent_run(config: Path, workdir: Path) -> dict[str, float]:
         while b"READY=1" not in sock.recv(4096):
             pass
         t_ready = time.perf_counter()
+        marks: dict[str, float] = {}
+
+        def _wait_exit() -> None:
+            proc.wait()
+            marks["exit"] = time.perf_counter()
+
+        def _wait_stopping() -> None:
+            try:
+                while b"STOPPING=1" not in sock.recv(4096):
+                    pass
+                marks["stopping"] = time.perf_counter()
+            except OSError:
+                pass  # the agent died first; the exit code says why
+
+        waiter = threading.Thread(target=_wait_exit, daemon=True)
+        threading.Thread(target=_wait_stopping, daemon=True).start()
+        waiter.start()
         peak_kb = 0
-        while proc.poll() is None:  # the agent's own peak RSS, sampled from /proc
+        while waiter.is_alive():  # the agent's own peak RSS, sampled from /proc
             peak_kb = max(peak_kb, _rss_kb(proc.pid))
-            time.sleep(0.05)
-        t_end = time.perf_counter()
+            waiter.join(0.05)
         err = proc.stderr.read() if proc.stderr else ""
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"knet-agent failed: {err[-2000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return {"seconds": t_end - t_ready, "cpu_s": cpu, "rss_mb": peak_kb / 1024}
+    return {"seconds": marks["exit"] - t_ready,
+            "to_stopping_s": marks.get("stopping", float("nan")) - t_ready,
+            "cpu_s": cpu, "rss_mb": peak_kb / 1024}
 
 
 def _rss_kb(pid: int) -> int:
