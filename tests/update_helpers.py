@@ -93,7 +93,8 @@ def signed_update(part: PartitionManifest, directory: Path, key: Ed25519PrivateK
 def agent_toml(tmp: Path, port: int, manifest: Path, key_file: Path | None, *,
                device: str = "dev-1", source: dict[str, Any] | None = None,
                update: dict[str, Any] | None = None, health: dict[str, Any] | None = None,
-               uplink: dict[str, Any] | None = None) -> Path:
+               uplink: dict[str, Any] | None = None, mqtt: dict[str, Any] | None = None,
+               tls_ca: Path | None = None) -> Path:
     """An agent.toml with a fast-polling ``[update]`` section for tests."""
     from agent_helpers import agent_config, write_config
 
@@ -108,9 +109,12 @@ def agent_toml(tmp: Path, port: int, manifest: Path, key_file: Path | None, *,
     path = agent_config(tmp, port, manifest, device=device,
                         source=source or {"kind": "npz", "path": tmp / "inputs.npz",
                                           "rate_hz": 200, "loop": True},
-                        uplink=uplink or {"boundaries": [4], "codec": "raw"})
+                        uplink=uplink or {"boundaries": [4], "codec": "raw"},
+                        mqtt=mqtt or {})
     text = path.read_text()
     sections = {"update": upd, "update.health": {"watch_s": 0, **(health or {})}}
+    if tls_ca is not None:
+        sections["mqtt.tls"] = {"ca_file": tls_ca}
     extra = tmp / f"{device}-update.toml"
     write_config(extra, sections)
     path.write_text(text + "\n" + extra.read_text())
@@ -118,14 +122,15 @@ def agent_toml(tmp: Path, port: int, manifest: Path, key_file: Path | None, *,
 
 
 @contextmanager
-def running_agent(config: Path) -> Iterator[Agent]:
+def running_agent(config: Path, *, connect: bool = True) -> Iterator[Agent]:
     """An ``Agent`` running in a thread of this process, stopped cleanly afterwards."""
     agent = Agent(load_config(config), config_path=config)
     result: list[int] = []
     thread = threading.Thread(target=lambda: result.append(agent.run()), daemon=True)
     thread.start()
     try:
-        assert agent.link.wait_connected(10), "agent did not connect"
+        if connect:
+            assert agent.link.wait_connected(10), "agent did not connect"
         yield agent
     finally:
         agent.request_stop()
