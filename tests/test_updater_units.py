@@ -172,3 +172,62 @@ def test_canary_ring_is_bounded_and_tags_confidences() -> None:
     off = CanaryRecorder(0)
     off.record(xs[0], a, 0.5)
     assert off.inputs() == [] and off.confidences(a) == []
+
+
+# -- health watch: the error-rate path (the confidence path runs against Mosquitto)
+class RecordingLink:
+    """Link-like: records publishes (reports, birth) as if the broker took them."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes]] = []
+
+    def subscribe(self, *_: object) -> None: ...
+
+    def unsubscribe(self, *_: object) -> None: ...
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, **_: object) -> bool:
+        self.published.append((topic, payload))
+        return True
+
+    def publish_reliable(self, topic: str, payload: bytes) -> bool:
+        return self.publish(topic, payload)
+
+
+def test_error_rate_after_a_swap_rolls_back_and_persists(tmp_path: Path, v: Versions) -> None:
+    import json as _json
+    import time as _time
+
+    from agent.config import UpdateHealthSection, UpdateSection
+    from agent.pipeline import RunnerSlot
+    from agent.topics import Topics
+    from agent.updater import Updater, _Job, update_paths
+
+    p2, _d2 = v.get("v2-head")
+    old, new = runner(v, "v1"), runner(v, "v2-head")
+    counts = [100, 0]  # (inferred, failed) as the inference stage counts them
+    cfg = UpdateSection(enabled=True, public_keys=[v.pub], health=UpdateHealthSection(
+        watch_s=60, min_inputs=10, max_error_rate=0.1, confidence_drop=0))
+    store, cache = update_paths(tmp_path)
+    link, slot = RecordingLink(), RunnerSlot(old)
+    swaps: list[int] = []
+    upd = Updater(cfg, device="dev-1", topics=Topics("lab"), profile=PROFILE, link=link,
+                  slot=slot, recorder=CanaryRecorder(8), store=store, cache=cache,
+                  on_swap=lambda r: swaps.append(r.version),
+                  infer_counts=lambda: (counts[0], counts[1]))
+    job = _Job(b"manifest", "d" * 64, _time.monotonic())
+    base = {"model_id": "digits", "version": 2, "from_version": 1}
+    upd._install(new, old, p2, job, None, base)
+    assert slot.current is new and upd.watching and store.load().current is not None
+    counts[0] += 30  # 30 good inferences, 2 failures: 6 % < 10 %
+    counts[1] += 2
+    upd._check_health()
+    assert upd.watching and slot.current is new
+    counts[1] += 5  # 7 of 37 failed
+    upd._check_health()
+    assert slot.current is old and not upd.watching and swaps == [2, 1]
+    state = store.load()
+    assert state.current is None and "d" * 64 in state.rejected  # back on the configured v1
+    last = _json.loads(link.published[-1][1])
+    assert (last["status"], last["reason"], last["version"], last["from_version"]) == (
+        "rolled_back", "health_degraded", 2, 1)
+    assert "error rate 7/37" in last["detail"]
