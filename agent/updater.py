@@ -41,7 +41,7 @@ from agent.blobs import BlobCache, BlobFetcher, FetchResult
 from agent.canary import CanaryRecorder
 from agent.config import UpdateSection
 from agent.fsutil import fsync_dir
-from agent.manifest import PartitionManifest, sha256_file
+from agent.manifest import ManifestError, PartitionManifest, sha256_file
 from agent.pipeline import RunnerSlot
 from agent.profiles import FirmwareProfile
 from agent.runtime import BlockRunner, PartitionError
@@ -286,7 +286,7 @@ class Updater:
                                     fleet=self.topics.fleet)
             base.update(model_id=manifest.model_id, version=manifest.version)
             variant = self._admit(manifest, job.digest, running)
-            part = variant.partition.slice(running.manifest.first, running.manifest.last)
+            part = self._slice(variant, running)
             if manifest.version == running.version:
                 self._same_version(part, running, job, base)
                 return
@@ -297,9 +297,22 @@ class Updater:
                 self._refuse(job, exc.reason, exc.detail, base,
                              retry=getattr(exc, "retry", False))
             return
+        except Exception as exc:  # a bug or a full disk: said once, tried again later
+            log.exception("update failed unexpectedly")
+            self._refuse(job, "internal", f"{type(exc).__name__}: {exc}"[:1000], base,
+                         retry=True)
+            return
         if self._stop.is_set():
             return
         self._install(new, running, part, job, result, base)
+
+    @staticmethod
+    def _slice(variant: Variant, running: BlockRunner) -> PartitionManifest:
+        """This device's blocks of the whole model the variant carries."""
+        try:
+            return variant.partition.slice(running.manifest.first, running.manifest.last)
+        except ManifestError as exc:
+            raise _Refused("incompatible", str(exc)) from None
 
     def _settled(self, digest: str) -> bool:
         """A manifest already acted on that needs no new report (the retained copy comes
