@@ -19,7 +19,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, Integer, String, create_engine, event, select
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    Integer,
+    String,
+    create_engine,
+    delete,
+    event,
+    select,
+)
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -28,6 +38,7 @@ from cloud_trainer.registry import _sqlite_pragmas
 
 TERMINAL = ("skipped", "rejected", "pushed", "rollout_failed", "failed")
 MAX_ATTEMPTS = 3  # a run interrupted this often is given up (no crash loop)
+MAX_REPORTS = 100_000  # update reports kept
 
 
 class _Base(DeclarativeBase):
@@ -217,10 +228,16 @@ class RunLog:
 
     # --- update reports
     def add_report(self, report: UpdateReport) -> None:
+        """Store a report; past ``MAX_REPORTS`` rows the oldest go (a chatty device cannot
+        grow the database without bound)."""
         with Session(self.engine) as s, s.begin():
-            s.add(ReportRow(device=report.device, model_id=report.model_id,
+            row = ReportRow(device=report.device, model_id=report.model_id,
                             version=report.version, status=report.status,
-                            reason=report.reason, detail=report.detail, time=report.time))
+                            reason=report.reason, detail=report.detail, time=report.time)
+            s.add(row)
+            s.flush()
+            if row.id % 1000 == 0:
+                s.execute(delete(ReportRow).where(ReportRow.id <= row.id - MAX_REPORTS))
         with self.reports_changed:
             self.reports_changed.notify_all()
 

@@ -144,3 +144,35 @@ def test_sigkill_mid_run_leaves_a_consistent_registry_and_the_next_run_proceeds(
     latest = runs_of(tmp_path, "r")[0]
     assert latest.run_id != run.run_id and latest.status == "skipped"  # window consumed
     assert latest.deployed_version == 2
+
+
+def test_a_run_missed_while_the_trainer_was_down_is_recorded(tmp_path: Path,
+                                                             mosquitto: Mosquitto) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    from cloud_trainer.service import TrainerService, list_jobs
+    from cloud_trainer.trainer_config import load_trainer_config
+
+    config = load_trainer_config(trainer_toml(
+        tmp_path, mosquitto.port, ingest={"enabled": False},
+        jobs=[job("nightly", interval_s=3600, misfire_grace_s=60)]))
+    with TrainerService(config):
+        pass
+    # an outage: the stored next run time is ten minutes past when the trainer comes back
+    # (edited in the store itself: a scheduler's shutdown processes due jobs once more)
+    store = SQLAlchemyJobStore(url=f"sqlite:///{config.jobs_db}")
+    store.start(BackgroundScheduler(timezone=UTC), "default")
+    stored = store.lookup_job("nightly")
+    stored._modify(next_run_time=datetime.now(UTC) - timedelta(minutes=10))
+    store.update_job(stored)
+    store.shutdown()
+    with TrainerService(config) as svc:
+        assert wait_until(lambda: any(r.status == "missed" for r in svc.runs.runs("nightly")),
+                          20)
+        assert not svc.runs.runs("nightly", kind="run")  # missed means not run
+    event = RunLog(config.registry_dir).runs("nightly", kind="event")[0]
+    assert "missed its grace time" in event.reason
+    assert list_jobs(config)[0]["missed"] == 1
