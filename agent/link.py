@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -181,6 +181,7 @@ class Link:
         self._gen = 0
         self._cursor = 0
         self._inflight: dict[int, _Inflight] = {}
+        self._acked: list[int] = []  # record ids acked by the broker, to delete (drain thread)
         self._acks: deque[tuple[int, int, ReasonCode]] = deque()
         self._wake = threading.Event()
         self._progress = threading.Condition()
@@ -315,6 +316,7 @@ class Link:
             try:
                 self._process_acks()
                 if self._stopping:
+                    self._delete_acked()  # a clean stop leaves nothing to send twice
                     return
                 self._fill_window()
             except Exception:  # keep draining: a dead drain thread would strand the spool
@@ -348,12 +350,22 @@ class Link:
         with self._lock:
             for mid in [m for m, e in self._inflight.items() if e.gen < gen]:
                 del self._inflight[mid]
-        if done:
-            self.spool.ack_many(done)
-            with self._progress:
-                self._progress.notify_all()
+        # Acked records leave the spool in batches: one DELETE per window, not per PUBACK.
+        # A record acked but not yet deleted is sent again only after a SIGKILL (at least
+        # once, deduplicated by the trainer); nothing in flight (an idle or a new
+        # connection, the end of a run) always deletes at once.
+        self._acked.extend(done)
+        if len(self._acked) >= self.settings.max_inflight or not self._inflight:
+            self._delete_acked()
         for outcome in outcomes:
             self._emit(outcome)
+
+    def _delete_acked(self) -> None:
+        if self._acked:
+            self.spool.ack_many(self._acked)
+            self._acked = []
+            with self._progress:
+                self._progress.notify_all()
 
     def _fill_window(self) -> None:
         with self._lock:
@@ -394,6 +406,30 @@ class Link:
         self._count("spooled")
         self._wake.set()
         return True
+
+    def publish_reliable_many(self, messages: Sequence[tuple[str, bytes]],
+                              qos: int = 1) -> list[bool]:
+        """:meth:`publish_reliable` for several messages with one spool commit (group
+        commit): all kept ones are durable when this returns; one flag per message."""
+        if qos not in (1, 2):
+            raise ValueError("reliable messages need QoS 1 or 2")
+        ok = [False] * len(messages)
+        keep: list[int] = []
+        for i, (topic, payload) in enumerate(messages):
+            if not topic or "+" in topic or "#" in topic:
+                raise ValueError(f"cannot publish to {topic!r}")
+            if not self._too_big(topic, payload):
+                keep.append(i)
+        stored = self.spool.append_many([(messages[i][0], messages[i][1], qos) for i in keep])
+        for i, kept in zip(keep, stored, strict=True):
+            ok[i] = kept
+            if not kept:
+                self._emit(PublishOutcome(messages[i][0], len(messages[i][1]), True, "dropped",
+                                          "spool full"))
+        if any(stored):
+            self._count("spooled", n=sum(stored))
+            self._wake.set()
+        return ok
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 0,
                 retain: bool = False, properties: Properties | None = None) -> bool:

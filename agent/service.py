@@ -120,7 +120,7 @@ class Agent:
         q = config.pipeline.queue_size
         self._pipeline = Pipeline(self.source, [Stage("infer", self._infer, q),
                                                 Stage("encode", self._encode, q),
-                                                Stage("publish", self._publish, q)])
+                                                Stage("publish", self._publish, q, batch=q)])
         self.updater: Updater | None = None
         self._boot_note = boot.note if boot is not None else None
         if upd.enabled:
@@ -270,17 +270,23 @@ class Agent:
         if label is not None:
             self.metrics.observe_result(reply.get("prediction") == label)
 
-    def _publish(self, messages: list[tuple[str, bytes, Properties | None]]) -> None:
-        for topic, payload, props in messages:
-            if topic.endswith("/act"):
-                self.link.publish_reliable(topic, payload)
-            elif props is not None:  # a split request: fails at once when offline
-                if not self.link.publish(topic, payload, qos=1, properties=props):
-                    seq = int.from_bytes(props.CorrelationData, "big")
-                    if self._pending_split.pop(seq, None) is not None:
-                        self.split_stats["offline"] += 1
-            else:
-                self.link.publish(topic, payload)
+    def _publish(self, batch: list[list[tuple[str, bytes, Properties | None]]]) -> None:
+        """The messages of every input waiting (the stage takes them in batches): all their
+        activations go into the spool in one transaction, a group commit."""
+        reliable: list[tuple[str, bytes]] = []
+        for messages in batch:
+            for topic, payload, props in messages:
+                if topic.endswith("/act"):
+                    reliable.append((topic, payload))
+                elif props is not None:  # a split request: fails at once when offline
+                    if not self.link.publish(topic, payload, qos=1, properties=props):
+                        seq = int.from_bytes(props.CorrelationData, "big")
+                        if self._pending_split.pop(seq, None) is not None:
+                            self.split_stats["offline"] += 1
+                else:
+                    self.link.publish(topic, payload)
+        if reliable:
+            self.link.publish_reliable_many(reliable)
 
     def _on_outcome(self, outcome: PublishOutcome) -> None:
         if outcome.status in ("acked", "sent"):

@@ -163,15 +163,20 @@ def read_until(proc: subprocess.Popen[str], pred: Callable[[str], bool],
 
 
 # -- child process entry points -----------------------------------------------------------
-def _spool_writer(directory: Path) -> None:
+def _spool_writer(directory: Path, batch: int = 1) -> None:
+    """Append for ever, printing the last seq each append (batch > 1: append_many) returned."""
     from agent.spool import Spool
 
     spool = Spool(directory, 1 << 30)
     seq = max((check_payload(r.payload) for r in spool), default=-1) + 1
     while True:
-        spool.append("knet/v1/lab/dev/act", checked_payload(seq), 1)
-        print(seq, flush=True)
-        seq += 1
+        if batch == 1:
+            spool.append("knet/v1/lab/dev/act", checked_payload(seq), 1)
+        else:
+            assert all(spool.append_many([("knet/v1/lab/dev/act", checked_payload(s), 1)
+                                          for s in range(seq, seq + batch)]))
+        seq += batch
+        print(seq - 1, flush=True)
 
 
 def _link_publisher(ns: argparse.Namespace) -> None:
@@ -200,6 +205,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     sw = sub.add_parser("spool-writer")
     sw.add_argument("dir", type=Path)
+    sw.add_argument("--batch", type=int, default=1)
     lp = sub.add_parser("link-publisher")
     lp.add_argument("--port", type=int, required=True)
     lp.add_argument("--dir", required=True)
@@ -209,7 +215,7 @@ def main() -> None:
     lp.add_argument("--wait-connected", action="store_true")
     ns = parser.parse_args()
     if ns.cmd == "spool-writer":
-        _spool_writer(ns.dir)
+        _spool_writer(ns.dir, ns.batch)
     else:
         _link_publisher(ns)
 

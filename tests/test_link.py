@@ -83,7 +83,9 @@ def test_session_counter(tmp_path: Path) -> None:
 
 
 @pytest.mark.mqtt
-def test_in_order_exact_count_and_clean_stop(mosquitto: Mosquitto, spool: Spool) -> None:
+@pytest.mark.parametrize("batch", [1, 10])
+def test_in_order_exact_count_and_clean_stop(mosquitto: Mosquitto, spool: Spool,
+                                              batch: int) -> None:
     n = 2000
     act = TOPICS.act(DEV)
     outcomes: list[PublishOutcome] = []
@@ -92,8 +94,12 @@ def test_in_order_exact_count_and_clean_stop(mosquitto: Mosquitto, spool: Spool)
                     on_outcome=outcomes.append)
         with link:
             assert link.wait_connected(10)
-            for seq in range(n):
-                assert link.publish_reliable(act, seq_payload(seq, 100))
+            for seq in range(0, n, batch):
+                if batch == 1:
+                    assert link.publish_reliable(act, seq_payload(seq, 100))
+                else:  # one spool commit per batch
+                    assert all(link.publish_reliable_many(
+                        [(act, seq_payload(s, 100)) for s in range(seq, seq + batch)]))
             assert col.wait_for(lambda m: sum(t == act for t, _, _ in m) >= n, 30)
             assert link.flush(10)
             assert link.healthy()

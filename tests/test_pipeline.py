@@ -63,3 +63,22 @@ def test_runner_slot_swap_is_seen_by_the_next_item() -> None:
     p = Pipeline(range(5), [Stage("infer", infer)]).start()
     assert p.join(10)
     assert seen == ["v1", "v1", "v1", "v2", "v2"]
+
+
+def test_a_batch_stage_gets_lists_of_waiting_items_in_order() -> None:
+    batches: list[list[int]] = []
+    release = threading.Event()
+
+    def sink(batch: list[int]) -> None:
+        release.wait(5)  # the first call blocks, so items pile up in the sink's queue
+        batches.append(batch)
+
+    stages = [Stage("a", lambda x: x, queue_size=4), Stage("sink", sink, queue_size=8,
+                                                          batch=8)]
+    p = Pipeline(range(300), stages).start()
+    time.sleep(0.3)
+    release.set()
+    assert p.join(10)
+    assert [x for b in batches for x in b] == list(range(300))
+    assert all(1 <= len(b) <= 8 for b in batches) and len(batches[1]) == 8
+    assert stages[1].processed == 300

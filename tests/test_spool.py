@@ -91,11 +91,13 @@ def test_persists_across_reopen(tmp_path: Path) -> None:
         assert len(spool) == 70 and spool.bytes == nbytes
 
 
-def test_sigkill_while_appending(tmp_path: Path) -> None:
-    """Kill a writer mid-loop three times: every reported append survives, in order, whole."""
+@pytest.mark.parametrize("batch", [1, 7])
+def test_sigkill_while_appending(tmp_path: Path, batch: int) -> None:
+    """Kill a writer mid-loop three times: every reported append survives, in order, whole
+    (batch 7: group commits with append_many)."""
     reported = -1
     for round_ in range(3):
-        proc = spawn_helper("spool-writer", str(tmp_path))
+        proc = spawn_helper("spool-writer", str(tmp_path), "--batch", str(batch))
         target = reported + 300
         line = read_until(proc, lambda s, t=target: s.isdigit() and int(s) >= t)
         proc.send_signal(signal.SIGKILL)
@@ -111,6 +113,25 @@ def test_sigkill_while_appending(tmp_path: Path) -> None:
             assert len(spool) == len(recs)
         # The next round resumes from the last record that made it.
         reported = len(seqs) - 1
+
+
+@pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest"])
+def test_append_many_applies_the_bound_per_message(tmp_path: Path, policy: str) -> None:
+    size = len(T) + 100
+    with Spool(tmp_path, 5 * size, policy) as spool:  # type: ignore[arg-type]
+        assert spool.append_many([]) == []
+        flags = spool.append_many([(T, bytes([i]) * 100, 1) for i in range(7)]
+                                  + [(T, b"x" * 10 * size, 1)])  # larger than the spool
+        kept = [r.payload[0] for r in spool]
+        if policy == "drop_oldest":
+            assert flags == [True] * 7 + [False] and kept == [2, 3, 4, 5, 6]
+            assert (spool.dropped_oldest, spool.dropped_newest) == (2, 1)
+        else:
+            assert flags == [True] * 5 + [False] * 3 and kept == [0, 1, 2, 3, 4]
+            assert (spool.dropped_oldest, spool.dropped_newest) == (0, 3)
+        assert len(spool) == 5 and spool.bytes == 5 * size
+    with Spool(tmp_path, 5 * size, policy) as spool:  # type: ignore[arg-type]
+        assert [r.payload[0] for r in spool] == kept  # committed, in order
 
 
 def _corrupt_garbage(path: Path) -> None:
