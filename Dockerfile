@@ -1,7 +1,11 @@
 # knet-trainer image: the cloud side (torch CPU build, APScheduler, Mosquitto tools for
 # provisioning). Build: docker build -t knet-trainer .
-# Run:   docker run --rm -v $PWD/trainer.toml:/etc/knet/trainer.toml -v knet-data:/var/lib/knet \
-#            knet-trainer --config /etc/knet/trainer.toml
+# Run:   docker run -d --name knet-trainer -v $PWD/trainer.toml:/etc/knet/trainer.toml:ro \
+#            -v $PWD/keys:/etc/knet/keys:ro -v knet-data:/var/lib/knet knet-trainer
+#        (the daemon: `knet-trainer --config /etc/knet/trainer.toml`; keep [trainer].state_dir
+#        under /var/lib/knet, the volume; SIGTERM from `docker stop` publishes `offline`)
+# Jobs:  docker exec knet-trainer knet-trainer --config /etc/knet/trainer.toml jobs list
+#        docker exec knet-trainer knet-trainer --config /etc/knet/trainer.toml jobs run-now JOB
 FROM python:3.11-slim-bookworm
 
 ARG TORCH_VERSION=2.13.0

@@ -207,12 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registry", type=Path,
                    default=Path(os.environ.get("KNET_REGISTRY", "/var/lib/knet/registry")))
     sub = p.add_subparsers(dest="command")
+    # --config is also accepted after the command (SUPPRESS: it never resets an earlier one)
+    cfg = argparse.ArgumentParser(add_help=False)
+    cfg.add_argument("--config", type=Path, default=argparse.SUPPRESS)
     jobs = sub.add_parser("jobs", help="the daemon's scheduled retraining jobs")
     jsub = jobs.add_subparsers(dest="action", required=True)
-    j = jsub.add_parser("list", help="configured jobs, their schedule and last run")
+    j = jsub.add_parser("list", parents=[cfg], help="configured jobs, schedule, last run")
     j.add_argument("--json", action="store_true")
     j.set_defaults(func=_jobs_list)
-    j = jsub.add_parser("run-now", help="run a job now (through the daemon if one runs)")
+    j = jsub.add_parser("run-now", parents=[cfg],
+                        help="run a job now (through the daemon if one runs)")
     j.add_argument("job")
     j.add_argument("--timeout", type=float, default=1800.0)
     j.add_argument("--no-wait", action="store_true")
