@@ -342,6 +342,8 @@ class UpdateSection(BaseModel):
     download_timeout_s: float = Field(300.0, gt=0)
     request_interval_s: float = Field(2.0, gt=0, description="re-request a chunk after")
     first_request_after_s: float = Field(2.0, ge=0, description="wait for a push first")
+    retry_after_s: float = Field(60.0, gt=0, description="try a timed-out download again "
+                                                         "(from the chunks held) after")
     health: UpdateHealthSection = Field(default_factory=UpdateHealthSection)
 
     _paths = field_validator("public_keys")(_resolve_list)

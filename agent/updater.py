@@ -211,6 +211,7 @@ class Updater:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._watch: _Watch | None = None
+        self._retry: tuple[_Job, float] | None = None  # a timed-out download, tried again
 
     # -- lifecycle
     def start(self, boot_note: UpdateReport | None = None) -> Updater:
@@ -247,6 +248,7 @@ class Updater:
             if digest == self._busy:
                 return  # the retained copy of what we are installing, after a reconnect
             self._pending = _Job(payload, digest, time.monotonic())
+            self._retry = None  # the newest manifest wins
             busy = self._busy
         if busy is not None:
             self.fetcher.cancel()  # superseded: a newer manifest wins
@@ -262,6 +264,11 @@ class Updater:
                     self._check_health()
                     continue
                 with self._lock:
+                    if (self._pending is None and self._retry is not None
+                            and time.monotonic() >= self._retry[1]):
+                        self._pending = _Job(self._retry[0].payload, self._retry[0].digest,
+                                             time.monotonic())
+                        self._retry = None
                     job, self._pending = self._pending, None
                     self._busy = job.digest if job is not None else None
                 if job is not None:
@@ -503,6 +510,10 @@ class Updater:
         if not retry:
             self.state.remember("rejected", job.digest)
             self.store.save(self.state)
+        elif reason != "cancelled":
+            with self._lock:
+                if self._pending is None:
+                    self._retry = (job, time.monotonic() + self.cfg.retry_after_s)
         self._emit("rejected", job, base, reason=reason, detail=detail)
 
     def _emit(self, status: Status, job: _Job, base: dict[str, Any], *,

@@ -222,3 +222,24 @@ def test_confidence_collapse_after_a_swap_rolls_back(
             assert ag.slot.current.version == 1
             time.sleep(1.5)
             assert ag.slot.current.version == 1 and len(col.payloads()) == n
+
+
+def test_timed_out_download_is_tried_again_from_the_chunks_held(
+        tmp_path: Path, mosquitto: Mosquitto, v: Versions) -> None:
+    _p1, d1 = v.get("v1")
+    p2, d2 = v.get("v2-head")
+    write_inputs(tmp_path / "inputs.npz", 64)
+    cfg = agent_toml(tmp_path, mosquitto.port, d1 / "manifest.json", v.pub,
+                     update={"download_timeout_s": 1.5, "retry_after_s": 1.0})
+    signed, files = signed_update(p2, d2, v.key)
+    with Collector(mosquitto.host, mosquitto.port, T.update("dev-1")) as col, \
+            running_agent(cfg) as ag:
+        # the manifest is out, but no trainer serves its blocks (it crashed right after)
+        col.client.publish(T.manifest, signed.payload(), qos=1, retain=True).wait_for_publish(5)
+        got = wait_report(col, lambda r: r.get("reason") == "timeout")
+        assert ag.slot.current.version == 1
+        with publisher(mosquitto, tmp_path) as pub:  # the trainer is back; no new manifest
+            pub.serve(signed, files)
+            got = wait_report(col, terminal("applied", 2))
+        assert [r["status"] for r in got][:2] == ["downloading", "rejected"]
+        assert got[-1]["bytes"] == p2.blocks[3].size and ag.slot.current.version == 2
