@@ -85,6 +85,10 @@ class LinkSettings(BaseModel):
     # every reconnect for ever (a poison message), so we refuse it before it is spooled.
     max_payload_bytes: int = Field(16 * 1024 * 1024, ge=1)
     connect_timeout: float = Field(10.0, gt=0)
+    # MQTT v5 manual acks: a subscription made with ``manual_ack=True`` acks through
+    # ``Link.ack`` (a chain stage acks an input once its output is spooled); every other
+    # subscription is still acked as soon as its handler returns.
+    manual_ack: bool = False
 
     @model_validator(mode="after")
     def _delays(self) -> LinkSettings:
@@ -199,6 +203,7 @@ class Link:
             CallbackAPIVersion.VERSION2,
             client_id=self.device_id,
             protocol=mqtt.MQTTv5,
+            manual_ack=s.manual_ack,
         )
         client.enable_logger(logging.getLogger(f"{__name__}.paho"))
         client.username_pw_set(
@@ -306,6 +311,8 @@ class Link:
     def _on_unhandled_message(self, _client: mqtt.Client, _userdata: Any,
                               msg: mqtt.MQTTMessage) -> None:
         log.debug("no handler for a message on %s", msg.topic)
+        if self.settings.manual_ack:
+            self.ack(msg.mid, msg.qos)
 
     # -- drain thread --------------------------------------------------------------------
     def _drain_loop(self) -> None:
@@ -452,14 +459,22 @@ class Link:
         self._emit(PublishOutcome(topic, len(data), False, "sent"))
         return True
 
-    def subscribe(self, topic_filter: str, qos: int, handler: MessageHandler) -> None:
+    def subscribe(self, topic_filter: str, qos: int, handler: MessageHandler, *,
+                  manual_ack: bool = False) -> None:
         """Subscribe now if connected and again on every reconnect; handler runs on paho's
-        thread, so it must return quickly (hand work to a queue)."""
+        thread, so it must return quickly (hand work to a queue). ``manual_ack`` (needs
+        ``LinkSettings.manual_ack``): the message is acked only by a later ``ack()``."""
+        if manual_ack and not self.settings.manual_ack:
+            raise ValueError("manual_ack subscriptions need LinkSettings.manual_ack = True")
+
         def _call(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
             try:
                 handler(msg)
             except Exception:
                 log.exception("handler for %s failed", topic_filter)
+            finally:
+                if self.settings.manual_ack and not manual_ack:
+                    self.ack(msg.mid, msg.qos)
 
         self._client.message_callback_add(topic_filter, _call)
         with self._lock:
@@ -469,6 +484,11 @@ class Link:
         # SUBSCRIBE is harmless); our own `connected` event is set later and would race.
         if self._client.is_connected():
             self._client.subscribe(topic_filter, qos)
+
+    def ack(self, mid: int, qos: int) -> None:
+        """Acknowledge a message of a ``manual_ack`` subscription (PUBACK for QoS 1)."""
+        if qos > 0:
+            self._client.ack(mid, qos)
 
     def unsubscribe(self, topic_filter: str) -> None:
         """Forget a subscription here, on the broker, and for every later reconnect."""

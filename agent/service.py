@@ -25,8 +25,9 @@ from paho.mqtt.properties import Properties
 
 import agent
 from agent.canary import CanaryRecorder
+from agent.chain import chain_stage
 from agent.codec import encode
-from agent.config import AgentConfig, MqttSource, load_config
+from agent.config import AgentConfig, MqttSource, UpstreamSource, load_config
 from agent.envelope import Envelope
 from agent.link import Link, LinkSettings, LinkTls, PublishOutcome
 from agent.manifest import PartitionManifest
@@ -67,7 +68,8 @@ def link_settings(cfg: AgentConfig) -> LinkSettings:
     return LinkSettings(host=m.host, port=m.port, username=m.username or cfg.device.id,
                         password=m.resolve_password(), tls=tls, keepalive=m.keepalive,
                         reconnect_min_delay=m.reconnect_min_delay,
-                        reconnect_max_delay=m.reconnect_max_delay, max_inflight=m.max_inflight)
+                        reconnect_max_delay=m.reconnect_max_delay, max_inflight=m.max_inflight,
+                        manual_ack=isinstance(cfg.source, UpstreamSource))  # agent/chain.py
 
 
 def make_policy(cfg: AgentConfig) -> UplinkPolicy:
@@ -118,7 +120,9 @@ class Agent:
                          self.birth, state_dir=state_dir, on_outcome=self._on_outcome)
         self.source = make_source(config.source, runner.input_shape, self.bad)
         q = config.pipeline.queue_size
-        self._pipeline = Pipeline(self.source, [Stage("infer", self._infer, q),
+        self.chain = chain_stage(config, runner.manifest, self.source, self.next_seq)
+        relay = [Stage("chain", self.chain, q)] if self.chain is not None else []
+        self._pipeline = Pipeline(self.source, [Stage("infer", self._infer, q), *relay,
                                                 Stage("encode", self._encode, q),
                                                 Stage("publish", self._publish, q, batch=q)])
         self.updater: Updater | None = None
@@ -175,6 +179,7 @@ class Agent:
             "link": dict(self.link.stats), "bad_inputs": dict(self.bad.counts),
             "uplink": dict(self.policy.counts),
             "split": {**self.split_stats, "pending": len(self._pending_split)},
+            **({"chain": dict(self.chain.stats)} if self.chain is not None else {}),
             "time": time.time(),
         })
         return snap
@@ -201,7 +206,8 @@ class Agent:
         self.canary.record(sample.x, runner, conf)  # O(1): the update self-test
         uplink = self.policy.decide(sample.index, conf).send
         if not (uplink or (self.config.split.enabled and not m.is_complete)
-                or (self.config.metrics.publish_results and pred is not None)):
+                or (self.config.metrics.publish_results and pred is not None)
+                or self.chain is not None):  # a chain stage relays every input
             return None
         return Inference(sample, acts, runner, pred, conf, uplink)
 
@@ -345,6 +351,8 @@ class Agent:
                                     cfg.source.qos, self._on_frame)
             if cfg.split.enabled:
                 self.link.subscribe(self.topics.reply(self.device), 1, self._on_split_reply)
+            if self.chain is not None:
+                self.chain.attach(self.link)  # subscribes a later stage to its upstream
             if hasattr(self.source, "prepare"):
                 self.source.prepare()  # e.g. verify an archive before READY (NpzReplay)
             self._pipeline.start()

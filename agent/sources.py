@@ -24,7 +24,7 @@ from typing import IO
 
 import numpy as np
 
-from agent.config import ImagesSource, MqttSource, NpzSource
+from agent.config import ImagesSource, MqttSource, NpzSource, UpstreamSource
 
 log = logging.getLogger(__name__)
 
@@ -415,10 +415,14 @@ class MqttFrames:
 Source = NpzReplay | ImageDirectory | MqttFrames
 
 
-def make_source(cfg: NpzSource | ImagesSource | MqttSource, input_shape: tuple[int, ...],
-                bad: BadInputs | None = None) -> Source:
+def make_source(cfg: NpzSource | ImagesSource | MqttSource | UpstreamSource,
+                input_shape: tuple[int, ...], bad: BadInputs | None = None) -> Source:
     """The source a ``[source]`` section describes; bad inputs go to ``bad``."""
     bad = bad if bad is not None else BadInputs()
+    if isinstance(cfg, UpstreamSource):  # a later stage of a chain (agent/chain.py)
+        from agent.chain import UpstreamFrames
+
+        return UpstreamFrames(cfg, input_shape, bad)
     if isinstance(cfg, NpzSource):
         return NpzReplay(cfg, input_shape, bad)
     if isinstance(cfg, ImagesSource):

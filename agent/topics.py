@@ -87,6 +87,10 @@ class Topics:
     def bench(self, device: str) -> str:
         return self.device(device, "bench")
 
+    def chain(self, device: str) -> str:
+        """A chain stage's boundary activations for the next stage (``agent/chain.py``)."""
+        return self.device(device, "chain")
+
     @property
     def manifest(self) -> str:
         return f"{self.fleet_root}/model/manifest"

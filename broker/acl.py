@@ -39,6 +39,13 @@ def device_rules(device: str, fleet: str, prefix: str = "knet") -> list[str]:
     ]
 
 
+def chain_rules(device: str, upstream: str, fleet: str, prefix: str = "knet") -> list[str]:
+    """A later stage of a chain (``agent/chain.py``) reads its upstream stage's relay topic,
+    and nothing else of that device."""
+    validate_id(device)
+    return [f"topic read {Topics(fleet, prefix).chain(upstream)}"]
+
+
 def trainer_rules(trainer: str, fleets: Iterable[str], prefix: str = "knet") -> list[str]:
     """A trainer: read the devices' uplink, publish the model and replies, own its state."""
     validate_id(trainer, "trainer id")
@@ -64,8 +71,10 @@ def render_acl(
     devices: Mapping[str, str],
     trainers: Mapping[str, Iterable[str]],
     prefix: str = "knet",
+    upstreams: Mapping[str, str] | None = None,
 ) -> str:
-    """The whole ACL file: ``devices`` maps device id → fleet, ``trainers`` id → fleets.
+    """The whole ACL file: ``devices`` maps device id → fleet, ``trainers`` id → fleets,
+    ``upstreams`` a chain stage's device id → its upstream stage (same fleet).
 
     Output is sorted so regenerating an unchanged registry gives an identical file.
     """
@@ -77,9 +86,16 @@ def render_acl(
         "# `knet broker provision` / `knet broker revoke`, then reload the broker (SIGHUP).",
         "# No topic lines before the first `user`: anonymous clients get nothing.",
     ]
+    upstreams = upstreams or {}
+    for device, up in upstreams.items():
+        if devices.get(up) != devices.get(device):
+            raise ValueError(f"chain stage {device!r} and its upstream {up!r} must be "
+                             f"devices of the same fleet")
     for device in sorted(devices):
         lines += ["", f"# device {device} of fleet {devices[device]}", f"user {device}",
                   *device_rules(device, devices[device], prefix)]
+        if device in upstreams:
+            lines += chain_rules(device, upstreams[device], devices[device], prefix)
     for trainer in sorted(trainers):
         fleets = sorted(set(trainers[trainer]))
         lines += ["", f"# trainer {trainer} of fleet(s) {', '.join(fleets)}", f"user {trainer}",

@@ -192,8 +192,10 @@ def _locked(lay: FleetLayout) -> Iterator[None]:
 def _write_acl(lay: FleetLayout, reg: dict[str, Any]) -> None:
     devices = {d: e["fleet"] for d, e in reg["devices"].items()}
     trainers = {t: e["fleets"] for t, e in reg["trainers"].items()}
+    upstreams = {d: e["upstream"] for d, e in reg["devices"].items()
+                 if e.get("upstream") in devices}  # a revoked upstream loses the link
     # 0644: Mosquitto may run as its own user; the ACL holds no secrets.
-    _atomic_write(lay.acl, render_acl(devices, trainers, reg["prefix"]), 0o644)
+    _atomic_write(lay.acl, render_acl(devices, trainers, reg["prefix"], upstreams), 0o644)
 
 
 # -- password file -----------------------------------------------------------------------
@@ -325,8 +327,12 @@ def provision_device(
     port: int | None = None,
     server_names: Iterable[str] = pki.DEFAULT_SERVER_NAMES,
     reload: bool = True,
+    upstream: str | None = None,
 ) -> Credentials:
     """Create (or rotate) a device's credentials and regenerate the ACL.
+
+    ``upstream``: this device is a later stage of a chain and may read that device's
+    ``chain`` topic (``""`` removes the link; None keeps what the registry says).
 
     ``knet broker provision DEVICE --fleet F --dir D [--cert]`` prints ``.snippet``.
 
@@ -351,13 +357,21 @@ def provision_device(
         if current and current["fleet"] != fleet:
             raise ProvisionError(f"device {device!r} belongs to fleet {current['fleet']!r}: "
                                  "revoke it before provisioning it into another fleet")
+        if upstream:
+            validate_id(upstream, "upstream device id")
+            up = reg["devices"].get(upstream)
+            if up is None or up["fleet"] != fleet or upstream == device:
+                raise ProvisionError(f"upstream {upstream!r} is not another device of fleet "
+                                     f"{fleet!r}: provision it first")
         secret = _issue_secret(lay, reg, device, password=password, cert=cert, tls=use_tls,
                                server_names=server_names)
+        link = (current or {}).get("upstream") if upstream is None else (upstream or None)
         reg["devices"][device] = {
             "fleet": fleet,
             "auth": "cert" if cert else "password",
             "serial": f"{secret.cert.serial:x}" if secret.cert else None,
             "created": _now(),
+            **({"upstream": link} if link else {}),
         }
         _save_registry(lay, reg)
         _write_acl(lay, reg)

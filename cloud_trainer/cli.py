@@ -85,7 +85,7 @@ def _broker(args: argparse.Namespace) -> int:
         else:
             creds = provision.provision_device(args.dir, args.account, args.fleet[0],
                                                cert=args.cert, tls=args.tls, host=args.host,
-                                               port=args.port)
+                                               port=args.port, upstream=args.upstream)
         print(f"# {creds.kind} {creds.username}: credentials in {creds.bundle} (0600)")
         print(creds.snippet)
         return 0
@@ -196,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tls", action="store_true", default=None, help="connect over TLS")
     b.add_argument("--host", default="127.0.0.1")
     b.add_argument("--port", type=int, default=None)
+    b.add_argument("--upstream", default=None, help="chain stage: may read this device's "
+                                                   "chain topic ('' removes the link)")
     b = brsub.add_parser("revoke", help="remove an account; a running broker reloads")
     b.add_argument("account")
     b.add_argument("--dir", type=Path, required=True)
@@ -230,10 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_parser(sub)  # knet plan [bench] (cloud_trainer/plan/cli.py)
 
-    d = sub.add_parser("demo", help="run knet end to end on this machine")
-    d.add_argument("--model", choices=["digits", "vision"], default="digits")
-    d.add_argument("--out", type=Path, default=Path("out/demo"))
-    d.add_argument("--seed", type=int, default=0)
+    d = sub.add_parser("demo", help="a fleet drifts and recovers, end to end on this machine")
+    from cloud_trainer.demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(d)
     d.set_defaults(func=_demo)
     return p
 
