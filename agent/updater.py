@@ -206,6 +206,8 @@ class Updater:
         self.reports: list[UpdateReport] = []  # every report this run (tests, the bench)
         self._pending: _Job | None = None
         self._busy: str | None = None  # digest being processed
+        self._busy_version: int | None = None  # its version, once verified
+        self._checking = False  # a superseding manifest is being verified
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -247,12 +249,31 @@ class Updater:
         with self._lock:
             if digest == self._busy:
                 return  # the retained copy of what we are installing, after a reconnect
-            self._pending = _Job(payload, digest, time.monotonic())
+            job = self._pending = _Job(payload, digest, time.monotonic())
             self._retry = None  # the newest manifest wins
-            busy = self._busy
-        if busy is not None:
-            self.fetcher.cancel()  # superseded: a newer manifest wins
+            check = self._busy is not None and not self._checking
+            self._checking = self._checking or check
+        if check:  # verified off paho's thread; only a valid, different version cancels
+            threading.Thread(target=self._supersede, args=(job,), name="knet-update-check",
+                             daemon=True).start()
         self._wake.set()
+
+    def _supersede(self, job: _Job) -> None:
+        """Cancel the download in progress if ``job`` is a valid manifest for this device
+        with another version (a forged or replayed one must not stop a good download)."""
+        try:
+            m = parse_signed(job.payload, self.keys, max_bytes=self.cfg.max_manifest_bytes,
+                             allow_unsigned=self.cfg.allow_unsigned and not self.keys,
+                             fleet=self.topics.fleet)
+            if (m.targets_device(self.device, self.profile.name)
+                    and m.version != self._busy_version):
+                log.info("v%d supersedes the update in progress", m.version)
+                self.fetcher.cancel()
+        except UpdateRejected:
+            pass  # refused (and reported) when its turn comes
+        finally:
+            with self._lock:
+                self._checking = False
 
     # -- the updater thread
     def _loop(self) -> None:
@@ -277,7 +298,7 @@ class Updater:
                 log.exception("update step failed")
             finally:
                 with self._lock:
-                    self._busy = None
+                    self._busy = self._busy_version = None
 
     def _handle(self, job: _Job) -> None:
         running: BlockRunner = self.slot.current
@@ -292,6 +313,7 @@ class Updater:
                                     allow_unsigned=self.cfg.allow_unsigned and not self.keys,
                                     fleet=self.topics.fleet)
             base.update(model_id=manifest.model_id, version=manifest.version)
+            self._busy_version = manifest.version
             variant = self._admit(manifest, job.digest, running)
             part = self._slice(variant, running)
             if manifest.version == running.version:

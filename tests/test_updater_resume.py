@@ -145,3 +145,33 @@ def test_download_resumes_after_the_agent_is_killed(tmp_path: Path, mosquitto: M
     assert applied["bytes"] == sum(sizes.values()) - held_bytes  # only what was missing
     with running_agent(cfg) as ag:  # and it comes back on v2
         assert ag.slot.current.version == 2
+
+
+def test_forged_manifest_does_not_stop_a_download_a_newer_version_does(
+        tmp_path: Path, mosquitto: Mosquitto, v: Versions) -> None:
+    _p1, d1 = v.get("v1")
+    p2, d2 = v.get("v2-full")
+    p3, d3 = v.get("v3-head")
+    write_inputs(tmp_path / "inputs.npz", 64)
+    cfg = agent_toml(tmp_path, mosquitto.port, d1 / "manifest.json", v.pub,
+                     update={"agreement_threshold": 0.0})
+    s2, f2 = signed_update(p2, d2, v.key)
+    cache = tmp_path / "state-dev-1" / "update" / "blocks"
+    with Collector(mosquitto.host, mosquitto.port, T.update("dev-1")) as col, \
+            slow_publisher(mosquitto, tmp_path) as pub, running_agent(cfg) as ag:
+        pub.publish_update(s2, f2, push_chunks=False)
+        assert wait_until(lambda: len(held_chunks(cache, s2)) >= 5, 20)
+        forged = json.loads(s2.payload())
+        forged["manifest"]["version"] = 9  # not what was signed
+        pub.client.publish(T.manifest, json.dumps(forged).encode(), qos=1,
+                           retain=True).wait_for_publish(5)
+        held = len(held_chunks(cache, s2))
+        assert wait_until(lambda: len(held_chunks(cache, s2)) >= held + 4, 10)
+        assert statuses(col) == ["downloading"]  # still fetching v2
+        pub.publish_update(*signed_update(p3, d3, v.key))
+        assert col.wait_for(lambda m: "applied" in statuses(col), 30), statuses(col)
+        got = [json.loads(p) for p in col.payloads()]
+        assert ag.slot.current.version == 3
+    assert [(r["status"], r["version"], r["reason"]) for r in got] == [
+        ("downloading", 2, None), ("rejected", 2, "cancelled"), ("downloading", 3, None),
+        ("downloaded", 3, None), ("applied", 3, None)]
