@@ -85,7 +85,9 @@ def test_download_resumes_after_a_broker_restart(tmp_path: Path, mosquitto: Mosq
         held = held_chunks(cache, signed)
         mark = len(reqs.payloads())
         assert 10 <= len(held) < total
-        wait_until(lambda: False, 1.0)  # the device keeps serving, offline
+        frames = ag.metrics.frames_total
+        assert wait_until(lambda: ag.metrics.frames_total > frames + 50, 10)  # serving, offline
+        assert ag.slot.current.version == 1
         mosquitto.start()
         assert col.wait_for(lambda m: "applied" in statuses(col), 60), statuses(col)
         assert ag.slot.current.version == 2
