@@ -204,6 +204,7 @@ class Updater:
                                    first_request_after=cfg.first_request_after_s)
         self.state = store.load()
         self.reports: list[UpdateReport] = []  # every report this run (tests, the bench)
+        self.received = 0  # manifests delivered (the retained one again on each connect)
         self._pending: _Job | None = None
         self._busy: str | None = None  # digest being processed
         self._busy_version: int | None = None  # its version, once verified
@@ -247,6 +248,7 @@ class Updater:
             return  # a cleared retained manifest
         digest = payload_digest(payload)
         with self._lock:
+            self.received += 1
             if digest == self._busy:
                 return  # the retained copy of what we are installing, after a reconnect
             job = self._pending = _Job(payload, digest, time.monotonic())
