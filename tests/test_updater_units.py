@@ -231,3 +231,53 @@ def test_error_rate_after_a_swap_rolls_back_and_persists(tmp_path: Path, v: Vers
     assert (last["status"], last["reason"], last["version"], last["from_version"]) == (
         "rolled_back", "health_degraded", 2, 1)
     assert "error rate 7/37" in last["detail"]
+
+
+def _offline_updater(tmp_path: Path, v: Versions, **cfg: object) -> tuple[object, RecordingLink]:
+    from agent.config import UpdateSection
+    from agent.pipeline import RunnerSlot
+    from agent.topics import Topics
+    from agent.updater import Updater, update_paths
+
+    store, cache = update_paths(tmp_path)
+    link = RecordingLink()
+    upd = Updater(UpdateSection(enabled=True, **cfg), device="dev-1",  # type: ignore[arg-type]
+                  topics=Topics("lab"), profile=PROFILE, link=link,
+                  slot=RunnerSlot(runner(v, "v1")), recorder=CanaryRecorder(8), store=store,
+                  cache=cache)
+    return upd, link
+
+
+def _handled(upd: object, payload: bytes) -> dict[str, object]:
+    import json as _json
+    import time as _time
+
+    from agent.updater import _Job, payload_digest
+
+    upd._handle(_Job(payload, payload_digest(payload), _time.monotonic()))  # type: ignore[attr-defined]
+    return _json.loads(upd.link.published[-1][1])  # type: ignore[attr-defined,no-any-return]
+
+
+def test_unsigned_manifest_only_on_a_keyless_development_device(tmp_path: Path,
+                                                                v: Versions) -> None:
+    from agent.update_manifest import unsigned_payload
+    from cloud_trainer.publisher import make_update
+
+    p1, d1 = v.get("v1")
+    manifest, _files = make_update("lab", "digits", 1, {"": (p1, d1)})
+    dev, _ = _offline_updater(tmp_path / "dev", v, allow_unsigned=True)
+    assert _handled(dev, unsigned_payload(manifest))["status"] == "applied"  # v1 runs
+    prod, _ = _offline_updater(tmp_path / "prod", v, public_keys=[v.pub])
+    assert _handled(prod, unsigned_payload(manifest))["reason"] == "unsigned"
+
+
+def test_wrong_fleet_and_missing_variant_are_refused(tmp_path: Path, v: Versions) -> None:
+    from cloud_trainer.keys import sign_manifest
+    from cloud_trainer.publisher import make_update
+
+    p1, d1 = v.get("v1")
+    upd, _ = _offline_updater(tmp_path, v, public_keys=[v.pub])
+    other = make_update("yard", "digits", 1, {"": (p1, d1)})[0]
+    assert _handled(upd, sign_manifest(other, v.key).payload())["reason"] == "wrong_fleet"
+    rpi = make_update("lab", "digits", 1, {"rpi4": (p1, d1)})[0]
+    assert _handled(upd, sign_manifest(rpi, v.key).payload())["reason"] == "no_variant"
