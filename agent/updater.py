@@ -125,7 +125,8 @@ def boot_runner(configured: PartitionManifest, model_dir: Path, profile: Firmwar
     """
     state = store.load()
     note: UpdateReport | None = None
-    candidates = [("active", state.current), ("last known good", state.last_known_good)]
+    candidates = ([("active", state.current), ("last known good", state.last_known_good)]
+                  if state.current is not None else [])  # None: the configured partition
     for label, rec in candidates:
         if rec is None:
             continue
