@@ -74,6 +74,14 @@ def _bench_update(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_chain(args: argparse.Namespace) -> int:
+    from bench.chain import run_chain_bench
+
+    run_chain_bench(frames=args.frames, plan_frames=args.plan_frames, json_path=args.json,
+                    stages=tuple(args.stages))
+    return 0
+
+
 def _broker(args: argparse.Namespace) -> int:
     from broker import provision
 
@@ -184,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=5, help="updates in the stall measurement")
     b.add_argument("--json", type=Path, default=None)
     b.set_defaults(func=_bench_update)
+
+    b = bsub.add_parser("chain", help="DEFER chains of vision agents vs single process; "
+                                      "planner prediction vs measurement")
+    b.add_argument("--frames", type=int, default=300)
+    b.add_argument("--plan-frames", type=int, default=60)
+    b.add_argument("--stages", type=int, nargs="+", choices=[1, 2, 4], default=[1, 2, 4])
+    b.add_argument("--json", type=Path, default=None)
+    b.set_defaults(func=_bench_chain)
 
     br = sub.add_parser("broker", help="a locked-down Mosquitto for a fleet")
     brsub = br.add_subparsers(dest="broker", required=True)

@@ -1,19 +1,34 @@
-"""`knet demo`: what knet does today, end to end on this machine, as a user would run it.
+"""`knet demo`: a fleet whose cameras drift, retrained by the cloud teacher, recovering live.
 
-Trains the digits teacher/student pair (cached), exports the student for three firmware
-profiles (each gets the opset/IR its onnxruntime reads), starts a private Mosquitto and the
-then runs three `knet-agent` processes with their own
-config files, each with its own uplink policy and codec. A collector stands in for the
-trainer's ingest and checks every activation; the live view and the final table show
-accuracy, bytes and losses per device.
+What runs (``cloud_trainer.fleet_lab``): a private, ACL-protected Mosquitto with per-device
+credentials (``knet broker run``), ``knet-trainer --config trainer.toml`` with a short
+retraining schedule, and ``--devices`` ``knet-agent`` processes on different firmware
+profiles, each with its own credentials and config file — all on loopback, all as the
+README documents them. Each device's camera streams the digits test split onto its input
+topic: one clean pass (the warm-up), then the same frames under a camera drift
+(``cloud_trainer.drift``). The students' accuracy drops; the agents keep uplinking raw
+inputs (boundary 0, ``allow_raw_upload``) under their policies; the scheduled job retrains
+the student label-free, block by block against the teacher, passes the gate, signs and
+pushes the changed blocks; the agents verify, self-test and swap them live.
+
+A device counts as recovered once a whole pass of drifted frames, all sent after it applied
+an update, scores within ``--tolerance`` points of the teacher's accuracy on the same
+drifted frames. The demo ends when every device recovered, when ``--rounds`` updates were
+pushed and evaluated, or after ``--duration`` seconds. Losses are counted end to end: every
+activation seen on the broker must be in the trainer's sample store, every frame sent must
+have been inferred, and no spool may hold anything at the end.
+
+Writes ``summary.json``, ``accuracy.png`` (accuracy over time per device, drift and update
+markers), the configs and every process's log to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
-import subprocess
+import sqlite3
 import sys
 import threading
 import time
@@ -21,249 +36,522 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from rich.console import Console
+import numpy as np
+from rich.console import Console as RichConsole
+from rich.console import Group
 from rich.live import Live
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from agent.envelope import Envelope, EnvelopeError
-from agent.topics import Topics
+from cloud_trainer.fleet_lab import Lab, LabSettings, device_specs
 
-console = Console(width=None if sys.stdout.isatty() else 120)
-FLEET = "demo"
+console = RichConsole(width=None if sys.stdout.isatty() else 140)
+LAB_DIRS = ("broker", "trainer", "agents", "models", "keys", "logs")
+
+
+# -- the scenario ---------------------------------------------------------------------------
+@dataclass
+class DeviceProgress:
+    phase: str = "warm-up"  # warm-up -> drift -> evaluating -> recovered
+    base_version: int | None = None
+    drift_version: int | None = None  # what it ran when the drift began
+    eval_version: int | None = None
+    eval_from: int | None = None  # index of the first frame of the evaluation pass
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    recovered_at: float | None = None
 
 
 @dataclass
-class DeviceSpec:
-    device: str
-    profile: str
-    first: int
-    last: int
-    uplink: dict[str, Any]
+class Scenario:
+    """Feeds the cameras and decides when the fleet has recovered (module doc)."""
 
+    lab: Lab
+    x: np.ndarray
+    y: np.ndarray
+    x_drift: np.ndarray
+    teacher_drift: float
+    rate_hz: float = 50.0
+    rounds: int = 3
+    duration_s: float = 240.0
+    tolerance: float = 0.02
+    devices: dict[str, DeviceProgress] = field(default_factory=dict)
+    t_start: float = 0.0
+    t_drift: float | None = None
+    t_end: float | None = None
+    reason: str = ""
+    stop: threading.Event = field(default_factory=threading.Event)
 
-DEVICES = (
-    DeviceSpec("pi4-kitchen", "rpi4", 1, 4, {"every_n": 1, "boundaries": [2],
-                                             "codec": "uint8+lz4"}),
-    DeviceSpec("nano-door", "jetson-nano", 1, 4, {"every_n": 5, "boundaries": [1, 3],
-                                                  "codec": "uint8+lz4", "hard_threshold": 0.9}),
-    DeviceSpec("x86-lab", "x86-dev", 1, 4, {"every_n": 2, "boundaries": [3],
-                                            "codec": "zfp:precision=12"}),
-)
+    def run(self) -> None:
+        self.t_start = time.time()
+        names = list(self.lab.cameras)
+        self.devices = {d: DeviceProgress() for d in names}
+        try:
+            self._feed(self.x, "clean", passes=1)
+            self._wait_results(timeout=15.0)
+            if self.stop.is_set():
+                return
+            self.t_drift = time.time()
+            for d in names:
+                self.devices[d].phase = "drift"
+                self.devices[d].base_version = self._version(d)
+                self.devices[d].drift_version = self.devices[d].base_version
+            while not self.stop.is_set() and not self._finished():
+                self._feed(self.x_drift, "drift", passes=None, check_every=len(self.x) // 4)
+        finally:
+            self.t_end = time.time()
 
+    def _version(self, device: str) -> int | None:
+        con = self.lab.console
+        assert con is not None
+        with con.lock:
+            return con.view(device).version
 
-@dataclass
-class Seen:
-    """What the cloud side observed for one device."""
-
-    acts: int = 0
-    act_bytes: int = 0
-    keys: set[tuple[int, int]] = field(default_factory=set)
-    duplicates: int = 0
-    bad: int = 0
-    stats: dict[str, Any] = field(default_factory=dict)
-    state: str = "-"
-
-
-class Observer:
-    """Subscribes to the fleet like the trainer will: activations, stats, state."""
-
-    def __init__(self, port: int, topics: Topics) -> None:
-        self.topics = topics
-        self.devices: dict[str, Seen] = {}
-        self.lock = threading.Lock()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="demo-observer",
-                                  protocol=mqtt.MQTTv5)
-        self.client.on_connect = lambda c, *_: c.subscribe(topics.all_devices("#"), 1)
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-
-    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        parts = msg.topic.split("/")
-        if len(parts) < 5:
-            return
-        device, leaf = parts[-2], parts[-1]
-        with self.lock:
-            seen = self.devices.setdefault(device, Seen())
-            if leaf == "act":
-                try:
-                    env = Envelope.unpack(msg.payload)
-                except EnvelopeError:
-                    seen.bad += 1
+    def _feed(self, x: np.ndarray, phase: str, passes: int | None,
+              check_every: int = 0) -> None:
+        """Send ``x`` to every camera at ``rate_hz`` per device; ``passes=None``: until a
+        check (every ``check_every`` frames) says stop."""
+        period = 1.0 / self.rate_hz if self.rate_hz > 0 else 0.0
+        n = len(x)
+        i = 0
+        next_t = time.monotonic()
+        while not self.stop.is_set():
+            if passes is not None and i >= passes * n:
+                return
+            j = i % n
+            for d, cam in self.lab.cameras.items():
+                cam.send(x[j], int(self.y[j]), phase, self._version(d))
+            i += 1
+            if check_every and i % check_every == 0:
+                self._advance()
+                if self._finished():
                     return
-                key = (env.session, env.seq)
-                if key in seen.keys:
-                    seen.duplicates += 1
-                    return
-                seen.keys.add(key)
-                seen.acts += 1
-                seen.act_bytes += len(msg.payload)
-            elif leaf == "stats":
-                seen.stats = json.loads(msg.payload)
-            elif leaf == "state":
-                seen.state = json.loads(msg.payload).get("state", "?")
+            next_t += period
+            delay = next_t - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            elif delay < -1.0:
+                next_t = time.monotonic()  # fell behind: do not burst
 
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+    def _wait_results(self, timeout: float) -> None:
+        con = self.lab.console
+        assert con is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.stop.is_set():
+            with con.lock:
+                done = all(len(con.view(d).results) >= len(cam.sent)
+                           for d, cam in self.lab.cameras.items())
+            if done:
+                return
+            time.sleep(0.1)
+
+    def _advance(self) -> None:
+        """Start and score evaluation passes as devices apply updates."""
+        con = self.lab.console
+        assert con is not None
+        for d, p in self.devices.items():
+            cam = self.lab.cameras[d]
+            v = self._version(d)
+            if p.phase == "drift" and v is not None and p.base_version is not None \
+                    and v > p.base_version and v != p.eval_version:
+                p.phase, p.eval_version = "evaluating", v
+                with cam.lock:
+                    p.eval_from = len(cam.sent)
+            elif p.phase == "evaluating" and p.eval_from is not None:
+                with cam.lock:
+                    sent = cam.sent[p.eval_from:]
+                if len(sent) < len(self.x):
+                    continue
+                acc = self._accuracy(d, p.eval_from, p.eval_from + len(self.x))
+                if acc is None:
+                    continue  # results still on their way
+                ok = acc >= self.teacher_drift - self.tolerance
+                p.evaluations.append({"version": p.eval_version, "accuracy": acc,
+                                      "recovered": ok, "time": time.time()})
+                if ok:
+                    p.phase = "recovered"
+                    p.recovered_at = self._applied_time(d, p.eval_version)
+                else:
+                    p.phase, p.base_version = "drift", p.eval_version
+
+    def _applied_time(self, device: str, version: int | None) -> float | None:
+        con = self.lab.console
+        assert con is not None
+        for r in con.applied(device):
+            if r.get("version") == version:
+                return float(r["received"])
+        return None
+
+    def _accuracy(self, device: str, lo: int, hi: int) -> float | None:
+        """Accuracy over frames ``lo..hi-1`` from the device's results; None until all came."""
+        con = self.lab.console
+        assert con is not None
+        with con.lock:
+            res = [r for r in con.view(device).results if lo <= r[0] < hi]
+        if len({r[0] for r in res}) < hi - lo:
+            return None
+        return sum(r[1] == r[2] for r in res) / len(res)
+
+    def pushed(self) -> int:
+        con = self.lab.console
+        assert con is not None
+        with con.lock:
+            return int(con.trainer.get("rounds", 0) or 0)
+
+    def _finished(self) -> bool:
+        if all(p.phase == "recovered" for p in self.devices.values()):
+            self.reason = "every device recovered"
+            return True
+        if time.time() - self.t_start > self.duration_s:
+            self.reason = f"--duration {self.duration_s:.0f} s reached"
+            return True
+        if self.pushed() >= self.rounds and all(p.phase != "evaluating"
+                                                for p in self.devices.values()):
+            self.reason = f"--rounds {self.rounds} updates pushed and evaluated"
+            return True
+        return False
 
 
-def write_agent_config(path: Path, spec: DeviceSpec, port: int, manifest: Path,
-                       inputs: Path, state: Path) -> None:
-    lines = [
-        "[device]", f'id = "{spec.device}"', f'fleet = "{FLEET}"', f'state_dir = "{state}"',
-        f'cache_dir = "{state}/cache"', "",
-        "[model]", f'manifest = "{manifest}"', f'profile = "{spec.profile}"', "",
-        "[mqtt]", 'host = "127.0.0.1"', f"port = {port}", "",
-        "[source]", 'kind = "npz"', f'path = "{inputs}"', "rate_hz = 150", "",
-        "[uplink]",
-        *(f"{k} = {json.dumps(v).lower() if isinstance(v, bool) else json.dumps(v)}"
-          for k, v in spec.uplink.items()), "",
-        "[pipeline]", "exit_when_done = true", "",
-        "[metrics]", "stats_interval_s = 0.5", "",
-    ]
-    path.write_text("\n".join(lines))
+# -- the live view --------------------------------------------------------------------------
+def _kib(n: int | float) -> str:
+    return f"{n / 1024:.1f} KiB"
 
 
-def view(observer: Observer, expected: dict[str, int]) -> Table:
-    t = Table(title="knet demo — fleet view", header_style="bold")
-    for col in ("device", "state", "frames", "accuracy", "activations", "bytes up", "spool"):
-        t.add_column(col, justify="left" if col == "device" else "right")
-    with observer.lock:
-        for name in expected:
-            s = observer.devices.get(name, Seen())
-            st = s.stats
-            acc = st.get("accuracy_total")
-            t.add_row(name, s.state, f"{st.get('frames', 0)}/{expected[name]}",
-                      "-" if acc is None else f"{acc * 100:.1f} %", str(s.acts),
-                      f"{s.act_bytes / 1024:.1f} KiB",
-                      str(st.get("spool_records", "-")))
-    return t
+def live_view(lab: Lab, sc: Scenario | None, profiles: dict[str, str]) -> Group:
+    con = lab.console
+    assert con is not None
+    t = Table(title="knet demo — fleet", header_style="bold")
+    for col in ("device", "profile", "state", "version", "phase", "frames", "accuracy",
+                "samples up", "bytes up", "bytes down", "spool"):
+        t.add_column(col, justify="left" if col in ("device", "profile", "phase") else "right")
+    with con.lock:
+        for d, cam in lab.cameras.items():
+            v = con.view(d)
+            st = v.stats
+            acc = st.get("accuracy")
+            down = sum(int(r.get("bytes", 0)) for r in v.reports if r.get("status") == "applied")
+            phase = sc.devices[d].phase if sc and d in sc.devices else "starting"
+            t.add_row(d, profiles[d], v.state, f"v{v.version}" if v.version else "-", phase,
+                      f"{st.get('frames', 0)}/{len(cam.sent)}",
+                      "-" if acc is None else f"{acc * 100:.1f} %", str(len(v.act_keys)),
+                      _kib(v.act_bytes), _kib(down), str(st.get("spool_records", "-")))
+        tr = dict(con.trainer)
+    runs = tr.get("runs") or {}
+    last = next(iter(runs.values()), {}) if runs else {}
+    elapsed = time.time() - (sc.t_start if sc and sc.t_start else time.time())
+    drift = "" if not sc or sc.t_drift is None else \
+        f", drift since {time.time() - sc.t_drift:.0f} s"
+    version = f"v{last['version']}" if last.get("version") else ""
+    line = Text(f"trainer {tr.get('state', '-')}: {tr.get('rounds', 0)} update(s) pushed; "
+                f"last run {last.get('status', '-')} {version} "
+                f"{(last.get('reason') or '')[:80]} | {elapsed:.0f} s{drift}")
+    return Group(t, line)
+
+
+# -- results --------------------------------------------------------------------------------
+def _phase_accuracy(lab: Lab, device: str, pred: Any) -> float | None:
+    con, cam = lab.console, lab.cameras[device]
+    assert con is not None
+    hits = n = 0
+    with cam.lock:
+        sent = list(cam.sent)
+    with con.lock:
+        results = list(con.view(device).results)
+    for index, prediction, label, _t in results:
+        if index < len(sent) and pred(index, sent[index]):
+            n += 1
+            hits += prediction == label
+    return hits / n if n else None
+
+
+def _label_mismatches(lab: Lab, device: str) -> int:
+    con, cam = lab.console, lab.cameras[device]
+    assert con is not None
+    with con.lock:
+        results = list(con.view(device).results)
+    return sum(1 for idx, _p, label, _t in results
+               if idx >= len(cam.sent) or cam.sent[idx][1] != label)
+
+
+def wait_drained(lab: Lab, timeout: float = 60.0) -> bool:
+    """Every frame sent was inferred and every agent's spool is empty."""
+    con = lab.console
+    assert con is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with con.lock:
+            ok = all(con.view(d).stats.get("frames", -1) >= len(cam.sent)
+                     and con.view(d).stats.get("spool_records", 1) == 0
+                     and con.view(d).stats.get("link", {}).get("spooled", 0)
+                     <= con.view(d).stats.get("link", {}).get("acked", 0)
+                     for d, cam in lab.cameras.items())
+        if ok:
+            return True
+        time.sleep(0.25)
+    return False
+
+
+def store_keys(lab: Lab) -> set[tuple[str, int, int]]:
+    """The trainer store's sample keys, read-only (the trainer may still be writing)."""
+    path = lab.trainer_dir / "store"
+    db = next(iter(sorted(path.glob("*.sqlite*"))), None) if path.is_dir() else None
+    if db is None:
+        return set()
+    from cloud_trainer.store import _from_i64
+
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = con.execute("SELECT device, session, seq FROM samples").fetchall()
+    finally:
+        con.close()
+    return {(d, _from_i64(s), _from_i64(q)) for d, s, q in rows}
+
+
+def wait_stored(lab: Lab, timeout: float = 60.0) -> tuple[set[Any], set[Any]]:
+    """Until every activation seen on the broker is in the store; returns (seen, stored)."""
+    con = lab.console
+    assert con is not None
+    deadline = time.monotonic() + timeout
+    while True:
+        with con.lock:
+            seen = {(d, s, q) for d in lab.cameras for s, q in con.view(d).act_keys}
+        stored = store_keys(lab)
+        if seen <= stored or time.monotonic() >= deadline:
+            return seen, stored
+        time.sleep(0.5)
+
+
+def summarise(lab: Lab, sc: Scenario, out: Path, profiles: dict[str, str],
+              teacher: dict[str, float], student: dict[str, float], seen: set[Any],
+              stored: set[Any], drained: bool, elapsed: float,
+              drift_desc: str) -> dict[str, Any]:
+    con = lab.console
+    assert con is not None
+    rows = []
+    for d, cam in lab.cameras.items():
+        p = sc.devices.get(d, DeviceProgress())
+        v = con.view(d)
+        final_eval = p.evaluations[-1] if p.evaluations else None
+        before = _phase_accuracy(lab, d, lambda _i, s: s[0] == "clean")
+        after_drift = _phase_accuracy(
+            lab, d, lambda _i, s, v=p.drift_version: s[0] == "drift" and s[2] == v)
+        dev_seen = {k for k in seen if k[0] == d}
+        dev_stored = {k for k in stored if k[0] == d}
+        with con.lock:
+            down = sum(int(r.get("bytes", 0)) for r in v.reports if r.get("status") == "applied")
+            frames = int(v.stats.get("frames", 0))
+            spool = v.stats.get("spool_records")
+            reports = [{k: r.get(k) for k in ("version", "status", "reason", "bytes", "seconds")}
+                       for r in v.reports]
+        rows.append({
+            "device": d, "profile": profiles[d], "final_version": v.version,
+            "accuracy_before_drift": before, "accuracy_after_drift": after_drift,
+            "accuracy_after_recovery": final_eval["accuracy"] if final_eval else None,
+            "recovered": bool(final_eval and final_eval["recovered"]),
+            "evaluations": p.evaluations,
+            "recovery_s": (p.recovered_at - sc.t_drift) if p.recovered_at and sc.t_drift
+            else None,
+            "frames_sent": len(cam.sent), "frames_inferred": frames,
+            "samples_up": len(dev_seen), "samples_stored": len(dev_seen & dev_stored),
+            "bytes_up": v.act_bytes, "bytes_down": down, "update_reports": reports,
+            "spool_left": spool, "wire_duplicates": v.act_duplicates,
+            "label_mismatches": _label_mismatches(lab, d),
+            "lost": len(dev_seen - dev_stored) + max(0, len(cam.sent) - frames)
+            + (spool or 0),
+        })
+    with con.lock:
+        trainer = dict(con.trainer)
+        pushed_bytes = con.blob_bytes
+    summary = {
+        "model": lab.s.model, "drift": drift_desc, "elapsed_s": round(elapsed, 1),
+        "drift_to_end_s": round((sc.t_end or time.time()) - sc.t_drift, 1) if sc.t_drift else None,
+        "end_reason": sc.reason, "teacher_accuracy": teacher,
+        "deployed_student_accuracy": student, "tolerance_points": sc.tolerance * 100,
+        "rounds_pushed": trainer.get("rounds", 0), "trainer_runs": trainer.get("runs"),
+        "update_bytes_published": pushed_bytes, "drained": drained, "devices": rows,
+        "samples_lost": sum(r["lost"] for r in rows),
+        "all_recovered": all(r["recovered"] for r in rows),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v * 100:.1f} %"
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    t = Table(title=f"knet demo summary — {summary['model']}, drift {summary['drift']}, "
+                    f"{summary['elapsed_s']:.0f} s", header_style="bold")
+    for col in ("device", "profile", "version", "before drift", "after drift",
+                "after recovery", "teacher (drifted)", "bytes up", "bytes of updates",
+                "drift → recovery", "samples lost"):
+        t.add_column(col, justify="left" if col in ("device", "profile") else "right")
+    td = summary["teacher_accuracy"]["drifted"]
+    for r in summary["devices"]:
+        rec = r["recovery_s"]
+        t.add_row(r["device"], r["profile"], f"v{r['final_version']}",
+                  _pct(r["accuracy_before_drift"]), _pct(r["accuracy_after_drift"]),
+                  _pct(r["accuracy_after_recovery"]) + (" ✓" if r["recovered"] else " ✗"),
+                  _pct(td), _kib(r["bytes_up"]), _kib(r["bytes_down"]),
+                  "-" if rec is None else f"{rec:.0f} s", str(r["lost"]))
+    console.print(t)
+    console.print(
+        f"teacher (torch): {_pct(summary['teacher_accuracy']['clean'])} clean, {_pct(td)} "
+        f"drifted; deployed student (torch): "
+        f"{_pct(summary['deployed_student_accuracy']['clean'])} clean, "
+        f"{_pct(summary['deployed_student_accuracy']['drifted'])} drifted. "
+        f"{summary['rounds_pushed']} update(s) pushed "
+        f"({_kib(summary['update_bytes_published'])} of block chunks published); "
+        f"ended: {summary['end_reason']}; samples lost: {summary['samples_lost']}.")
+
+
+def plot(lab: Lab, sc: Scenario, path: Path, teacher_drift: float, window: int = 60) -> None:
+    """Accuracy over time per device (rolling over ``window`` frames), drift and updates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    con = lab.console
+    assert con is not None
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    t0 = sc.t_start
+    for i, d in enumerate(lab.cameras):
+        with con.lock:
+            res = sorted(con.view(d).results)
+            applied = list({r["version"]: r for r in reversed(con.view(d).reports)
+                            if r.get("status") == "applied"}.values())  # first per version
+        if not res:
+            continue
+        hits = np.array([p == lbl for _i, p, lbl, _t in res], dtype=np.float64)
+        ts = np.array([t for *_x, t in res]) - t0
+        k = min(window, len(hits))
+        roll = np.convolve(hits, np.ones(k) / k, mode="valid")
+        line, = ax.plot(ts[k - 1:], roll * 100, label=d, lw=1.4)
+        for r in applied:
+            ax.axvline(float(r["received"]) - t0, color=line.get_color(), ls=":", lw=1.2)
+            ax.annotate(f"v{r['version']}", (float(r["received"]) - t0, 5 + 6 * i),
+                        color=line.get_color(), fontsize=8)
+    if sc.t_drift:
+        ax.axvline(sc.t_drift - t0, color="black", lw=1.5)
+        ax.annotate("drift", (sc.t_drift - t0, 95), fontsize=9)
+    ax.axhline(teacher_drift * 100, color="grey", ls="--", lw=1,
+               label="teacher on drifted frames")
+    ax.set_xlabel("seconds since the cameras started")
+    ax.set_ylabel(f"accuracy, last {window} frames (%)")
+    ax.set_ylim(0, 102)
+    ax.set_title("knet demo: devices drift and recover (dotted: update applied)")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- the command ----------------------------------------------------------------------------
+def _interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from agent.manifest import PartitionManifest
-    from broker.launcher import Mosquitto
-    from cloud_trainer.data import digits_splits
-    from cloud_trainer.export import export_partition
-    from cloud_trainer.train import evaluate, trained_pair
+    from cloud_trainer.drift import apply_drift, default_spec
+    from cloud_trainer.train import eval_set, evaluate
 
     out: Path = args.out.resolve()
+    for name in LAB_DIRS:  # a fresh fleet every run; other files in --out stay
+        shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    topics = Topics(FLEET)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                  console=console) as progress:
-        task = progress.add_task("training digits teacher and student (cached)", total=None)
-
-        def on_epoch(what: str, epoch: int, epochs: int, loss: float) -> None:
-            progress.update(task, description=f"training {what}: epoch {epoch}/{epochs}, "
-                            f"loss {loss:.3f}", total=epochs, completed=epoch)
-
-        pair = trained_pair("digits", seed=args.seed, progress=on_epoch)
-    split = digits_splits()
-    teacher_acc = evaluate(pair.teacher, split.x_test, split.y_test)
-    student_acc = evaluate(pair.student, split.x_test, split.y_test)
-    console.print(f"digits: teacher {pair.teacher.params():,} params, {teacher_acc:.2%}; "
-                  f"student {pair.student.params():,} params "
-                  f"({pair.size_reduction:.0%} fewer), {student_acc:.2%}")
-
-    import numpy as np
-
-    inputs = out / "digits-test.npz"
-    np.savez(inputs, x=split.x_test, y=split.y_test)
-    from agent.profiles import load_profile
-
-    manifests: dict[str, PartitionManifest] = {}
-    for spec in DEVICES:
-        prof = load_profile(spec.profile)
-        manifests[spec.device] = export_partition(
-            pair.student, out / "models" / spec.device, model_id="digits", model_version=1,
-            first=spec.first, last=spec.last, ort_version=prof.onnxruntime)
-        m = manifests[spec.device]
-        console.print(f"exported blocks {m.first}..{m.last} for {spec.device} ({spec.profile}, "
-                      f"onnxruntime {prof.onnxruntime}): opset {m.opset}, IR {m.ir_version}")
-
-    expected = {spec.device: len(split.x_test) for spec in DEVICES}
-    procs: list[subprocess.Popen[bytes]] = []
-    started = time.monotonic()
-    with Mosquitto(out / "broker") as broker:
-        observer = Observer(broker.port, topics)
-        try:
-            for spec in DEVICES:
-                cfg = out / f"{spec.device}.toml"
-                write_agent_config(cfg, spec, broker.port,
-                                   out / "models" / spec.device / "manifest.json", inputs,
-                                   out / "state" / spec.device)
-                log = open(out / f"{spec.device}.log", "wb")  # noqa: SIM115
-                procs.append(subprocess.Popen(
-                    [sys.executable, "-m", "agent.cli", "--config", str(cfg)],
-                    stdout=log, stderr=subprocess.STDOUT))
-            with Live(view(observer, expected), console=console, refresh_per_second=4) as live:
-                while any(p.poll() is None for p in procs):
-                    live.update(view(observer, expected))
-                    time.sleep(0.25)
-                time.sleep(0.5)  # the last stats message
-                live.update(view(observer, expected))
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted: stopping the agents and the broker[/yellow]")
-            return 130
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-            for p in procs:
-                try:
-                    p.wait(15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-            observer.close()
-    elapsed = time.monotonic() - started
-    from bench.codec import run_codec_bench
-
-    console.rule("what the codecs cost on these activations (knet bench codec)")
-    run_codec_bench(model="digits", seed=args.seed, samples=270,
-                    codecs=["raw", "fp16+lz4", "uint8+lz4", "int8+lz4", "zfp:precision=12"],
-                    json_path=out / "codecs.json", plot_path=out / "codecs.png")
-    return summarise(out, observer, manifests, expected, teacher_acc, student_acc, elapsed,
-                     [p.returncode for p in procs])
+    spec = default_spec(args.model, args.drift, args.severity, seed=args.seed)
+    drift_desc = f"{spec.kind} {spec.severity:g}"
+    devices = device_specs(args.devices)
+    profiles = {d.device: d.profile for d in devices}
+    lab = Lab(LabSettings(root=out, model=args.model, devices=devices, seed=args.seed,
+                          interval_s=args.interval))
+    signal.signal(signal.SIGTERM, _interrupt)
+    started = time.time()
+    sc: Scenario | None = None
+    try:
+        with console.status("preparing: zoo pair (cached), deployed student, exports, "
+                            "credentials") as status:
+            lab.prepare(lambda m: status.update(m))
+        x, y = eval_set(args.model, args.seed)
+        x, y = np.asarray(x), np.asarray(y)
+        xd = apply_drift(x, spec)
+        teacher = {"clean": evaluate(lab.pair.teacher, x, y),
+                   "drifted": evaluate(lab.pair.teacher, xd, y)}
+        student = {"clean": evaluate(lab.student, x, y), "drifted": evaluate(lab.student, xd, y)}
+        console.print(f"{args.model}: teacher {_pct(teacher['clean'])} clean / "
+                      f"{_pct(teacher['drifted'])} under {drift_desc}; deployed student "
+                      f"{_pct(student['clean'])} / {_pct(student['drifted'])} (torch)")
+        with console.status("starting the broker, the trainer and the agents"):
+            lab.start()
+            if not lab.wait_online(timeout=120):
+                console.print("[red]the fleet did not come online; logs in "
+                              f"{out / 'logs'}[/red]")
+                return 1
+        console.print(f"fleet online: broker 127.0.0.1:{lab.port}, trainer, "
+                      f"{len(devices)} agents; configs in {out}")
+        sc = Scenario(lab, x, y, xd, teacher["drifted"], rate_hz=args.rate, rounds=args.rounds,
+                      duration_s=args.duration, tolerance=args.tolerance / 100)
+        feeder = threading.Thread(target=sc.run, name="cameras", daemon=True)
+        feeder.start()
+        with Live(live_view(lab, sc, profiles), console=console, refresh_per_second=4) as live:
+            while feeder.is_alive():
+                live.update(live_view(lab, sc, profiles))
+                feeder.join(0.25)
+            t_end = time.time()
+            drained = wait_drained(lab)
+            t_drained = time.time()
+            seen, stored = wait_stored(lab)
+            console.log(f"drained in {t_drained - t_end:.1f} s, stored in "
+                        f"{time.time() - t_drained:.1f} s")
+            live.update(live_view(lab, sc, profiles))
+        summary = summarise(lab, sc, out, profiles, teacher, student, seen, stored, drained,
+                            time.time() - started, drift_desc)
+        plot(lab, sc, out / "accuracy.png", teacher["drifted"])
+        print_summary(summary)
+        console.print(f"[dim]wrote {out / 'summary.json'} and {out / 'accuracy.png'}; "
+                      f"configs in {out}, logs in {out / 'logs'}[/dim]")
+        if args.keep_running:
+            console.print("--keep-running: the fleet stays up; Ctrl-C stops every process")
+            with Live(live_view(lab, sc, profiles), console=console,
+                      refresh_per_second=2) as live:
+                while True:
+                    live.update(live_view(lab, sc, profiles))
+                    time.sleep(0.5)
+        ok = summary["all_recovered"] and summary["samples_lost"] == 0
+        return 0 if ok else 1
+    except KeyboardInterrupt:
+        if sc is not None:
+            sc.stop.set()
+        console.print("[yellow]interrupted: stopping every process the demo started[/yellow]")
+        return 130
+    finally:
+        if sc is not None:
+            sc.stop.set()
+        codes = lab.close()
+        bad = {k: v for k, v in codes.items() if v not in (0, None)}
+        if bad:
+            console.print(f"[yellow]exit codes: {bad}[/yellow]")
 
 
-def summarise(out: Path, observer: Observer, manifests: dict[str, Any],
-              expected: dict[str, int], teacher_acc: float, student_acc: float,
-              elapsed: float, codes: list[int | None]) -> int:
-    rows = []
-    for spec in DEVICES:
-        s = observer.devices.get(spec.device, Seen())
-        st = s.stats
-        sent = st.get("link", {}).get("acked", 0)
-        m = manifests[spec.device]
-        rows.append({
-            "device": spec.device, "profile": spec.profile, "blocks": f"{m.first}..{m.last}",
-            "opset/IR": f"{m.opset}/{m.ir_version}", "frames": st.get("frames", 0),
-            "accuracy": st.get("accuracy_total"), "activations": s.acts,
-            "bytes_up": s.act_bytes, "acked_by_broker": sent,
-            "lost": max(0, sent - s.acts), "duplicates": s.duplicates,
-        })
-    t = Table(title=f"knet demo summary ({elapsed:.0f} s)", header_style="bold")
-    for col in ("device", "profile", "blocks", "opset/IR", "frames", "accuracy",
-                "activations", "bytes up", "lost"):
-        t.add_column(col, justify="left" if col in ("device", "profile") else "right")
-    for r in rows:
-        acc = "-" if r["accuracy"] is None else f"{r['accuracy'] * 100:.1f} %"
-        t.add_row(r["device"], r["profile"], r["blocks"], r["opset/IR"],
-                  f"{r['frames']}/{expected[r['device']]}", acc, str(r["activations"]),
-                  f"{r['bytes_up'] / 1024:.1f} KiB", str(r["lost"]))
-    console.print(t)
-    console.print(f"teacher {teacher_acc:.2%}, student {student_acc:.2%} (torch) on the same "
-                  "test split; the agents' accuracy is onnxruntime's, on every input they ran.")
-    summary = {"elapsed_s": elapsed, "teacher_accuracy": teacher_acc,
-               "student_accuracy": student_acc, "devices": rows,
-               "agent_exit_codes": codes}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    console.print(f"[dim]wrote {out / 'summary.json'}; agent logs and configs in {out}[/dim]")
-    ok = all(c == 0 for c in codes) and all(r["lost"] == 0 for r in rows) and all(
-        r["frames"] == expected[r["device"]] for r in rows)
-    return 0 if ok else 1
+def add_arguments(d: argparse.ArgumentParser) -> None:
+    """The `knet demo` options (cloud_trainer/cli.py registers the subcommand)."""
+    from cloud_trainer.drift import DRIFTS
+
+    d.add_argument("--model", choices=["digits", "vision"], default="digits")
+    d.add_argument("--devices", type=int, default=3, help="agents to run (default 3)")
+    d.add_argument("--drift", choices=DRIFTS, default=None,
+                   help="camera drift (default: brightness for digits, contrast for vision)")
+    d.add_argument("--severity", type=float, default=None, help="drift severity in (0, 1]")
+    d.add_argument("--rounds", type=int, default=3, help="most updates to push and evaluate")
+    d.add_argument("--duration", type=float, default=240.0,
+                   help="seconds the cameras stream at most")
+    d.add_argument("--interval", type=float, default=20.0,
+                   help="the retraining job's schedule, seconds")
+    d.add_argument("--rate", type=float, default=40.0, help="frames per second per camera")
+    d.add_argument("--tolerance", type=float, default=2.0,
+                   help="points below the teacher that count as recovered")
+    d.add_argument("--out", type=Path, default=Path("out/demo"))
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--keep-running", action="store_true",
+                   help="after the summary, keep the fleet running until Ctrl-C")

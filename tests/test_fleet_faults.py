@@ -1,0 +1,264 @@
+"""Faults on a real fleet: real processes (knet broker run, knet-trainer, knet-agent) on a
+provisioned, ACL'd Mosquitto on loopback (``cloud_trainer.fleet_lab``).
+
+Loss is judged from the agent's own numbering: with ``every_n = 1`` and one uplinked
+boundary every inferred frame becomes exactly one envelope, and the envelopes of one
+session are numbered 1, 2, 3, ... — so the store must hold, per session, every number from
+1 to the last, each once (its primary key makes a second copy impossible; the ingestor
+counts the duplicates it dropped).
+
+The devices use the ``jetson-nano`` profile: its onnxruntime 1.16 target is exported by the
+legacy exporter, which keeps each retraining run's export well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from mqtt_helpers import wait_until
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.codec import encode
+from agent.envelope import Envelope
+from cloud_trainer.fleet_lab import DeviceSpec, Lab, LabSettings, pids_alive
+
+pytestmark = [pytest.mark.slow]
+
+PROFILE = "jetson-nano"
+
+
+def lab_for(tmp_path: Path, n: int = 1, *, source: dict[str, Any] | None = None,
+            **settings: Any) -> Lab:
+    devices = [DeviceSpec(f"cam-{i}", PROFILE, {"every_n": 1, "boundaries": [0],
+                                                "codec": "uint8+lz4"}) for i in range(n)]
+    extra = {"source": source} if source else {}
+    settings.setdefault("interval_s", 3600.0)  # no scheduled run unless a test wants one
+    return Lab(LabSettings(root=tmp_path / "lab", devices=devices, agent_extra=extra,
+                           stats_interval_s=0.5, **settings))
+
+
+def stored(lab: Lab) -> dict[str, dict[int, list[int]]]:
+    """device -> session -> sorted seqs in the trainer's store (read-only, live)."""
+    db = lab.trainer_dir / "store"
+    files = sorted(db.glob("*.sqlite*")) if db.is_dir() else []
+    out: dict[str, dict[int, list[int]]] = {}
+    if not files:
+        return out
+    from cloud_trainer.store import _from_i64
+
+    con = sqlite3.connect(f"file:{files[0]}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = con.execute("SELECT device, session, seq FROM samples").fetchall()
+    finally:
+        con.close()
+    for d, s, q in rows:
+        out.setdefault(d, {}).setdefault(_from_i64(s), []).append(_from_i64(q))
+    for sessions in out.values():
+        for seqs in sessions.values():
+            seqs.sort()
+    return out
+
+
+def count_stored(lab: Lab, device: str) -> int:
+    return sum(len(v) for v in stored(lab).get(device, {}).values())
+
+
+def assert_contiguous(lab: Lab, device: str, expected: int | None = None) -> None:
+    """Every session's seqs are 1..max, each once; ``expected`` envelopes in all."""
+    sessions = stored(lab).get(device, {})
+    assert sessions, f"nothing stored for {device}"
+    total = 0
+    for session, seqs in sessions.items():
+        missing = sorted(set(range(1, seqs[-1] + 1)) - set(seqs))
+        assert not missing and len(seqs) == seqs[-1], (
+            f"{device} session {session}: missing {missing[:10]}")
+        total += len(seqs)
+    if expected is not None:
+        assert total == expected
+
+
+def wait_saved(lab: Lab, timeout: float = 15.0) -> None:
+    """Until Mosquitto saved its database after the trainer's ingest session was created.
+
+    Mosquitto persists sessions and queues only every ``autosave_interval`` (5 s here), so a
+    SIGKILL sooner would forget the ingest session, and activations the restarted broker
+    accepts before the ingestor re-subscribes would have no subscriber (module doc of
+    ``cloud_trainer.fleet_lab``; docs/deploy.md).
+    """
+    log_file = lab.broker_dir / "broker" / "mosquitto.log"
+
+    def saved() -> bool:
+        text = log_file.read_text(errors="replace")
+        at = text.rfind("as knet-ingest-")
+        return at >= 0 and "Saving in-memory database" in text[at:]
+
+    assert wait_until(saved, timeout)
+    time.sleep(1.0)  # the line is logged before the file is written and renamed
+
+
+def inputs_npz(path: Path, n: int) -> Path:
+    from cloud_trainer.data import digits_splits
+
+    s = digits_splits()
+    np.savez(path, x=np.resize(s.x_test, (n, 1, 8, 8)).astype(np.float32),
+             y=np.resize(s.y_test, n))
+    return path
+
+
+def stats(lab: Lab, device: str) -> dict[str, Any]:
+    assert lab.console is not None
+    with lab.console.lock:
+        return dict(lab.console.view(device).stats)
+
+
+# -- a broker crash while the fleet streams ------------------------------------------------
+def test_broker_killed_and_restarted_during_streaming_loses_nothing(tmp_path: Path) -> None:
+    n = 900
+    inputs = inputs_npz(tmp_path / "inputs.npz", n)
+    with lab_for(tmp_path, 1, source={"kind": "npz", "path": inputs, "rate_hz": 120}) as lab:
+        lab.prepare()
+        lab.start()
+        assert lab.wait_online(60)
+        assert wait_until(lambda: count_stored(lab, "cam-0") >= 150, 30)
+        wait_saved(lab)
+        lab.kill_broker()  # SIGKILL: no goodbye, no final save
+        time.sleep(2.0)    # the agent keeps inferring and spools
+        lab.start_broker()
+        assert wait_until(lambda: stats(lab, "cam-0").get("frames") == n
+                          and stats(lab, "cam-0").get("spool_records") == 0, 60)
+        assert wait_until(lambda: count_stored(lab, "cam-0") >= n, 30), count_stored(lab, "cam-0")
+        assert_contiguous(lab, "cam-0", n)
+        assert stats(lab, "cam-0")["link"]["reconnects"] >= 1
+        procs = dict(lab.procs)
+    assert all(p.popen is not None and p.popen.returncode == 0 for name, p in procs.items()
+               if name != "broker")
+
+
+# -- a client with valid credentials sends garbage everywhere it can ------------------------
+def _garbage() -> list[bytes]:
+    rng = random.Random(7)
+    valid = Envelope(device="cam-1", session=1, seq=1, timestamp=time.time(),
+                     model_version=1, boundary=0,
+                     payload=encode(np.zeros((1, 1, 8, 8), np.float32), "raw")).pack()
+    return [b"", b"\x00", b"{", b'{"state": "online", "session": -1}', b"null",
+            json.dumps({"device": "cam-0", "status": "applied", "version": 99}).encode(),
+            bytes(rng.getrandbits(8) for _ in range(300)), b"KNCF" + bytes(60),
+            b"\x93NUMPY" + bytes(40), valid, valid[: len(valid) // 2],
+            b"\xff" * (256 * 1024)]
+
+
+def test_malicious_client_with_valid_credentials(tmp_path: Path) -> None:
+    with lab_for(tmp_path, 2) as lab:
+        lab.prepare()
+        lab.start()
+        assert lab.wait_online(60)
+        t = lab.topics
+        own = [t.device("cam-0", leaf) for leaf in
+               ("state", "birth", "act", "stats", "update", "input", "infer", "result",
+                "blobreq", "reply", "x")]
+        foreign = [t.device("cam-1", leaf) for leaf in ("act", "input", "state", "update")] + [
+            t.manifest, t.blob("0" * 64, 0), t.trainer_state("trainer-1"),
+            f"{t.root}/other/cam-0/act"]
+        garbage = _garbage()
+        # A witness with the trainer-side view records what arrives on the foreign topics.
+        seen: list[tuple[str, bytes]] = []
+        witness = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="witness",
+                              protocol=mqtt.MQTTv5)
+        witness.username_pw_set("console", lab.passwords["console"])
+        witness.on_message = lambda _c, _u, m: seen.append((m.topic, bytes(m.payload)))
+        witness.connect("127.0.0.1", lab.port)
+        witness.subscribe([(f"{t.fleet_root}/cam-1/#", 1), (f"{t.fleet_root}/model/#", 1),
+                           (t.trainer_state("trainer-1"), 1)])
+        witness.loop_start()
+        refused: dict[str, int] = {}
+        evil = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="cam-0-evil",
+                           protocol=mqtt.MQTTv5)
+        evil.username_pw_set("cam-0", lab.passwords["cam-0"])
+        evil.on_publish = lambda _c, _u, mid, rc, _p: refused.__setitem__(str(mid), rc.value)
+        evil.connect("127.0.0.1", lab.port)
+        evil.loop_start()
+        foreign_mids = set()
+        for topic in own + foreign:
+            for payload in garbage:
+                for retain in (False, True):
+                    info = evil.publish(topic, payload, qos=1, retain=retain)
+                    if topic in foreign:
+                        foreign_mids.add(str(info.mid))
+        assert wait_until(lambda: foreign_mids <= set(refused), 30)
+        assert all(refused[m] == 135 for m in foreign_mids)  # not authorised, every one
+        evil.disconnect()
+        evil.loop_stop()
+        # Good frames still work on both devices afterwards.
+        from cloud_trainer.data import digits_splits
+
+        s = digits_splits()
+        for i in range(40):
+            for cam in lab.cameras.values():
+                cam.send(s.x_test[i], int(s.y_test[i]), "clean", 1)
+        assert wait_until(lambda: all(stats(lab, d).get("frames", 0) >= 40
+                                      for d in ("cam-0", "cam-1")), 30)
+        time.sleep(1.0)
+        witness.loop_stop()
+        witness.disconnect()
+        # Nothing the attacker sent reached a topic outside its subtree.
+        assert not [tp for tp, pl in seen if pl in garbage and tp in foreign]
+        for p in lab.procs.values():
+            assert p.running(), f"{p.name} died"
+        assert stats(lab, "cam-0").get("model_version") == 1
+        assert stats(lab, "cam-0")["bad_inputs"].get("frame", 0) >= 1
+        # The store holds only the agents' real envelopes, none claiming another device.
+        store = stored(lab)
+        assert set(store) <= {"cam-0", "cam-1"}
+        assert_contiguous(lab, "cam-1")
+        assert wait_until(lambda: count_stored(lab, "cam-0") >= 40, 20)
+        assert_contiguous(lab, "cam-0")
+        codes = lab.close()
+    assert codes["trainer"] == 0 and codes["cam-0"] == 0 and codes["cam-1"] == 0
+
+
+def test_lab_close_leaves_no_process(tmp_path: Path) -> None:
+    lab = lab_for(tmp_path, 1)
+    lab.prepare()
+    lab.start()
+    assert lab.wait_online(60)
+    pids = [int(r["pid"]) for r in json.loads((lab.root / "pids.json").read_text())]
+    assert len(pids) == 4  # wrapper, mosquitto, trainer, agent
+    lab.procs["cam-0"].kill()  # even with one already gone the rest stop
+    lab.close()
+    assert pids_alive(pids) == []
+
+
+
+def test_agent_sigkilled_while_spooling_then_broker_back(tmp_path: Path) -> None:
+    """SIGKILL during inference with a full spool and no broker; restarted as systemd would:
+    the old session's spooled envelopes are delivered, the new session streams on."""
+    n = 600
+    inputs = inputs_npz(tmp_path / "inputs.npz", n)
+    with lab_for(tmp_path, 1, source={"kind": "npz", "path": inputs, "rate_hz": 100}) as lab:
+        lab.prepare()
+        lab.start()
+        assert lab.wait_online(60)
+        assert wait_until(lambda: count_stored(lab, "cam-0") >= 50, 30)
+        wait_saved(lab)
+        lab.kill_broker()
+        time.sleep(1.5)  # inference goes on into the spool
+        lab.procs["cam-0"].kill()
+        lab.start_broker()
+        lab.start_agent("cam-0")
+        assert wait_until(lambda: stats(lab, "cam-0").get("frames") == n
+                          and stats(lab, "cam-0").get("spool_records") == 0, 60)
+        sessions = stored(lab)["cam-0"]
+        assert wait_until(lambda: len(stored(lab)["cam-0"]) == 2 and
+                          len(max(stored(lab)["cam-0"].items())[1]) == n, 30)
+        assert_contiguous(lab, "cam-0")
+        first = min(stored(lab)["cam-0"])
+        assert len(stored(lab)["cam-0"][first]) > 50  # spooled before the kill, delivered
+        del sessions
