@@ -88,6 +88,11 @@ class IngestSettings(BaseModel):
     # Stable across restarts (the broker keeps the session under it) and distinct per replica.
     client_id: str = Field(default_factory=lambda: f"knet-ingest-{socket.gethostname()}")
     share_group: str = "trainers"
+    # False: a plain subscription, for a single trainer on Mosquitto, which does not restore
+    # shared subscriptions from persistence after a restart (measured on 2.0.11: activations
+    # published between the restart and the ingestor's re-subscribe had no subscriber and were
+    # lost; a plain persistent subscription is restored and queued). docs/deploy.md.
+    shared: bool = True
     keepalive: int = Field(30, ge=5, le=65535)
     session_expiry: int = Field(24 * 3600, ge=0)
     receive_maximum: int = Field(1000, ge=1, le=65535)
@@ -187,7 +192,8 @@ class Ingestor:
         self.store = store
         self.fleet = fleet if fleet is not None else FleetTable()
         self.stats = IngestStats()
-        self._act_filter = topics.shared(settings.share_group, topics.all_devices("act"))
+        self._act_filter = (topics.shared(settings.share_group, topics.all_devices("act"))
+                            if settings.shared else topics.all_devices("act"))
         self._filters = [(self._act_filter, 1), (topics.all_devices("state"), 1),
                          (topics.all_devices("birth"), 1)]
         # Twice receive_maximum: the hard bound behind the broker's flow control (module doc).

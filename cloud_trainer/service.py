@@ -355,7 +355,7 @@ class TrainerService:
         settings = IngestSettings(
             host=cfg.mqtt.host, port=cfg.mqtt.port, username=cfg.mqtt.username,
             password=self.password, client_id=f"knet-ingest-{cfg.trainer.id}",
-            share_group=ing.share_group, keepalive=cfg.mqtt.keepalive,
+            share_group=ing.share_group, shared=ing.shared, keepalive=cfg.mqtt.keepalive,
             receive_maximum=ing.receive_maximum, max_payload=ing.max_payload,
             validation=ing.validation)
         self.ingestor = Ingestor(settings, self.topics, self.store, self.fleet)

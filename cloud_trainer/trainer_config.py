@@ -158,6 +158,8 @@ class IngestSection(BaseModel):
 
     enabled: bool = True
     share_group: str = "trainers"
+    shared: bool = Field(True, description="false: a plain subscription (one trainer on "
+                                           "Mosquitto survives broker restarts; docs/deploy.md)")
     receive_maximum: int = Field(1000, ge=1, le=65535)
     max_payload: int = Field(4 << 20, ge=1)
     validation: Literal["decode", "header"] = "decode"
