@@ -88,7 +88,8 @@ class Stage:
 
     ``fn`` may return None to drop an item (it was counted by the stage itself). With
     ``batch > 1``, ``fn`` takes a list of up to ``batch`` waiting items instead of one item
-    (and returns one result for the whole list).
+    and returns a list (or None) for the whole batch; when it raises, the batch is retried
+    item by item and the lists that come back are joined.
     """
 
     name: str
@@ -187,20 +188,30 @@ class Pipeline:
                 items.pop()
             work = [items] if stage.batch > 1 and items else items
             for item in work:
-                n = len(item) if stage.batch > 1 else 1
-                try:
-                    out = stage.fn(item)
-                except Exception:
-                    stage.errors += n
-                    log.exception("stage %s failed on %d item(s); dropped", stage.name, n)
-                    continue
-                stage.processed += n
+                out = self._call(stage, item)
                 if out is not None and nxt is not None and not self._put(nxt.inbox, out):
                     return
             if end:
                 if nxt is not None:
                     self._put(nxt.inbox, _END)
                 return
+
+    @staticmethod
+    def _call(stage: Stage, item: Any) -> Any:
+        """``stage.fn`` on one item, or on a batch; a failing batch is retried item by item
+        (as one-item lists), so one bad item costs only itself."""
+        try:
+            out = stage.fn(item)
+        except Exception:
+            if stage.batch > 1 and len(item) > 1:
+                outs = [Pipeline._call(stage, [one]) for one in item]
+                merged = [x for o in outs if o is not None for x in o]
+                return merged or None
+            stage.errors += 1
+            log.exception("stage %s failed on one item; it was dropped", stage.name)
+            return None
+        stage.processed += len(item) if stage.batch > 1 else 1
+        return out
 
     def depths(self) -> dict[str, int]:
         return {s.name: s.inbox.qsize() for s in self.stages}

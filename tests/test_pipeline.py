@@ -82,3 +82,18 @@ def test_a_batch_stage_gets_lists_of_waiting_items_in_order() -> None:
     assert [x for b in batches for x in b] == list(range(300))
     assert all(1 <= len(b) <= 8 for b in batches) and len(batches[1]) == 8
     assert stages[1].processed == 300
+
+
+def test_a_failing_batch_is_retried_item_by_item() -> None:
+    out: list[list[int]] = []
+
+    def picky(batch: list[int]) -> list[int]:
+        if 3 in batch:
+            raise ValueError("bad input")
+        return [x * 10 for x in batch]
+
+    stages = [Stage("picky", picky, queue_size=8, batch=8), Stage("sink", out.append)]
+    p = Pipeline(range(8), stages).start()
+    assert p.join(10)
+    assert [v for got in out for v in got] == [0, 10, 20, 40, 50, 60, 70]
+    assert stages[0].errors == 1 and stages[0].processed == 7
