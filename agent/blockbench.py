@@ -92,6 +92,9 @@ class BenchRecord(BaseModel):
     inputs: Literal["source", "generated"] = "source"
     blocks: tuple[BlockTiming, ...]
     codecs: tuple[CodecMeasure, ...] = ()
+    spool_append_s: float | None = Field(
+        None, ge=0, description="median durable spool append + ack of one message: what "
+                                "every relayed activation costs the sender before it is sent")
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
 
     @model_validator(mode="after")
@@ -228,7 +231,8 @@ def measure_codec(runner: object, boundary: int, acts: np.ndarray, spec: str,
 
 def measure(runner: object, x: np.ndarray, *, device: str, codecs: tuple[str, ...] =
             DEFAULT_CODECS, warmup: int = 5, repeats: int = 30,
-            inputs: Literal["source", "generated"] = "source") -> BenchRecord:
+            inputs: Literal["source", "generated"] = "source",
+            spool_dir: Path | None = None) -> BenchRecord:
     """The benchmark record of ``runner`` (a ``BlockRunner``) on the inputs ``x`` (batch)."""
     import onnxruntime as ort
 
@@ -255,7 +259,32 @@ def measure(runner: object, x: np.ndarray, *, device: str, codecs: tuple[str, ..
         model_version=m.model_version, role=m.role, num_blocks=m.num_blocks,
         boundaries=m.boundaries, first=m.first, last=m.last, warmup=warmup,
         repeats=repeats, samples=len(x), inputs=inputs, blocks=tuple(timings),
-        codecs=tuple(measures))
+        codecs=tuple(measures),
+        spool_append_s=measure_spool(spool_dir) if spool_dir is not None else None)
+
+
+def measure_spool(directory: Path, nbytes: int = 16 * 1024, n: int = 50) -> float:
+    """Median seconds to append one message to a fresh spool in ``directory`` and ack it
+    (the agent's at-least-once path: every relayed activation pays it)."""
+    import tempfile
+
+    from agent.spool import Spool
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix="bench-spool-") as tmp:
+        spool = Spool(Path(tmp), 64 * 2**20)
+        payload = bytes(nbytes)
+        times = []
+        try:
+            for _ in range(n):
+                t0 = time.perf_counter()
+                spool.append("knet/v1/bench/x/act", payload, 1)
+                times.append(time.perf_counter() - t0)
+                for rec in spool.peek(1, 0):
+                    spool.ack(rec.id)
+        finally:
+            spool.close()
+    return statistics.median(times)
 
 
 def generated_inputs(shape: tuple[int, ...], n: int, seed: int = 0) -> np.ndarray:
@@ -347,7 +376,7 @@ def cli_main(argv: list[str]) -> int:
     codecs = tuple(args.codecs or (*DEFAULT_CODECS, cfg.uplink.codec))
     try:
         record = measure(runner, x, device=cfg.device.id, codecs=codecs, warmup=args.warmup,
-                         repeats=args.repeats, inputs=kind)
+                         repeats=args.repeats, inputs=kind, spool_dir=cfg.device.state_dir)
     except (CodecError, ValueError) as exc:
         print(f"knet-agent benchmark: {exc}", file=sys.stderr)
         return 2

@@ -53,6 +53,7 @@ Origin = tuple[str, int, int]  # (head device, head session, input index at the 
 DEDUP_FILE = "chain-dedup.json"
 MAX_ORIGINS = 64  # head sessions remembered; older ones are long finished
 MAX_LOGITS = 1024
+FLUSH_S = 0.5  # how stale the persisted marks may get (a write per input costs ~1 ms)
 
 
 class ChainError(ValueError):
@@ -84,6 +85,7 @@ class Dedup:
             except (OSError, ValueError, TypeError) as exc:
                 log.warning("chain dedup state %s unreadable (%s): starting empty", path, exc)
         self._taken.update(self._done)
+        self._flushed = 0.0
 
     def take(self, origin: Origin) -> bool:
         """True the first time ``origin`` is seen (in order per head session)."""
@@ -103,11 +105,21 @@ class Dedup:
             self._done.move_to_end(key)
             while len(self._done) > MAX_ORIGINS:
                 self._done.popitem(last=False)
+            due = time.monotonic() - self._flushed >= FLUSH_S
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        """Persist the ``done`` marks. Marks a crash loses only let a few inputs through
+        again; the next stage (and the result consumer) drops them by origin."""
+        if self.path is None:
+            return
+        with self._lock:
             snapshot = [[k[0], k[1], v] for k, v in self._done.items()]
-        if self.path is not None:  # no fsync: a process crash keeps it, duplicates are dropped
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps(snapshot))
-            os.replace(tmp, self.path)
+            self._flushed = time.monotonic()
+        tmp = self.path.with_name(self.path.name + ".tmp")  # no fsync: see above
+        tmp.write_text(json.dumps(snapshot))
+        os.replace(tmp, self.path)
 
 
 def _origin(meta: dict[str, Any]) -> Origin:
@@ -215,6 +227,10 @@ class ChainStage:
             topic = self.upstream.cfg.topic or self.topics.chain(self.upstream.upstream)  # type: ignore[attr-defined]
             link.subscribe(topic, 1, self.upstream.offer_message, manual_ack=True)
 
+    def close(self) -> None:
+        """At shutdown: persist the dedup marks (the pipeline has stopped)."""
+        self.dedup.flush()
+
     def _ack(self, mid: int, qos: int) -> None:
         if self.link is not None:
             self.link.ack(mid, qos)
@@ -225,7 +241,9 @@ class ChainStage:
         if isinstance(sample, ChainSample):
             origin, t0 = sample.origin, sample.t0
         else:
-            origin, t0 = (self.device, self.link.session, sample.index), time.time()
+            # the head: when the source read the input, on the wall clock the stages share
+            t0 = time.time() - (time.monotonic() - sample.t_read)
+            origin = (self.device, self.link.session, sample.index)
         meta = {"model": m.model_id, "origin": list(origin), "t0": t0}
         if self.is_last:
             logits = np.asarray(inf.acts[-1][0], dtype=np.float64).ravel()

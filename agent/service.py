@@ -376,6 +376,8 @@ class Agent:
             self._pipeline.stop()
             if isinstance(self.source, MqttFrames):
                 self.source.close()
+            if self.chain is not None:
+                self.chain.close()
             self.link.publish(self.topics.stats(self.device), json.dumps(self.stats()))
         self.spool.close()
         log.info("agent stopped cleanly")

@@ -40,7 +40,8 @@ def random_problem(rng: np.random.Generator, N: int, T: int, S: int, *,
         enc=rng.uniform(0, 0.002, (T, N + 1, S)), dec=rng.uniform(0, 0.002, (T, N + 1, S)),
         loss=loss, bw_bps=rng.uniform(1e6, 1e8, T - 1), rtt_s=rng.uniform(0, 0.05, T - 1),
         link_cap=link_cap, overhead=float(rng.integers(0, 300)),
-        min_device_blocks=int(rng.integers(0, 2)) if constrained else 0)
+        min_device_blocks=int(rng.integers(0, 2)) if constrained else 0,
+        send_s=rng.uniform(0, 0.002, T))
 
 
 def all_plans(p: Problem):

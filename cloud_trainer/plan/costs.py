@@ -83,6 +83,8 @@ def build_problem(net: NetworkConfig, records: Sequence[BenchRecord], model_id: 
     mem = np.zeros((T, N))
     allowed = np.ones((T, N), bool)
     mem_cap, time_cap, power = np.full(T, INF), np.full(T, INF), np.full(T, np.nan)
+    send_s = np.array([(r.spool_append_s or 0.0) * n.time_scale
+                       for n, r in zip(net.nodes, recs, strict=True)])
     for t, (n, r) in enumerate(zip(net.nodes, recs, strict=True)):
         prof = load_profile(n.profile)
         for b in r.blocks:
@@ -153,7 +155,7 @@ def build_problem(net: NetworkConfig, records: Sequence[BenchRecord], model_id: 
                 dec=np.nan_to_num(dec, nan=INF), loss=loss,
                 bw_bps=np.array([lk.bandwidth_mbps * 1e6 for lk in net.links], float),
                 rtt_s=np.array([lk.rtt_ms / 1e3 for lk in net.links], float),
-                link_cap=link_cap, overhead=float(net.mqtt_overhead_bytes),
+                link_cap=link_cap, overhead=float(net.mqtt_overhead_bytes), send_s=send_s,
                 min_device_blocks=(cons.min_device_blocks if ov.min_device_blocks is None
                                    else ov.min_device_blocks))
     if p.min_device_blocks > N:

@@ -30,7 +30,7 @@ def bench_model(model: str, profile: str, *, role: str = "student", seed: int = 
         runner = BlockRunner(manifest, Path(tmp), prof)
         x = model_inputs(model, samples, seed=seed)
         return measure(runner, x, device=device or _local_name(), codecs=codecs,
-                       warmup=warmup, repeats=repeats)
+                       warmup=warmup, repeats=repeats, spool_dir=Path(tmp))
 
 
 def _local_name() -> str:

@@ -61,6 +61,10 @@ class Problem:
     link_cap: np.ndarray  # bytes per inference per link (inf = none)
     overhead: float = 200.0
     min_device_blocks: int = 0
+    send_s: np.ndarray | None = None  # per node: seconds per message sent (spool append)
+
+    def send_cost(self, t: int) -> float:
+        return 0.0 if self.send_s is None else float(self.send_s[t])
 
     @property
     def n_blocks(self) -> int:
@@ -130,7 +134,7 @@ def evaluate(p: Problem, plan: Plan) -> Plan:
         if (cin := incoming.get(t)) is not None:
             busy += float(p.dec[t, cin.boundary, cin.codec])
         if (cout := outgoing.get(t)) is not None:
-            busy += float(p.enc[t, cout.boundary, cout.codec])
+            busy += float(p.enc[t, cout.boundary, cout.codec]) + p.send_cost(t)
         if busy > p.time_cap[t]:
             ok = False
         stages.append((f"node {p.node_names[t]}", busy))
@@ -249,8 +253,9 @@ def solve(p: Problem, objective: Objective = "latency", top: int = 1) -> list[Pl
                 if sb.size == 0:
                     continue
                 nb = sb.size
-                busy_s = busy[:nb, None] + p.enc[t, sb, :]  # (B, S)
-                stage = busy[:nb, None] * scale[t] + enc_cost[t, sb, :]
+                send = p.send_cost(t)  # durable spool append of the relayed frame
+                busy_s = busy[:nb, None] + p.enc[t, sb, :] + send  # (B, S)
+                stage = busy[:nb, None] * scale[t] + enc_cost[t, sb, :] + send * scale[t]
                 stage = np.where(ok[:nb, None] & (busy_s <= p.time_cap[t]), stage, INF)
                 links = L[t][t + 1:][:, sb, :]  # (U, B, S)
                 for k in range(K):
