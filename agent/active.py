@@ -1,5 +1,5 @@
 """What a device persists about its updates: the active version, the last known good one,
-and which manifests it has already installed or refused.
+and which manifests it has already installed or refused; and, at start, which version runs.
 
 One JSON file, ``<state_dir>/update/active.json``, replaced atomically (temporary file,
 fsync, rename, fsync of the directory), so a power cut at any moment leaves either the old
@@ -14,16 +14,22 @@ import contextlib
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent.blobs import BlobCache
 from agent.fsutil import atomic_write, fsync_dir
 from agent.manifest import PartitionManifest, sha256_file
+from agent.profiles import FirmwareProfile
+from agent.runtime import BlockRunner, PartitionError
+from agent.update_report import UpdateReport
 
 log = logging.getLogger(__name__)
 
+UPDATE_DIR = "update"
 STATE_FILE = "active.json"
 MAX_SEEN = 256  # manifest digests remembered per list; older ones fall out
 MAX_STATE_BYTES = 4 * 1024 * 1024
@@ -118,3 +124,83 @@ def damaged_blocks(record: VersionRecord, block_dir: Path) -> list[str]:
         if not ok:
             bad.append(b.sha256)
     return bad
+
+
+@dataclass(frozen=True)
+class BootChoice:
+    """What the agent runs at start, and what to report about it once connected."""
+
+    runner: BlockRunner
+    note: UpdateReport | None = None
+
+
+def update_paths(state_dir: Path) -> tuple[ActiveStore, BlobCache]:
+    """The persisted state and the block cache, both under ``<state_dir>/update`` (blocks
+    of the active version are state, not cache: losing them would lose the version)."""
+    root = Path(state_dir) / UPDATE_DIR
+    return ActiveStore(root), BlobCache(root / "blocks")
+
+
+def _usable(rec: VersionRecord, configured: PartitionManifest) -> str | None:
+    p, c = rec.partition, configured
+    if (p.model_id, p.first, p.last, p.num_blocks) != (c.model_id, c.first, c.last,
+                                                      c.num_blocks):
+        return (f"it is {p.model_id} blocks {p.first}..{p.last}, the configuration says "
+                f"{c.model_id} blocks {c.first}..{c.last}")
+    if c.model_version > rec.version:
+        return f"the configured partition (v{c.model_version}) is newer"
+    return None
+
+
+def boot_runner(configured: PartitionManifest, model_dir: Path, profile: FirmwareProfile,
+                store: ActiveStore, cache: BlobCache, device: str) -> BootChoice:
+    """The persisted active version if its blocks still verify, else the last known good
+    one, else the configured partition; a damaged version is reported ``active_corrupt``.
+
+    The damaged block files are deleted and the damaged manifest forgotten, so the retained
+    manifest re-installs it (fetching only what was damaged).
+    """
+    state = store.load()
+    note: UpdateReport | None = None
+    candidates = ([("active", state.current), ("last known good", state.last_known_good)]
+                  if state.current is not None else [])  # None: the configured partition
+    for label, rec in candidates:
+        if rec is None:
+            continue
+        why = _usable(rec, configured)
+        if why is not None:
+            log.warning("not starting the persisted %s version %d: %s", label, rec.version, why)
+            continue
+        bad = damaged_blocks(rec, cache.blob_dir)
+        if not bad:
+            try:
+                runner = BlockRunner(rec.partition, cache.blob_dir, profile, verify=False)
+            except PartitionError as exc:
+                bad, detail = [], str(exc)
+            else:
+                if rec is not state.current:
+                    state.current, state.last_known_good = rec, None
+                    store.save(state)
+                    if note is not None:
+                        note = note.model_copy(update={"from_version": rec.version})
+                log.info("starting on the persisted %s version %s v%d", label, rec.model_id,
+                         rec.version)
+                return BootChoice(runner, note)
+        else:
+            detail = f"blocks {[s[:12] for s in bad]} missing or damaged"
+        log.error("persisted %s version %d cannot run (%s): falling back", label,
+                  rec.version, detail)
+        for sha in bad:
+            cache.path(sha).unlink(missing_ok=True)
+        state.forget(rec.digest)
+        if note is None:
+            note = UpdateReport(device=device, session=0, model_id=rec.model_id,
+                                version=rec.version, status="rolled_back",
+                                reason="active_corrupt", detail=f"{label}: {detail}"[:2000])
+    if state.current is not None or state.last_known_good is not None:
+        state.current = state.last_known_good = None
+        store.save(state)
+    runner = BlockRunner(configured, model_dir, profile)
+    if note is not None:
+        note = note.model_copy(update={"from_version": configured.model_version})
+    return BootChoice(runner, note)

@@ -197,10 +197,11 @@ def test_error_rate_after_a_swap_rolls_back_and_persists(tmp_path: Path, v: Vers
     import json as _json
     import time as _time
 
+    from agent.active import update_paths
     from agent.config import UpdateHealthSection, UpdateSection
     from agent.pipeline import RunnerSlot
     from agent.topics import Topics
-    from agent.updater import Updater, _Job, update_paths
+    from agent.updater import Updater, _Job
 
     p2, _d2 = v.get("v2-head")
     old, new = runner(v, "v1"), runner(v, "v2-head")
@@ -234,10 +235,11 @@ def test_error_rate_after_a_swap_rolls_back_and_persists(tmp_path: Path, v: Vers
 
 
 def _offline_updater(tmp_path: Path, v: Versions, **cfg: object) -> tuple[object, RecordingLink]:
+    from agent.active import update_paths
     from agent.config import UpdateSection
     from agent.pipeline import RunnerSlot
     from agent.topics import Topics
-    from agent.updater import Updater, update_paths
+    from agent.updater import Updater
 
     store, cache = update_paths(tmp_path)
     link = RecordingLink()
