@@ -1,12 +1,19 @@
 """`knet bench distill`: KnowledgeNet's knowledge-transfer table on the ``digits`` zoo.
 
-Rows: the teacher (trained on labels); the student trained alone on labels; classic logit
-distillation (Hinton KD + CE); block-wise KT (block losses + KD + CE); block-wise KT from
-unlabeled inputs only. Rows 2-5 start from the same initial student and get the same budget:
-``epochs`` passes over the same training images (same batch size, so the same number of
-optimiser steps per parameter), Adam + one-cycle at the same LR, the same ±1 px shifts.
-A second table compares where block ``i``'s input comes from (teacher forcing vs the
-student's own activations), label-free, on the first seed.
+The setting is the one knet meets in the field: the teacher was trained in the cloud on all
+1,257 labelled training images; the student only gets a small *transfer set* — ``transfer``
+images (stratified, 10 % per class, drawn per seed) that a device uplinked. On all 1,257
+images every row saturates the 540-image test split (logit KD alone reaches the teacher), so
+the comparison says nothing there; the sweep table shows how the gap changes with the size.
+
+Rows: the teacher; the student trained alone on the transfer set's labels; classic logit
+distillation (Hinton KD + CE); block-wise KT (every block fitted to its teacher block on the
+teacher's activations, the last with KD + CE); block-wise KT from the transfer inputs only
+(no labels). Equal budget: every student row starts from the same initial student and makes
+the same number of optimiser steps (``steps``, batch 64, so ``epochs`` = steps / batches per
+epoch over the same transfer set), Adam + one-cycle at the same LR, the same ±1 px shifts.
+In a block-wise step each block takes one step of its own optimiser on the same batch.
+A second table compares where block ``i``'s input comes from, label-free, on the first seed.
 """
 
 from __future__ import annotations
@@ -23,44 +30,66 @@ from bench.report import command_line, console, print_table, write_json
 
 if TYPE_CHECKING:
     from cloud_trainer.blocks import BlockModel
-    from cloud_trainer.data import Split
 
 MODEL = "digits"
 LR, BATCH, SHIFT, TEMPERATURE, ALPHA = 3e-3, 64, 1, 4.0, 0.5
+TRANSFER, STEPS = 200, 600
+SWEEP_SIZES = (100, 400, 1257)
 ROWS = ("teacher", "student alone (labels)", "logit KD (KD + CE)",
         "block-wise KT (blocks + KD + CE)", "block-wise KT, unlabeled")
-BKT_INPUTS = "student+boundary"  # the best of the measured input sources, see modes table
+BKT_INPUTS = "teacher"  # classic KnowledgeNet KT: block i learns teacher block i on its input
 MODES = ("teacher", "student", "student+boundary")
 
 
-def _student_runs(epochs: int) -> dict[str, Callable[..., Any]]:
-    """Rows 2-5: (teacher, initial student, data split, seed) -> trained student."""
+def transfer_set(n: int, seed: int) -> np.ndarray:
+    """Indices into the digits training split: ``n // 10`` per class, drawn by ``seed``.
+
+    A larger ``n`` for the same seed contains the smaller one (per-class prefixes of one
+    permutation). ``n`` ≥ the split size means the whole split.
+    """
+    from cloud_trainer.data import digits_splits
+
+    y = digits_splits().y_train
+    if n >= len(y):
+        return np.arange(len(y))
+    rng = np.random.default_rng(seed)
+    return np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[: n // 10]
+                                   for c in range(10)]))
+
+
+def epochs_for(n: int, steps: int) -> int:
+    """Epochs over ``n`` inputs closest to ``steps`` optimiser steps of batch ``BATCH``."""
+    return max(1, round(steps / -(-n // BATCH)))
+
+
+def _student_runs(epochs: int) -> dict[str, Callable[..., BlockModel]]:
+    """Rows 2-5: (teacher, initial student, x, y, seed) -> trained student."""
     from cloud_trainer.distill import train_logit_kd, train_student_blockwise_from_inputs
     from cloud_trainer.train import train_supervised
 
     common = {"epochs": epochs, "lr": LR, "batch_size": BATCH, "shift": SHIFT}
     kd = {**common, "temperature": TEMPERATURE, "alpha": ALPHA}
 
-    def alone(teacher: BlockModel, init: BlockModel, split: Split, seed: int) -> BlockModel:
-        return train_supervised(copy.deepcopy(init), split.x_train, split.y_train,
-                                seed=seed, **common)
+    def alone(teacher: BlockModel, init: BlockModel, x: np.ndarray, y: np.ndarray,
+              seed: int) -> BlockModel:
+        return train_supervised(copy.deepcopy(init), x, y, seed=seed, **common)
 
-    def logit_kd(teacher: BlockModel, init: BlockModel, split: Split,
+    def logit_kd(teacher: BlockModel, init: BlockModel, x: np.ndarray, y: np.ndarray,
                  seed: int) -> BlockModel:
-        return train_logit_kd(teacher, init, split.x_train, split.y_train, seed=seed, **kd)
+        return train_logit_kd(teacher, init, x, y, seed=seed, **kd)
 
-    def bkt(teacher: BlockModel, init: BlockModel, split: Split, seed: int,
-            labels: bool = True) -> BlockModel:
-        y = split.y_train if labels else None
+    def bkt(teacher: BlockModel, init: BlockModel, x: np.ndarray, y: np.ndarray | None,
+            seed: int) -> BlockModel:
         return train_student_blockwise_from_inputs(
-            teacher, init, split.x_train, labels=y, inputs=BKT_INPUTS, seed=seed, **kd).student
+            teacher, init, x, labels=y, inputs=BKT_INPUTS, seed=seed, **kd).student
 
     return {ROWS[1]: alone, ROWS[2]: logit_kd, ROWS[3]: bkt,
-            ROWS[4]: lambda t, i, s, seed: bkt(t, i, s, seed, labels=False)}
+            ROWS[4]: lambda t, i, x, y, seed: bkt(t, i, x, None, seed)}
 
 
-def _seed_scores(seed: int, epochs: int) -> dict[str, tuple[float, float]]:
-    """Test accuracy (%) and training seconds of every row for one model seed."""
+def _seed_scores(seed: int, transfer: int, steps: int,
+                 rows: Sequence[str] = ROWS[1:]) -> dict[str, tuple[float, float]]:
+    """Test accuracy (%) and training seconds of ``rows`` (and the teacher) for one seed."""
     from cloud_trainer.data import digits_splits
     from cloud_trainer.train import evaluate, trained_pair
     from cloud_trainer.zoo import get_pair
@@ -68,17 +97,20 @@ def _seed_scores(seed: int, epochs: int) -> dict[str, tuple[float, float]]:
     split = digits_splits()
     pair = trained_pair(MODEL, seed)
     init = get_pair(MODEL, seed).student
+    idx = transfer_set(transfer, seed)
+    x, y = split.x_train[idx], split.y_train[idx]
     scores = {ROWS[0]: (100 * evaluate(pair.teacher, split.x_test, split.y_test),
                         float(pair.metrics.get("teacher_train_s", float("nan"))))}
-    for name, run in _student_runs(epochs).items():
+    runs = _student_runs(epochs_for(len(idx), steps))
+    for name in rows:
         t0 = time.perf_counter()
-        model = run(pair.teacher, init, split, seed)
+        model = runs[name](pair.teacher, init, x, y, seed)
         scores[name] = (100 * evaluate(model, split.x_test, split.y_test),
                         time.perf_counter() - t0)
     return scores
 
 
-def _mode_rows(seed: int, epochs: int) -> list[dict[str, Any]]:
+def _mode_rows(seed: int, transfer: int, steps: int) -> list[dict[str, Any]]:
     """Label-free block-wise KT with each source of block inputs: accuracy and how close
     the student's own activations get to the teacher's at every boundary."""
     from cloud_trainer.data import digits_splits
@@ -89,10 +121,11 @@ def _mode_rows(seed: int, epochs: int) -> list[dict[str, Any]]:
     split = digits_splits()
     teacher = trained_pair(MODEL, seed).teacher
     init = get_pair(MODEL, seed).student
+    x = split.x_train[transfer_set(transfer, seed)]
     rows = []
     for mode in MODES:
         r = train_student_blockwise_from_inputs(
-            teacher, init, split.x_train, inputs=mode, epochs=epochs, lr=LR,
+            teacher, init, x, inputs=mode, epochs=epochs_for(len(x), steps), lr=LR,
             batch_size=BATCH, shift=SHIFT, temperature=TEMPERATURE, seed=seed)
         mse = boundary_mse(teacher, r.student, split.x_test)
         rows.append({"inputs": mode, "accuracy": 100 * evaluate(r.student, split.x_test,
@@ -102,10 +135,11 @@ def _mode_rows(seed: int, epochs: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _summarise(per_seed: list[dict[str, tuple[float, float]]]) -> list[dict[str, Any]]:
+def _summarise(per_seed: list[dict[str, tuple[float, float]]],
+               names: Sequence[str] = ROWS) -> list[dict[str, Any]]:
     teacher = np.array([s[ROWS[0]][0] for s in per_seed])
     out = []
-    for name in ROWS:
+    for name in names:
         acc = np.array([s[name][0] for s in per_seed])
         secs = np.array([s[name][1] for s in per_seed])
         out.append({"row": name, "accuracy_mean": float(acc.mean()),
@@ -117,6 +151,14 @@ def _summarise(per_seed: list[dict[str, tuple[float, float]]]) -> list[dict[str,
     return out
 
 
+def _paired(per_seed: list[dict[str, tuple[float, float]]], a: str, b: str) -> dict[str, Any]:
+    """Per-seed difference ``a - b`` (same teacher, initial student and transfer set)."""
+    d = np.array([s[a][0] - s[b][0] for s in per_seed])
+    return {"mean": float(d.mean()), "std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+            "wins": int((d > 0).sum()), "ties": int((d == 0).sum()),
+            "losses": int((d < 0).sum()), "per_seed": [float(v) for v in d]}
+
+
 def _goals(rows: list[dict[str, Any]], reduction: float) -> dict[str, Any]:
     by = {r["row"]: r for r in rows}
     bkt, kd = by[ROWS[3]], by[ROWS[2]]
@@ -125,26 +167,47 @@ def _goals(rows: list[dict[str, Any]], reduction: float) -> dict[str, Any]:
             "bkt_better_than_logit_kd": bkt["accuracy_mean"] > kd["accuracy_mean"]}
 
 
-def run_distill_bench(seeds: Sequence[int] = (0, 1, 2), epochs: int = 30,
-                      json_path: Path | str | None = None, plot_path: Path | str | None = None,
-                      modes: bool = True) -> dict[str, Any]:
+def _sweep(seeds: Sequence[int], sizes: Sequence[int], steps: int) -> list[dict[str, Any]]:
+    """Logit KD vs block-wise KT at other transfer-set sizes, same budget in steps."""
+    out = []
+    for n in sizes:
+        per_seed = [_seed_scores(seed, n, steps, rows=(ROWS[2], ROWS[3])) for seed in seeds]
+        by = {r["row"]: r for r in _summarise(per_seed, (ROWS[0], ROWS[2], ROWS[3]))}
+        out.append({"transfer": len(transfer_set(n, seeds[0])),
+                    "epochs": epochs_for(len(transfer_set(n, seeds[0])), steps),
+                    "teacher": by[ROWS[0]]["accuracy_mean"], "logit_kd": by[ROWS[2]],
+                    "bkt": by[ROWS[3]], "bkt_minus_kd": _paired(per_seed, ROWS[3], ROWS[2])})
+    return out
+
+
+def run_distill_bench(seeds: Sequence[int] = (0, 1, 2, 3, 4), transfer: int = TRANSFER,
+                      steps: int = STEPS, json_path: Path | str | None = None,
+                      plot_path: Path | str | None = None, modes: bool = True,
+                      sweep: Sequence[int] = ()) -> dict[str, Any]:
     from cloud_trainer.zoo import get_pair
 
     t0 = time.perf_counter()
     pair = get_pair(MODEL, 0)
     t_params, s_params = pair.teacher.params(), pair.student.params()
-    per_seed = [_seed_scores(seed, epochs) for seed in seeds]
+    n = len(transfer_set(transfer, seeds[0]))
+    epochs = epochs_for(n, steps)
+    per_seed = [_seed_scores(seed, transfer, steps) for seed in seeds]
     rows = _summarise(per_seed)
+    paired = _paired(per_seed, ROWS[3], ROWS[2])
     params = [t_params] + [s_params] * 4
     print_table(
-        f"{MODEL}: knowledge transfer, {len(seeds)} seeds, {epochs} epochs each for rows 2-5 "
+        f"{MODEL}: knowledge transfer, {len(seeds)} seeds; teacher on all labels, students on "
+        f"{n} transfer images, {epochs} epochs = {epochs * -(-n // BATCH)} steps each "
         f"(teacher {t_params:,} params, student {s_params:,}: "
         f"{100 * pair.size_reduction:.1f} % smaller)",
         ["row", "params", "test accuracy %", "± std", "Δ vs teacher", "per seed", "train s"],
         [(r["row"], f"{p:,}", r["accuracy_mean"], r["accuracy_std"], r["delta_vs_teacher"],
           " ".join(f"{a:.2f}" for a in r["accuracy_per_seed"]), r["train_s_mean"])
          for r, p in zip(rows, params, strict=True)])
-    mode_rows = _mode_rows(seeds[0], epochs) if modes else []
+    console.print(f"block-wise KT − logit KD per seed: {paired['mean']:+.2f} ± "
+                  f"{paired['std']:.2f} points ({paired['wins']} wins, {paired['ties']} ties, "
+                  f"{paired['losses']} losses)")
+    mode_rows = _mode_rows(seeds[0], transfer, steps) if modes else []
     if mode_rows:
         print_table(f"block-wise KT without labels: where block i's input comes from "
                     f"(seed {seeds[0]}); MSE of the chains' own activations vs the teacher's",
@@ -152,16 +215,30 @@ def run_distill_bench(seeds: Sequence[int] = (0, 1, 2), epochs: int = 30,
                                                      mode_rows[0]["boundary_mse"]), "s"],
                     [(m["inputs"], m["accuracy"], *m["boundary_mse"].values(), m["seconds"])
                      for m in mode_rows])
+    sweep_rows = _sweep(seeds[:3], sweep, steps) if sweep else []
+    if sweep_rows:
+        print_table(f"transfer-set size: logit KD vs block-wise KT, seeds "
+                    f"{list(seeds[:3])}, ≈{steps} steps each",
+                    ["transfer images", "epochs", "teacher", "logit KD", "± std",
+                     "block-wise KT", "± std", "BKT − KD (paired)", "wins/ties/losses"],
+                    [(s["transfer"], s["epochs"], s["teacher"], s["logit_kd"]["accuracy_mean"],
+                      s["logit_kd"]["accuracy_std"], s["bkt"]["accuracy_mean"],
+                      s["bkt"]["accuracy_std"],
+                      f"{s['bkt_minus_kd']['mean']:+.2f} ± {s['bkt_minus_kd']['std']:.2f}",
+                      "/".join(str(s["bkt_minus_kd"][k]) for k in ("wins", "ties", "losses")))
+                     for s in sweep_rows])
     goals = _goals(rows, pair.size_reduction)
     console.print("goals: " + ", ".join(f"{k} {'[green]yes[/]' if v else '[red]no[/]'}"
                                         for k, v in goals.items()))
-    result = {"model": MODEL, "seeds": list(seeds), "epochs": epochs,
+    result = {"model": MODEL, "seeds": list(seeds), "transfer": n, "epochs": epochs,
+              "steps": epochs * -(-n // BATCH),
               "settings": {"lr": LR, "batch_size": BATCH, "shift": SHIFT,
                            "temperature": TEMPERATURE, "alpha": ALPHA,
                            "bkt_inputs": BKT_INPUTS},
               "teacher_params": t_params, "student_params": s_params,
-              "size_reduction": pair.size_reduction, "rows": rows, "input_modes": mode_rows,
-              "goals": goals, "seconds": round(time.perf_counter() - t0, 1)}
+              "size_reduction": pair.size_reduction, "rows": rows, "bkt_minus_kd": paired,
+              "input_modes": mode_rows, "sweep": sweep_rows, "goals": goals,
+              "seconds": round(time.perf_counter() - t0, 1)}
     write_json(json_path, "distill", command_line(), result)
     if plot_path:
         plot(rows, Path(plot_path))

@@ -42,8 +42,8 @@ def _bench_agent(args: argparse.Namespace) -> int:
 def _bench_distill(args: argparse.Namespace) -> int:
     from bench.distill import run_distill_bench
 
-    run_distill_bench(seeds=tuple(args.seeds), epochs=args.epochs, json_path=args.json,
-                      plot_path=args.plot)
+    run_distill_bench(seeds=tuple(args.seeds), transfer=args.transfer, steps=args.steps,
+                      json_path=args.json, plot_path=args.plot, sweep=tuple(args.sweep))
     return 0
 
 
@@ -168,8 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_bench_agent)
 
     b = bsub.add_parser("distill", help="KnowledgeNet's knowledge-transfer table on digits")
-    b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    b.add_argument("--epochs", type=int, default=30)
+    b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    b.add_argument("--transfer", type=int, default=200,
+                   help="images the students train on (a tenth per class)")
+    b.add_argument("--steps", type=int, default=600, help="optimiser steps per student row")
+    b.add_argument("--sweep", type=int, nargs="*", default=[],
+                   help="also compare logit KD and block-wise KT at these transfer sizes")
     b.add_argument("--json", type=Path, default=None)
     b.add_argument("--plot", type=Path, default=None)
     b.set_defaults(func=_bench_distill)

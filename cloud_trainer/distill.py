@@ -49,6 +49,7 @@ Progress = Callable[[str, int, int, float], None]
 InputSource = Literal["teacher", "student", "student+boundary"]
 INPUT_SOURCES = ("teacher", "student", "student+boundary")
 _CHUNK = 512  # inference batch for targets and evaluation
+UNLABELED = -1  # label value of an input without a label
 
 
 @dataclass
@@ -90,11 +91,29 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 def logits_loss(out: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
                 *, temperature: float, alpha: float) -> torch.Tensor:
-    """``alpha``·KD + (1-``alpha``)·CE with labels; KD alone without them."""
+    """``alpha``·KD + (1-``alpha``)·CE with labels; KD alone without them.
+
+    A label of ``UNLABELED`` (-1) marks an input without a label (label-scarce training):
+    CE averages over the labelled rows of the batch and is 0 when there are none, so the
+    KD term keeps the same weight in every batch.
+    """
     kd = kd_loss(out, teacher_logits, temperature)
     if labels is None:
         return kd
-    return alpha * kd + (1 - alpha) * nn.functional.cross_entropy(out, labels)
+    known = labels != UNLABELED
+    if bool(known.all()):
+        ce = nn.functional.cross_entropy(out, labels)
+    elif bool(known.any()):
+        ce = nn.functional.cross_entropy(out[known], labels[known])
+    else:
+        ce = out.sum() * 0.0
+    return alpha * kd + (1 - alpha) * ce
+
+
+def normalized_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE divided by the target's variance: 1.0 means "no better than predicting the mean",
+    so boundaries of different scale weigh alike when their losses are summed."""
+    return nn.functional.mse_loss(out, target) / (target.var() + 1e-8)
 
 
 def _tensor(a: Array) -> torch.Tensor:
@@ -263,7 +282,8 @@ def train_student_blockwise_from_inputs(
         inputs: InputSource = "student", labels: Array | None = None, epochs: int = 30,
         lr: float = 3e-3, batch_size: int = 64, temperature: float = 4.0, alpha: float = 0.5,
         shift: int = 0, seed: int = 0, threads: int | None = 1,
-        progress: Progress | None = None) -> BlockwiseResult:
+        progress: Progress | None = None, finetune_epochs: int = 0,
+        hint_weight: float = 0.0, finetune_lr: float | None = None) -> BlockwiseResult:
     """Block-wise KT from raw inputs, every block trained, activations computed per batch.
 
     ``inputs="teacher"`` feeds block ``i`` the teacher's ``a_{i-1}`` (classic KT, teacher
@@ -284,13 +304,16 @@ def train_student_blockwise_from_inputs(
     s = result.student
     xt = _tensor(x_unlabeled)
     y = None if labels is None else torch.tensor(np.asarray(labels), dtype=torch.int64)
-    steps = total_steps(len(xt), epochs, batch_size)
+    if not 0 <= finetune_epochs <= epochs:
+        raise ValueError(f"finetune_epochs must be within 0..epochs, not {finetune_epochs}")
+    blockwise_epochs = epochs - finetune_epochs
+    steps = total_steps(len(xt), blockwise_epochs, batch_size)
     fits = [BlockFit(s.block(i), last=i == s.num_blocks, lr=lr, steps=steps,
                      temperature=temperature, alpha=alpha) for i in range(1, s.num_blocks + 1)]
     with training_context(seed, threads):
         result.loss_before = _chain_losses(teacher, s, fits, xt, y, inputs)
         gen = torch.Generator().manual_seed(seed)
-        for epoch in range(epochs):
+        for epoch in range(blockwise_epochs):
             total = 0.0
             for idx in minibatches(len(xt), batch_size, gen):
                 xb = random_shift(xt[idx], shift, gen)
@@ -299,6 +322,12 @@ def train_student_blockwise_from_inputs(
             if progress:
                 progress(f"block-wise KT ({inputs} inputs)", epoch + 1, epochs,
                          total / len(xt))
+        if finetune_epochs:
+            _finetune(teacher, s, xt, y, gen, epochs=finetune_epochs,
+                      lr=lr if finetune_lr is None else finetune_lr, batch_size=batch_size,
+                      temperature=temperature, alpha=alpha, shift=shift,
+                      hint_weight=hint_weight, progress=progress, first_epoch=blockwise_epochs,
+                      total_epochs=epochs)
         s.eval()
         result.loss_after = _chain_losses(teacher, s, fits, xt, y, inputs)
     result.trained = list(range(1, s.num_blocks + 1))
@@ -306,6 +335,41 @@ def train_student_blockwise_from_inputs(
     log.info("block-wise KT from inputs (%s): loss %s -> %s", inputs, result.loss_before,
              result.loss_after)
     return result
+
+
+def _finetune(teacher: BlockModel, student: BlockModel, xt: torch.Tensor,
+              y: torch.Tensor | None, gen: torch.Generator, *, epochs: int, lr: float,
+              batch_size: int, temperature: float, alpha: float, shift: int,
+              hint_weight: float, progress: Progress | None, first_epoch: int,
+              total_epochs: int) -> None:
+    """End-to-end stage after the block-wise one: KD (+ CE) at the logits, plus
+    ``hint_weight`` × the variance-normalised MSE at every inner boundary."""
+    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=max(1, total_steps(len(xt), epochs, batch_size)))
+    n = student.num_blocks
+    student.train()
+    for epoch in range(epochs):
+        total = 0.0
+        for idx in minibatches(len(xt), batch_size, gen):
+            xb = random_shift(xt[idx], shift, gen)
+            with torch.no_grad():
+                t_acts = teacher.boundaries(xb)
+            s_acts = student.boundaries(xb)
+            loss = logits_loss(s_acts[n], t_acts[n], None if y is None else y[idx],
+                               temperature=temperature, alpha=alpha)
+            if hint_weight:
+                loss = loss + hint_weight * sum(
+                    normalized_mse(s_acts[b], t_acts[b]) for b in range(1, n))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+        if progress:
+            progress("end-to-end fine-tune", first_epoch + epoch + 1, total_epochs,
+                     total / len(xt))
+    student.eval()
 
 
 def _chain_step(teacher: BlockModel, fits: list[BlockFit], xb: torch.Tensor,

@@ -184,3 +184,114 @@ def test_logit_kd_baseline_and_mismatched_pairs() -> None:
         train_blockwise(teacher, other, {0: x})
     logits = torch.randn(4, 10)
     assert float(kd_loss(logits, logits, 4.0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_unlabeled_rows_get_kd_only_and_labelled_rows_add_cross_entropy() -> None:
+    from cloud_trainer.distill import UNLABELED, logits_loss
+
+    g = torch.Generator().manual_seed(0)
+    out, t = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    kw = {"temperature": 4.0, "alpha": 0.25}
+    kd = kd_loss(out, t, 4.0)
+    full = logits_loss(out, t, y, **kw)
+    assert float(full) == pytest.approx(float(
+        0.25 * kd + 0.75 * nn.functional.cross_entropy(out, y)))
+    part = y.clone()
+    part[2:] = UNLABELED
+    expect = 0.25 * kd + 0.75 * nn.functional.cross_entropy(out[:2], y[:2])
+    assert float(logits_loss(out, t, part, **kw)) == pytest.approx(float(expect))
+    none = torch.full_like(y, UNLABELED)
+    assert float(logits_loss(out, t, none, **kw)) == pytest.approx(float(0.25 * kd))
+    assert float(logits_loss(out, t, None, **kw)) == pytest.approx(float(kd))
+
+
+def test_partially_labelled_inputs_train_and_stay_deterministic() -> None:
+    from cloud_trainer.distill import UNLABELED
+
+    teacher, student = _teacher(), _student()
+    x = _inputs(128)
+    with torch.no_grad():
+        y = teacher(x).argmax(1)
+    y[16:] = UNLABELED
+    runs = [train_student_blockwise_from_inputs(teacher, student, x, labels=y, epochs=3,
+                                                lr=1e-2, seed=1) for _ in range(2)]
+    a, b = (_state(r.student) for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(r.loss_after[3] < r.loss_before[3] for r in runs)
+    kd = train_logit_kd(teacher, student, x, y, epochs=3, lr=1e-2, seed=1)
+    assert _agreement(kd, teacher, x) > _agreement(student, teacher, x)
+
+
+def _count_training_steps(model: BlockModel) -> list[int]:
+    """Counts forward passes of ``model``'s last block in training mode (one per optimiser
+    step in every trainer here). Hooks travel with the deep copies the trainers make."""
+    calls = [0]
+
+    def hook(module: nn.Module, args: object, output: object) -> None:
+        if module.training:
+            calls[0] += 1
+
+    model.block(model.num_blocks).register_forward_hook(hook)
+    return calls
+
+
+@pytest.mark.parametrize("finetune", [0, 2, 5])
+def test_every_recipe_takes_the_same_number_of_steps(finetune: int) -> None:
+    """Equal budget: the block-wise stage plus the end-to-end stage make as many optimiser
+    steps as logit KD over the same data (5 epochs of ⌈100/32⌉ = 4 batches)."""
+    teacher, student = _teacher(), _student()
+    x = _inputs(100)
+    calls = _count_training_steps(student)
+    train_student_blockwise_from_inputs(teacher, student, x, epochs=5, batch_size=32,
+                                        finetune_epochs=finetune, seed=0)
+    bkt, calls[0] = calls[0], 0
+    train_logit_kd(teacher, student, x, None, epochs=5, batch_size=32, seed=0)
+    assert bkt == calls[0] == 5 * 4
+
+
+def test_finetune_stage_is_end_to_end_deterministic_and_validated() -> None:
+    teacher, student = _teacher(), _student()
+    x = _inputs(256)
+    kw = {"epochs": 6, "lr": 1e-2, "seed": 0}
+    plain = train_student_blockwise_from_inputs(teacher, student, x, **kw)
+    tuned = [train_student_blockwise_from_inputs(teacher, student, x, finetune_epochs=3,
+                                                 hint_weight=1.0, **kw) for _ in range(2)]
+    a, b, p = _state(tuned[0].student), _state(tuned[1].student), _state(plain.student)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], p[k]) for k in a)
+    assert not any(m.training for m in tuned[0].student.modules())
+    no_hint = train_student_blockwise_from_inputs(teacher, student, x, finetune_epochs=3, **kw)
+    assert not all(torch.equal(a[k], v) for k, v in _state(no_hint.student).items())
+    assert tuned[0].loss_after[3] < tuned[0].loss_before[3]
+    with pytest.raises(ValueError, match="finetune_epochs"):
+        train_student_blockwise_from_inputs(teacher, student, x, epochs=2, finetune_epochs=3)
+
+
+def test_normalized_mse_is_scale_free() -> None:
+    from cloud_trainer.distill import normalized_mse
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(64, 8, generator=g)
+    assert float(normalized_mse(t.mean() + 0 * t, t)) == pytest.approx(
+        float(t.var(unbiased=False) / t.var()), rel=1e-5)
+    noise = 0.1 * torch.randn(64, 8, generator=g)
+    assert float(normalized_mse(t + noise, t)) == pytest.approx(
+        float(normalized_mse(100 * (t + noise), 100 * t)), rel=1e-5)
+
+
+def test_bench_transfer_sets_are_stratified_nested_and_equal_budget() -> None:
+    import numpy as np
+
+    from bench.distill import BATCH, epochs_for, transfer_set
+    from cloud_trainer.data import digits_splits
+
+    y = digits_splits().y_train
+    small, big = transfer_set(200, seed=3), transfer_set(400, seed=3)
+    assert len(small) == 200 and np.bincount(y[small]).tolist() == [20] * 10
+    assert set(small) <= set(big)
+    assert np.array_equal(small, transfer_set(200, seed=3))
+    assert not np.array_equal(small, transfer_set(200, seed=4))
+    assert len(transfer_set(10_000, seed=0)) == len(y)
+    assert epochs_for(200, 600) * -(-200 // BATCH) == 600
+    assert epochs_for(len(y), 600) * -(-len(y) // BATCH) == 600
