@@ -61,6 +61,9 @@ class UpdateState(BaseModel):
     rejected: list[str] = Field(default_factory=list)  # digests refused or rolled back
     # digests of manifests for the version that was already running (nothing to install)
     acknowledged: list[str] = Field(default_factory=list)
+    # ``current`` was swapped in and its health watch has not ended: an agent that starts
+    # and finds this set died during the watch (a crash, a watchdog kill, a power cut)
+    probation: bool = False
 
     def remember(self, which: Literal["applied", "rejected", "acknowledged"],
                  digest: str) -> None:
@@ -152,6 +155,22 @@ def _usable(rec: VersionRecord, configured: PartitionManifest) -> str | None:
     return None
 
 
+def _died_on_probation(state: UpdateState, device: str) -> UpdateReport:
+    """The agent died while the current version was on probation: never trust it again
+    (else a version that crashes the agent would be restarted into for ever)."""
+    rec = state.current
+    assert rec is not None
+    fallback = state.last_known_good
+    log.error("the agent stopped uncleanly during the health watch of v%d: back to %s",
+              rec.version, f"v{fallback.version}" if fallback else "the configured partition")
+    state.remember("rejected", rec.digest)
+    state.current, state.last_known_good, state.probation = fallback, None, False
+    return UpdateReport(device=device, session=0, model_id=rec.model_id, version=rec.version,
+                        from_version=fallback.version if fallback else None,
+                        status="rolled_back", reason="health_degraded",
+                        detail="the agent stopped uncleanly during the health watch")
+
+
 def boot_runner(configured: PartitionManifest, model_dir: Path, profile: FirmwareProfile,
                 store: ActiveStore, cache: BlobCache, device: str) -> BootChoice:
     """The persisted active version if its blocks still verify, else the last known good
@@ -162,6 +181,9 @@ def boot_runner(configured: PartitionManifest, model_dir: Path, profile: Firmwar
     """
     state = store.load()
     note: UpdateReport | None = None
+    if state.current is not None and state.probation:
+        note = _died_on_probation(state, device)
+        store.save(state)
     candidates = ([("active", state.current), ("last known good", state.last_known_good)]
                   if state.current is not None else [])  # None: the configured partition
     for label, rec in candidates:
@@ -201,6 +223,6 @@ def boot_runner(configured: PartitionManifest, model_dir: Path, profile: Firmwar
         state.current = state.last_known_good = None
         store.save(state)
     runner = BlockRunner(configured, model_dir, profile)
-    if note is not None:
+    if note is not None:  # whatever went wrong, the configured partition runs now
         note = note.model_copy(update={"from_version": configured.model_version})
     return BootChoice(runner, note)

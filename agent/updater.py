@@ -149,6 +149,12 @@ class Updater:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._watch is not None and not (self._thread and self._thread.is_alive()):
+            # A clean stop is not a failure of the new version: it stays.
+            log.info("stopped during the health watch of v%d; it stays active",
+                     self._watch.new.version)
+            self.state.probation = False
+            self.store.save(self.state)
 
     @property
     def watching(self) -> bool:
@@ -376,8 +382,10 @@ class Updater:
         old = self.slot.swap(new)
         record = VersionRecord(model_id=part.model_id, version=part.model_version,
                                digest=job.digest, partition=part)
+        h = self.cfg.health
         self.state.last_known_good = self.state.current
         self.state.current = record
+        self.state.probation = h.watch_s > 0
         self.state.remember("applied", job.digest)
         self.store.save(self.state)
         log.info("update applied: %s v%d -> v%d", part.model_id, old.version, new.version)
@@ -385,7 +393,6 @@ class Updater:
             self.on_swap(new)
         nbytes = result.stats.get("bytes", 0) if result is not None else 0
         self._emit("applied", job, base, nbytes=nbytes)
-        h = self.cfg.health
         if h.watch_s <= 0:
             self._settle()
             return
@@ -419,6 +426,8 @@ class Updater:
             log.info("v%d healthy through its %.0f s watch (%d inputs)", w.new.version,
                      h.watch_s, seen)
             self._watch = None
+            self.state.probation = False
+            self.store.save(self.state)
             self._settle()
 
     def _roll_back(self, w: _Watch, why: str) -> None:

@@ -177,3 +177,44 @@ def test_forged_manifest_does_not_stop_a_download_a_newer_version_does(
     assert [(r["status"], r["version"], r["reason"]) for r in got] == [
         ("downloading", 2, None), ("rejected", 2, "cancelled"), ("downloading", 3, None),
         ("downloaded", 3, None), ("applied", 3, None)]
+
+
+def test_agent_dying_during_the_health_watch_falls_back_a_clean_stop_does_not(
+        tmp_path: Path, mosquitto: Mosquitto, v: Versions) -> None:
+    _p1, d1 = v.get("v1")
+    p2, d2 = v.get("v2-head")
+    p3, d3 = v.get("v3-head")
+    write_inputs(tmp_path / "inputs.npz", 64)
+    cfg = agent_toml(tmp_path, mosquitto.port, d1 / "manifest.json", v.pub,
+                     health={"watch_s": 120})
+    log = tmp_path / "agent.log"
+    with Collector(mosquitto.host, mosquitto.port, T.update("dev-1")) as col, \
+            BlobPublisher(PublisherSettings(host=mosquitto.host, port=mosquitto.port), T,
+                          tmp_path / "trainer-blobs", push_delay=0.2) as pub:
+        with running_agent(cfg) as ag:  # v2 applied, then a clean stop during its watch
+            assert wait_until(lambda: ag.metrics.frames_total > 20, 10)
+            pub.publish_update(*signed_update(p2, d2, v.key))
+            assert col.wait_for(lambda m: "applied" in statuses(col), 30), statuses(col)
+            assert ag.updater is not None and ag.updater.watching
+        proc = start_agent_process(cfg, log)  # comes back on v2; v3 applied, then SIGKILL
+        try:
+            n = len(col.payloads())
+            pub.publish_update(*signed_update(p3, d3, v.key))
+            assert col.wait_for(lambda m: statuses(col)[n:].count("applied") == 1, 30), \
+                log.read_text()[-3000:]
+            assert json.loads(col.payloads()[-1])["from_version"] == 2
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        n = len(col.payloads())
+        with running_agent(cfg) as ag:  # died on probation: v3 is not trusted again
+            assert ag.slot.current.version == 2
+            assert col.wait_for(lambda m: len(m) > n, 10)
+            note = json.loads(col.payloads()[n])
+            assert (note["status"], note["reason"], note["version"], note["from_version"]) \
+                == ("rolled_back", "health_degraded", 3, 2)
+            frames = ag.metrics.frames_total
+            assert wait_until(lambda: ag.metrics.frames_total > frames + 20, 10)
+            assert ag.slot.current.version == 2 and len(col.payloads()) == n + 1
