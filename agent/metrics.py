@@ -36,7 +36,17 @@ class FrameLatencies:
         self._counts = [0] * (len(self._bounds) + 1)  # the last slot is +Inf
         self._sum = 0.0
         self._blocks: dict[int, list[float]] = {}  # counts..., then the sum in the last slot
+        self._rows_of: tuple[Sequence[int], list[list[float]]] = ((), [])  # the last blocks
         self.frames = 0
+
+    def _rows(self, blocks: Sequence[int]) -> list[list[float]]:
+        """The rows of these blocks; the same tuple comes every frame, so cache by identity."""
+        last, rows = self._rows_of
+        if blocks is not last:
+            width = len(self._bounds) + 2
+            rows = [self._blocks.setdefault(b, [0.0] * width) for b in blocks]
+            self._rows_of = (blocks, rows)
+        return rows
 
     def observe(self, seconds: float, blocks: Sequence[int] = (),
                 timings: Sequence[float] = ()) -> None:
@@ -45,10 +55,7 @@ class FrameLatencies:
             self._counts[bisect_left(bounds, seconds)] += 1  # le: first bound >= value
             self._sum += seconds
             self.frames += 1
-            for block, dt in zip(blocks, timings, strict=False):
-                row = self._blocks.get(block)
-                if row is None:
-                    row = self._blocks[block] = [0.0] * (len(bounds) + 2)
+            for row, dt in zip(self._rows(blocks), timings, strict=False):
                 row[bisect_left(bounds, dt)] += 1
                 row[-1] += dt
 

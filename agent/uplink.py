@@ -45,10 +45,15 @@ class TokenBucket:
             self._tokens -= amount
 
 
-@dataclass
+@dataclass(frozen=True)
 class UplinkDecision:
     send: bool
     reason: str  # "every_n", "hard", "skipped", "rate_samples", "rate_bytes"
+
+
+# Shared instances: decide() runs once per frame, so it allocates nothing.
+_DECISIONS = {reason: UplinkDecision(reason in ("every_n", "hard"), reason)
+              for reason in ("every_n", "hard", "skipped", "rate_samples", "rate_bytes")}
 
 
 class UplinkPolicy:
@@ -84,19 +89,19 @@ class UplinkPolicy:
         elif self.every_n and index % self.every_n == 0:
             reason = "every_n"
         else:
-            return self._count(UplinkDecision(False, "skipped"))
+            return self._count("skipped")
         if not self._samples.available():
-            return self._count(UplinkDecision(False, "rate_samples"))
+            return self._count("rate_samples")
         if not self._bytes.available(0.0):  # in debt from earlier sends
-            return self._count(UplinkDecision(False, "rate_bytes"))
+            return self._count("rate_bytes")
         self._samples.take()
-        return self._count(UplinkDecision(True, reason))
+        return self._count(reason)
 
     def charge(self, nbytes: int) -> None:
         """Debit the bytes sent; a negative balance pauses uplink until it refills."""
         with self._lock:
             self._bytes.take(nbytes)
 
-    def _count(self, decision: UplinkDecision) -> UplinkDecision:
-        self.counts[decision.reason] = self.counts.get(decision.reason, 0) + 1
-        return decision
+    def _count(self, reason: str) -> UplinkDecision:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        return _DECISIONS[reason]

@@ -175,3 +175,32 @@ def test_systemd_unit_is_a_hardened_notify_service_with_a_watchdog() -> None:
     assert svc["LoadCredential"].startswith("mqtt-password:")
     assert svc["ProtectSystem"] == "strict" and svc["NoNewPrivileges"] == "yes"
     assert "--config" in svc["ExecStart"] and "HUP" in svc["ExecReload"]
+
+
+@pytest.mark.parametrize("classes", [2, 10, 64, 65, 1000])
+def test_softmax_top1_matches_the_reference(classes: int) -> None:
+    from agent.service import softmax_top1
+
+    rng = np.random.default_rng(classes)
+    for scale in (0.1, 5.0, 80.0):  # large logits: exp must not overflow
+        logits = (rng.standard_normal(classes) * scale).astype(np.float32)
+        z = logits.astype(np.float64) - logits.max()
+        p = np.exp(z) / np.exp(z).sum()
+        k, conf = softmax_top1(logits)
+        assert k == int(p.argmax()) and isinstance(k, int)
+        assert conf == pytest.approx(float(p.max()), rel=1e-6) and isinstance(conf, float)
+
+
+def test_frame_latencies_export_prometheus_histograms() -> None:
+    from agent.metrics import AgentMetrics
+
+    m = AgentMetrics()
+    for dt in (0.0002, 0.0007, 0.003, 5.0):
+        m.observe_inference(dt, None, (1, 2), (dt / 4, dt / 2))
+    assert m.frames_total == 4 and m.value("knet_frames_total") == 4
+    assert m.value("knet_inference_seconds_count") == 4
+    assert m.value("knet_inference_seconds_bucket", {"le": "0.001"}) == 2
+    assert m.value("knet_inference_seconds_bucket", {"le": "+Inf"}) == 4
+    assert m.value("knet_inference_seconds_sum") == pytest.approx(5.0039)
+    assert m.value("knet_block_inference_seconds_bucket", {"block": "2", "le": "0.0005"}) == 2
+    assert m.value("knet_block_inference_seconds_count", {"block": "1"}) == 4
