@@ -31,6 +31,7 @@ import os
 import shutil
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,8 @@ from agent.update_manifest import UpdateManifest, UpdateRejected, Variant, parse
 from agent.update_report import RejectReason, Status, UpdateReport
 
 log = logging.getLogger(__name__)
+
+MAX_KEPT_REPORTS = 256  # reports kept in memory (for the fleet bench and tests)
 
 class _Refused(Exception):
     """One step refused the update; carries the report's reason."""
@@ -121,7 +124,7 @@ class Updater:
                                    request_interval=cfg.request_interval_s,
                                    first_request_after=cfg.first_request_after_s)
         self.state = store.load()
-        self.reports: list[UpdateReport] = []  # every report this run (tests, the bench)
+        self.reports: deque[UpdateReport] = deque(maxlen=MAX_KEPT_REPORTS)  # the latest
         self.received = 0  # manifests delivered (the retained one again on each connect)
         self._pending: _Job | None = None
         self._busy: str | None = None  # digest being processed
