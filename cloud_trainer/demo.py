@@ -80,6 +80,7 @@ class Scenario:
     t_end: float | None = None
     reason: str = ""
     stop: threading.Event = field(default_factory=threading.Event)
+    paused: threading.Event = field(default_factory=threading.Event)  # set: cameras hold
 
     def run(self) -> None:
         self.t_start = time.time()
@@ -117,6 +118,9 @@ class Scenario:
         while not self.stop.is_set():
             if passes is not None and i >= passes * n:
                 return
+            while self.paused.is_set() and not self.stop.is_set():
+                time.sleep(0.05)
+                next_t = time.monotonic()
             j = i % n
             for d, cam in self.lab.cameras.items():
                 cam.send(x[j], int(self.y[j]), phase, self._version(d))

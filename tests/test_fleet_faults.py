@@ -220,21 +220,11 @@ def test_malicious_client_with_valid_credentials(tmp_path: Path) -> None:
         assert_contiguous(lab, "cam-1")
         assert wait_until(lambda: count_stored(lab, "cam-0") >= 40, 20)
         assert_contiguous(lab, "cam-0")
+        pids = [int(r["pid"]) for r in json.loads((lab.root / "pids.json").read_text())]
+        assert len(pids) == 5  # broker wrapper, mosquitto, trainer, two agents
         codes = lab.close()
     assert codes["trainer"] == 0 and codes["cam-0"] == 0 and codes["cam-1"] == 0
-
-
-def test_lab_close_leaves_no_process(tmp_path: Path) -> None:
-    lab = lab_for(tmp_path, 1)
-    lab.prepare()
-    lab.start()
-    assert lab.wait_online(60)
-    pids = [int(r["pid"]) for r in json.loads((lab.root / "pids.json").read_text())]
-    assert len(pids) == 4  # wrapper, mosquitto, trainer, agent
-    lab.procs["cam-0"].kill()  # even with one already gone the rest stop
-    lab.close()
-    assert pids_alive(pids) == []
-
+    assert pids_alive(pids) == []  # nothing outlives the lab
 
 
 def test_agent_sigkilled_while_spooling_then_broker_back(tmp_path: Path) -> None:
@@ -262,3 +252,128 @@ def test_agent_sigkilled_while_spooling_then_broker_back(tmp_path: Path) -> None
         first = min(stored(lab)["cam-0"])
         assert len(stored(lab)["cam-0"][first]) > 50  # spooled before the kill, delivered
         del sessions
+
+
+# -- drift and recover, with the broker killed mid-rollout ---------------------------------
+def test_drift_and_recover_with_broker_killed_during_rollout(tmp_path: Path) -> None:
+    """The demo's scenario, smaller: recovery within 2 points of the teacher, zero loss,
+    and the rollout completes although the broker dies as the manifest goes out."""
+    import threading
+
+    from cloud_trainer.demo import Scenario, wait_drained, wait_stored
+    from cloud_trainer.drift import apply_drift, default_spec
+    from cloud_trainer.train import eval_set, evaluate
+
+    lab = lab_for(tmp_path, 2, interval_s=8.0, min_new_samples=300, epochs=12)
+    with lab:
+        lab.prepare()
+        x, y = eval_set("digits")
+        xd = apply_drift(np.asarray(x), default_spec("digits"))
+        teacher = evaluate(lab.pair.teacher, xd, np.asarray(y))
+        lab.start()
+        assert lab.wait_online(60)
+        sc = Scenario(lab, np.asarray(x), np.asarray(y), xd, teacher, rate_hz=60.0,
+                      rounds=3, duration_s=200.0)
+        killed = threading.Event()
+
+        def chaos() -> None:
+            assert lab.console is not None
+            while not sc.stop.is_set() and not lab.console.manifests:
+                time.sleep(0.05)
+            if sc.stop.is_set():
+                return
+            sc.paused.set()   # the cameras hold: the fault under test is the rollout's
+            time.sleep(0.3)
+            lab.kill_broker()
+            killed.set()
+            time.sleep(1.5)
+            lab.start_broker()
+            assert wait_until(lambda: all(c.client.is_connected()
+                                          for c in lab.cameras.values()), 30)
+            sc.paused.clear()
+
+        threading.Thread(target=chaos, daemon=True).start()
+        sc.run()
+        assert killed.is_set(), "no update was published"
+        assert wait_drained(lab, 60)
+        seen, stored_keys = wait_stored(lab, 60)
+        for d, p in sc.devices.items():
+            assert p.phase == "recovered", (d, p.evaluations, sc.reason)
+            assert p.evaluations[-1]["accuracy"] >= teacher - 0.02
+            assert_contiguous(lab, d)
+            cam = lab.cameras[d]
+            assert stats(lab, d)["frames"] == len(cam.sent)
+        assert seen <= stored_keys
+        codes = lab.close()
+    assert all(codes[d] == 0 for d in ("cam-0", "cam-1", "trainer"))
+
+
+# -- the trainer and the agents SIGKILLed mid-update ---------------------------------------
+def _stream(lab: Lab, x: np.ndarray, y: np.ndarray, stop: Any, rate_hz: float = 40.0) -> None:
+    i = 0
+    while not stop.is_set():
+        for cam in lab.cameras.values():
+            if cam.client.is_connected():
+                cam.send(x[i % len(x)], int(y[i % len(x)]), "drift", None)
+        i += 1
+        time.sleep(1.0 / rate_hz)
+
+
+def _reports(lab: Lab, device: str, status: str) -> list[dict[str, Any]]:
+    assert lab.console is not None
+    with lab.console.lock:
+        return [r for r in lab.console.view(device).reports if r.get("status") == status]
+
+
+def test_trainer_and_agents_sigkilled_mid_update(tmp_path: Path) -> None:
+    """Trainer SIGKILLed while training, restarted: the run resumes and pushes; one agent
+    SIGKILLed while downloading, another once downloaded (before the swap), both restarted:
+    each comes back on a valid version, installs the update, and every spooled envelope
+    reaches the store once."""
+    import threading
+
+    from cloud_trainer.drift import apply_drift, default_spec
+    from cloud_trainer.registry import Registry
+    from cloud_trainer.train import eval_set
+
+    lab = lab_for(tmp_path, 2, interval_s=8.0, min_new_samples=300, epochs=12)
+    with lab:
+        lab.prepare()
+        x, y = eval_set("digits")
+        xd = apply_drift(np.asarray(x), default_spec("digits"))
+        lab.start()
+        assert lab.wait_online(60)
+        stop = threading.Event()
+        feeder = threading.Thread(target=_stream, args=(lab, xd, np.asarray(y), stop),
+                                  daemon=True)
+        feeder.start()
+        trainer_log = lab.procs["trainer"].log_path
+        assert wait_until(lambda: '"message": "digits-retrain train:' in
+                          trainer_log.read_text(errors="replace"), 120)
+        lab.procs["trainer"].kill()
+        lab.start_trainer()
+        assert wait_until(lambda: bool(_reports(lab, "cam-0", "downloading")), 180)
+        lab.procs["cam-0"].kill()
+        lab.start_agent("cam-0")
+        assert wait_until(lambda: bool(_reports(lab, "cam-1", "downloaded")), 120)
+        lab.procs["cam-1"].kill()
+        lab.start_agent("cam-1")
+        assert wait_until(lambda: all(_reports(lab, d, "applied") for d in ("cam-0", "cam-1"))
+                          and all(stats(lab, d).get("model_version", 1) > 1
+                                  for d in ("cam-0", "cam-1")), 180)
+        stop.set()
+        feeder.join(5)
+        assert wait_until(lambda: all(stats(lab, d).get("spool_records") == 0
+                                      for d in ("cam-0", "cam-1")), 60)
+        time.sleep(2.0)
+        for d in ("cam-0", "cam-1"):
+            assert_contiguous(lab, d)
+            assert len(stored(lab)[d]) >= 2  # the killed session's spool was delivered
+        codes = lab.close()
+    reg = Registry(lab.trainer_dir / "registry")
+    versions = reg.versions("digits")
+    assert not [v for v in versions if v.status in ("candidate", "approved")]
+    pushed = {v.version for v in versions if v.status in ("pushed", "superseded")}
+    applied = {r["version"] for d in ("cam-0", "cam-1") for r in _reports(lab, d, "applied")}
+    assert applied <= pushed, (applied, [(v.version, v.status) for v in versions])
+    assert all(codes[d] == 0 for d in ("cam-0", "cam-1", "trainer"))
