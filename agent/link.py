@@ -379,8 +379,8 @@ class Link:
             if not self.connected.is_set():
                 return
             room = self.settings.max_inflight - len(self._inflight)
-            if room <= 0:
-                return
+            if room <= 0 or (self._inflight and 2 * room < self.settings.max_inflight):
+                return  # refill by half windows: one spool read for many PUBACKs
             for rec in self.spool.peek(room, self._cursor):
                 try:
                     info = self._client.publish(rec.topic, rec.payload, rec.qos)
