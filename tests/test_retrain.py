@@ -154,6 +154,7 @@ def test_staged_rollout_stops_on_a_failed_canary_and_proceeds_on_success(
     tmp = setup
     config = load_trainer_config(trainer_toml(
         tmp, mosquitto.port, jobs=[job("r", boundaries=[2], training={"epochs": 4})],
+        models__digits={"profiles": ["jetson-nano"]},  # the fast (TorchScript) exporter
         rollout={"canary_devices": ["cam-1"], "success_timeout_s": 30}))
     with Collector(mosquitto.host, mosquitto.port, TOPICS.manifest) as manifests, \
             Collector(mosquitto.host, mosquitto.port, "unused/#") as devices, \
@@ -207,6 +208,6 @@ def test_tail_models_share_no_state_with_the_original() -> None:
     t = tail(pair.student, 2)
     assert t.num_blocks == 2 and t.input_shape == pair.student.boundary_shapes[2]
     assert not pair.student.training and not any(m.training for m in pair.student.modules())
-    x = torch.from_numpy(np.asarray(digits_splits().x_test[:8]))
+    x = torch.from_numpy(np.array(digits_splits().x_test[:8]))
     with torch.no_grad():
         assert torch.allclose(t(pair.student.run(x, 1, 2)), pair.student(x), atol=1e-5)
