@@ -283,3 +283,22 @@ def test_wrong_fleet_and_missing_variant_are_refused(tmp_path: Path, v: Versions
     assert _handled(upd, sign_manifest(other, v.key).payload())["reason"] == "wrong_fleet"
     rpi = make_update("lab", "digits", 1, {"rpi4": (p1, d1)})[0]
     assert _handled(upd, sign_manifest(rpi, v.key).payload())["reason"] == "no_variant"
+
+
+def test_key_rotation_both_keys_accepted_until_the_old_one_is_removed(
+        tmp_path: Path, v: Versions) -> None:
+    from update_helpers import write_public_key
+
+    from cloud_trainer.keys import sign_manifest
+    from cloud_trainer.publisher import make_update
+
+    p1, d1 = v.get("v1")
+    new_pub = write_public_key(v.other_key, tmp_path / "new.pub")
+    manifest = make_update("lab", "digits", 1, {"": (p1, d1)})[0]
+    both, _ = _offline_updater(tmp_path / "both", v, public_keys=[v.pub, new_pub])
+    assert _handled(both, sign_manifest(manifest, v.key).payload())["status"] == "applied"
+    again = make_update("lab", "digits", 1, {"": (p1, d1)})[0]  # another created_at
+    assert _handled(both, sign_manifest(again, v.other_key).payload())["status"] == "applied"
+    retired, _ = _offline_updater(tmp_path / "retired", v, public_keys=[new_pub])
+    assert _handled(retired, sign_manifest(manifest, v.key).payload())["reason"] == \
+        "unknown_key"
