@@ -47,6 +47,23 @@ def _bench_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_fleet(args: argparse.Namespace) -> int:
+    from bench.fleet import COLUMNS, main_rows, run_fleet_bench
+    from bench.report import command_line, print_table, write_json
+
+    results = []
+    for n in args.devices:
+        results.append(run_fleet_bench(n, duration_s=args.duration, rate_hz=args.rate,
+                                       codec=args.codec, update=not args.no_update))
+        print_table(f"fleet: {n} devices x {args.rate:g} envelopes/s for {args.duration:g} s",
+                    COLUMNS, main_rows(results[-1:]))
+    print_table("fleet: all runs", COLUMNS, main_rows(results))
+    held = [r["devices"] for r in results if r["lost"] == 0 and r.get("update_failed", 0) == 0]
+    print(f"largest N held without loss: {max(held) if held else 'none'}")
+    write_json(args.json, "fleet", command_line(), results)
+    return 0 if all(r["lost"] == 0 for r in results) else 1
+
+
 def _bench_ingest(args: argparse.Namespace) -> int:
     from bench.ingest import run_ingest_bench
     from bench.report import command_line, print_table, write_json
@@ -185,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--validation", nargs="+", default=["decode", "header"])
     b.add_argument("--json", type=Path, default=None)
     b.set_defaults(func=_bench_ingest)
+
+    b = bsub.add_parser("fleet", help="N simulated devices against one trainer (bench/fleet.py)")
+    b.add_argument("--devices", type=int, nargs="+", default=[10, 100, 500])
+    b.add_argument("--duration", type=float, default=20.0, help="seconds of streaming")
+    b.add_argument("--rate", type=float, default=2.0, help="envelopes per second per device")
+    b.add_argument("--codec", default="uint8+lz4")
+    b.add_argument("--no-update", action="store_true", help="skip the update rollout")
+    b.add_argument("--json", type=Path, default=None)
+    b.set_defaults(func=_bench_fleet)
 
     b = bsub.add_parser("update", help="signed block update to N loopback agents; swap stall")
     b.add_argument("--devices", type=int, nargs="+", default=[1, 5, 10])
