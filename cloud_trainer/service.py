@@ -57,6 +57,7 @@ from cloud_trainer.trainer_config import TrainerConfig
 log = logging.getLogger(__name__)
 
 _ACTIVE: TrainerService | None = None  # the process's service, for scheduled_run
+STATE_INTERVAL_S = 10.0  # the retained trainer state is refreshed this often (and per run)
 
 
 class SchedulerLocked(RuntimeError):
@@ -451,10 +452,14 @@ class TrainerService:
         """Until ``stopping``; SIGUSR1 (run-now) wakes it to read the request files."""
         signal.signal(signal.SIGUSR1, lambda *_: self._requests_event.set())
         self.run_now_requests()
+        last_state = time.monotonic()
         while not self.stopping.is_set():
             if self._requests_event.wait(1.0):
                 self._requests_event.clear()
                 self.run_now_requests()
+            if time.monotonic() - last_state >= STATE_INTERVAL_S:
+                last_state = time.monotonic()
+                self.publish_state()  # fresh ingest and fleet counters for dashboards
 
     # --- trainer state
     def _state_payload(self, state: str) -> bytes:
@@ -471,6 +476,11 @@ class TrainerService:
                         "run_id": r.run_id, "status": r.status, "version": r.version,
                         "reason": r.reason[:200], "started_at": r.started_at.isoformat(),
                         "finished_at": r.finished_at.isoformat() if r.finished_at else None}
+            body["devices_online"] = len(self.fleet.online())
+            if self.ingestor is not None:
+                m = self.ingestor.metrics()
+                body["ingest"] = {k: m[k] for k in ("received", "stored", "duplicates",
+                                                    "bad_total", "queue_depth")}
             body["models"] = {}
             for mid in self.models:
                 v = self.registry.deployed(mid)
