@@ -41,7 +41,7 @@ def random_problem(rng: np.random.Generator, N: int, T: int, S: int, *,
         loss=loss, bw_bps=rng.uniform(1e6, 1e8, T - 1), rtt_s=rng.uniform(0, 0.05, T - 1),
         link_cap=link_cap, overhead=float(rng.integers(0, 300)),
         min_device_blocks=int(rng.integers(0, 2)) if constrained else 0,
-        send_s=rng.uniform(0, 0.002, T))
+        send_s=rng.uniform(0, 0.002, T), node_overhead_s=rng.uniform(0, 0.003, T))
 
 
 def all_plans(p: Problem):

@@ -156,6 +156,7 @@ def build_problem(net: NetworkConfig, records: Sequence[BenchRecord], model_id: 
                 bw_bps=np.array([lk.bandwidth_mbps * 1e6 for lk in net.links], float),
                 rtt_s=np.array([lk.rtt_ms / 1e3 for lk in net.links], float),
                 link_cap=link_cap, overhead=float(net.mqtt_overhead_bytes), send_s=send_s,
+                node_overhead_s=np.array([n.overhead_s for n in net.nodes], float),
                 min_device_blocks=(cons.min_device_blocks if ov.min_device_blocks is None
                                    else ov.min_device_blocks))
     if p.min_device_blocks > N:

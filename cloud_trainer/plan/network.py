@@ -50,6 +50,10 @@ class NodeSpec(BaseModel):
                                                       "machine measured them)")
     memory_mb: float | None = Field(None, gt=0, description="default: the profile's")
     max_time_s: float | None = Field(None, gt=0, description="per-inference compute cap")
+    overhead_s: float = Field(0.0, ge=0, description="per-input cost of the agent pipeline "
+                                                     "on this node (thread hand-offs, "
+                                                     "bookkeeping); calibrate with knet "
+                                                     "bench chain")
     pin: list[int] = Field(default_factory=list, description="blocks that must run here")
     forbid: list[int] = Field(default_factory=list, description="blocks that must not")
     power_active_w: float | None = Field(None, ge=0, description="default: the profile's")

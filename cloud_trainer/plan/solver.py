@@ -62,9 +62,13 @@ class Problem:
     overhead: float = 200.0
     min_device_blocks: int = 0
     send_s: np.ndarray | None = None  # per node: seconds per message sent (spool append)
+    node_overhead_s: np.ndarray | None = None  # per node running an agent: s per input
 
     def send_cost(self, t: int) -> float:
         return 0.0 if self.send_s is None else float(self.send_s[t])
+
+    def node_cost(self, t: int) -> float:
+        return 0.0 if self.node_overhead_s is None else float(self.node_overhead_s[t])
 
     @property
     def n_blocks(self) -> int:
@@ -126,7 +130,7 @@ def evaluate(p: Problem, plan: Plan) -> Plan:
         t = sl.node
         blocks = range(sl.first, sl.last + 1)
         covered += list(blocks)
-        busy = sum(float(p.comp[t, j - 1]) for j in blocks)
+        busy = sum(float(p.comp[t, j - 1]) for j in blocks) + p.node_cost(t)
         if any(not p.allowed[t, j - 1] for j in blocks):
             ok = False
         if sum(float(p.mem[t, j - 1]) for j in blocks) > p.mem_cap[t]:
@@ -234,7 +238,7 @@ def solve(p: Problem, objective: Objective = "latency", top: int = 1) -> list[Pl
                 if b_lo > N:
                     continue
                 bs = np.arange(b_lo, N + 1)
-                busy = dec + pc[t, bs] - pc[t, a]  # (B,)
+                busy = dec + p.node_cost(t) + pc[t, bs] - pc[t, a]  # (B,)
                 ok = (pbad[t, bs] == pbad[t, a]) & (pm[t, bs] - pm[t, a] <= p.mem_cap[t])
                 if t == 0:
                     ok &= bs >= p.min_device_blocks
