@@ -419,6 +419,13 @@ class Retrainer:
                         run.run_id, job_id, run.step, run.attempts)
             if run.attempts > MAX_ATTEMPTS:
                 return self._fail(run, f"interrupted {run.attempts - 1} times; given up")
+        elif (pending := self._approved_rollback(rt.model_id, deployed)) is not None:
+            run = self.runs.open_run(job_id, rt.model_id, "rollback", since=0.0, until=0.0,
+                                     deployed_version=deployed.version)
+            run = self.runs.update(run.run_id, version=pending.version,
+                                   detail={"rollback_of": pending.info.get("rollback_of")})
+            log.info("run %s of job %s: pushing %s v%d (%s)", run.run_id, job_id,
+                     rt.model_id, pending.version, pending.reason)
         else:
             run = self.runs.open_run(job_id, rt.model_id, trigger,
                                      since=self.runs.last_window_end(job_id),
@@ -447,9 +454,25 @@ class Retrainer:
         log.error("run %s failed: %s", run.run_id, reason)
         return self.runs.update(run.run_id, status="failed", reason=reason)
 
+    def _approved_rollback(self, model_id: str, deployed: ModelVersion) -> ModelVersion | None:
+        """A version an operator approved (``models rollback``) that no run has pushed."""
+        for v in reversed(self.registry.versions(model_id)):
+            if v.version > deployed.version and v.status == "approved" and \
+                    "run_id" not in v.info:
+                return v
+        return None
+
     def _execute(self, run: Run, job: JobSection, rt: ModelRuntime) -> Run:
         deployed_v = self.registry.get(rt.model_id, run.deployed_version)  # type: ignore[arg-type]
         deployed = rt.student(self.registry, deployed_v)
+        if run.trigger == "rollback":  # operator-approved: no training, no gate
+            version = self.registry.get(rt.model_id, run.version)  # type: ignore[arg-type]
+            if version.status in ("pushed", "superseded"):
+                return self.runs.update(run.run_id, status="pushed", reason=version.reason)
+            if version.status != "approved":
+                raise RunError(f"v{version.version} is {version.status}, not approved")
+            model = rt.student(self.registry, version)
+            return self._push(run, job, rt, version, model, deployed, deployed_v)
         samples, counts = select_samples(self.store, rt, job, run)
         new = sum(counts.values())
         if new < job.min_new_samples and self._candidate(run) is None:
@@ -473,6 +496,15 @@ class Retrainer:
         if version.status == "rejected":
             return self.runs.update(run.run_id, status="rejected", reason=version.reason,
                                     detail={"gate": version.scores.get("gate")})
+        if version.status in ("pushed", "superseded"):  # finished before an interruption
+            return self.runs.update(run.run_id, status="pushed", reason=version.reason)
+        if version.status == "failed":
+            return self.runs.update(run.run_id, status="failed", reason=version.reason)
+        return self._push(run, job, rt, version, candidate, deployed, deployed_v)
+
+    def _push(self, run: Run, job: JobSection, rt: ModelRuntime, version: ModelVersion,
+              candidate: BlockModel, deployed: BlockModel, deployed_v: ModelVersion) -> Run:
+        """Export → sign → staged rollout → record, for an approved version."""
         run = self.runs.update(run.run_id, step="export")
         variants = self._export_step(rt, candidate, version.version)
         run = self.runs.update(run.run_id, step="publish")
@@ -521,7 +553,7 @@ class Retrainer:
     def _gate_step(self, run: Run, job: JobSection, rt: ModelRuntime, candidate: BlockModel,
                    deployed: BlockModel, sel: Selection,
                    version: ModelVersion) -> ModelVersion:
-        if version.status in ("rejected", "approved"):
+        if version.status != "candidate":  # decided before an interruption
             return version
         parent = self.registry.get(rt.model_id, run.deployed_version)  # type: ignore[arg-type]
         if not version.changed_blocks(parent):

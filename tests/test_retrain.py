@@ -93,6 +93,18 @@ def test_run_improves_a_degraded_student_and_pushes_it_signed(
         assert manifests.wait_for(lambda m: bool(m), 10)
         registry = Registry(tmp / "state" / "registry")
         candidate = svc.models["digits"].student(registry, registry.get("digits", 3))
+        first_payload = manifests.payloads()[0]
+
+        # an operator rolls back to v1: the next run pushes that approved v4 as it is
+        assert registry.rollback("digits", 1).version == 4
+        back = svc.run_job("better")
+        assert back.status == "pushed" and back.trigger == "rollback" and back.version == 4
+        assert manifests.wait_for(lambda m: len(m) >= 2, 10)
+        assert parse_signed(manifests.payloads()[-1], [public_key(tmp)],
+                            fleet=FLEET).version == 4
+        v4 = registry.get("digits", 4)
+        assert v4.status == "pushed" and v4.blocks == registry.get("digits", 1).blocks
+        assert registry.get("digits", 3).status == "superseded"
 
     rejected = registry.get("digits", 2)
     assert rejected.status == "rejected" and rejected.info["run_id"] == worse.run_id
@@ -101,14 +113,14 @@ def test_run_improves_a_degraded_student_and_pushes_it_signed(
     assert rejected.info["frozen"]["1"].startswith("no raw inputs")  # boundary 2 only
 
     v3 = registry.get("digits", 3)
-    assert v3.status == "pushed" and registry.get("digits", 1).status == "superseded"
+    assert registry.get("digits", 1).status == "superseded"
     assert v3.scores["gate"]["passed"] and v3.scores["gate"]["delta"] > 0
     assert v3.changed_blocks(registry.get("digits", 1)) == [2, 3, 4]  # block 1 kept
     before, after = evaluate(deployed, s.x_test, s.y_test), evaluate(candidate, s.x_test,
                                                                      s.y_test)
     assert after > before + 0.1, (before, after)
 
-    manifest = parse_signed(manifests.payloads()[0], [public_key(tmp)], fleet=FLEET)
+    manifest = parse_signed(first_payload, [public_key(tmp)], fleet=FLEET)
     assert manifest.version == 3 and manifest.targets.everyone
     part = manifest.variants[0].partition
     export_dir = tmp / "state" / "exports" / "digits" / "v3" / "20-10"
@@ -120,8 +132,10 @@ def test_run_improves_a_degraded_student_and_pushes_it_signed(
         info = manifest.variants[0].chunks[entry.sha256]
         data = b"".join(got[entry.sha256][n] for n in range(info.count))
         assert data == (export_dir / f"block-{i:02d}.onnx").read_bytes()
+    assert v3.scores["rollout"]["stages"] == ["all"]
     with Collector(mosquitto.host, mosquitto.port, TOPICS.manifest) as late:
         assert late.wait_for(lambda m: bool(m), 5) and late.messages[0][2]  # retained
+        assert json.loads(late.messages[0][1])["manifest"]["version"] == 4
 
 
 def _device_online(c: Collector, device: str) -> None:
