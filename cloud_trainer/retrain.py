@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -199,8 +200,9 @@ def _as_batch(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
 
 def select_samples(store: SampleStore, rt: ModelRuntime, job: JobSection, run: Run,
                    ) -> tuple[list[Sample], dict[int, int]]:
-    """The window's usable samples (newest ``max_samples``) and the count per boundary."""
-    usable = []
+    """The window's newest ``max_samples`` usable samples and the count per boundary of
+    those; memory stays bounded by ``max_samples`` however large the store (a deque)."""
+    usable: deque[Sample] = deque(maxlen=job.training.max_samples)
     for s in store.iter_query(model_version=run.deployed_version, since=run.since):
         if s.received_at >= run.until or s.model_id not in (None, rt.model_id):
             continue
@@ -209,11 +211,10 @@ def select_samples(store: SampleStore, rt: ModelRuntime, job: JobSection, run: R
         if job.boundaries is not None and s.boundary not in job.boundaries:
             continue
         usable.append(s)
-    usable = usable[-job.training.max_samples:]
     counts: dict[int, int] = {}
     for s in usable:
         counts[s.boundary] = counts.get(s.boundary, 0) + 1
-    return usable, counts
+    return list(usable), counts
 
 
 def split_samples(samples: list[Sample], rt: ModelRuntime, job: JobSection,
