@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import tomllib
 
 import numpy as np
 import pytest
@@ -196,6 +197,12 @@ def test_plan_cli_ranks_plots_and_deploys_runnable_slices(planned) -> None:
             d = root / "deploy" / f"plan-{rank}" / s["node"]
             m = PartitionManifest.load(d / "manifest.json")
             assert (m.first, m.last) == (s["first"], s["last"])
+            snippet = tomllib.loads((d / "agent-chain.toml").read_text())
+            if len(pl["slices"]) > 1:
+                assert snippet["chain"]["enabled"] is True
+            prev = pl["slices"][pl["slices"].index(s) - 1]["node"] if s is not \
+                pl["slices"][0] else None
+            assert snippet.get("source", {}).get("device") == prev
             y = BlockRunner(m, d, load_profile("x86-dev")).run(y)[-1]
         np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
 

@@ -106,7 +106,9 @@ def write_manifests(p: Problem, plan: Plan, net: NetworkConfig, out: Path,
     ``exports`` maps (profile, role) to the directory of a whole-model export for it.
     """
     written = {}
-    for s in plan.slices:
+    active = [s for s in plan.slices if s.last >= s.first]
+    sends = {c.src: p.codec_names[c.codec] for c in plan.cuts}
+    for i, s in enumerate(plan.slices):
         if s.last < s.first:
             continue  # node 0 only sends the input
         node = net.nodes[s.node]
@@ -120,7 +122,26 @@ def write_manifests(p: Problem, plan: Plan, net: NetworkConfig, out: Path,
         part.dump(dst / "manifest.json")
         part.verify_files(dst)
         written[node.name] = dst / "manifest.json"
+        prev = plan.slices[i - 1] if i > 0 else None
+        (dst / "agent-chain.toml").write_text(chain_snippet(
+            p, node.name, None if prev is None else p.node_names[prev.node],
+            sends.get(s.node), len(active) > 1))
     return written
+
+
+def chain_snippet(p: Problem, node: str, upstream: str | None, codec: str | None,
+                  chained: bool) -> str:
+    """The ``[source]``/``[chain]`` sections of this node's agent.toml (agent/chain.py);
+    node names are the devices' ids."""
+    lines = [f"# {node}: merge into its agent.toml (model.manifest = this directory's "
+             "manifest.json)"]
+    if upstream is not None:
+        lines += ["[source]", 'kind = "upstream"', f'device = "{upstream}"']
+    if chained:
+        lines += ["[chain]", "enabled = true"]
+        if codec is not None:
+            lines.append(f'codec = "{codec}"')
+    return "\n".join(lines) + "\n"
 
 
 def write_json(path: Path, p: Problem, plans: list[Plan], objective: str,
