@@ -348,9 +348,13 @@ def _measure(devices: int, work: Path, port: int, broker_pid: int,
         for d in devs:
             stack.enter_context(d.link)
         t_connect = time.monotonic()
+        deadline = t_connect + max(60.0, devices * 0.2)  # one deadline for the whole fleet
         for d in devs:
-            d.link.wait_connected(60)
+            d.link.wait_connected(max(0.0, deadline - time.monotonic()))
         connect_s = time.monotonic() - t_connect
+        unconnected = sum(not d.link.connected.is_set() for d in devs)
+        log.warning("%d devices connected in %.1f s (%d not)", devices - unconnected,
+                    connect_s, unconnected)
         stop = threading.Event()
         t_start = time.time()
         _stream(devs, frames, rate_hz, duration_s, stop)
@@ -373,7 +377,8 @@ def _measure(devices: int, work: Path, port: int, broker_pid: int,
         result: dict[str, Any] = {
             "devices": devices, "rate_hz_per_device": rate_hz, "codec": codec,
             "payload_bytes": int(np.mean([len(f) for f in frames])),
-            "duration_s": duration_s, "connect_s": round(connect_s, 2), "sent": sent,
+            "duration_s": duration_s, "connect_s": round(connect_s, 2),
+            "unconnected": unconnected, "sent": sent,
             "stored": len(keys & expected), "lost": len(expected - keys),
             "unexpected": len(keys - expected),
             "offered_msg_per_s": round(sent / max(1e-9, t_stream_end - t_start), 1),

@@ -407,6 +407,13 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"{summary['rounds_pushed']} update(s) pushed "
         f"({_kib(summary['update_bytes_published'])} of block chunks published); "
         f"ended: {summary['end_reason']}; samples lost: {summary['samples_lost']}.")
+    ho = summary.get("held_out") or {}
+    if ho:
+        parts = [f"teacher {_pct(ho['teacher']['drifted'])}"] + [
+            f"{k} {_pct(v['drifted'])} (clean {_pct(v['clean'])})"
+            for k, v in ho.items() if k != "teacher"]
+        console.print("held out (the training split under the same drift, never streamed; "
+                      "torch): " + ", ".join(parts))
 
 
 def plot(lab: Lab, sc: Scenario, path: Path, teacher_drift: float, window: int = 60) -> None:
@@ -449,6 +456,29 @@ def plot(lab: Lab, sc: Scenario, path: Path, teacher_drift: float, window: int =
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def held_out(lab: Lab, spec: object, versions: set[int]) -> dict[str, dict[str, float]]:
+    """Torch accuracy of the versions the devices ended on, on frames no camera streamed:
+    the training split under the same drift with another seed (the devices' own numbers are
+    on the drifted test frames, which the trainer also trained on, label-free)."""
+    import copy
+
+    from cloud_trainer.drift import DriftSpec, apply_drift
+    from cloud_trainer.registry import Registry
+    from cloud_trainer.train import evaluate, train_data
+
+    assert isinstance(spec, DriftSpec)
+    x, y = train_data(lab.s.model, lab.s.seed)
+    xd = apply_drift(np.asarray(x), DriftSpec(spec.kind, spec.severity, spec.seed + 1))
+    reg = Registry(lab.trainer_dir / "registry")
+    out: dict[str, dict[str, float]] = {
+        "teacher": {"drifted": evaluate(lab.pair.teacher, xd, y)}}
+    for v in sorted(versions):
+        model = copy.deepcopy(lab.student)
+        reg.load_into(model, reg.get(lab.s.model, v))
+        out[f"v{v}"] = {"drifted": evaluate(model, xd, y), "clean": evaluate(model, x, y)}
+    return out
 
 
 # -- the command ----------------------------------------------------------------------------
@@ -512,6 +542,9 @@ def run_demo(args: argparse.Namespace) -> int:
         summary = summarise(lab, sc, out, profiles, teacher, student, seen, stored, drained,
                             time.time() - started, drift_desc)
         plot(lab, sc, out / "accuracy.png", teacher["drifted"])
+        summary["held_out"] = held_out(lab, spec, {int(r["final_version"]) for r in
+                                                   summary["devices"] if r["final_version"]})
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         print_summary(summary)
         console.print(f"[dim]wrote {out / 'summary.json'} and {out / 'accuracy.png'}; "
                       f"configs in {out}, logs in {out / 'logs'}[/dim]")
