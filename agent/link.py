@@ -41,6 +41,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from agent.netmeter import NetMeter
 from agent.spool import Spool
 from agent.topics import Topics, validate_id
 
@@ -118,6 +119,7 @@ class _Inflight:
     record_id: int
     topic: str
     nbytes: int
+    sent: float = 0.0  # monotonic time handed to paho (the NetMeter's round trip)
 
 
 def next_session(state_dir: Path) -> int:
@@ -201,6 +203,7 @@ class Link:
         self._inflight: dict[int, _Inflight] = {}
         self._acked: list[int] = []  # record ids acked by the broker, to delete (drain thread)
         self._acks: deque[tuple[int, int, ReasonCode]] = deque()
+        self.meter = NetMeter()  # achieved uplink throughput and PUBACK round trip
         self._wake = threading.Event()
         self._progress = threading.Condition()
         self._stopping = False
@@ -368,6 +371,7 @@ class Link:
             else:
                 self._count("acked", "sent")
                 self._count("bytes_out", n=entry.nbytes)
+                self.meter.acked(time.monotonic() - entry.sent, entry.nbytes)
                 outcomes.append(PublishOutcome(entry.topic, entry.nbytes, True, "acked"))
         with self._lock:
             for mid in [m for m, e in self._inflight.items() if e.gen < gen]:
@@ -408,7 +412,7 @@ class Link:
                 # Even on MQTT_ERR_NO_CONN paho kept the message under this mid; the next
                 # on_connect drops it and we re-send from the spool.
                 self._inflight[info.mid] = _Inflight(self._gen, rec.id, rec.topic,
-                                                     len(rec.payload))
+                                                     len(rec.payload), time.monotonic())
                 self._cursor = rec.id
                 if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     break

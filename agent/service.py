@@ -187,6 +187,7 @@ class Agent:
             "uplink": dict(self.policy.counts),
             "split": {**self.split_stats, "pending": len(self._pending_split)},
             **({"chain": dict(self.chain.stats)} if self.chain is not None else {}),
+            "network": self.link.meter.snapshot(),  # agent/netmeter.py
             "time": time.time(),
         })
         return snap

@@ -136,6 +136,24 @@ def test_three_stage_chain_equals_single_process_inference(tmp_path: Path, mosqu
     scale = float(np.abs(plain).max())
     assert float(np.abs(logits - plain).max()) <= 0.05 * scale
     assert (logits.argmax(1) == plain.argmax(1)).mean() >= 0.9
+    # the head reports what its uplink achieved (agent/netmeter.py): PUBACK round trip, rate
+    nets = [json.loads(p)["network"] for p in stats.payloads(T.stats("stage-a"))]
+    assert any(n["rtt_ms"] is not None and n["rtt_ms"] > 0 and n["uplink_bytes_per_s"] > 0
+               for n in nets), nets[-3:]
+
+
+def test_netmeter_window_and_median() -> None:
+    from agent.netmeter import NetMeter
+
+    m = NetMeter(window_s=10.0)
+    assert m.snapshot(now=0.0) == {"rtt_ms": None, "uplink_bytes_per_s": 0.0,
+                                   "acked_in_window": 0}
+    for i in range(5):
+        m.acked(0.001 * (i + 1), 1000, now=100.0 + i)
+    snap = m.snapshot(now=105.0)
+    assert snap["rtt_ms"] == pytest.approx(3.0) and snap["acked_in_window"] == 5
+    assert snap["uplink_bytes_per_s"] == pytest.approx(5000 / 5.0)
+    assert m.snapshot(now=200.0)["acked_in_window"] == 0  # old acks leave the window
 
 
 @pytest.mark.slow

@@ -1,0 +1,48 @@
+"""What the uplink achieves, measured from the device's own traffic (no probe messages).
+
+The link feeds every PUBACKed reliable message: its delay from the moment it was handed to
+paho to its PUBACK (an MQTT-level round trip, including any wait in the in-flight window
+under load) and its size. ``snapshot()`` gives the median delay over the last messages and
+the bytes acknowledged per second over a sliding window, for ``stats`` (the planner's
+network figures, from live measurements instead of a file).
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections import deque
+
+
+class NetMeter:
+    def __init__(self, window_s: float = 10.0, samples: int = 128) -> None:
+        self.window_s = window_s
+        self._rtts: deque[float] = deque(maxlen=samples)
+        self._acked: deque[tuple[float, int]] = deque()
+        self._lock = threading.Lock()
+
+    def acked(self, delay_s: float, nbytes: int, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._rtts.append(max(0.0, delay_s))
+            self._acked.append((now, nbytes))
+            self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self._acked and now - self._acked[0][0] > self.window_s:
+            self._acked.popleft()
+
+    def snapshot(self, now: float | None = None) -> dict[str, float | int | None]:
+        """``rtt_ms`` (median PUBACK delay, None before the first ack), ``uplink_bytes_per_s``
+        (acked bytes over the window: a lower bound of capacity when the device is idle),
+        ``acked_in_window``."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._trim(now)
+            rtt = statistics.median(self._rtts) * 1e3 if self._rtts else None
+            nbytes = sum(n for _t, n in self._acked)
+            count = len(self._acked)
+            span = min(self.window_s, now - self._acked[0][0]) if self._acked else 0.0
+        return {"rtt_ms": rtt, "uplink_bytes_per_s": nbytes / span if span > 0 else 0.0,
+                "acked_in_window": count}
