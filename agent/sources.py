@@ -108,6 +108,7 @@ def _label(y: np.ndarray | None, i: int) -> int | None:
         return None
 
 
+_CHUNK_BYTES = 512 * 1024  # rows read per chunk by the npz fast path: at most 8, ~0.5 MiB
 _ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., name and extra lengths
 
 
@@ -172,7 +173,8 @@ class _NpyRows:
             if not self.shape:
                 raise ValueError(f"{key!r} is a scalar")
             self._row_shape = tuple(self.shape[1:])
-            self._row_bytes = int(np.prod(self._row_shape, dtype=np.int64)) * self.dtype.itemsize
+            self._row_shape_size = int(np.prod(self._row_shape, dtype=np.int64))
+            self._row_bytes = self._row_shape_size * self.dtype.itemsize
             need = self._row_bytes * self.shape[0]
             if available is not None and need > available:
                 raise ValueError(f"member {name!r} holds {available} bytes, its header "
@@ -199,6 +201,40 @@ class _NpyRows:
             if len(data) != self._row_bytes:
                 raise ValueError(f"member ends inside row {i} of {len(self)} (truncated)")
             yield np.frombuffer(data, self.dtype).reshape(self._row_shape)
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return self._row_shape
+
+    @property
+    def row_bytes(self) -> int:
+        return self._row_bytes
+
+    @property
+    def contiguous(self) -> bool:
+        """Rows come out C-contiguous (not the Fortran-order fallback)."""
+        return self._whole is None
+
+    def chunks(self, max_rows: int) -> Iterator[np.ndarray]:
+        """The rows, up to ``max_rows`` at a time as one (n, *row_shape) array: one read and
+        one finite check per chunk instead of per row."""
+        if self._whole is not None:
+            for start in range(0, len(self), max_rows):
+                yield self._whole[start:start + max_rows]
+            return
+        assert self._fh is not None
+        if self._row_bytes == 0:
+            raise ValueError("rows of zero bytes")
+        for start in range(0, len(self), max_rows):
+            n = min(max_rows, len(self) - start)
+            data = self._fh.read(n * self._row_bytes)
+            whole = len(data) // self._row_bytes
+            if whole:
+                yield np.frombuffer(data, self.dtype, whole * self._row_shape_size
+                                    ).reshape(whole, *self._row_shape)
+            if whole != n:
+                raise ValueError(f"member ends inside row {start + whole} of {len(self)} "
+                                 "(truncated)")
 
     def close(self) -> None:
         if self._fh is not None:
@@ -259,16 +295,32 @@ class NpzReplay:
                 return
             rows, y = opened
             first_of_pass = index
+            # Fast path: float32 rows of the input shape are checked a chunk at a time (the
+            # per-row checks were a sixth of the source thread's time under the GIL).
+            fast = (rows.contiguous and rows.dtype == np.float32
+                    and rows.row_shape == self.input_shape)
+            per_chunk = max(1, min(8, _CHUNK_BYTES // max(1, rows.row_bytes))) if fast else 1
+            i = 0
             try:
-                for i, row in enumerate(rows):
-                    _pace(self.cfg.rate_hz, start, index)
-                    try:
-                        xi = coerce(row, self.input_shape)
-                    except FrameError as exc:
-                        self.bad.add("shape", f"{self.name}[{i}]: {exc}")
-                        continue
-                    yield Sample(xi, _label(y, i), self.name, index)
-                    index += 1
+                for chunk in rows.chunks(per_chunk):
+                    finite = (np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1).tolist()
+                              if fast else None)
+                    for j, row in enumerate(chunk):
+                        _pace(self.cfg.rate_hz, start, index)
+                        try:
+                            if finite is None:
+                                xi = coerce(row, self.input_shape)
+                            elif finite[j]:
+                                xi = row
+                            else:
+                                raise FrameError("contains NaN or inf")
+                        except FrameError as exc:
+                            self.bad.add("shape", f"{self.name}[{i}]: {exc}")
+                            i += 1
+                            continue
+                        yield Sample(xi, _label(y, i), self.name, index)
+                        index += 1
+                        i += 1
             except UNTRUSTED_PARSE_ERRORS as exc:
                 self.bad.add("npz_unreadable", f"{self.cfg.path}: {exc}")
                 return

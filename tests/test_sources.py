@@ -250,3 +250,17 @@ def test_oversized_images_are_refused_before_decoding(monkeypatch: pytest.Monkey
     monkeypatch.setattr(agent.sources, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(FrameError, match=r"exceeds 100"):
         decode_frame(_png(np.zeros((11, 10), np.uint8)), SHAPE)
+
+
+def test_npz_fast_path_checks_every_row(tmp_path: Path) -> None:
+    x = np.random.default_rng(2).random((19, *SHAPE)).astype(np.float32)  # rows of SHAPE
+    x[2, 0, 0, 0] = np.nan
+    x[17, 0, 3, 3] = np.inf
+    np.savez(tmp_path / "in.npz", x=x, y=np.arange(19))
+    bad = BadInputs()
+    samples = list(NpzReplay(npz_cfg(tmp_path / "in.npz"), SHAPE, bad))
+    assert [s.label for s in samples] == [i for i in range(19) if i not in (2, 17)]
+    assert [s.index for s in samples] == list(range(17))
+    assert bad.counts == {"shape": 2}
+    assert all(s.x.flags.c_contiguous and s.x.shape == SHAPE for s in samples)
+    np.testing.assert_array_equal(samples[2].x, x[3])
