@@ -238,3 +238,37 @@ def test_network_file_errors_name_the_field(tmp_path) -> None:
     (tmp_path / "n.toml").write_text(NETWORK + "\n[constraints]\nbudget = 1\n")
     with pytest.raises(ConfigError, match=r"constraints\.budget: unknown key"):
         load_network(tmp_path / "n.toml")
+
+
+def test_replanner_moves_the_cut_with_hysteresis(planned) -> None:
+    from agent.blockbench import BenchRecord
+    from cloud_trainer.plan.adapt import LinkFigures, Replanner, figures_from_stats
+    from cloud_trainer.plan.network import NetworkConfig
+
+    root, _model, rec = planned
+    rec = BenchRecord.load(root / "rec.json")
+    net = NetworkConfig.model_validate({
+        "mqtt_overhead_bytes": 200,
+        "nodes": [{"name": "cam", "profile": "rpi4", "device": "dev-1", "time_scale": 200},
+                  {"name": "cloud", "profile": "x86-dev", "device": "dev-1"}],
+        "links": [{"from": "cam", "to": "cloud", "bandwidth_mbps": 1000, "rtt_ms": 1}],
+        "constraints": {"min_device_blocks": 1},
+    })
+    r = Replanner(net, [rec], "digits", margin=0.2, sustain=2)
+    start = r.current.key()
+    assert len(r.current.slices) == 2  # a fast link: offload after block 1
+    slow = {0: LinkFigures(bandwidth_mbps=0.001, rtt_ms=500)}
+    fast = {0: LinkFigures(bandwidth_mbps=1000, rtt_ms=1)}
+    assert not r.observe(slow).switched  # one bad reading is a blip
+    assert not r.observe(fast).switched  # ... and the streak resets
+    assert not r.observe(slow).switched
+    d = r.observe(slow)
+    assert d.switched and len(d.plan.slices) == 1  # sustained: everything on the camera
+    assert d.best_value < d.current_value * 0.8
+    assert not r.observe(fast).switched
+    assert r.observe(fast).switched and r.current.key() == start  # and back
+    assert figures_from_stats({"network": {"rtt_ms": 12.0, "uplink_bytes_per_s": 1e6,
+                                           "acked_in_window": 3}}) == LinkFigures(None, 12.0)
+    assert figures_from_stats({"network": {"rtt_ms": 12.0, "uplink_bytes_per_s": 1e6,
+                                           "acked_in_window": 50}}).bandwidth_mbps == 8.0
+    assert figures_from_stats({}) == LinkFigures(None, None)
