@@ -474,7 +474,11 @@ class Retrainer:
                 raise RunError(f"v{version.version} is {version.status}, not approved")
             model = rt.student(self.registry, version)
             return self._push(run, job, rt, version, model, deployed, deployed_v)
-        samples, counts = select_samples(self.store, rt, job, run)
+        upper = self.store.count(model_version=run.deployed_version, since=run.since)
+        if upper < job.min_new_samples and self._candidate(run) is None:
+            samples, counts = [], {}  # cheap: no scan of payloads for a run that is skipped
+        else:
+            samples, counts = select_samples(self.store, rt, job, run)
         new = sum(counts.values())
         if new < job.min_new_samples and self._candidate(run) is None:
             return self.runs.update(run.run_id, status="skipped", step="select",
