@@ -14,16 +14,23 @@ distance at the boundary; smooth-L1 would under-weight exactly the large errors 
 activated units that matter most to the next block. Adam makes the loss scale irrelevant.
 
 Where ``a_{i-1}`` comes from (``train_student_blockwise_from_inputs``, measured by
-``knet bench distill`` on ``digits``, label-free, 30 epochs, seed 0):
-- ``"teacher"`` (classic KT, teacher forcing): 54.6 % test accuracy. Each block fits the
-  teacher on the teacher's inputs, but at inference it gets the student's, and the zoo
-  student's blocks cannot match the teacher's exactly, so errors compound down the chain.
+``knet bench distill`` on ``digits``, label-free, 200 transfer images, 600 steps, seed 0):
+- ``"teacher"`` (classic KT, teacher forcing): 98.3 % test accuracy. Each block fits the
+  teacher on the teacher's inputs and gets the student's at inference; this works only when
+  every student block *can* reproduce its teacher block — with the earlier one-conv digits
+  student it reached 55 % (docs/models.md).
 - ``"student"`` (the student's own a_{i-1}, target teacher_block_i(a_{i-1}); exactly what
-  device uplinks allow): 10.2 % from scratch — the teacher's response to a wrong input is
-  itself wrong. This mode is for *re*training a deployed student whose boundaries already
-  agree with the teacher's (``train_blockwise`` on uplinks), not for training from zero.
+  device uplinks allow): 99.1 %. With the earlier student it reached 10 % from scratch (the
+  teacher's response to a wrong input is itself wrong); it is meant for *re*training a
+  deployed student whose boundaries already agree (``train_blockwise`` on uplinks).
 - ``"student+boundary"`` (student's own a_{i-1}, target the teacher's a_i for the same raw
-  input): 98.5 %. Each block learns to correct its upstream's error; needs raw inputs.
+  input): 98.9 %. Each block learns to correct its upstream's error; needs raw inputs.
+
+Options beyond KnowledgeNet's independent blocks: labels may mark unlabelled inputs with
+``UNLABELED`` (label-scarce training), and ``finetune_epochs`` ends the run with an
+end-to-end KD stage (``hint_weight`` adds variance-normalised boundary MSE) inside the same
+epoch budget. Both are measured in docs/benchmarks.md; the fine-tune stage did not beat the
+block-wise one there, so it is off by default.
 """
 
 from __future__ import annotations
@@ -294,6 +301,10 @@ def train_student_blockwise_from_inputs(
     mode no gradient crosses a boundary; each
     block has its own optimiser taking ``epochs`` × ⌈n/batch⌉ steps (the same budget as
     training the whole student once). ``shift`` augments the raw inputs per batch.
+    ``labels`` may hold ``UNLABELED`` for inputs without one. ``finetune_epochs`` (of the
+    ``epochs``) run end to end after the block-wise stage — KD (+ CE) at the logits plus
+    ``hint_weight`` × the normalised MSE at inner boundaries, one Adam for the whole chain
+    at ``finetune_lr`` (default ``lr``) — so the total step count stays the same.
     """
     _check_pair(teacher, student)
     if inputs not in INPUT_SOURCES:
