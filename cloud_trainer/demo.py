@@ -578,7 +578,7 @@ def add_arguments(d: argparse.ArgumentParser) -> None:
     d.add_argument("--model", choices=["digits", "vision"], default="digits")
     d.add_argument("--devices", type=int, default=3, help="agents to run (default 3)")
     d.add_argument("--drift", choices=DRIFTS, default=None,
-                   help="camera drift (default: brightness for digits, contrast for vision)")
+                   help="camera drift (default: contrast loss, severity 0.5 for digits)")
     d.add_argument("--severity", type=float, default=None, help="drift severity in (0, 1]")
     d.add_argument("--rounds", type=int, default=3, help="most updates to push and evaluate")
     d.add_argument("--duration", type=float, default=240.0,

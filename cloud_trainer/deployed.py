@@ -3,10 +3,10 @@
 Why not the zoo student as trained on labels (``train.trained_pair``): its blocks learned
 their own features, so its boundary activations have nothing to do with the teacher's, and
 label-free retraining on device uplinks then has to re-learn every block from scratch.
-Measured on digits under the default brightness drift (``cloud_trainer.drift``), training on
-the drifted test inputs, ``student+boundary`` mode, 20 epochs: from the zoo student the
-candidate scores 71.9 % (below the 83.5 % it replaces, so the gate rejects it); from this
-block-wise distilled student it scores 95.2 % against the teacher's 93.3 %. Its blocks
+Measured on digits (the first, one-conv zoo student) under brightness 0.4,
+training on the drifted test inputs, ``student+boundary`` mode, 20 epochs: from the zoo
+student the candidate scored 71.9 % (below the 83.5 % it replaced, so the gate rejects it);
+from this block-wise distilled student 95.2 % against the teacher's 93.3 %. Its blocks
 also agree with the teacher's at every boundary, which split inference needs.
 
 Cached next to the zoo weights (``$KNET_CACHE/zoo``), keyed by the zoo cache file, so a

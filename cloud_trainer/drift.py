@@ -10,14 +10,17 @@ device's input topic.
 
 Default severities (``DEFAULT_SEVERITY``) are where the teacher stays accurate while the
 deployed student drops — the situation a fleet recovers from with the teacher's label-free
-supervision. Measured on the digits test split (cached zoo pair, seed 0; the deployed
-student is the zoo student distilled block-wise, ``cloud_trainer.deployed``), teacher /
-student accuracy: clean 99.1 / 97.8; brightness 0.4: 93.3 / 70.9; contrast 0.5: 92.6 /
-79.4; noise 0.4: 91.1 / 85.0; blur 0.4: 92.8 / 90.4; rotation 0.3: 90.7 / 88.7. Inversion
-defeats the teacher too (below 35 % at any severity ≥ 0.3): label-free supervision cannot
-recover what the teacher itself gets wrong, so it is offered for showing exactly that. On
-the vision frames the teacher is more robust than the student only under contrast
-(0.4: 73.8 / 64.1), hence its default there.
+supervision. Measured on the digits test split (cached zoo pair, seed 0, the two-conv
+student of 8e1db6b; the deployed student is the zoo student distilled block-wise,
+``cloud_trainer.deployed``), teacher / deployed student accuracy: clean 99.1 / 99.1;
+contrast 0.5: 92.6 / 85.2 (0.55: 86.3 / 78.0); brightness 0.5: 85.2 / 83.1; noise 0.4:
+91.1 / 91.7; blur 0.4: 92.8 / 89.3; rotation 0.3: 90.7 / 90.0. Only contrast loss opens a
+clear gap at a severity the teacher still handles, hence the digits default; retraining on
+two devices' uplinks of the drifted test frames (``student+boundary``, 8 epochs) took the
+student from 85.2 % to 92.2 % (teacher 92.6 %), 94.4 % on drifted held-out frames (teacher
+94.7 %). Inversion defeats the teacher too (below 35 % at any severity >= 0.3): label-free
+supervision cannot recover what the teacher itself gets wrong. On the vision frames the
+teacher is more robust than the student only under contrast (0.4: 73.8 / 64.1).
 """
 
 from __future__ import annotations
@@ -116,12 +119,12 @@ def apply_drift(x: np.ndarray, spec: DriftSpec, *, normalised: bool | None = Non
 
 
 DEFAULT_SEVERITY: dict[str, float] = {"noise": 0.4, "blur": 0.4, "contrast": 0.5,
-                                      "rotation": 0.3, "inversion": 1.0, "brightness": 0.4}
-DEFAULT_DRIFT: dict[str, str] = {"digits": "brightness", "vision": "contrast"}
+                                      "rotation": 0.3, "inversion": 1.0, "brightness": 0.5}
+DEFAULT_DRIFT: dict[str, str] = {"digits": "contrast", "vision": "contrast"}
 
 
 def default_spec(model: str, kind: str | None = None, severity: float | None = None,
                  seed: int = 0) -> DriftSpec:
     """The drift the demo applies to ``model``'s inputs unless told otherwise."""
-    k = kind or DEFAULT_DRIFT.get(model, "brightness")
+    k = kind or DEFAULT_DRIFT.get(model, "contrast")
     return DriftSpec(k, DEFAULT_SEVERITY[k] if severity is None else severity, seed)

@@ -64,7 +64,7 @@ def test_bad_specs_are_refused(digits: np.ndarray) -> None:
         DriftSpec("noise", 0.0)
     with pytest.raises(ValueError, match="batch"):
         apply_drift(digits[0], DriftSpec("noise"))
-    assert default_spec("digits").kind == "brightness"
+    assert default_spec("digits").kind == "contrast"
     assert default_spec("vision", "noise").severity == DEFAULT_SEVERITY["noise"]
 
 
