@@ -45,6 +45,9 @@ class VersionRecord(BaseModel):
     digest: str = Field(description="sha256 of the manifest payload that installed it")
     partition: PartitionManifest
     applied_at: float = Field(default_factory=time.time)
+    # the slice came from a signed assignment (a moved cut): it may differ from the
+    # configured slice in ``last``
+    assigned: bool = False
 
     @property
     def shas(self) -> set[str]:
@@ -146,7 +149,8 @@ def update_paths(state_dir: Path) -> tuple[ActiveStore, BlobCache]:
 
 def _usable(rec: VersionRecord, configured: PartitionManifest) -> str | None:
     p, c = rec.partition, configured
-    if (p.model_id, p.first, p.last, p.num_blocks) != (c.model_id, c.first, c.last,
+    last = p.last if rec.assigned else c.last  # a signed assignment moved the cut
+    if (p.model_id, p.first, p.last, p.num_blocks) != (c.model_id, c.first, last,
                                                       c.num_blocks):
         return (f"it is {p.model_id} blocks {p.first}..{p.last}, the configuration says "
                 f"{c.model_id} blocks {c.first}..{c.last}")

@@ -110,6 +110,8 @@ class MqttSection(BaseModel):
     reconnect_min_delay: float = Field(0.5, gt=0)
     reconnect_max_delay: float = Field(30.0, gt=0)
     max_inflight: int = Field(20, ge=1, le=1000)
+    max_uplink_bytes_per_s: float = Field(0.0, ge=0, description="shape spooled traffic "
+                                          "(0: unshaped); see agent/link.py")
 
     _paths = field_validator("password_file")(_resolve)
 

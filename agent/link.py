@@ -91,6 +91,10 @@ class LinkSettings(BaseModel):
     # ``Link.ack`` (a chain stage acks an input once its output is spooled); every other
     # subscription is still acked as soon as its handler returns.
     manual_ack: bool = False
+    # Shape the spooled (reliable) traffic to this many payload bytes per second (0: as
+    # fast as the broker acks): a metered link's share, and how tests emulate a slow
+    # uplink. Best-effort publishes (stats, split requests) are not shaped.
+    max_uplink_bytes_per_s: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _delays(self) -> LinkSettings:
@@ -204,6 +208,7 @@ class Link:
         self._acked: list[int] = []  # record ids acked by the broker, to delete (drain thread)
         self._acks: deque[tuple[int, int, ReasonCode]] = deque()
         self.meter = NetMeter()  # achieved uplink throughput and PUBACK round trip
+        self._shaped_until = 0.0  # monotonic: the shaper lets the next record go then
         self._wake = threading.Event()
         self._progress = threading.Condition()
         self._stopping = False
@@ -335,7 +340,8 @@ class Link:
     # -- drain thread --------------------------------------------------------------------
     def _drain_loop(self) -> None:
         while True:
-            self._wake.wait(1.0)
+            self._wake.wait(max(0.001, min(1.0, self._shaped_until - time.monotonic()))
+                            if self._shaped_until > time.monotonic() else 1.0)
             self._wake.clear()
             self._beat = time.monotonic()
             try:
@@ -394,8 +400,9 @@ class Link:
                 self._progress.notify_all()
 
     def _fill_window(self) -> None:
+        rate = self.settings.max_uplink_bytes_per_s
         with self._lock:
-            if not self.connected.is_set():
+            if not self.connected.is_set() or (rate and self._shaped_until > time.monotonic()):
                 return
             room = self.settings.max_inflight - len(self._inflight)
             if room <= 0 or (self._inflight and 2 * room < self.settings.max_inflight):
@@ -416,8 +423,21 @@ class Link:
                 self._cursor = rec.id
                 if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     break
+                if rate:  # the next record leaves when this one's bytes have drained
+                    now = time.monotonic()
+                    self._shaped_until = max(self._shaped_until, now) + len(rec.payload) / rate
+                    if self._shaped_until > now:
+                        break
 
     # -- public API ----------------------------------------------------------------------
+    def shape(self, bytes_per_s: float) -> None:
+        """Change ``max_uplink_bytes_per_s`` on a running link (0: unshaped)."""
+        if bytes_per_s < 0:
+            raise ValueError("bytes_per_s must be >= 0")
+        self.settings.max_uplink_bytes_per_s = bytes_per_s
+        self._shaped_until = min(self._shaped_until, time.monotonic())
+        self._wake.set()
+
     def publish_reliable(self, topic: str, payload: bytes, qos: int = 1) -> bool:
         """Spool durably, then deliver in order (at least once); False if the spool dropped it."""
         if qos not in (1, 2):

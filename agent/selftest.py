@@ -29,15 +29,19 @@ class SelfTestResult:
     canaries: int = 0
 
 
-def compatible(new: BlockRunner, old: BlockRunner) -> str | None:
-    """Why ``new`` cannot stand in for ``old`` on this device, or None."""
+def compatible(new: BlockRunner, old: BlockRunner, *, recut: bool = False) -> str | None:
+    """Why ``new`` cannot stand in for ``old`` on this device, or None. ``recut`` (a signed
+    slice assignment moved the cut): ``last`` may differ, ``first`` may not (the device's
+    inputs feed block ``first``)."""
     a, b = new.manifest, old.manifest
     if a.model_id != b.model_id:
         return f"model {a.model_id!r}, this device runs {b.model_id!r}"
-    if (a.first, a.last, a.num_blocks) != (b.first, b.last, b.num_blocks):
+    same = ((a.first, a.num_blocks) == (b.first, b.num_blocks) if recut
+            else (a.first, a.last, a.num_blocks) == (b.first, b.last, b.num_blocks))
+    if not same:
         return (f"blocks {a.first}..{a.last} of {a.num_blocks}, this device runs "
                 f"{b.first}..{b.last} of {b.num_blocks}")
-    span = slice(a.first - 1, a.last + 1)
+    span = slice(a.first - 1, max(a.last, b.last) + 1)
     if a.boundaries[span] != b.boundaries[span]:
         return f"boundary shapes {a.boundaries[span]} != running {b.boundaries[span]}"
     return None
@@ -67,8 +71,10 @@ def agreement(new_out: np.ndarray, old_out: np.ndarray, ends_at_logits: bool) ->
 
 
 def self_test(new: BlockRunner, old: BlockRunner, canaries: list[np.ndarray], *,
-              threshold: float, min_canaries: int) -> SelfTestResult:
-    why = compatible(new, old)
+              threshold: float, min_canaries: int, recut: bool = False) -> SelfTestResult:
+    """With ``recut`` the versions are compared at the last boundary both produce (blocks
+    only one of them has are checked for shapes and finiteness alone)."""
+    why = compatible(new, old, recut=recut)
     if why is not None:
         return SelfTestResult(False, "incompatible", why)
     x = _probe_inputs(new, canaries)
@@ -89,7 +95,9 @@ def self_test(new: BlockRunner, old: BlockRunner, canaries: list[np.ndarray], *,
     if len(canaries) < min_canaries:
         return SelfTestResult(True, detail=f"agreement not checked: {len(canaries)} canary "
                                            f"inputs < {min_canaries}", canaries=len(canaries))
-    score = agreement(outs[-1], old.run(x)[-1], new.manifest.last == new.manifest.num_blocks)
+    common = min(new.manifest.last, old.manifest.last)
+    score = agreement(outs[common - new.manifest.first], old.run(x, upto=common)[-1],
+                      common == new.manifest.num_blocks)
     if score < threshold:
         return SelfTestResult(False, "self_test_failed",
                               f"agreement {score:.3f} with the running version on "

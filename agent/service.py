@@ -75,6 +75,7 @@ def link_settings(cfg: AgentConfig) -> LinkSettings:
                         password=m.resolve_password(), tls=tls, keepalive=m.keepalive,
                         reconnect_min_delay=m.reconnect_min_delay,
                         reconnect_max_delay=m.reconnect_max_delay, max_inflight=m.max_inflight,
+                        max_uplink_bytes_per_s=m.max_uplink_bytes_per_s,
                         manual_ack=isinstance(cfg.source, UpstreamSource))  # agent/chain.py
 
 

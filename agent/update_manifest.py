@@ -134,6 +134,22 @@ class Targets(BaseModel):
         return not self.devices and not self.profiles
 
 
+class SliceAssignment(BaseModel):
+    """Blocks ``first..last`` of the update's model for one device: the cut the trainer's
+    re-planner chose for it (``cloud_trainer/plan/adaptive.py``); the cloud serves the rest."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    first: int = Field(ge=1)
+    last: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> SliceAssignment:
+        if self.last < self.first:
+            raise ValueError(f"last {self.last} < first {self.first}")
+        return self
+
+
 class Variant(BaseModel):
     """The full model for some firmware profiles; block files are named ``<sha256>.onnx``."""
 
@@ -181,6 +197,20 @@ class UpdateManifest(BaseModel):
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     targets: Targets = Targets()
     variants: list[Variant]
+    # per-device slices (a moved cut); a device not listed keeps the slice it runs
+    assignments: dict[str, SliceAssignment] = {}
+
+    @field_validator("assignments")
+    @classmethod
+    def _assignments(cls, v: dict[str, SliceAssignment]) -> dict[str, SliceAssignment]:
+        if len(v) > MAX_TARGETS:
+            raise _too_large(f"{len(v)} assignments exceed {MAX_TARGETS}")
+        try:
+            for device in v:
+                validate_id(device)
+        except TopicError as exc:
+            raise ValueError(str(exc)) from None
+        return v
 
     @field_validator("fleet")
     @classmethod
@@ -220,6 +250,10 @@ class UpdateManifest(BaseModel):
             if p.model_id != self.model_id or p.model_version != self.version:
                 raise ValueError(f"variant partition is {p.model_id} v{p.model_version}, "
                                  f"the update {self.model_id} v{self.version}")
+            for device, a in self.assignments.items():
+                if a.last > p.num_blocks:
+                    raise ValueError(f"assignment for {device}: blocks {a.first}..{a.last} "
+                                     f"of a {p.num_blocks}-block model")
         return self
 
     def targets_device(self, device: str, profile: str) -> bool:

@@ -244,12 +244,15 @@ class Updater:
             base.update(model_id=manifest.model_id, version=manifest.version)
             self._busy_version = manifest.version
             variant = self._admit(manifest, job.digest, running)
-            part = self._slice(variant, running)
-            if manifest.version == running.version:
+            part = self._slice(manifest, variant, running)
+            recut = part.last != running.manifest.last
+            if manifest.version == running.version and not recut:
                 self._same_version(part, running, job, base)
                 return
+            if manifest.version == running.version:
+                self._same_blocks(part, running)
             result = self._fetch(variant, part, job, base)
-            new = self._build(part, running)
+            new = self._build(part, running, recut=recut)
         except (UpdateRejected, _Refused) as exc:
             if not self._stop.is_set():  # a fetch cut off by shutdown resumes next start
                 self._refuse(job, exc.reason, exc.detail, base,
@@ -262,15 +265,32 @@ class Updater:
             return
         if self._stop.is_set():
             return
-        self._install(new, running, part, job, result, base)
+        assigned = (self.device in manifest.assignments
+                    or (self.state.current is not None and self.state.current.assigned))
+        self._install(new, running, part, job, result, base, assigned=assigned)
 
-    @staticmethod
-    def _slice(variant: Variant, running: BlockRunner) -> PartitionManifest:
-        """This device's blocks of the whole model the variant carries."""
+    def _slice(self, manifest: UpdateManifest, variant: Variant,
+               running: BlockRunner) -> PartitionManifest:
+        """This device's blocks of the whole model the variant carries: its signed
+        assignment (a moved cut) if the manifest has one, else the slice it runs."""
+        a = manifest.assignments.get(self.device)
+        r = running.manifest
+        first, last = (a.first, a.last) if a is not None else (r.first, r.last)
+        if first != r.first:
+            raise _Refused("incompatible", f"assigned blocks {first}..{last}, this device's "
+                                           f"inputs feed block {r.first}")
         try:
-            return variant.partition.slice(running.manifest.first, running.manifest.last)
+            return variant.partition.slice(first, last)
         except ManifestError as exc:
             raise _Refused("incompatible", str(exc)) from None
+
+    @staticmethod
+    def _same_blocks(part: PartitionManifest, running: BlockRunner) -> None:
+        """A cut moved under the running version number must keep the running weights."""
+        mine = {b.index: b.sha256 for b in running.manifest.blocks}
+        if any(mine.get(b.index, b.sha256) != b.sha256 for b in part.blocks):
+            raise _Refused("replayed", f"v{part.model_version} is already running, with "
+                                       f"other blocks")
 
     def _settled(self, digest: str) -> bool:
         """A manifest already acted on that needs no new report (the retained copy comes
@@ -361,7 +381,8 @@ class Updater:
         except OSError as exc:
             log.warning("could not reuse %s for block %s: %s", src, sha[:12], exc)
 
-    def _build(self, part: PartitionManifest, running: BlockRunner) -> BlockRunner:
+    def _build(self, part: PartitionManifest, running: BlockRunner, *,
+               recut: bool = False) -> BlockRunner:
         try:
             new = BlockRunner(part, self.cache.blob_dir, self.profile)
             new.warmup()
@@ -371,7 +392,7 @@ class Updater:
             raise _Refused("self_test_failed", f"warm-up failed: {exc}"[:1500]) from None
         test = self_test(new, running, self.recorder.inputs(),
                          threshold=self.cfg.agreement_threshold,
-                         min_canaries=self.cfg.min_canary_inputs)
+                         min_canaries=self.cfg.min_canary_inputs, recut=recut)
         if not test.ok:
             raise _Refused(test.reason or "self_test_failed", test.detail)
         log.info("self-test passed for v%d (agreement %s on %d canaries) %s", new.version,
@@ -379,19 +400,21 @@ class Updater:
         return new
 
     def _install(self, new: BlockRunner, running: BlockRunner, part: PartitionManifest,
-                 job: _Job, result: FetchResult | None, base: dict[str, Any]) -> None:
+                 job: _Job, result: FetchResult | None, base: dict[str, Any], *,
+                 assigned: bool = False) -> None:
         before = self.state.model_copy(deep=True)
         counts = self.infer_counts()
         old = self.slot.swap(new)
         record = VersionRecord(model_id=part.model_id, version=part.model_version,
-                               digest=job.digest, partition=part)
+                               digest=job.digest, partition=part, assigned=assigned)
         h = self.cfg.health
         self.state.last_known_good = self.state.current
         self.state.current = record
         self.state.probation = h.watch_s > 0
         self.state.remember("applied", job.digest)
         self.store.save(self.state)
-        log.info("update applied: %s v%d -> v%d", part.model_id, old.version, new.version)
+        log.info("update applied: %s v%d -> v%d, blocks %d..%d", part.model_id, old.version,
+                 new.version, part.first, part.last)
         if self.on_swap is not None:
             self.on_swap(new)
         nbytes = result.stats.get("bytes", 0) if result is not None else 0

@@ -1,0 +1,151 @@
+"""Moving a device's cut when its uplink changes: live ``stats`` → ``Replanner`` → a signed
+manifest with the device's new slice → the devices' OTA path (``agent/updater.py``).
+
+The device runs student blocks ``first..k`` and the cloud (``cloud_trainer/serve.py``)
+finishes ``k+1..N`` for any ``k``, so moving the cut only changes ``k``: the weights stay
+those of the deployed manifest. ``CutAdapter`` feeds every device's ``stats["network"]``
+(``agent/netmeter.py``) into that device's ``Replanner`` (margin + sustain hysteresis); when
+it switches, the deployed manifest is re-issued under the same version with
+``assignments`` naming every moved device's slice, signed and published retained. A device
+builds, self-tests and swaps the assigned slice without a restart; its split requests
+follow its new last block.
+
+Stats arrive on paho's thread; solving is cheap, but publishing waits for PUBACKs, so the
+push runs on a worker thread (the newest assignment set wins).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from agent.topics import TopicError, Topics
+from agent.update_manifest import SignedManifest, SliceAssignment, UpdateManifest
+from cloud_trainer.plan.adapt import Decision, Replanner, figures_from_stats
+from cloud_trainer.plan.solver import Plan
+
+log = logging.getLogger(__name__)
+
+MAX_STATS_BYTES = 256 * 1024  # a stats message is a few kB; anything far bigger is hostile
+
+
+def device_slice(plan: Plan, node: int = 0) -> SliceAssignment:
+    """The device node's blocks in ``plan`` (the planner keeps >= 1 block on the device
+    when ``constraints.min_device_blocks`` >= 1)."""
+    for s in plan.slices:
+        if s.node == node and s.first <= s.last:
+            return SliceAssignment(first=s.first, last=s.last)
+    raise ValueError(f"plan {plan.key()} runs nothing on node {node}")
+
+
+class CutAdapter:
+    """One ``Replanner`` per device; a switch re-issues ``base`` with the new assignments.
+
+    ``sign`` turns an ``UpdateManifest`` into a ``SignedManifest`` (``keys.sign_manifest``
+    with the operator key); ``publish`` sends it (``BlobPublisher.publish_update``).
+    """
+
+    def __init__(self, base: UpdateManifest, replanners: Mapping[str, Replanner],
+                 sign: Callable[[UpdateManifest], SignedManifest],
+                 publish: Callable[[SignedManifest], Any], *, link: int = 0,
+                 device_node: int = 0) -> None:
+        self.base = base
+        self.replanners = dict(replanners)
+        self.sign, self.publish = sign, publish
+        self.link, self.device_node = link, device_node
+        self.assignments: dict[str, SliceAssignment] = dict(base.assignments)
+        self.stats = {"observed": 0, "bad_stats": 0, "switches": 0, "published": 0,
+                      "publish_failed": 0}
+        self.decisions: list[tuple[str, Decision]] = []  # the switches, oldest first
+        self._lock = threading.Lock()
+        self._dirty = threading.Event()
+        self._stop = threading.Event()
+        self._worker: threading.Thread | None = None
+
+    # -- lifecycle
+    def start(self) -> CutAdapter:
+        self._worker = threading.Thread(target=self._loop, name="knet-cut-adapter",
+                                        daemon=True)
+        self._worker.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._dirty.set()
+        if self._worker is not None:
+            self._worker.join(timeout)
+
+    topics: Topics
+
+    def attach(self, client: mqtt.Client, topics: Topics) -> None:
+        """Take every device's stats from ``client`` (connected and looping by the caller;
+        subscribe again in its ``on_connect``)."""
+        self.topics = topics
+        client.message_callback_add(topics.all_devices("stats"), self._on_stats)
+        client.subscribe(topics.all_devices("stats"), 0)
+
+    # -- input
+    def _on_stats(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            device = self.topics.parse_device_topic(msg.topic)[0]
+            if len(msg.payload) > MAX_STATS_BYTES:
+                raise ValueError(f"{len(msg.payload)} bytes > {MAX_STATS_BYTES}")
+            stats = json.loads(msg.payload)
+            if not isinstance(stats, dict):
+                raise ValueError("stats is not a JSON object")
+            self.observe(device, stats)
+        except (ValueError, UnicodeDecodeError, TopicError) as exc:
+            self.stats["bad_stats"] += 1
+            log.warning("stats on %s ignored: %s", msg.topic, str(exc)[:200])
+
+    def observe(self, device: str, stats: Mapping[str, Any]) -> Decision | None:
+        """One stats message of ``device``; None for a device with no re-planner."""
+        r = self.replanners.get(device)
+        if r is None:
+            return None
+        figures = figures_from_stats(stats)
+        with self._lock:
+            self.stats["observed"] += 1
+            d = r.observe({self.link: figures})
+            if not d.switched:
+                return d
+            new = device_slice(d.plan, self.device_node)
+            self.stats["switches"] += 1
+            self.decisions.append((device, d))
+            log.info("cut of %s moves to blocks %d..%d (%s -> %s on %s)", device, new.first,
+                     new.last, f"{d.current_value:.4g}", f"{d.best_value:.4g}", figures)
+            self.assignments[device] = new
+        self._dirty.set()
+        return d
+
+    # -- output
+    def manifest(self) -> UpdateManifest:
+        """``base`` with the current assignments (validated again: a slice must fit)."""
+        with self._lock:
+            assignments = {d: a.model_dump() for d, a in sorted(self.assignments.items())}
+        doc = self.base.model_dump(mode="json")
+        doc.update(assignments=assignments, created_at=datetime.now(UTC).isoformat())
+        return UpdateManifest.model_validate(doc)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._dirty.wait(1.0)
+            if self._stop.is_set():
+                return
+            if not self._dirty.is_set():
+                continue
+            self._dirty.clear()
+            try:
+                self.publish(self.sign(self.manifest()))
+                self.stats["published"] += 1
+            except Exception:  # a broker outage: tried again with the next switch or stats
+                self.stats["publish_failed"] += 1
+                log.exception("publishing the re-cut manifest failed; retrying")
+                self._stop.wait(2.0)
+                self._dirty.set()

@@ -1,0 +1,199 @@
+"""Moving the device↔cloud cut with the link: signed slice assignments, and a shaped uplink
+that makes the trainer move a live agent's cut toward the device and back, no restart."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from agent_helpers import agent_config, write_inputs
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from mqtt_helpers import wait_until
+from paho.mqtt.enums import CallbackAPIVersion
+from update_helpers import CHUNK, FLEET, running_agent, write_public_key
+
+from agent.active import BootChoice, boot_runner, update_paths
+from agent.blockbench import BenchRecord, measure
+from agent.manifest import PartitionManifest
+from agent.profiles import load_profile
+from agent.runtime import BlockRunner
+from agent.topics import Topics
+from agent.update_manifest import (
+    UpdateRejected,
+    canonical_json,
+    parse_signed,
+    validate_manifest,
+)
+from broker.launcher import Mosquitto
+from cloud_trainer.export import export_partition
+from cloud_trainer.keys import sign_manifest
+from cloud_trainer.plan.adapt import LinkFigures, Replanner
+from cloud_trainer.plan.adaptive import CutAdapter
+from cloud_trainer.plan.network import NetworkConfig
+from cloud_trainer.publisher import BlobPublisher, make_update
+from cloud_trainer.serve import SplitServer
+from cloud_trainer.zoo import get_pair
+
+T = Topics(FLEET)
+ALL_ON_DEVICE_S = 0.65  # the device's time for all blocks the planner is given
+SLOW, FAST = 2_000.0, 80_000.0  # bytes/s: the shaped uplink, about what is offered
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, PartitionManifest,
+                                                              BenchRecord]:
+    root = tmp_path_factory.mktemp("cut")
+    full = export_partition(get_pair("digits", seed=0).student, root / "full",
+                            model_id="digits", model_version=1, ort_version="1.16.3")
+    runner = BlockRunner(full, root / "full", load_profile("x86-dev"))
+    x = np.random.default_rng(0).random((6, *runner.input_shape), dtype=np.float32)
+    rec = measure(runner, x, device="dev-1", codecs=("raw",), warmup=1, repeats=5)
+    return root, full, rec
+
+
+def network(rec: BenchRecord) -> NetworkConfig:
+    """A camera whose blocks take ``ALL_ON_DEVICE_S`` in all, a cloud at this machine's
+    speed: offloading after block 1 wins on a fast link, keeping the blocks on a slow one."""
+    scale = ALL_ON_DEVICE_S / sum(b.median_s for b in rec.blocks)
+    return NetworkConfig.model_validate({
+        "mqtt_overhead_bytes": 200,
+        "nodes": [{"name": "cam", "profile": "rpi4", "device": "dev-1", "time_scale": scale},
+                  {"name": "cloud", "profile": "x86-dev", "device": "dev-1"}],
+        "links": [{"from": "cam", "to": "cloud", "bandwidth_mbps": 1000, "rtt_ms": 1}],
+        "constraints": {"min_device_blocks": 1, "codecs": ["raw"]},
+    })
+
+
+def _mbps(bytes_per_s: float) -> float:
+    return bytes_per_s * 8 / 1e6
+
+
+def test_assignments_are_validated_bounded_and_signed(model: Any) -> None:
+    root, full, _rec = model
+    key = Ed25519PrivateKey.generate()
+    base, _files = make_update(FLEET, "digits", 1, {"": (full, root / "full")},
+                               chunk_size=CHUNK)
+    doc = base.model_dump(mode="json")
+    for bad, why in (({"dev-1": {"first": 1, "last": 5}}, "4-block model"),
+                     ({"dev-1": {"first": 3, "last": 2}}, "last 2 < first 3"),
+                     ({"dev/1": {"first": 1, "last": 2}}, "assignments"),
+                     ({"dev-1": {"first": 1, "last": 2, "x": 1}}, "(?i)extra")):
+        with pytest.raises(UpdateRejected, match=why) as exc:
+            validate_manifest({**doc, "assignments": bad})
+        assert exc.value.reason == "malformed"
+    many = {f"d{i}": {"first": 1, "last": 1} for i in range(10_001)}
+    with pytest.raises(UpdateRejected) as exc:
+        validate_manifest({**doc, "assignments": many})
+    assert exc.value.reason == "too_large"
+    moved = validate_manifest({**doc, "assignments": {"dev-1": {"first": 1, "last": 3}}})
+    signed = sign_manifest(moved, key)
+    pub = {signed.key_id: key.public_key()}
+    assert parse_signed(signed.payload(), pub).assignments["dev-1"].last == 3
+    forged = signed.payload().replace(b'"last":3', b'"last":4')
+    assert forged != signed.payload()
+    with pytest.raises(UpdateRejected) as exc:  # the assignment is covered by the signature
+        parse_signed(forged, pub)
+    assert exc.value.reason == "bad_signature"
+    assert b"assignments" in canonical_json(moved.model_dump(mode="json"))
+
+
+@pytest.mark.mqtt
+@pytest.mark.slow
+def test_shaped_uplink_moves_the_cut_toward_the_device_and_back(
+        tmp_path: Path, mosquitto: Mosquitto, model: Any) -> None:
+    root, full, rec = model
+    net = network(rec)
+    probe = Replanner(net, [rec], "digits", margin=0.2, sustain=1)
+    assert probe.current.slices[0].last == 1  # precondition of the fixture: offload
+    on_slow = probe.observe({0: LinkFigures(_mbps(SLOW), 2.0)})
+    assert on_slow.switched and on_slow.plan.slices[0].last > 1
+    assert probe.observe({0: LinkFigures(_mbps(FAST), 2.0)}).switched
+
+    # The device is provisioned with block 1 of v1 (the configured partition).
+    dev_model = tmp_path / "dev-model"
+    shutil.copytree(root / "full", dev_model)
+    full.slice(1, 1).dump(dev_model / "manifest.json")
+    key = Ed25519PrivateKey.generate()
+    pub = write_public_key(key, tmp_path / "operator.pub")
+    write_inputs(tmp_path / "inputs.npz", 200)
+    cfg = agent_config(
+        tmp_path, mosquitto.port, dev_model / "manifest.json",
+        source={"kind": "npz", "path": tmp_path / "inputs.npz", "rate_hz": 200, "loop": True},
+        uplink={"boundaries": [0], "codec": "raw", "allow_raw_upload": True},
+        split={"enabled": True},
+        update={"enabled": True, "public_keys": [pub], "request_interval_s": 0.5,
+                "first_request_after_s": 0.3, "download_timeout_s": 20,
+                "min_canary_inputs": 4},
+        **{"update.health": {"watch_s": 0}})
+
+    base, files = make_update(FLEET, "digits", 1, {"": (full, root / "full")},
+                              chunk_size=CHUNK)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="knet-adapt-test",
+                         protocol=mqtt.MQTTv5)
+    adapter = CutAdapter(base, {"dev-1": Replanner(net, [rec], "digits", margin=0.2,
+                                                   sustain=3)},
+                         sign=lambda m: sign_manifest(m, key),
+                         publish=lambda s: publisher.publish_update(s, files, timeout=20))
+    connected = threading.Event()
+    client.on_connect = lambda c, *_: (adapter.attach(c, T), connected.set())
+    publisher = BlobPublisher(client, T, tmp_path / "blobs", push_delay=0.1)
+    client.connect(mosquitto.host, mosquitto.port)
+    client.loop_start()
+    teacher = get_pair("digits", seed=0).teacher
+    try:
+        assert connected.wait(10)
+        publisher.start()
+        adapter.start()
+        with SplitServer(teacher, "digits", T, mosquitto.host, mosquitto.port) as server, \
+                running_agent(cfg) as agent:
+            assert server.connected.wait(5)
+            session = agent.link.session
+            assert wait_until(lambda: agent.split_stats["replies"] >= 50, 30)
+            assert agent.slot.current.manifest.last == 1 and not adapter.decisions
+
+            agent.link.shape(SLOW)  # the uplink slows down
+            assert wait_until(lambda: agent.slot.current.manifest.last > 1, 90), \
+                (adapter.stats, agent.stats()["network"], list(agent.updater.reports)[-3:])
+            device, moved = adapter.decisions[-1]
+            last = agent.slot.current.manifest.last
+            assert device == "dev-1" and moved.plan.slices[0].last == last
+            assert moved.best_value < moved.current_value * 0.8  # beyond the margin
+            net_slow = agent.stats()["network"]
+            assert net_slow["uplink_bytes_per_s"] < 4 * SLOW
+            applied = [r for r in agent.updater.reports if r.status == "applied"]
+            assert applied and applied[-1].version == 1
+            replies = agent.split_stats["replies"]
+            # still serving on the new cut: blocks 1..last here, the rest in the cloud
+            if last < 4:
+                assert wait_until(lambda: agent.split_stats["replies"] > replies + 20, 30)
+            else:
+                count = agent._infer_counts()[0]
+                assert wait_until(lambda: agent._infer_counts()[0] > count + 50, 30)
+            store, cache = update_paths(Path(agent.config.device.state_dir))
+            state = store.load()
+            assert state.current is not None and state.current.assigned
+            assert state.current.partition.last == last
+            # a restart would start on the assigned slice, not the configured one
+            boot: BootChoice = boot_runner(PartitionManifest.load(dev_model / "manifest.json"),
+                                           dev_model, agent.profile, store, cache, "dev-1")
+            assert boot.runner.manifest.last == last and boot.note is None
+
+            agent.link.shape(0)  # ... and recovers
+            assert wait_until(lambda: agent.slot.current.manifest.last == 1, 90), \
+                (adapter.stats, agent.stats()["network"], list(agent.updater.reports)[-3:])
+            assert adapter.decisions[-1][1].plan.slices[0].last == 1
+            replies = agent.split_stats["replies"]
+            assert wait_until(lambda: agent.split_stats["replies"] > replies + 20, 30)
+            assert agent.link.session == session  # the same agent process throughout
+        assert adapter.stats["switches"] == 2 and adapter.stats["published"] >= 2
+        assert adapter.stats["bad_stats"] == 0
+    finally:
+        adapter.stop()
+        publisher.close()
+        client.disconnect()
+        client.loop_stop()
