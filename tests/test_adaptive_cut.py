@@ -197,3 +197,42 @@ def test_shaped_uplink_moves_the_cut_toward_the_device_and_back(
         publisher.close()
         client.disconnect()
         client.loop_stop()
+
+
+def _busy_stats(bytes_per_s: float) -> dict[str, Any]:
+    return {"network": {"rtt_ms": 2.0, "uplink_bytes_per_s": bytes_per_s,
+                        "acked_in_window": 100}}
+
+
+def test_adapter_reissues_the_newest_manifest_and_waits_for_a_rollout(model: Any) -> None:
+    from agent.update_manifest import Targets
+    from cloud_trainer.plan.adaptive import NotTargeted
+
+    root, full, rec = model
+    key = Ed25519PrivateKey.generate()
+    canary, _ = make_update(FLEET, "digits", 1, {"": (full, root / "full")},
+                            Targets(devices=["dev-2"]), chunk_size=CHUNK)
+    current = {"m": canary}
+    sent: list[Any] = []
+    adapter = CutAdapter(lambda: current["m"],
+                         {"dev-1": Replanner(network(rec), [rec], "digits", sustain=2)},
+                         sign=lambda m: sign_manifest(m, key), publish=sent.append)
+    assert adapter.observe("dev-9", _busy_stats(SLOW)) is None  # no re-planner: ignored
+    assert not adapter.observe("dev-1", _busy_stats(SLOW)).switched  # one reading
+    assert adapter.observe("dev-1", _busy_stats(SLOW)).switched
+    with pytest.raises(NotTargeted):  # v1 is still at its canary: dev-1 must wait
+        adapter.manifest()
+    full2 = full.model_copy(update={"model_version": 2})
+    shutil.copytree(root / "full", root / "full2", dirs_exist_ok=True)
+    full2.dump(root / "full2" / "manifest.json")
+    current["m"], _ = make_update(FLEET, "digits", 2, {"": (full2, root / "full2")},
+                                  chunk_size=CHUNK)
+    adapter.start()
+    try:
+        assert wait_until(lambda: bool(sent), 10)
+    finally:
+        adapter.stop()
+    m = sent[-1].manifest
+    assert m.version == 2 and m.assignments["dev-1"].first == 1
+    assert m.assignments["dev-1"].last > 1
+    assert parse_signed(sent[-1].payload(), {sent[-1].key_id: key.public_key()}) == m

@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 MAX_STATS_BYTES = 256 * 1024  # a stats message is a few kB; anything far bigger is hostile
 
 
+class NotTargeted(Exception):
+    """The deployed manifest does not reach a device whose cut moved."""
+
+
 def device_slice(plan: Plan, node: int = 0) -> SliceAssignment:
     """The device node's blocks in ``plan`` (the planner keeps >= 1 block on the device
     when ``constraints.min_device_blocks`` >= 1)."""
@@ -51,17 +55,21 @@ class CutAdapter:
     with the operator key); ``publish`` sends it (``BlobPublisher.publish_update``).
     """
 
-    def __init__(self, base: UpdateManifest, replanners: Mapping[str, Replanner],
+    def __init__(self, base: UpdateManifest | Callable[[], UpdateManifest],
+                 replanners: Mapping[str, Replanner],
                  sign: Callable[[UpdateManifest], SignedManifest],
                  publish: Callable[[SignedManifest], Any], *, link: int = 0,
-                 device_node: int = 0) -> None:
+                 device_node: int = 0, profiles: Mapping[str, str] | None = None) -> None:
+        # ``base``: the deployed manifest, or a callable returning the newest one (a
+        # retrained version is then re-issued with the assignments, never an older one)
         self.base = base
         self.replanners = dict(replanners)
         self.sign, self.publish = sign, publish
         self.link, self.device_node = link, device_node
-        self.assignments: dict[str, SliceAssignment] = dict(base.assignments)
+        self.profiles = dict(profiles or {})  # device -> firmware profile, for targets
+        self.assignments: dict[str, SliceAssignment] = {}
         self.stats = {"observed": 0, "bad_stats": 0, "switches": 0, "published": 0,
-                      "publish_failed": 0}
+                      "publish_failed": 0, "deferred": 0}
         self.decisions: list[tuple[str, Decision]] = []  # the switches, oldest first
         self._lock = threading.Lock()
         self._dirty = threading.Event()
@@ -126,11 +134,21 @@ class CutAdapter:
 
     # -- output
     def manifest(self) -> UpdateManifest:
-        """``base`` with the current assignments (validated again: a slice must fit)."""
+        """``base`` with the current assignments (validated again: a slice must fit).
+
+        NotTargeted when ``base`` does not target a moved device (a staged rollout still
+        at its canaries): re-issuing it must neither widen the rollout nor carry a slice
+        the device would never act on, so the push waits."""
+        base = self.base() if callable(self.base) else self.base
         with self._lock:
-            assignments = {d: a.model_dump() for d, a in sorted(self.assignments.items())}
-        doc = self.base.model_dump(mode="json")
-        doc.update(assignments=assignments, created_at=datetime.now(UTC).isoformat())
+            mine = dict(self.assignments)
+        for device in mine:
+            if not base.targets_device(device, self.profiles.get(device, "")):
+                raise NotTargeted(f"v{base.version} does not target {device}")
+        assignments = {**base.assignments, **mine}
+        doc = base.model_dump(mode="json")
+        doc.update(assignments={d: a.model_dump() for d, a in sorted(assignments.items())},
+                   created_at=datetime.now(UTC).isoformat())
         return UpdateManifest.model_validate(doc)
 
     def _loop(self) -> None:
@@ -144,6 +162,11 @@ class CutAdapter:
             try:
                 self.publish(self.sign(self.manifest()))
                 self.stats["published"] += 1
+            except NotTargeted as exc:
+                self.stats["deferred"] += 1
+                log.info("re-cut manifest deferred: %s", exc)
+                self._stop.wait(5.0)
+                self._dirty.set()
             except Exception:  # a broker outage: tried again with the next switch or stats
                 self.stats["publish_failed"] += 1
                 log.exception("publishing the re-cut manifest failed; retrying")
