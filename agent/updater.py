@@ -8,7 +8,8 @@ with the running version untouched and the reason reported:
 1. signature (``parse_signed`` against ``[update].public_keys``), fleet, schema, limits;
 2. targets this device/profile; same model; version newer than the running one (older
    only for a signed ``rollback``); not installed or refused before (a replay);
-3. only the blocks of this device's slice that the cache lacks are fetched
+3. only the blocks of this device's slice (its signed ``assignments`` entry if the
+   manifest has one: a moved cut, same weights) that the cache lacks are fetched
    (``BlobFetcher``: verified chunks, resumable across disconnects and restarts);
 4. a new ``BlockRunner`` is built beside the running one and self-tested
    (``agent.selftest``) on the device's recent inputs;
