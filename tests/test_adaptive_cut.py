@@ -236,3 +236,31 @@ def test_adapter_reissues_the_newest_manifest_and_waits_for_a_rollout(model: Any
     assert m.version == 2 and m.assignments["dev-1"].first == 1
     assert m.assignments["dev-1"].last > 1
     assert parse_signed(sent[-1].payload(), {sent[-1].key_id: key.public_key()}) == m
+
+
+def test_hostile_stats_are_counted_and_change_nothing(model: Any) -> None:
+    _root, full, rec = model
+    base, _ = make_update(FLEET, "digits", 1, {"": (full, model[0] / "full")},
+                          chunk_size=CHUNK)
+    adapter = CutAdapter(base, {"dev-1": Replanner(network(rec), [rec], "digits",
+                                                   sustain=1)},
+                         sign=lambda m: pytest.fail("nothing to sign"), publish=print)
+    adapter.topics = T
+
+    def deliver(topic: str, payload: bytes) -> None:
+        msg = mqtt.MQTTMessage(topic=topic.encode())
+        msg.payload = payload
+        adapter._on_stats(None, None, msg)
+
+    bad = [b"\xff\xfe", b"[1, 2]", b"{" * 10, b" " * (300 * 1024),
+           b'{"network": [1]}', b'{"network": {"acked_in_window": "many"}}',
+           b'{"network": {"acked_in_window": 50, "uplink_bytes_per_s": "fast"}}']
+    for payload in bad:
+        deliver(T.stats("dev-1"), payload)
+    deliver("not/a/knet/topic", b"{}")
+    assert adapter.stats["bad_stats"] == len(bad) + 1
+    # NaN, negative and absurd figures are dropped: the configured (fast) link stays
+    for net in ('{"rtt_ms": NaN, "uplink_bytes_per_s": -5, "acked_in_window": 50}',
+                '{"rtt_ms": 1e300, "uplink_bytes_per_s": Infinity, "acked_in_window": 50}'):
+        deliver(T.stats("dev-1"), f'{{"network": {net}}}'.encode())
+    assert adapter.stats["observed"] == 2 and adapter.stats["switches"] == 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -27,12 +28,21 @@ import paho.mqtt.client as mqtt
 
 from agent.topics import TopicError, Topics
 from agent.update_manifest import SignedManifest, SliceAssignment, UpdateManifest
-from cloud_trainer.plan.adapt import Decision, Replanner, figures_from_stats
+from cloud_trainer.plan.adapt import Decision, LinkFigures, Replanner, figures_from_stats
 from cloud_trainer.plan.solver import Plan
 
 log = logging.getLogger(__name__)
 
 MAX_STATS_BYTES = 256 * 1024  # a stats message is a few kB; anything far bigger is hostile
+
+
+def sane(f: LinkFigures) -> LinkFigures:
+    """Figures a solver can use: a finite positive rate, a finite non-negative round trip
+    (anything else, e.g. a hostile NaN or a string, is dropped: the configured figure)."""
+    bw, rtt = f.bandwidth_mbps, f.rtt_ms
+    ok_bw = isinstance(bw, int | float) and math.isfinite(bw) and bw > 0
+    ok_rtt = isinstance(rtt, int | float) and math.isfinite(rtt) and 0 <= rtt <= 600_000
+    return LinkFigures(bandwidth_mbps=bw if ok_bw else None, rtt_ms=rtt if ok_rtt else None)
 
 
 class NotTargeted(Exception):
@@ -108,16 +118,22 @@ class CutAdapter:
             if not isinstance(stats, dict):
                 raise ValueError("stats is not a JSON object")
             self.observe(device, stats)
-        except (ValueError, UnicodeDecodeError, TopicError) as exc:
+        except (ValueError, TypeError, AttributeError, UnicodeDecodeError, TopicError) as exc:
             self.stats["bad_stats"] += 1
             log.warning("stats on %s ignored: %s", msg.topic, str(exc)[:200])
+        except Exception:  # never kill paho's thread
+            self.stats["bad_stats"] += 1
+            log.exception("re-planning on the stats on %s failed", msg.topic)
 
     def observe(self, device: str, stats: Mapping[str, Any]) -> Decision | None:
         """One stats message of ``device``; None for a device with no re-planner."""
         r = self.replanners.get(device)
         if r is None:
             return None
-        figures = figures_from_stats(stats)
+        net = stats.get("network")
+        if net is not None and not isinstance(net, dict):
+            raise ValueError("stats.network is not an object")
+        figures = sane(figures_from_stats(stats))
         with self._lock:
             self.stats["observed"] += 1
             d = r.observe({self.link: figures})
