@@ -170,6 +170,7 @@ class TrainerService:
         self.scheduler: Any = None
         self.ingestor: Any = None
         self.split: Any = None
+        self.adapter: Any = None  # cloud_trainer/plan/adaptive.py, with [adapt]
         self.client: mqtt.Client | None = None
         self.connected = threading.Event()
         self.stats: dict[str, int] = {"reports": 0, "bad_reports": 0, "fleet_bad": 0}
@@ -204,6 +205,8 @@ class TrainerService:
                     self._start_ingest()
                 if cfg.split.enabled:
                     self._start_split()
+                if cfg.adapt.enabled:
+                    self._start_adapt()
                 _ACTIVE = self
                 self._start_scheduler()
         except BaseException:
@@ -217,6 +220,8 @@ class TrainerService:
         """Stop scheduling, let a running job finish (bounded), say offline, disconnect."""
         global _ACTIVE
         self.stopping.set()
+        if self.adapter is not None:
+            self.adapter.stop()
         if self.scheduler is not None:
             with contextlib.suppress(Exception):
                 self.scheduler.shutdown(wait=False)
@@ -288,6 +293,8 @@ class TrainerService:
             return
         client.subscribe([(self.topics.all_devices(leaf), 1)
                           for leaf in ("state", "birth", "update")])
+        if self.adapter is not None:
+            self.adapter.attach(client, self.topics)
         self.connected.set()
         if not self.oneshot:
             self.publish_state()
@@ -374,6 +381,13 @@ class TrainerService:
                           client_id=f"knet-split-{cfg.trainer.id}")
         apply_tls(srv._client, cfg)  # the server owns its client; TLS is set before connect
         self.split = srv.__enter__()
+
+    def _start_adapt(self) -> None:
+        from cloud_trainer.plan.adaptive import for_service
+
+        self.adapter = for_service(self).start()
+        if self.client is not None and self.client.is_connected():
+            self.adapter.attach(self.client, self.topics)
 
     # --- scheduler
     def _start_scheduler(self) -> None:

@@ -270,6 +270,33 @@ class SplitSection(BaseModel):
     workers: int = Field(2, ge=1, le=64)
 
 
+class AdaptSection(BaseModel):
+    """Moving devices' cuts from their live link figures (``cloud_trainer/plan/adaptive.py``)."""
+
+    model_config = _STRICT
+
+    enabled: bool = False
+    model: str | None = Field(None, description="which [models.*] (default: first)")
+    network: Path | None = Field(None, description="network.toml: the device node first, "
+                                                   "the cloud last, bench = record files")
+    devices: list[str] = Field(default_factory=list, description="devices whose cut moves")
+    margin: float = Field(0.2, ge=0, lt=1)
+    sustain: int = Field(3, ge=1)
+
+    _paths = field_validator("network")(_resolve)
+
+    @field_validator("devices")
+    @classmethod
+    def _ids(cls, v: list[str]) -> list[str]:
+        return [validate_id(d) for d in v]
+
+    @model_validator(mode="after")
+    def _complete(self) -> AdaptSection:
+        if self.enabled and (self.network is None or not self.devices):
+            raise ValueError("adapt.enabled needs adapt.network and adapt.devices")
+        return self
+
+
 class TrainerConfig(BaseModel):
     model_config = _STRICT
 
@@ -281,6 +308,7 @@ class TrainerConfig(BaseModel):
     jobs: list[JobSection] = Field(default_factory=list)
     rollout: RolloutSection = RolloutSection()
     split: SplitSection = SplitSection()
+    adapt: AdaptSection = AdaptSection()
 
     @field_validator("models")
     @classmethod
@@ -304,6 +332,8 @@ class TrainerConfig(BaseModel):
                                  f"({', '.join(self.models)})")
         if self.split.model is not None and self.split.model not in self.models:
             raise ValueError(f"split.model {self.split.model!r} is not in [models]")
+        if self.adapt.model is not None and self.adapt.model not in self.models:
+            raise ValueError(f"adapt.model {self.adapt.model!r} is not in [models]")
         return self
 
     @property

@@ -165,8 +165,11 @@ def test_shaped_uplink_moves_the_cut_toward_the_device_and_back(
             assert moved.best_value < moved.current_value * 0.8  # beyond the margin
             net_slow = agent.stats()["network"]
             assert net_slow["uplink_bytes_per_s"] < 4 * SLOW
-            applied = [r for r in agent.updater.reports if r.status == "applied"]
-            assert applied and applied[-1].version == 1
+            def applied() -> list[Any]:
+                return [r for r in agent.updater.reports if r.status == "applied"]
+
+            assert wait_until(lambda: bool(applied()), 10)  # reported just after the swap
+            assert applied()[-1].version == 1 and applied()[-1].from_version == 1
             replies = agent.split_stats["replies"]
             # still serving on the new cut: blocks 1..last here, the rest in the cloud
             if last < 4:
@@ -264,3 +267,76 @@ def test_hostile_stats_are_counted_and_change_nothing(model: Any) -> None:
                 '{"rtt_ms": 1e300, "uplink_bytes_per_s": Infinity, "acked_in_window": 50}'):
         deliver(T.stats("dev-1"), f'{{"network": {net}}}'.encode())
     assert adapter.stats["observed"] == 2 and adapter.stats["switches"] == 0
+
+
+@pytest.mark.mqtt
+@pytest.mark.slow
+def test_the_trainer_daemon_moves_a_live_agents_cut_with_adapt_enabled(
+        tmp_path: Path, mosquitto: Mosquitto, model: Any) -> None:
+    from trainer_helpers import register_deployed, trainer_toml
+
+    from cloud_trainer.export import target_for_ort
+    from cloud_trainer.retrain import ExportCache
+    from cloud_trainer.service import TrainerService
+    from cloud_trainer.trainer_config import load_trainer_config
+
+    _root, _full, rec = model
+    student = get_pair("digits", seed=0).student
+    state = tmp_path / "state"
+    register_deployed(state, student)  # v1, what the device runs
+    ort = load_profile("x86-dev").onnxruntime
+    part, src = ExportCache(state / "exports").partition(student, "digits", 1,
+                                                         target_for_ort(ort), ort)
+    shutil.copytree(src, tmp_path / "model")
+    part.slice(1, 1).dump(tmp_path / "model" / "manifest.json")  # provisioned: block 1
+    rec.dump(tmp_path / "rec.json")
+    scale = ALL_ON_DEVICE_S / sum(b.median_s for b in rec.blocks)
+    (tmp_path / "network.toml").write_text(
+        'mqtt_overhead_bytes = 200\n'
+        f'[[nodes]]\nname = "cam"\nprofile = "rpi4"\nbench = "rec.json"\ntime_scale = {scale}\n'
+        '[[nodes]]\nname = "cloud"\nprofile = "x86-dev"\nbench = "rec.json"\n'
+        '[[links]]\nfrom = "cam"\nto = "cloud"\nbandwidth_mbps = 1000\nrtt_ms = 1\n'
+        '[constraints]\nmin_device_blocks = 1\ncodecs = ["raw"]\n')
+    config = load_trainer_config(trainer_toml(
+        tmp_path, mosquitto.port, ingest={"enabled": False}, split={"enabled": True},
+        adapt={"enabled": True, "network": tmp_path / "network.toml", "devices": ["cam-1"],
+               "sustain": 3}))
+    write_inputs(tmp_path / "inputs.npz", 200)
+    cfg = agent_config(
+        tmp_path, mosquitto.port, tmp_path / "model" / "manifest.json", device="cam-1",
+        source={"kind": "npz", "path": tmp_path / "inputs.npz", "rate_hz": 200, "loop": True},
+        uplink={"boundaries": [0], "codec": "raw", "allow_raw_upload": True},
+        split={"enabled": True},
+        update={"enabled": True, "public_keys": [tmp_path / "keys" / "knet-update.pub"],
+                "request_interval_s": 0.5, "first_request_after_s": 0.3,
+                "download_timeout_s": 20, "min_canary_inputs": 4},
+        **{"update.health": {"watch_s": 0}})
+    with TrainerService(config) as svc, running_agent(cfg) as agent:
+        session = agent.link.session
+        assert wait_until(lambda: agent.split_stats["replies"] >= 50, 30)
+        agent.link.shape(SLOW)
+        assert wait_until(lambda: agent.slot.current.manifest.last > 1, 90), \
+            (svc.adapter.stats, agent.stats()["network"], list(agent.updater.reports)[-3:])
+        count = agent._infer_counts()[0]
+        assert wait_until(lambda: agent._infer_counts()[0] > count + 50, 30)  # serving
+        agent.link.shape(0)
+        assert wait_until(lambda: agent.slot.current.manifest.last == 1, 90), \
+            (svc.adapter.stats, agent.stats()["network"], list(agent.updater.reports)[-3:])
+        replies = agent.split_stats["replies"]
+        assert wait_until(lambda: agent.split_stats["replies"] > replies + 20, 30)
+        assert agent.link.session == session
+        assert svc.adapter.stats["switches"] == 2 and svc.adapter.stats["bad_stats"] == 0
+        assert svc.split.stats["errors"] == 0
+
+
+def test_adapt_section_is_validated() -> None:
+    from pydantic import ValidationError
+
+    from cloud_trainer.trainer_config import AdaptSection
+
+    assert not AdaptSection().enabled
+    for bad, field in (({"enabled": True, "devices": ["cam-1"]}, "adapt.network"),
+                       ({"devices": ["Cam 1"]}, "devices"), ({"margin": 1.0}, "margin"),
+                       ({"sustain": 0}, "sustain"), ({"every": 1}, "every")):
+        with pytest.raises(ValidationError, match=field):
+            AdaptSection.model_validate(bad)

@@ -22,6 +22,7 @@ import math
 import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -46,7 +47,8 @@ def sane(f: LinkFigures) -> LinkFigures:
 
 
 class NotTargeted(Exception):
-    """The deployed manifest does not reach a device whose cut moved."""
+    """The push must wait: the deployed manifest does not reach a device whose cut moved
+    (or, in the daemon, there is nothing deployed yet or a retraining run is going)."""
 
 
 def device_slice(plan: Plan, node: int = 0) -> SliceAssignment:
@@ -188,3 +190,56 @@ class CutAdapter:
                 log.exception("publishing the re-cut manifest failed; retrying")
                 self._stop.wait(2.0)
                 self._dirty.set()
+
+
+def replanners_for(network: Path, devices: list[str], model_id: str, *, margin: float,
+                   sustain: int) -> dict[str, Replanner]:
+    """One ``Replanner`` per device on ``network.toml`` (its nodes' ``bench`` records)."""
+    from agent.blockbench import BenchRecord
+    from cloud_trainer.plan.network import load_network
+
+    net = load_network(network)
+    records = [BenchRecord.load(n.bench) for n in net.nodes if n.bench is not None]
+    return {d: Replanner(net, records, model_id, margin=margin, sustain=sustain)
+            for d in devices}
+
+
+def for_service(svc: Any) -> CutAdapter:
+    """The trainer daemon's adapter (``[adapt]``): the base is the model's current signed
+    manifest (``current.json``), or before the first retraining the deployed version as
+    exported for the model's profiles. A push waits while a retraining run holds the run
+    lock, so a re-cut of the old version never replaces the new version's retained
+    manifest."""
+    from cloud_trainer.keys import sign_manifest
+    from cloud_trainer.publisher import make_update
+
+    cfg = svc.config
+    a = cfg.adapt
+    model_id = a.model or next(iter(cfg.models))
+    files: dict[str, Path] = {}
+
+    def base() -> UpdateManifest:
+        path = svc.retrainer.current_manifest_path(model_id)
+        if path.is_file():
+            return SignedManifest.model_validate_json(path.read_bytes()).manifest
+        rt = svc.models[model_id]
+        v = svc.registry.deployed(model_id)
+        if v is None:
+            raise NotTargeted(f"{model_id} has no deployed version")
+        variants = svc.retrainer._export_step(rt, rt.student(svc.registry, v), v.version)
+        manifest, found = make_update(cfg.trainer.fleet, model_id, v.version, variants)
+        files.update(found)
+        return manifest
+
+    def publish(signed: SignedManifest) -> None:
+        if not svc._run_lock.acquire(blocking=False):
+            raise NotTargeted("a retraining run is in progress")
+        try:
+            shas = {b.sha256 for v in signed.manifest.variants for b in v.partition.blocks}
+            svc.publisher.publish_update(signed, files or None, held=sorted(shas))
+        finally:
+            svc._run_lock.release()
+
+    return CutAdapter(base, replanners_for(a.network, a.devices, model_id, margin=a.margin,
+                                           sustain=a.sustain),
+                      sign=lambda m: sign_manifest(m, svc.key), publish=publish)
