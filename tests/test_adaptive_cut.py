@@ -340,3 +340,55 @@ def test_adapt_section_is_validated() -> None:
                        ({"sustain": 0}, "sustain"), ({"every": 1}, "every")):
         with pytest.raises(ValidationError, match=field):
             AdaptSection.model_validate(bad)
+
+
+@pytest.mark.mqtt
+@pytest.mark.slow
+def test_an_assignment_cannot_move_the_first_block_or_swap_weights_under_one_version(
+        tmp_path: Path, mosquitto: Mosquitto, model: Any) -> None:
+    from update_helpers import export_version, perturb
+
+    root, full, _rec = model
+    dev_model = tmp_path / "dev-model"
+    shutil.copytree(root / "full", dev_model)
+    full.slice(1, 2).dump(dev_model / "manifest.json")
+    other = export_version(tmp_path / "other", 1, perturb((1,)))  # block 1 changed, still v1
+    key = Ed25519PrivateKey.generate()
+    pub = write_public_key(key, tmp_path / "operator.pub")
+    write_inputs(tmp_path / "inputs.npz", 100)
+    cfg = agent_config(
+        tmp_path, mosquitto.port, dev_model / "manifest.json",
+        source={"kind": "npz", "path": tmp_path / "inputs.npz", "rate_hz": 100, "loop": True},
+        uplink={"enabled": False},
+        update={"enabled": True, "public_keys": [pub], "request_interval_s": 0.5,
+                "first_request_after_s": 0.3, "download_timeout_s": 20,
+                "min_canary_inputs": 4},
+        **{"update.health": {"watch_s": 0}})
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="knet-assign-test",
+                         protocol=mqtt.MQTTv5)
+    publisher = BlobPublisher(client, T, tmp_path / "blobs", push_delay=0.1)
+    client.connect(mosquitto.host, mosquitto.port)
+    client.loop_start()
+    try:
+        publisher.start()
+        with running_agent(cfg) as agent:
+            def rejected() -> list[Any]:
+                return [r for r in agent.updater.reports if r.status == "rejected"]
+
+            for part, directory, assign, reason in (
+                    (full, root / "full", {"first": 2, "last": 4}, "incompatible"),
+                    (other, tmp_path / "other", {"first": 1, "last": 3}, "replayed")):
+                base, files = make_update(FLEET, "digits", 1, {"": (part, directory)},
+                                          chunk_size=CHUNK)
+                moved = validate_manifest({**base.model_dump(mode="json"),
+                                           "assignments": {"dev-1": assign}})
+                seen = len(rejected())
+                publisher.publish_update(sign_manifest(moved, key), files, timeout=20)
+                assert wait_until(lambda n=seen: len(rejected()) > n, 20)
+                assert rejected()[-1].reason == reason, rejected()[-1]
+                m = agent.slot.current.manifest
+                assert (m.first, m.last) == (1, 2)  # still the configured slice
+    finally:
+        publisher.close()
+        client.disconnect()
+        client.loop_stop()
