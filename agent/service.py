@@ -29,7 +29,14 @@ from agent.active import BootChoice, boot_runner, update_paths
 from agent.canary import CanaryRecorder
 from agent.chain import chain_stage
 from agent.codec import encode
-from agent.config import AgentConfig, MqttSource, UpstreamSource, load_config
+from agent.config import (
+    AgentConfig,
+    ImagesSource,
+    MqttSource,
+    NpzSource,
+    UpstreamSource,
+    load_config,
+)
 from agent.envelope import Envelope
 from agent.link import Link, LinkSettings, LinkTls, PublishOutcome
 from agent.manifest import PartitionManifest
@@ -77,6 +84,15 @@ def link_settings(cfg: AgentConfig) -> LinkSettings:
                         reconnect_max_delay=m.reconnect_max_delay, max_inflight=m.max_inflight,
                         max_uplink_bytes_per_s=m.max_uplink_bytes_per_s,
                         manual_ack=isinstance(cfg.source, UpstreamSource))  # agent/chain.py
+
+
+def inline_source(cfg: AgentConfig) -> bool:
+    """A local replay is read on the inference thread (one hand-off less per input) when
+    its pace keeps that thread beating well within the watchdog's stall limit."""
+    src = cfg.source
+    if not isinstance(src, NpzSource | ImagesSource):
+        return False
+    return src.rate_hz == 0 or 1 / src.rate_hz < cfg.watchdog.max_stall_s / 2
 
 
 def make_policy(cfg: AgentConfig) -> UplinkPolicy:
@@ -132,7 +148,8 @@ class Agent:
         self._pipeline = Pipeline(self.source, [Stage("infer", self._infer, q), *relay,
                                                 Stage("encode", self._encode_batch, q,
                                                       batch=q),
-                                                Stage("publish", self._publish, q, batch=q)])
+                                                Stage("publish", self._publish, q, batch=q)],
+                                  inline_source=inline_source(config))
         self.updater: Updater | None = None
         self._boot_note = boot.note if boot is not None else None
         if upd.enabled:

@@ -97,3 +97,22 @@ def test_a_failing_batch_is_retried_item_by_item() -> None:
     assert p.join(10)
     assert [v for got in out for v in got] == [0, 10, 20, 40, 50, 60, 70]
     assert stages[0].errors == 1 and stages[0].processed == 7
+
+
+def test_an_inline_source_runs_on_the_first_stage_thread_in_order() -> None:
+    out: list[int] = []
+    threads: set[str] = set()
+
+    def double(x: int) -> int:
+        threads.add(threading.current_thread().name)
+        if x == 7:
+            raise ValueError("bad input")
+        return x * 2
+
+    stages = [Stage("double", double), Stage("sink", out.append)]
+    p = Pipeline(range(300), stages, inline_source=True).start()
+    assert p.join(10)
+    assert out == [2 * i for i in range(300) if i != 7]
+    assert threads == {"knet-source"}  # no separate inference thread, no hand-off
+    assert p.finished() and p.source_items == 300
+    assert [s.processed for s in stages] == [299, 299] and stages[0].errors == 1
