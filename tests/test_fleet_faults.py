@@ -302,7 +302,8 @@ def test_drift_and_recover_with_broker_killed_during_rollout(tmp_path: Path) -> 
             assert p.evaluations[-1]["accuracy"] >= teacher - 0.02
             assert_contiguous(lab, d)
             cam = lab.cameras[d]
-            assert stats(lab, d)["frames"] == len(cam.sent)
+            # no frame lost; a QoS 1 frame in flight when the broker died may arrive twice
+            assert stats(lab, d)["frames"] >= len(cam.sent)
         assert seen <= stored_keys
         codes = lab.close()
     assert all(codes[d] == 0 for d in ("cam-0", "cam-1", "trainer"))
