@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from agent.fsutil import atomic_write
+from agent.fsutil import atomic_write, fsync_dir
 from agent.manifest import BlockEntry
 from agent.topics import Topics
 from agent.update_manifest import MAX_BLOCK_SIZE, ChunkInfo, Variant
@@ -80,14 +80,6 @@ def _check_sha(sha: str) -> str:
     if not _SHA.fullmatch(sha):  # it becomes a path component
         raise ValueError(f"{sha[:70]!r} is not a sha256 hex digest")
     return sha
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class BlobCache:
@@ -212,7 +204,7 @@ class BlobCache:
                                                  f"{whole.hexdigest()[:12]}")
             target = self.path(sha)
             os.replace(tmp, target)
-            _fsync_dir(self.blob_dir)
+            fsync_dir(self.blob_dir)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from agent.configfile import ConfigError, load_model
+from agent.configfile import ConfigError, load_model, resolve_path
 from agent.topics import Topics, validate_id
 
 if TYPE_CHECKING:
@@ -36,15 +36,10 @@ log = logging.getLogger(__name__)
 _STRICT = ConfigDict(extra="forbid")
 
 
-def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
-    base = (info.context or {}).get("base_dir")
-    if value is None or value.is_absolute() or base is None:
-        return value
-    return (Path(base) / value).resolve()
 
 
 def _resolve_list(value: list[Path], info: ValidationInfo) -> list[Path]:
-    return [p for p in (_resolve(v, info) for v in value) if p is not None]
+    return [p for p in (resolve_path(v, info) for v in value) if p is not None]
 
 
 class DeviceSection(BaseModel):
@@ -67,7 +62,7 @@ class DeviceSection(BaseModel):
         Topics("default", v)  # raises TopicError (a ValueError) with the reason
         return v
 
-    _paths = field_validator("state_dir", "cache_dir")(_resolve)
+    _paths = field_validator("state_dir", "cache_dir")(resolve_path)
 
 
 class ModelSection(BaseModel):
@@ -76,7 +71,7 @@ class ModelSection(BaseModel):
     manifest: Path
     profile: str = Field("x86-dev", description="a profile name, or a path to a profile TOML")
 
-    _paths = field_validator("manifest")(_resolve)
+    _paths = field_validator("manifest")(resolve_path)
 
 
 class TlsSection(BaseModel):
@@ -86,7 +81,7 @@ class TlsSection(BaseModel):
     cert_file: Path | None = None
     key_file: Path | None = None
 
-    _paths = field_validator("ca_file", "cert_file", "key_file")(_resolve)
+    _paths = field_validator("ca_file", "cert_file", "key_file")(resolve_path)
 
     @model_validator(mode="after")
     def _pair(self) -> TlsSection:
@@ -113,7 +108,7 @@ class MqttSection(BaseModel):
     max_uplink_bytes_per_s: float = Field(0.0, ge=0, description="shape spooled traffic "
                                           "(0: unshaped); see agent/link.py")
 
-    _paths = field_validator("password_file")(_resolve)
+    _paths = field_validator("password_file")(resolve_path)
 
     @model_validator(mode="after")
     def _one_secret_source(self) -> MqttSection:
@@ -163,7 +158,7 @@ class NpzSource(BaseModel):
     rate_hz: float = Field(0.0, ge=0, description="0 = as fast as possible")
     loop: bool = False
 
-    _paths = field_validator("path")(_resolve)
+    _paths = field_validator("path")(resolve_path)
 
 
 class ImagesSource(BaseModel):
@@ -176,7 +171,7 @@ class ImagesSource(BaseModel):
     loop: bool = False
     resize: bool = Field(True, description="resize to the input HxW; false = skip other sizes")
 
-    _paths = field_validator("directory")(_resolve)
+    _paths = field_validator("directory")(resolve_path)
 
 
 class MqttSource(BaseModel):

@@ -10,13 +10,22 @@ import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, ValidationInfo
 
 M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(ValueError):
     """A configuration or profile file that cannot be used; the text says where and why."""
+
+
+def resolve_path(value: Path | None, info: ValidationInfo) -> Path | None:
+    """A field validator: relative paths resolve against the config file's directory
+    (``base_dir`` in the validation context), so a deployment directory moves as a whole."""
+    base = (info.context or {}).get("base_dir")
+    if value is None or value.is_absolute() or base is None:
+        return value
+    return (Path(base) / value).resolve()
 
 
 def format_errors(exc: ValidationError) -> str:

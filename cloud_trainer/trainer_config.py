@@ -23,17 +23,13 @@ from pydantic import (
     model_validator,
 )
 
-from agent.configfile import ConfigError, load_model
+from agent.config import TlsSection  # one TLS model for devices and trainer
+from agent.configfile import ConfigError, load_model, resolve_path
 from agent.topics import Topics, validate_id
 
 _STRICT = ConfigDict(extra="forbid")
 
 
-def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
-    base = (info.context or {}).get("base_dir")
-    if value is None or value.is_absolute() or base is None:
-        return value
-    return (Path(base) / value).resolve()
 
 
 class TrainerSection(BaseModel):
@@ -58,23 +54,7 @@ class TrainerSection(BaseModel):
         Topics("default", v)  # raises TopicError (a ValueError) with the reason
         return v
 
-    _paths = field_validator("state_dir", "signing_key_file")(_resolve)
-
-
-class TlsSection(BaseModel):
-    model_config = _STRICT
-
-    ca_file: Path
-    cert_file: Path | None = None
-    key_file: Path | None = None
-
-    _paths = field_validator("ca_file", "cert_file", "key_file")(_resolve)
-
-    @model_validator(mode="after")
-    def _pair(self) -> TlsSection:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together (client certificate auth)")
-        return self
+    _paths = field_validator("state_dir", "signing_key_file")(resolve_path)
 
 
 class MqttSection(BaseModel):
@@ -89,7 +69,7 @@ class MqttSection(BaseModel):
     keepalive: int = Field(30, ge=5, le=3600)
     connect_timeout_s: float = Field(10.0, gt=0)
 
-    _paths = field_validator("password_file")(_resolve)
+    _paths = field_validator("password_file")(resolve_path)
 
     @model_validator(mode="after")
     def _one_secret(self) -> MqttSection:
@@ -183,7 +163,7 @@ class GateSection(BaseModel):
     holdout_fraction: float = Field(0.2, gt=0, lt=1,
                                     description="stored samples kept out of training")
 
-    _paths = field_validator("holdout")(_resolve)
+    _paths = field_validator("holdout")(resolve_path)
 
 
 class TrainingSection(BaseModel):
@@ -283,7 +263,7 @@ class AdaptSection(BaseModel):
     margin: float = Field(0.2, ge=0, lt=1)
     sustain: int = Field(3, ge=1)
 
-    _paths = field_validator("network")(_resolve)
+    _paths = field_validator("network")(resolve_path)
 
     @field_validator("devices")
     @classmethod
