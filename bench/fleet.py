@@ -406,11 +406,15 @@ class Worker:
         except OSError:
             return ""
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def request_exit(self) -> None:
+        """Ask the worker to close its links and exit (so all workers close in parallel)."""
         self.send(cmd="exit")
         with contextlib.suppress(OSError, ValueError):
             assert self.proc.stdin is not None
             self.proc.stdin.close()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.request_exit()
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -597,6 +601,8 @@ def _measure(result: dict[str, Any], work: Path, port: int, broker_pid: int,
     try:
         _run_phases(result, workers, work, port, key, update, drain_timeout_s)
     finally:
+        for w in workers:
+            w.request_exit()
         for w in workers:
             w.stop()
         peaks = rss.stop()
