@@ -147,8 +147,9 @@ def test_swap_under_a_full_speed_stream_loses_nothing_and_mixes_no_chains(
             pub.publish_update(s2, f2)
             wait_report(col, terminal("applied", 2))
             assert ag.slot.current.version == 2
-            at_swap = len(acts.payloads())
-            assert acts.wait_for(lambda m: len(m) >= at_swap + 1000, 60)
+            # v1 envelopes still spooled at the swap arrive first: wait for 1000 of v2.
+            assert acts.wait_for(lambda m: len(m) >= 1000 and Envelope.unpack(
+                m[-1000][1]).model_version == 2, 60)
         time.sleep(0.5)  # the stop flushed the spool; let the last deliveries land
         envs = [Envelope.unpack(p) for p in acts.payloads()]
     # Stopping drops only what was still queued, the newest inputs: the rest is a prefix.
