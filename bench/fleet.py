@@ -6,7 +6,7 @@ store, fleet table, update publisher); the devices are sharded over worker proce
 (``python -m bench.fleet --worker``, at most ``per_worker`` = 100 devices each) driven by
 this process over their stdin/stdout. Why shards: paho's network loop uses ``select()``,
 which fails (``ValueError: filedescriptor out of range``) for descriptors >= 1024, and paho
-then treats the connection as lost and retries for ever; a device holds about six
+then treats the connection as lost and retries for ever; a device holds six
 descriptors (measured: socket, paho's wake-up socket pair, SQLite spool files), so one
 process hosted ~140 devices (measured: 138 of 200 connected, 0 of 500). Every simulated
 device is an ``agent.link.Link`` with its own on-disk ``Spool`` and MQTT v5 connection —
