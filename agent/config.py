@@ -206,6 +206,16 @@ Source = Annotated[NpzSource | ImagesSource | MqttSource | UpstreamSource,
                    Field(discriminator="kind")]
 
 
+
+def codec_spec(v: str) -> str:
+    """A field validator: a codec spec the registry accepts, in its canonical form."""
+    from agent.codec import CodecError, parse_spec
+
+    try:
+        return str(parse_spec(v))
+    except CodecError as exc:
+        raise ValueError(str(exc)) from None
+
 class ChainSection(BaseModel):
     """This agent is a stage of a chain: relay its last boundary, or publish results."""
 
@@ -215,15 +225,7 @@ class ChainSection(BaseModel):
     codec: str = Field("uint8+lz4", description="codec of the boundary sent to the next stage")
     topic: str | None = Field(None, description="default: {prefix}/v1/{fleet}/{device}/chain")
 
-    @field_validator("codec")
-    @classmethod
-    def _codec(cls, v: str) -> str:
-        from agent.codec import CodecError, parse_spec
-
-        try:
-            return str(parse_spec(v))
-        except CodecError as exc:
-            raise ValueError(str(exc)) from None
+    _codec = field_validator("codec")(codec_spec)
 
 
 class UplinkSection(BaseModel):
@@ -250,15 +252,7 @@ class UplinkSection(BaseModel):
             raise ValueError(f"boundary listed twice: {self.boundaries}")
         return self
 
-    @field_validator("codec")
-    @classmethod
-    def _codec(cls, v: str) -> str:
-        from agent.codec import CodecError, parse_spec
-
-        try:
-            return str(parse_spec(v))
-        except CodecError as exc:
-            raise ValueError(str(exc)) from None
+    _codec = field_validator("codec")(codec_spec)
 
 
 class SpoolSection(BaseModel):
