@@ -70,6 +70,9 @@ class ModelSection(BaseModel):
 
     manifest: Path
     profile: str = Field("x86-dev", description="a profile name, or a path to a profile TOML")
+    fuse: bool = Field(True, description="run the partition as one onnxruntime session "
+                       "(agent/fuse.py); false = one run per block, with per-block latency "
+                       "histograms")
 
     _paths = field_validator("manifest")(resolve_path)
 
@@ -157,6 +160,8 @@ class NpzSource(BaseModel):
     y_key: str | None = "y"
     rate_hz: float = Field(0.0, ge=0, description="0 = as fast as possible")
     loop: bool = False
+    max_frames: int | None = Field(None, ge=1, description="stop after this many inputs "
+                                   "(with loop = true, replay wraps around until then)")
 
     _paths = field_validator("path")(resolve_path)
 
@@ -169,6 +174,8 @@ class ImagesSource(BaseModel):
     glob: str = "*.png"
     rate_hz: float = Field(0.0, ge=0, description="0 = as fast as possible")
     loop: bool = False
+    max_frames: int | None = Field(None, ge=1, description="stop after this many inputs "
+                                   "(with loop = true, replay wraps around until then)")
     resize: bool = Field(True, description="resize to the input HxW; false = skip other sizes")
 
     _paths = field_validator("directory")(resolve_path)

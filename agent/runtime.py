@@ -101,12 +101,15 @@ def _shape_matches(declared: list[Any], expected: tuple[int, ...]) -> bool:
 
 
 class _Block:
-    __slots__ = ("index", "input_name", "input_shape", "output_shape", "session")
+    __slots__ = ("index", "input_name", "input_shape", "output_name", "output_shape",
+                 "session")
 
     def __init__(self, index: int, session: ort.InferenceSession, input_name: str,
                  input_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> None:
         self.index, self.session, self.input_name = index, session, input_name
         self.input_shape, self.output_shape = input_shape, output_shape
+        outputs = session.get_outputs()
+        self.output_name = outputs[0].name
 
 
 class BlockRunner:
@@ -119,7 +122,9 @@ class BlockRunner:
     __slots__ = (
         "_block_ids",
         "_blocks",
+        "_bound",
         "_frozen",
+        "_paths",
         "input_shape",
         "manifest",
         "output_shape",
@@ -162,8 +167,10 @@ class BlockRunner:
         if self.providers[0] != self.requested_providers[0]:
             log.warning("onnxruntime could not initialise %s; running on %s",
                         self.requested_providers[0], self.providers[0])
+        self._paths = paths
         self.input_shape = manifest.blocks[0].input_shape
         self.output_shape = manifest.blocks[-1].output_shape
+        self._bound: tuple[bool, BoundChain | None] | None = None  # see bound()
         self._frozen = True
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -229,6 +236,49 @@ class BlockRunner:
             outs.append(x)
         return outs
 
+    def bound(self, fuse: bool = True) -> BoundChain | None:
+        """The inference thread's fast path: a :class:`BoundChain` for batch-1 inputs, built
+        once per runner (call it before a swap so the first input after it does not wait).
+
+        ``fuse``: run the partition as one onnxruntime session whose outputs are every
+        boundary (``agent.fuse``); a partition that cannot be fused runs block by block.
+        None when a block's output is not float32 (then use :meth:`run`).
+        """
+        cached = self._bound
+        if cached is not None and cached[0] == fuse:
+            return cached[1]
+        chain: BoundChain | None = None
+        if all(b.session.get_outputs()[0].type == "tensor(float)" for b in self._blocks):
+            fused = self._fused_session() if fuse and len(self._blocks) > 1 else None
+            chain = BoundChain(self._blocks, fused)
+            if chain.fused and not self._agrees(chain):
+                log.warning("the fused session of %s disagrees with its blocks; running it "
+                            "block by block", self.manifest.model_id)
+                chain = BoundChain(self._blocks)
+        object.__setattr__(self, "_bound", (fuse, chain))  # a cache, not state: see __init__
+        return chain
+
+    def _agrees(self, chain: BoundChain) -> bool:
+        """The chain computes what the blocks do, on a fixed pseudo-random input."""
+        x = np.random.default_rng(0).standard_normal((1, *self.input_shape)).astype(np.float32)
+        want = self.run(x, checked=True)
+        got = chain.run(x)
+        return all(np.allclose(g, w, rtol=1e-3, atol=1e-4 * max(1.0, float(np.abs(w).max())))
+                   for g, w in zip(got, want, strict=True))
+
+    def _fused_session(self) -> ort.InferenceSession | None:
+        from agent.fuse import fuse_blocks
+
+        paths = [self._paths[b.index] for b in self._blocks]
+        try:
+            model = fuse_blocks(paths)
+            return ort.InferenceSession(model, session_options(self.profile),
+                                        providers=list(self.requested_providers))
+        except Exception as exc:  # FuseError, or onnxruntime's own exception types
+            log.warning("running %s block by block: its blocks could not be fused (%s)",
+                        self.manifest.model_id, exc)
+            return None
+
     def run_block(self, index: int, x: np.ndarray) -> np.ndarray:
         """Block ``index`` alone on its input boundary (self-tests, split inference)."""
         if index not in self.blocks:
@@ -244,3 +294,59 @@ class BlockRunner:
         for _ in range(repeats):
             self.run(np.zeros((1, *self.input_shape), dtype=np.float32), checked=True)
         return time.perf_counter() - t0
+
+
+class BoundChain:
+    """A runner's blocks chained through onnxruntime IOBinding, for inputs of batch 1.
+
+    Every boundary is written into a buffer allocated once; block by block, each block reads
+    the previous block's buffer in place, and a fused session (one session for the whole
+    partition, ``agent.fuse``) writes all of them in one run. Why: ``InferenceSession.run``
+    builds a feed dict, allocates every output and wraps it for numpy on each call, and each
+    run has a fixed cost; for five sub-millisecond blocks that is a third of a frame. The
+    arrays :meth:`run` returns *are* those buffers, overwritten by the next call: a caller
+    that keeps an activation copies it. Not thread-safe: one per inference thread.
+    """
+
+    __slots__ = ("_first", "_outputs", "_steps", "fused")
+
+    def __init__(self, blocks: tuple[_Block, ...],
+                 fused: ort.InferenceSession | None = None) -> None:
+        outputs = [np.empty((1, *b.output_shape), np.float32) for b in blocks]
+        values = [ort.OrtValue.ortvalue_from_numpy(out) for out in outputs]  # no copies
+        steps: list[tuple[ort.InferenceSession, Any]] = []
+        if fused is not None:
+            io = fused.io_binding()
+            for out, value in zip(fused.get_outputs(), values, strict=True):
+                io.bind_ortvalue_output(out.name, value)
+            steps.append((fused, io))
+            self._first = (io, fused.get_inputs()[0].name)
+        else:
+            for k, block in enumerate(blocks):
+                io = block.session.io_binding()
+                if k:
+                    io.bind_ortvalue_input(block.input_name, values[k - 1])
+                io.bind_ortvalue_output(block.output_name, values[k])
+                steps.append((block.session, io))
+            self._first = (steps[0][1], blocks[0].input_name)
+        self.fused = fused is not None
+        self._steps = tuple(steps)
+        self._outputs = outputs  # kept alive with the OrtValues that wrap them
+
+    def run(self, x: np.ndarray, timings: list[float] | None = None) -> list[np.ndarray]:
+        """Activations at every boundary for ``x`` of shape (1, *input_shape), valid until
+        the next call. ``timings`` gets each block's seconds (one entry when fused)."""
+        if x.dtype != np.float32 or not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x, np.float32)
+        io, name = self._first
+        io.bind_cpu_input(name, x)
+        if timings is None:
+            for session, binding in self._steps:
+                session.run_with_iobinding(binding)
+        else:
+            clock = time.perf_counter
+            for session, binding in self._steps:
+                t0 = clock()
+                session.run_with_iobinding(binding)
+                timings.append(clock() - t0)
+        return self._outputs

@@ -44,7 +44,7 @@ from agent.metrics import AgentMetrics
 from agent.notify import Notifier, watchdog_interval
 from agent.pipeline import Pipeline, RunnerSlot, Stage
 from agent.profiles import FirmwareProfile, load_profile
-from agent.runtime import BlockRunner
+from agent.runtime import BlockRunner, BoundChain
 from agent.sources import BadInputs, MqttFrames, Sample, make_source
 from agent.spool import Spool
 from agent.updater import Updater
@@ -122,7 +122,10 @@ class Agent:
         else:
             runner = BlockRunner(manifest, config.model.manifest.parent, self.profile)
         runner.warmup()
+        runner.bound(config.model.fuse)  # built now, not on the first input
         self.slot = RunnerSlot(runner)
+        # the inference thread's IOBinding chain, rebuilt when the slot's runner changes
+        self._bound: tuple[BlockRunner | None, BoundChain | None] = (None, None)
         self.canary = CanaryRecorder(upd.canary_inputs if upd.enabled else 0)
         self.metrics = AgentMetrics()
         self.metrics.model_version.set(runner.version)
@@ -158,6 +161,7 @@ class Agent:
                 link=self.link, slot=self.slot, recorder=self.canary, store=store,
                 cache=cache, session=lambda: self.link.session, on_swap=self._on_swap,
                 infer_counts=self._infer_counts,
+                prepare=lambda candidate: candidate.bound(config.model.fuse),
                 on_event=lambda outcome: self.metrics.update_events.labels(outcome).inc(),
                 local_blocks={b.sha256: config.model_dir / b.file for b in manifest.blocks})
 
@@ -219,9 +223,16 @@ class Agent:
         costs as much as the student itself.
         """
         runner: BlockRunner = self.slot.current  # read once: one chain per input
+        bound = self._bound
+        if bound[0] is not runner:  # first input, or an update swapped the runner
+            bound = self._bound = (runner, runner.bound(self.config.model.fuse))
+        chain = bound[1]
         timings: list[float] = []
         t0 = time.perf_counter()
-        acts = runner.run(sample.x[None], checked=True, timings=timings)  # sources validated
+        if chain is not None:  # sources validated the input
+            acts = chain.run(sample.x[None], timings)
+        else:
+            acts = runner.run(sample.x[None], checked=True, timings=timings)
         elapsed = time.perf_counter() - t0
         pred = conf = None
         m = runner.manifest
@@ -235,6 +246,8 @@ class Agent:
                 or (self.config.metrics.publish_results and pred is not None)
                 or self.chain is not None):  # a chain stage relays every input
             return None
+        if chain is not None:
+            acts = [a.copy() for a in acts]  # the bound buffers belong to the next input
         return Inference(sample, acts, runner, pred, conf, uplink)
 
     def next_seq(self) -> int:
@@ -411,9 +424,8 @@ class Agent:
         """The main thread: watchdog, stats, reloads, and the end of a finite source."""
         wd = watchdog_interval() if self.config.watchdog.enabled else None
         next_wd = next_stats = time.monotonic()
-        # With exit_when_done (benchmarks, batch jobs) notice the end within milliseconds.
-        tick = 0.005 if self.config.pipeline.exit_when_done else 0.1
-        while not self._stop.wait(tick):
+        exit_when_done = self.config.pipeline.exit_when_done
+        while not self._wait_tick(exit_when_done):
             now = time.monotonic()
             if self._reload.is_set():
                 self._apply_reload()
@@ -437,6 +449,19 @@ class Agent:
                     and not self._pending_split):
                 log.info("source finished and every message acknowledged; exiting")
                 return
+
+    def _wait_tick(self, exit_when_done: bool) -> bool:
+        """Sleep until the next supervision step; True once a stop was requested.
+
+        Every wake-up takes the GIL from the inference thread, so the loop ticks at 10 Hz.
+        With ``exit_when_done`` (benchmarks, batch jobs) it wakes the moment the source ends
+        and then polls every 5 ms until the last message is acknowledged.
+        """
+        source_done = self._pipeline.source_done
+        if exit_when_done and not source_done.is_set():
+            source_done.wait(0.1)
+            return self._stop.is_set()
+        return self._stop.wait(0.005 if exit_when_done else 0.1)
 
     def _expire_split(self, now: float) -> None:
         timeout = self.config.split.timeout_s

@@ -107,6 +107,7 @@ class Updater:
         cache: BlobCache,
         session: Callable[[], int] = lambda: 0,
         on_swap: Callable[[BlockRunner], None] | None = None,
+        prepare: Callable[[BlockRunner], object] | None = None,
         infer_counts: Callable[[], tuple[int, int]] | None = None,
         on_event: Callable[[str], None] | None = None,
         local_blocks: dict[str, Path] | None = None,
@@ -117,6 +118,7 @@ class Updater:
         self.store, self.cache = store, cache
         self.session = session
         self.on_swap = on_swap
+        self.prepare = prepare  # builds a candidate's inference fast path before its swap
         self.infer_counts = infer_counts or (lambda: (0, 0))
         self.on_event = on_event
         self.local_blocks = dict(local_blocks or {})  # sha -> file of the configured partition
@@ -387,6 +389,8 @@ class Updater:
         try:
             new = BlockRunner(part, self.cache.blob_dir, self.profile)
             new.warmup()
+            if self.prepare is not None:
+                self.prepare(new)
         except PartitionError as exc:
             raise _Refused("incompatible", str(exc)[:1500]) from None
         except Exception as exc:  # onnxruntime failing on a valid-looking graph

@@ -35,7 +35,7 @@ def _bench_agent(args: argparse.Namespace) -> int:
     from bench.agent import run_agent_bench
 
     run_agent_bench(model=args.model, frames=args.frames, repeats=args.repeats,
-                    json_path=args.json, codec=args.codec)
+                    json_path=args.json, codec=args.codec, distinct=args.distinct)
     return 0
 
 
@@ -181,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = bsub.add_parser("agent", help="full agent pipeline vs bare onnxruntime")
     b.add_argument("--model", choices=["digits", "vision"], default="vision")
-    b.add_argument("--frames", type=int, default=600)
+    b.add_argument("--frames", type=int, default=20_000, help="inputs per run")
+    b.add_argument("--distinct", type=int, default=1000,
+                   help="different inputs, replayed round and round until --frames")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--codec", default="uint8+lz4")
     b.add_argument("--json", type=Path, default=None)

@@ -61,6 +61,21 @@ def test_activations_arrive_decodable_in_order_and_counted_exactly(
     assert first.shape == (1, 16, 8, 8) and decode(envs[1].payload).shape == (1, 32, 4, 4)
     assert all(e.label is not None and e.prediction is not None for e in envs)
     assert [e.meta["index"] for e in envs[::2]] == list(range(300))
+    # each message holds its own input's activations (the agent's inference buffers are
+    # reused from one input to the next: a message must carry a copy, not the next input's)
+    from agent.manifest import PartitionManifest
+    from agent.profiles import load_profile
+    from agent.runtime import BlockRunner
+
+    runner = BlockRunner(PartitionManifest.load(model_dir / "manifest.json"), model_dir,
+                         load_profile("x86-dev"))
+    x = np.load(tmp_path / "inputs.npz")["x"]
+    for env in envs:
+        want = runner.run(x[env.meta["index"]][None])
+        got = decode(env.payload)
+        act = want[env.boundary - 1]
+        assert np.abs(got - act).max() <= (act.max() - act.min()) / 255 + 1e-6
+        assert env.prediction == int(want[-1].argmax())
 
 
 def test_broker_outage_mid_stream_loses_nothing(

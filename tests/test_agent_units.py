@@ -204,3 +204,45 @@ def test_frame_latencies_export_prometheus_histograms() -> None:
     assert m.value("knet_inference_seconds_sum") == pytest.approx(5.0039)
     assert m.value("knet_block_inference_seconds_bucket", {"block": "2", "le": "0.0005"}) == 2
     assert m.value("knet_block_inference_seconds_count", {"block": "1"}) == 4
+
+
+def test_frame_latencies_fold_many_frames_across_a_swap_while_scraped() -> None:
+    """Frames are counted in batches: a bound value counts as "le", a swap's new block tuple
+    starts its own rows, and a scrape racing the inference thread loses nothing."""
+    import threading
+
+    from agent.metrics import FrameLatencies
+
+    lat = FrameLatencies((0.001, 0.01))
+    old, new = (1, 2), (1, 2, 3)
+    n = FrameLatencies.FOLD_EVERY * 3 + 17
+    stop = threading.Event()
+
+    def scrape() -> None:
+        while not stop.is_set():
+            list(lat.collect())
+
+    reader = threading.Thread(target=scrape)
+    reader.start()
+    try:
+        for i in range(n):
+            blocks = old if i < n // 2 else new
+            lat.observe(0.001, blocks, (0.001, 0.02, 0.0)[: len(blocks)])
+            if i == 5:
+                lat.observe(0.5, old, (0.1,))  # a run that failed after one block
+    finally:
+        stop.set()
+        reader.join()
+    families = {f.name: f for f in lat.collect()}
+    total = {s.labels["le"]: s.value for s in families["knet_inference_seconds"].samples
+             if s.name.endswith("_bucket")}
+    assert lat.frames == n + 1 and total == {"0.001": n, "0.01": n, "+Inf": n + 1}
+    per_block: dict[tuple[str, str], float] = {}
+    for s in families["knet_block_inference_seconds"].samples:
+        if s.name.endswith("_count"):
+            per_block[(s.labels["block"], "count")] = s.value
+        elif s.name.endswith("_bucket"):
+            per_block[(s.labels["block"], s.labels["le"])] = s.value
+    assert per_block[("1", "count")] == n and per_block[("1", "0.001")] == n
+    assert per_block[("2", "count")] == n and per_block[("2", "0.01")] == 0
+    assert per_block[("3", "count")] == n - n // 2

@@ -87,6 +87,68 @@ def test_run_returns_every_boundary_and_matches_numpy(tiny) -> None:  # type: ig
         runner.run_block(3, outs[1])
 
 
+def test_bound_chain_matches_run_and_reuses_its_buffers(tiny) -> None:  # type: ignore[no-untyped-def]
+    manifest, base, weights = tiny
+    runner = BlockRunner(manifest, base, load_profile("x86-dev"))
+    chain = runner.bound(fuse=False)  # block by block: each reads the previous buffer
+    assert chain is not None and not chain.fused
+    x = RNG.standard_normal((3, 1, 4, 4)).astype(np.float32)
+    first = chain.run(x[:1])
+    kept = [a.copy() for a in first]
+    for got, want in zip(kept, reference(x[:1], weights), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    readonly = np.frombuffer(x[1:2].tobytes(), np.float32).reshape(1, 1, 4, 4)  # as sources
+    timings: list[float] = []
+    second = chain.run(readonly, timings)
+    assert second is first and len(timings) == 2  # the same buffers, overwritten in place
+    for got, want in zip(second, runner.run(x[1:2]), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert not np.allclose(kept[1], second[1])
+    strided = np.asfortranarray(x[2:3].astype(np.float64))  # converted, not misread
+    np.testing.assert_allclose(chain.run(strided)[1], runner.run(x[2:3])[1], rtol=1e-6)
+
+
+def test_a_fused_partition_runs_every_boundary_in_one_session(tiny, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    manifest, base, weights = tiny
+    runner = BlockRunner(manifest, base, load_profile("x86-dev"))
+    fused = runner.bound(fuse=True)
+    assert fused is not None and fused.fused
+    assert runner.bound(fuse=True) is fused  # built once per runner
+    x = RNG.standard_normal((1, 1, 4, 4)).astype(np.float32)
+    timings: list[float] = []
+    out = fused.run(x, timings)
+    assert len(timings) == 1  # one run for the whole partition
+    for got, want in zip(out, reference(x, weights), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    per_block = runner.bound(fuse=False)
+    assert per_block is not None and not per_block.fused
+
+    import agent.fuse
+
+    def broken(paths: list[Path]) -> bytes:
+        raise agent.fuse.FuseError("blocks of different opsets")
+
+    monkeypatch.setattr(agent.fuse, "fuse_blocks", broken)
+    other = BlockRunner(manifest, base, load_profile("x86-dev"))
+    with caplog.at_level(logging.WARNING):
+        fallback = other.bound(fuse=True)
+    assert fallback is not None and not fallback.fused and "block by block" in caplog.text
+    np.testing.assert_allclose(fallback.run(x)[1], out[1], rtol=1e-5)
+
+
+def test_fusing_refuses_blocks_that_do_not_chain(tmp_path: Path) -> None:
+    from agent.fuse import FuseError, fuse_blocks
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["a"], ["b"]), helper.make_node("Identity", ["a"], ["c"])],
+        "two-outputs", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("b", TensorProto.FLOAT, [1]),
+         helper.make_tensor_value_info("c", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), tmp_path / "odd.onnx")
+    with pytest.raises(FuseError, match="one input and one output"):
+        fuse_blocks([tmp_path / "odd.onnx", tmp_path / "odd.onnx"])
+
+
 def test_integer_inputs_are_converted_and_bad_inputs_raise_input_error(tiny) -> None:  # type: ignore[no-untyped-def]
     manifest, base, _ = tiny
     runner = BlockRunner(manifest, base, load_profile("x86-dev"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import threading
 import time
 import zipfile
@@ -116,6 +117,43 @@ def test_npz_loop_and_rate(tmp_path: Path) -> None:
     assert bad.counts == {"shape": 2}
 
 
+def test_npz_max_frames_wraps_a_loop_and_verifies_a_file_again_only_when_it_changed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import zipfile
+
+    import agent.sources as sources
+
+    path = tmp_path / "in.npz"
+    np.savez(path, x=np.arange(3 * int(np.prod(SHAPE)), dtype=np.float32).reshape(3, *SHAPE))
+    verified: list[bool] = []
+    real = sources._NpyRows
+
+    class Spy(real):  # type: ignore[misc, valid-type]
+        def __init__(self, p: Path, key: str, verify: bool = True) -> None:
+            verified.append(verify)
+            super().__init__(p, key, verify)
+
+    monkeypatch.setattr(sources, "_NpyRows", Spy)
+    samples = list(NpzReplay(npz_cfg(path, loop=True, max_frames=8), SHAPE, BadInputs()))
+    assert [s.index for s in samples] == list(range(8))  # 3 + 3 + 2: wrapped twice
+    row = int(np.prod(SHAPE))
+    assert [float(s.x.flat[0]) for s in samples][:4] == [0.0, row, 2.0 * row, 0.0]
+    assert verified == [True, False, False]  # the CRC pass once, not on every wrap
+    assert len(list(NpzReplay(npz_cfg(path, max_frames=2), SHAPE, BadInputs()))) == 2
+    # the file is replaced by a damaged one mid-loop: the next pass checks it and stops
+    replay = iter(NpzReplay(npz_cfg(path, loop=True), SHAPE, bad := BadInputs()))
+    assert [next(replay).index for _ in range(3)] == [0, 1, 2]
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        offset = z.getinfo("x.npy").header_offset + 200
+    data[offset] ^= 0xFF  # a payload byte: only the CRC can tell
+    before = path.stat().st_mtime_ns
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(before + 10**9, before + 10**9))  # coarse clocks: a later mtime
+    assert list(replay) == [] and bad.counts == {"npz_unreadable": 1}
+    assert verified[-1] is True
+
+
 def _npz_with_short_member(path: Path, rows: int, promised: int, compression: int) -> None:
     """An archive whose x.npy header promises more rows than the member holds."""
     buf = io.BytesIO()
@@ -179,6 +217,10 @@ def test_image_directory_converts_resizes_and_skips_junk(tmp_path: Path) -> None
     assert list(ImageDirectory(cfg.model_copy(update={"glob": "c.png", "loop": True}), SHAPE,
                                looping)) == []
     assert looping.counts == {"image": 1}
+    wrapped = list(ImageDirectory(cfg.model_copy(update={"loop": True, "max_frames": 5}), SHAPE,
+                                  BadInputs()))
+    assert [s.index for s in wrapped] == list(range(5))  # a, b, a, b, a
+    assert [float(s.x.max()) for s in wrapped] == pytest.approx([1.0, 0.0, 1.0, 0.0, 1.0])
 
 
 def test_decode_frame_handles_npy_images_and_codec_frames() -> None:
