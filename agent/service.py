@@ -56,11 +56,16 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Inference:
     sample: Sample
-    acts: list[np.ndarray]  # boundaries first..last of the partition, batch 1
+    acts: list[np.ndarray]  # boundaries first..last, batch 1; those no stage reads: empty
     runner: BlockRunner
     prediction: int | None
     confidence: float | None
     uplink: bool = False  # the uplink policy chose this input (decided in the inference stage)
+
+
+# Stands in for an activation no later stage reads (an empty array: misuse fails loudly
+# on its shape instead of reading another input's data).
+_NOT_KEPT = np.empty(0, np.float32)
 
 
 def softmax_top1(logits: np.ndarray) -> tuple[int, float]:
@@ -126,6 +131,7 @@ class Agent:
         self.slot = RunnerSlot(runner)
         # the inference thread's IOBinding chain, rebuilt when the slot's runner changes
         self._bound: tuple[BlockRunner | None, BoundChain | None] = (None, None)
+        self._kept: tuple[PartitionManifest | None, tuple[int, ...]] = (None, ())
         self.canary = CanaryRecorder(upd.canary_inputs if upd.enabled else 0)
         self.metrics = AgentMetrics()
         self.metrics.model_version.set(runner.version)
@@ -246,9 +252,20 @@ class Agent:
                 or (self.config.metrics.publish_results and pred is not None)
                 or self.chain is not None):  # a chain stage relays every input
             return None
-        if chain is not None:
-            acts = [a.copy() for a in acts]  # the bound buffers belong to the next input
+        if chain is not None:  # the bound buffers belong to the next input: copy what is read
+            keep = self._kept_acts(m) if uplink else (len(acts) - 1,)
+            acts = [a.copy() if i in keep else _NOT_KEPT for i, a in enumerate(acts)]
         return Inference(sample, acts, runner, pred, conf, uplink)
+
+    def _kept_acts(self, m: PartitionManifest) -> tuple[int, ...]:
+        """Indices into ``Inference.acts`` that the later stages read for an uplinked input:
+        the uplinked boundaries this partition produces, and its last (split, chain)."""
+        cached = self._kept
+        if cached[0] is not m:
+            wanted = {b - m.first for b in self.config.uplink.boundaries
+                      if m.first <= b <= m.last} | {m.last - m.first}
+            cached = self._kept = (m, tuple(sorted(wanted)))
+        return cached[1]
 
     def next_seq(self) -> int:
         with self._seq_lock:
@@ -276,6 +293,8 @@ class Agent:
                 if not m.first - 1 <= b <= m.last:
                     continue  # this partition neither receives nor produces that boundary
                 arr = inf.sample.x[None] if b == m.first - 1 else inf.acts[b - m.first]
+                if arr is _NOT_KEPT:
+                    continue  # a reload added this boundary after the input was inferred
                 env = Envelope(
                     device=self.device, session=self.link.session, seq=self.next_seq(),
                     timestamp=time.time(), model_version=m.model_version, boundary=b,
@@ -379,6 +398,7 @@ class Agent:
             self.config = self.config.model_copy(update={"uplink": new.uplink,
                                                          "metrics": new.metrics})
             self.policy = make_policy(self.config)
+            self._kept = (None, ())  # the uplinked boundaries may have changed
             log.info("configuration reloaded (uplink, metrics); other changes need a restart")
         self.notifier.ready()
 
