@@ -269,6 +269,14 @@ class BlockRunner:
     def _fused_session(self) -> ort.InferenceSession | None:
         from agent.fuse import fuse_blocks
 
+        # the fused session holds the weights a second time (check_fit's estimate, twice)
+        need_mb = 4 * sum(b.size for b in self.manifest.blocks) / 2**20
+        if need_mb > self.profile.model_memory_mb:
+            log.info("running %s block by block: fused it would need about %.0f MB, profile "
+                     "%s allows %d MB for models", self.manifest.model_id, need_mb,
+                     self.profile.name, self.profile.model_memory_mb)
+            return None
+
         paths = [self._paths[b.index] for b in self._blocks]
         try:
             model = fuse_blocks(paths)

@@ -134,6 +134,13 @@ def test_a_fused_partition_runs_every_boundary_in_one_session(tiny, monkeypatch,
         fallback = other.bound(fuse=True)
     assert fallback is not None and not fallback.fused and "block by block" in caplog.text
     np.testing.assert_allclose(fallback.run(x)[1], out[1], rtol=1e-5)
+    tight = load_profile("x86-dev").model_copy(update={"model_memory_mb": 16})
+    big = manifest.model_copy(update={"blocks": tuple(
+        b.model_copy(update={"size": 3 * 2**20}) for b in manifest.blocks)})
+    with caplog.at_level(logging.INFO):
+        unfused = BlockRunner(big, base, tight, verify=False).bound(fuse=True)
+    assert unfused is not None and not unfused.fused  # twice the weights would not fit
+    assert "profile x86-dev allows 16 MB" in caplog.text
 
 
 def test_fusing_refuses_blocks_that_do_not_chain(tmp_path: Path) -> None:
