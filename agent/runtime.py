@@ -59,8 +59,7 @@ def check_fit(manifest: PartitionManifest, profile: FirmwareProfile) -> list[str
             f"partition {manifest.model_id} v{manifest.model_version} uses opset "
             f"{manifest.opset}, profile {profile.name} reads opset <= {profile.max_opset}: "
             f"re-export it for this profile")
-    # A session holds the weights plus roughly as much again in arenas and optimised copies.
-    need_mb = 2 * sum(b.size for b in manifest.blocks) / 2**20
+    need_mb = _session_mb(manifest)
     if need_mb > profile.model_memory_mb:
         raise PartitionError(
             f"partition needs about {need_mb:.0f} MB (2x its {len(manifest.blocks)} block "
@@ -70,6 +69,12 @@ def check_fit(manifest: PartitionManifest, profile: FirmwareProfile) -> list[str
     missing = [p for p in profile.execution_providers if p not in available]
     return ([f"execution providers {missing} are not available in onnxruntime "
              f"{ort.__version__}; the CPU provider runs instead"] if missing else [])
+
+
+def _session_mb(manifest: PartitionManifest) -> float:
+    """Memory of the partition's sessions: the weights plus roughly as much again in arenas
+    and optimised copies."""
+    return 2 * sum(b.size for b in manifest.blocks) / 2**20
 
 
 def check_partition(manifest: PartitionManifest, base_dir: Path,
@@ -101,15 +106,14 @@ def _shape_matches(declared: list[Any], expected: tuple[int, ...]) -> bool:
 
 
 class _Block:
-    __slots__ = ("index", "input_name", "input_shape", "output_name", "output_shape",
-                 "session")
+    __slots__ = ("index", "input_name", "input_shape", "output", "output_shape", "session")
 
     def __init__(self, index: int, session: ort.InferenceSession, input_name: str,
-                 input_shape: tuple[int, ...], output_shape: tuple[int, ...]) -> None:
+                 input_shape: tuple[int, ...], output: Any,
+                 output_shape: tuple[int, ...]) -> None:
         self.index, self.session, self.input_name = index, session, input_name
         self.input_shape, self.output_shape = input_shape, output_shape
-        outputs = session.get_outputs()
-        self.output_name = outputs[0].name
+        self.output = output  # onnxruntime's NodeArg: .name, .type
 
 
 class BlockRunner:
@@ -159,7 +163,7 @@ class BlockRunner:
                     f"manifest says (batch, *{entry.input_shape}) -> "
                     f"(batch, *{entry.output_shape}): the file and manifest do not belong "
                     f"together")
-            blocks.append(_Block(entry.index, sess, inp.name, entry.input_shape,
+            blocks.append(_Block(entry.index, sess, inp.name, entry.input_shape, out,
                                  entry.output_shape))
         self._blocks = tuple(blocks)
         self._block_ids = tuple(b.index for b in blocks)  # read per frame by the metrics
@@ -248,7 +252,7 @@ class BlockRunner:
         if cached is not None and cached[0] == fuse:
             return cached[1]
         chain: BoundChain | None = None
-        if all(b.session.get_outputs()[0].type == "tensor(float)" for b in self._blocks):
+        if all(b.output.type == "tensor(float)" for b in self._blocks):
             fused = self._fused_session() if fuse and len(self._blocks) > 1 else None
             chain = BoundChain(self._blocks, fused)
             if chain.fused and not self._agrees(chain):
@@ -269,8 +273,7 @@ class BlockRunner:
     def _fused_session(self) -> ort.InferenceSession | None:
         from agent.fuse import fuse_blocks
 
-        # the fused session holds the weights a second time (check_fit's estimate, twice)
-        need_mb = 4 * sum(b.size for b in self.manifest.blocks) / 2**20
+        need_mb = 2 * _session_mb(self.manifest)  # the fused session holds them again
         if need_mb > self.profile.model_memory_mb:
             log.info("running %s block by block: fused it would need about %.0f MB, profile "
                      "%s allows %d MB for models", self.manifest.model_id, need_mb,
@@ -334,7 +337,7 @@ class BoundChain:
                 io = block.session.io_binding()
                 if k:
                     io.bind_ortvalue_input(block.input_name, values[k - 1])
-                io.bind_ortvalue_output(block.output_name, values[k])
+                io.bind_ortvalue_output(block.output.name, values[k])
                 steps.append((block.session, io))
             self._first = (steps[0][1], blocks[0].input_name)
         self.fused = fused is not None
@@ -348,13 +351,9 @@ class BoundChain:
             x = np.ascontiguousarray(x, np.float32)
         io, name = self._first
         io.bind_cpu_input(name, x)
-        if timings is None:
-            for session, binding in self._steps:
-                session.run_with_iobinding(binding)
-        else:
-            clock = time.perf_counter
-            for session, binding in self._steps:
-                t0 = clock()
-                session.run_with_iobinding(binding)
-                timings.append(clock() - t0)
+        for session, binding in self._steps:
+            t0 = time.perf_counter()
+            session.run_with_iobinding(binding)
+            if timings is not None:
+                timings.append(time.perf_counter() - t0)
         return self._outputs

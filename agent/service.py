@@ -44,7 +44,7 @@ from agent.metrics import AgentMetrics
 from agent.notify import Notifier, watchdog_interval
 from agent.pipeline import Pipeline, RunnerSlot, Stage
 from agent.profiles import FirmwareProfile, load_profile
-from agent.runtime import BlockRunner, BoundChain
+from agent.runtime import BlockRunner
 from agent.sources import BadInputs, MqttFrames, Sample, make_source
 from agent.spool import Spool
 from agent.updater import Updater
@@ -129,9 +129,6 @@ class Agent:
         runner.warmup()
         runner.bound(config.model.fuse)  # built now, not on the first input
         self.slot = RunnerSlot(runner)
-        # the inference thread's IOBinding chain, rebuilt when the slot's runner changes
-        self._bound: tuple[BlockRunner | None, BoundChain | None] = (None, None)
-        self._kept: tuple[PartitionManifest | None, tuple[int, ...]] = (None, ())
         self.canary = CanaryRecorder(upd.canary_inputs if upd.enabled else 0)
         self.metrics = AgentMetrics()
         self.metrics.model_version.set(runner.version)
@@ -229,10 +226,7 @@ class Agent:
         costs as much as the student itself.
         """
         runner: BlockRunner = self.slot.current  # read once: one chain per input
-        bound = self._bound
-        if bound[0] is not runner:  # first input, or an update swapped the runner
-            bound = self._bound = (runner, runner.bound(self.config.model.fuse))
-        chain = bound[1]
+        chain = runner.bound(self.config.model.fuse)  # built before READY or the swap
         timings: list[float] = []
         t0 = time.perf_counter()
         if chain is not None:  # sources validated the input
@@ -253,19 +247,15 @@ class Agent:
                 or self.chain is not None):  # a chain stage relays every input
             return None
         if chain is not None:  # the bound buffers belong to the next input: copy what is read
-            keep = self._kept_acts(m) if uplink else (len(acts) - 1,)
+            keep = self._kept_acts(m) if uplink else {len(acts) - 1}
             acts = [a.copy() if i in keep else _NOT_KEPT for i, a in enumerate(acts)]
         return Inference(sample, acts, runner, pred, conf, uplink)
 
-    def _kept_acts(self, m: PartitionManifest) -> tuple[int, ...]:
+    def _kept_acts(self, m: PartitionManifest) -> set[int]:
         """Indices into ``Inference.acts`` that the later stages read for an uplinked input:
         the uplinked boundaries this partition produces, and its last (split, chain)."""
-        cached = self._kept
-        if cached[0] is not m:
-            wanted = {b - m.first for b in self.config.uplink.boundaries
-                      if m.first <= b <= m.last} | {m.last - m.first}
-            cached = self._kept = (m, tuple(sorted(wanted)))
-        return cached[1]
+        return {b - m.first for b in self.config.uplink.boundaries
+                if m.first <= b <= m.last} | {m.last - m.first}
 
     def next_seq(self) -> int:
         with self._seq_lock:
@@ -398,7 +388,6 @@ class Agent:
             self.config = self.config.model_copy(update={"uplink": new.uplink,
                                                          "metrics": new.metrics})
             self.policy = make_policy(self.config)
-            self._kept = (None, ())  # the uplinked boundaries may have changed
             log.info("configuration reloaded (uplink, metrics); other changes need a restart")
         self.notifier.ready()
 

@@ -168,7 +168,6 @@ def run_agent_bench(model: str = "vision", frames: int = 20_000, repeats: int = 
 
     pair = trained_pair(model)
     x = model_inputs(model, min(distinct, frames))
-    variants = VARIANTS
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -185,7 +184,7 @@ def run_agent_bench(model: str = "vision", frames: int = 20_000, repeats: int = 
         results: dict[str, list[dict[str, float]]] = {}
         with Mosquitto(work / "broker") as broker:
             for r in range(repeats):
-                for v, (name, (every, rate)) in enumerate(variants.items()):
+                for v, (name, (every, rate)) in enumerate(VARIANTS.items()):
                     cfg = work / f"agent-{v}.toml"
                     _write_config(cfg, broker.port, work / "model" / "manifest.json",
                                   work / "inputs.npz", work / f"state-{v}-{r}", every,
@@ -208,7 +207,7 @@ def run_agent_bench(model: str = "vision", frames: int = 20_000, repeats: int = 
                  "fps": statistics.median(r["chain_fps"] for r in every),
                  "ratio": statistics.median(r["chain_fps"] / r["bare_fps"] for r in every),
                  "fps_to_exit": nan, "ratio_to_exit": nan, "cpu_s": nan, "rss_mb": nan})
-    for name in variants:
+    for name in VARIANTS:
         runs = results[name]
         rows.append({
             "pipeline": f"knet-agent, uplink {name}",

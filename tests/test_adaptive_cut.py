@@ -69,6 +69,19 @@ def network(rec: BenchRecord) -> NetworkConfig:
     })
 
 
+def _provision_device(tmp_path: Path, root: Path, part: PartitionManifest, *, inputs: int
+                      ) -> tuple[Path, Ed25519PrivateKey, Path]:
+    """A device model directory holding ``part`` of v1, an operator key (and its public
+    file) and ``inputs`` digits in inputs.npz."""
+    dev_model = tmp_path / "dev-model"
+    shutil.copytree(root / "full", dev_model)
+    part.dump(dev_model / "manifest.json")
+    key = Ed25519PrivateKey.generate()
+    pub = write_public_key(key, tmp_path / "operator.pub")
+    write_inputs(tmp_path / "inputs.npz", inputs)
+    return dev_model, key, pub
+
+
 def _mbps(bytes_per_s: float) -> float:
     return bytes_per_s * 8 / 1e6
 
@@ -115,12 +128,7 @@ def test_shaped_uplink_moves_the_cut_toward_the_device_and_back(
     assert probe.observe({0: LinkFigures(_mbps(FAST), 2.0)}).switched
 
     # The device is provisioned with block 1 of v1 (the configured partition).
-    dev_model = tmp_path / "dev-model"
-    shutil.copytree(root / "full", dev_model)
-    full.slice(1, 1).dump(dev_model / "manifest.json")
-    key = Ed25519PrivateKey.generate()
-    pub = write_public_key(key, tmp_path / "operator.pub")
-    write_inputs(tmp_path / "inputs.npz", 200)
+    dev_model, key, pub = _provision_device(tmp_path, root, full.slice(1, 1), inputs=200)
     cfg = agent_config(
         tmp_path, mosquitto.port, dev_model / "manifest.json",
         source={"kind": "npz", "path": tmp_path / "inputs.npz", "rate_hz": 200, "loop": True},
@@ -349,13 +357,8 @@ def test_an_assignment_cannot_move_the_first_block_or_swap_weights_under_one_ver
     from update_helpers import export_version, perturb
 
     root, full, _rec = model
-    dev_model = tmp_path / "dev-model"
-    shutil.copytree(root / "full", dev_model)
-    full.slice(1, 2).dump(dev_model / "manifest.json")
+    dev_model, key, pub = _provision_device(tmp_path, root, full.slice(1, 2), inputs=100)
     other = export_version(tmp_path / "other", 1, perturb((1,)))  # block 1 changed, still v1
-    key = Ed25519PrivateKey.generate()
-    pub = write_public_key(key, tmp_path / "operator.pub")
-    write_inputs(tmp_path / "inputs.npz", 100)
     cfg = agent_config(
         tmp_path, mosquitto.port, dev_model / "manifest.json",
         source={"kind": "npz", "path": tmp_path / "inputs.npz", "rate_hz": 100, "loop": True},
