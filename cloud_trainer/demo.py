@@ -566,6 +566,7 @@ def _feed_accuracy(model: Any, feeds: dict[str, Feed]) -> dict[str, float]:
 def run_demo(args: argparse.Namespace) -> int:
     from cloud_trainer.drift import default_spec
     from cloud_trainer.train import trained_pair
+    from cloud_trainer.zoo import get_pair, zoo_entry
 
     out: Path = args.out.resolve()
     for name in LAB_DIRS:  # a fresh fleet every run; other files in --out stay
@@ -582,9 +583,11 @@ def run_demo(args: argparse.Namespace) -> int:
     sc: Scenario | None = None
     try:
         with console.status(f"{args.model}: the teacher and the camera frames"):
-            pair = trained_pair(args.model, seed=args.seed)
-            feeds = build_feeds(args.model, list(profiles), spec, pair.teacher, args.seed)
-        teacher = _feed_accuracy(pair.teacher, feeds)
+            # a pretrained teacher needs no training: check the drift before the student's
+            t_model = get_pair(args.model, args.seed).teacher if zoo_entry(args.model).pretrained \
+                else trained_pair(args.model, seed=args.seed).teacher
+            feeds = build_feeds(args.model, list(profiles), spec, t_model, args.seed)
+        teacher = _feed_accuracy(t_model, feeds)
         weak = {d: f.teacher_drift for d, f in feeds.items()
                 if f.teacher_drift < args.teacher_floor / 100}
         if weak:

@@ -125,7 +125,7 @@ def test_scene_frames_are_real_deterministic_and_split_by_photo() -> None:
     c = scenes.scene_frames("chelsea", 6, 48, seed=2)
     assert a.shape == (6, 3, 48, 48) and a.dtype == np.float32
     assert np.array_equal(a, b) and not np.array_equal(a, c)
-    assert 0.0 <= a.min() and a.max() <= 1.0
+    assert a.min() >= 0.0 and a.max() <= 1.0
     assert len({f.tobytes() for f in a}) == 6  # crops differ frame to frame
     x, idx = scenes.frames(["coffee", "rocket"], 3, 32, seed=0)
     assert x.shape == (6, 3, 32, 32) and idx.tolist() == [0, 1, 0, 1, 0, 1]
