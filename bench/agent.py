@@ -156,7 +156,7 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
-def run_agent_bench(model: str = "vision", frames: int = 20_000, repeats: int = 3,
+def run_agent_bench(model: str = "effnet-lite0", frames: int = 20_000, repeats: int = 3,
                     json_path: Path | None = None, codec: str = "uint8+lz4",
                     distinct: int = 1000) -> dict[str, Any]:
     from agent.manifest import PartitionManifest

@@ -1,6 +1,7 @@
-"""`knet bench chain`: DEFER-style chains of `vision` agents on loopback, in one run.
+"""`knet bench chain`: DEFER-style chains of agents on loopback, in one run (``effnet-lite0``
+by default; ``--model`` picks another five-block zoo model).
 
-Single process: the trained vision student on onnxruntime, batch 1, in a loop (the
+Single process: the trained student on onnxruntime, batch 1, in a loop (the
 reference). Chains: 1, 2 and 4 real `knet-agent` processes, each running a slice and
 relaying its boundary over a private Mosquitto (the last publishes results), fed as fast as
 the head can read; throughput is counted where the results arrive, from the first to the
@@ -252,9 +253,9 @@ def plan_and_measure(watcher: Watcher, port: int, full_dir: Path, x: np.ndarray,
         })
 
     pin = Overrides(pins=((record.num_blocks, "tail"),))
-    problem, _ = build_problem(network(0.0), [record], "vision", pin)
+    problem, _ = build_problem(network(0.0), [record], record.model_id, pin)
     best = solve(problem, "latency", top=1)[0]
-    cal_problem, _ = build_problem(network(agent_overhead), [record], "vision", pin)
+    cal_problem, _ = build_problem(network(agent_overhead), [record], record.model_id, pin)
     cal = solve(cal_problem, "latency", top=1)[0]
     slices = [(s.first, s.last) for s in best.slices]
     codec = problem.codec_names[best.cuts[0].codec]
@@ -303,7 +304,7 @@ def single_process_fps(full_dir: Path, x: np.ndarray, passes: int = 3) -> float:
 
 def run_chain_bench(frames: int = 300, plan_frames: int = 60, json_path: Path | None = None,
                     stages: tuple[int, ...] = (1, 2, 4), codecs: tuple[str, ...] = CODECS,
-                    seed: int = 0) -> dict[str, Any]:
+                    seed: int = 0, model: str = "effnet-lite0") -> dict[str, Any]:
     from agent.blockbench import measure
     from agent.manifest import PartitionManifest
     from agent.profiles import load_profile
@@ -312,10 +313,10 @@ def run_chain_bench(frames: int = 300, plan_frames: int = 60, json_path: Path | 
     from cloud_trainer.export import export_for_profile
     from cloud_trainer.train import model_inputs
 
-    x = model_inputs("vision", frames, seed=seed)
+    x = model_inputs(model, frames, seed=seed)
     with tempfile.TemporaryDirectory(prefix="knet-bench-chain-") as tmp:
         full_dir = Path(tmp) / "full"
-        export_for_profile("vision", "x86-dev", full_dir, seed=seed)
+        export_for_profile(model, "x86-dev", full_dir, seed=seed)
         base = single_process_fps(full_dir, x)
         runner = BlockRunner(PartitionManifest.load(full_dir / "manifest.json"), full_dir,
                              load_profile("x86-dev"))
@@ -335,7 +336,7 @@ def run_chain_bench(frames: int = 300, plan_frames: int = 60, json_path: Path | 
                                            record)
             finally:
                 watcher.close()
-    print_table(f"vision chains on loopback, {frames} frames; single process "
+    print_table(f"{model} chains on loopback, {frames} frames; single process "
                 f"{base:.0f} inferences/s",
                 ["stages", "link codec", "inferences/s", "× single process",
                  "latency p50 ms", "p95 ms", "bytes/inference (all links)", "in order"],
@@ -354,7 +355,7 @@ def run_chain_bench(frames: int = 300, plan_frames: int = 60, json_path: Path | 
                   p["measured_minus_result_hop_s"] * 1e3, p["error_pct"],
                   p["agent_overhead_s"] * 1e3, p["calibrated_predicted_latency_s"] * 1e3,
                   p["calibrated_error_pct"])])
-    result = {"frames": frames, "single_process_fps": base, "chains": rows, "planner": planned,
-              "cpus": sorted(os.sched_getaffinity(0))}
+    result = {"model": model, "frames": frames, "single_process_fps": base, "chains": rows,
+              "planner": planned, "cpus": sorted(os.sched_getaffinity(0))}
     write_json(json_path, "chain", command_line(), result)
     return result

@@ -23,7 +23,7 @@ def _time_once(fn: Any) -> float:
     return time.perf_counter() - t0
 
 
-def run_runtime_bench(model: str = "vision", seed: int = 0, repeats: int = 50,
+def run_runtime_bench(model: str = "effnet-lite0", seed: int = 0, repeats: int = 50,
                       json_path: Path | None = None, threads: int = 2,
                       batches: tuple[int, ...] = (1, 32)) -> list[dict[str, Any]]:
     import onnxruntime as ort

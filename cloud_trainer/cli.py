@@ -106,7 +106,7 @@ def _bench_chain(args: argparse.Namespace) -> int:
     from bench.chain import run_chain_bench
 
     run_chain_bench(frames=args.frames, plan_frames=args.plan_frames, json_path=args.json,
-                    stages=tuple(args.stages))
+                    stages=tuple(args.stages), model=args.model)
     return 0
 
 
@@ -242,8 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", type=Path, default=None)
     b.set_defaults(func=_bench_update)
 
-    b = bsub.add_parser("chain", help="DEFER chains of vision agents vs single process; "
+    b = bsub.add_parser("chain", help="DEFER chains of agents vs single process; "
                                       "planner prediction vs measurement")
+    b.add_argument("--model", choices=["effnet-lite0", "vision"], default="effnet-lite0",
+                   help="a five-block zoo model")
     b.add_argument("--frames", type=int, default=300)
     b.add_argument("--plan-frames", type=int, default=60)
     b.add_argument("--stages", type=int, nargs="+", choices=[1, 2, 4], default=[1, 2, 4])

@@ -122,6 +122,8 @@ def verify_block(block: torch.nn.Module, input_shape: tuple[int, ...], path: Pat
         out = sess.run(["output"], {"input": x.numpy()})[0]
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ExportError(f"{path.name}: onnxruntime cannot run it: {exc}") from None
+    # float32 rounding grows with the activations' size: scale the absolute bound by it
+    atol = atol * max(1.0, float(np.abs(ref).max()) if ref.size else 1.0)
     if out.shape != ref.shape or not np.allclose(out, ref, rtol=rtol, atol=atol):
         diff = float(np.abs(out - ref).max()) if out.shape == ref.shape else float("inf")
         raise ExportError(f"{path.name}: onnxruntime output {out.shape} differs from torch "

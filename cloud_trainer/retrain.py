@@ -372,12 +372,19 @@ class ExportCache:
         return onnx_path, entry, part.ir_version
 
     def partition(self, model: BlockModel, model_id: str, version: int,
-                  target: tuple[int, int], ort: str) -> tuple[PartitionManifest, Path]:
-        """A complete partition of ``version`` for one target, in its own directory."""
+                  target: tuple[int, int], ort: str,
+                  stop: Callable[[], bool] | None = None) -> tuple[PartitionManifest, Path]:
+        """A complete partition of ``version`` for one target, in its own directory.
+
+        ``stop`` is polled before each block (an export is seconds per block with the dynamo
+        exporter): ``TrainingInterrupted``, and exported blocks stay cached for the resume.
+        """
         out = self.root / model_id / f"v{version}" / f"{target[0]}-{target[1]}"
         out.mkdir(parents=True, exist_ok=True)
         entries, ir = [], 0
         for i in range(1, model.num_blocks + 1):
+            if stop is not None and stop():
+                raise TrainingInterrupted(f"export of {model_id} v{version} stopped on request")
             src, entry, block_ir = self.block(model, i, target, ort, model_id)
             name = f"block-{i:02d}.onnx"
             dst = out / name
@@ -446,8 +453,8 @@ class Retrainer:
                         run.run_id)
             return self.runs.get(run.run_id)
         except TrainingInterrupted:
-            log.warning("run %s interrupted while training (the trainer is stopping); the "
-                        "next start resumes it", run.run_id)
+            log.warning("run %s interrupted while training or exporting (the trainer is "
+                        "stopping); the next start resumes it", run.run_id)
             return self.runs.get(run.run_id)
         except RunError as exc:
             run = self._fail(run, str(exc))
@@ -594,7 +601,7 @@ class Retrainer:
             default = target == (CURRENT_OPSET, CURRENT_IR_MAX) or (
                 not has_default and len(rt.targets) == 1)
             variants["" if default else ",".join(profiles)] = self.exports.partition(
-                model, rt.model_id, version, target, ort)
+                model, rt.model_id, version, target, ort, stop=self.stop)
         return variants
 
     def _held_shas(self, rt: ModelRuntime, deployed: BlockModel,

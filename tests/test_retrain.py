@@ -118,7 +118,9 @@ def test_run_improves_a_degraded_student_and_pushes_it_signed(
     assert v3.changed_blocks(registry.get("digits", 1)) == [2, 3, 4]  # block 1 kept
     before, after = evaluate(deployed, s.x_test, s.y_test), evaluate(candidate, s.x_test,
                                                                      s.y_test)
-    assert after > before + 0.1, (before, after)
+    teacher = evaluate(trained_pair("digits").teacher, s.x_test, s.y_test)
+    # the damage is random, so how far it drops varies by machine; the recovery does not
+    assert after > before and after >= teacher - 0.02, (before, after, teacher)
 
     manifest = parse_signed(first_payload, [public_key(tmp)], fleet=FLEET)
     assert manifest.version == 3 and manifest.targets.everyone
