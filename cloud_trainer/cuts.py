@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -218,7 +219,7 @@ def analyse(model: nn.Module, input_shape: Sequence[int]) -> CutAnalysis:
                 != torch.float32:
             continue
         seen.add(v)
-        stack = list(v.meta.get("nn_module_stack", {}))
+        stack = [re.sub(r"@\d+$", "", k) for k in v.meta.get("nn_module_stack", {})]
         op = type(modules[str(v.target)]).__name__ if v.op == "call_module" else _name(v.target)
         cuts.append(CutPoint(op=op,
             index=len(cuts) + 1, node=v.name, module=stack[-1] if stack

@@ -44,6 +44,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cloud_trainer.fleet_lab import Lab, LabSettings, device_specs
+from cloud_trainer.modelref import zoo_name
 
 console = RichConsole(width=None if sys.stdout.isatty() else 140)
 LAB_DIRS = ("broker", "trainer", "agents", "models", "keys", "logs")
@@ -575,7 +576,8 @@ def add_arguments(d: argparse.ArgumentParser) -> None:
     """The `knet demo` options (cloud_trainer/cli.py registers the subcommand)."""
     from cloud_trainer.drift import DRIFTS
 
-    d.add_argument("--model", choices=["digits", "vision"], default="digits")
+    d.add_argument("--model", type=zoo_name, default="digits",
+                   help="a zoo model: the cameras stream its bundled data")
     d.add_argument("--devices", type=int, default=3, help="agents to run (default 3)")
     d.add_argument("--drift", choices=DRIFTS, default=None,
                    help="camera drift (default: contrast loss, severity 0.5 for digits)")
