@@ -301,3 +301,61 @@ def test_knet_cuts_cli_writes_table_json_and_plot(byo: Path, capsys) -> None:
     assert "cannot tell the input shape" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["cuts", "--model", "not a path"])
+
+
+PLAN_NETWORK = """
+mqtt_overhead_bytes = 200
+[[nodes]]
+name = "cam"
+profile = "rpi4"
+bench = "rec.json"
+time_scale = 8.0
+[[nodes]]
+name = "cloud"
+profile = "x86-dev"
+bench = "rec.json"
+[[links]]
+from = "cam"
+to = "cloud"
+bandwidth_mbps = 5
+rtt_ms = 20
+"""
+
+
+def test_plan_bench_and_plan_on_traced_cuts_of_a_residual_model(byo: Path, capsys) -> None:
+    """EfficientNet-Lite at 32 px, cut into 3 blocks at traced candidates, measured here and
+    ranked: the planner's blocks are the traced cuts, not a Sequential's layers."""
+    from agent.blockbench import BenchRecord
+    from cloud_trainer.cli import main
+    from cloud_trainer.cuts import analyse, select_cuts
+
+    (byo / "lite.py").write_text(
+        "from cloud_trainer.zoo.efficientnet_lite import EfficientNetLite\n"
+        "def lite32():\n    m = EfficientNetLite(32)\n    m.input_shape = (3, 32, 32)\n"
+        "    return m\n")
+    rec_path = byo / "rec.json"
+    rc = main(["plan", "bench", "--model", "lite:lite32", "--cuts", "3", "--profile",
+               "x86-dev", "--role", "teacher", "--out", str(rec_path), "--samples", "4",
+               "--repeats", "3", "--device", "dev-1"])
+    assert rc == 0
+    rec = BenchRecord.load(rec_path)
+    from lite import lite32
+
+    model = lite32()
+    chosen = select_cuts(analyse(model, (3, 32, 32)), "3")
+    assert rec.model_id == "lite32" and rec.num_blocks == 3 and rec.inputs == "generated"
+    assert tuple(map(tuple, rec.boundaries)) == ((3, 32, 32), *(c.shape for c in chosen),
+                                                 (1000,))
+    assert all(b.median_s > 0 for b in rec.blocks)
+    (byo / "network.toml").write_text(PLAN_NETWORK)
+    out = byo / "plan.json"
+    rc = main(["plan", "--model", "lite:lite32", "--network", str(byo / "network.toml"),
+               "--objective", "latency", "--top", "3", "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    plans = json.loads(out.read_text())["plans"]
+    assert 1 <= len(plans) <= 3
+    values = [p["value"] for p in plans]
+    assert values == sorted(values)
+    for p in plans:  # every plan runs each of the 3 traced blocks exactly once
+        ran = [b for s in p["slices"] for b in range(s["first"], s["last"] + 1)]
+        assert ran == [1, 2, 3], p["slices"]
