@@ -139,7 +139,14 @@ def run_plan(args: argparse.Namespace) -> int:
     print_plans(problem, plans, args.objective)
     extra: dict[str, object] = {"network": str(args.network)}
     if args.deploy:
-        extra["deploy"] = deploy(problem, plans, net, args)
+        from cloud_trainer.cuts import CutError
+        from cloud_trainer.zoo.refs import ModelRefError
+
+        try:
+            extra["deploy"] = deploy(problem, plans, net, args)
+        except (ModelRefError, CutError) as exc:
+            print(f"knet plan: --model: {exc}", file=sys.stderr)
+            return 2
     if args.json:
         write_json(args.json, problem, plans, args.objective, extra)
         print(f"wrote {args.json}")
