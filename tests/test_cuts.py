@@ -359,3 +359,21 @@ def test_plan_bench_and_plan_on_traced_cuts_of_a_residual_model(byo: Path, capsy
     for p in plans:  # every plan runs each of the 3 traced blocks exactly once
         ran = [b for s in p["slices"] for b in range(s["first"], s["last"] + 1)]
         assert ran == [1, 2, 3], p["slices"]
+
+
+def test_knet_export_a_factory_model_and_refusals(byo: Path, capsys) -> None:
+    from agent.manifest import PartitionManifest
+    from cloud_trainer.cli import build_parser, main
+
+    out = byo / "export"
+    assert main(["export", "--model", "byo_models:plain_with_shape", "--cuts", "modules",
+                 "--out", str(out)]) == 0
+    m = PartitionManifest.load(out / "manifest.json")
+    assert m.model_id == "plain_with_shape" and m.num_blocks == 3
+    assert tuple(map(tuple, m.boundaries)) == ((3, 6, 6), (8, 6, 6), (8, 6, 6), (4,))
+    assert all((out / b.file).is_file() for b in m.blocks)
+    assert main(["export", "--model", "byo_models:wrong_type", "--out", str(byo / "x")]) == 2
+    assert "--model: byo_models:wrong_type: the factory returned dict" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the demo's cameras need a zoo model's bundled data
+        build_parser().parse_args(["demo", "--model", "byo_models:pair"])
+    assert "needs the zoo model's bundled data" in capsys.readouterr().err
