@@ -42,9 +42,17 @@ def _bench_agent(args: argparse.Namespace) -> int:
 
 
 def _bench_distill(args: argparse.Namespace) -> int:
+    if args.model == "effnet-lite0":
+        from bench.distill_scenes import STEPS, run_scene_distill_bench
+
+        run_scene_distill_bench(seeds=tuple(args.seeds or (0, 1, 2)),
+                                steps=args.steps or STEPS, json_path=args.json,
+                                plot_path=args.plot)
+        return 0
     from bench.distill import run_distill_bench
 
-    run_distill_bench(seeds=tuple(args.seeds), transfer=args.transfer, steps=args.steps,
+    run_distill_bench(seeds=tuple(args.seeds or (0, 1, 2, 3, 4)), transfer=args.transfer,
+                      steps=args.steps or 600,
                       json_path=args.json, plot_path=args.plot, sweep=tuple(args.sweep))
     return 0
 
@@ -241,11 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", type=Path, default=None)
     b.set_defaults(func=_bench_agent)
 
-    b = bsub.add_parser("distill", help="KnowledgeNet's knowledge-transfer table on digits")
-    b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    b = bsub.add_parser("distill", help="KnowledgeNet's knowledge-transfer table (digits, "
+                                        "or effnet-lite0 on real photos, label-free)")
+    b.add_argument("--model", choices=["digits", "effnet-lite0"], default="digits")
+    b.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="default: 0-4 on digits, 0-2 on effnet-lite0")
     b.add_argument("--transfer", type=int, default=200,
-                   help="images the students train on (a tenth per class)")
-    b.add_argument("--steps", type=int, default=600, help="optimiser steps per student row")
+                   help="digits: images the students train on (a tenth per class)")
+    b.add_argument("--steps", type=int, default=None,
+                   help="optimiser steps per student row (default: 600 digits, 240 effnet)")
     b.add_argument("--sweep", type=int, nargs="*", default=[],
                    help="also compare logit KD and block-wise KT at these transfer sizes")
     b.add_argument("--json", type=Path, default=None)

@@ -9,6 +9,9 @@ student the candidate scored 71.9 % (below the 83.5 % it replaced, so the gate r
 from this block-wise distilled student 95.2 % against the teacher's 93.3 %. Its blocks
 also agree with the teacher's at every boundary, which split inference needs.
 
+A zoo entry with a pretrained teacher (``effnet-lite0``) has no labels to train its student
+on: its zoo student is already distilled block-wise from the teacher, and is deployed as is.
+
 Cached next to the zoo weights (``$KNET_CACHE/zoo``), keyed by the zoo cache file, so a
 retrained zoo pair gives a new deployed student.
 """
@@ -25,6 +28,7 @@ import torch
 from cloud_trainer.blocks import BlockModel, ModelPair
 from cloud_trainer.distill import train_student_blockwise_from_inputs
 from cloud_trainer.train import RECIPES, cache_path, train_data, trained_pair
+from cloud_trainer.zoo import zoo_entry
 
 log = logging.getLogger(__name__)
 EPOCHS = {"digits": 30, "vision": 5}
@@ -43,6 +47,8 @@ def deployed_student(name: str, seed: int = 0, cache_dir: Path | str | None = No
     loaded (or trained) first when ``pair`` is not given. Returns a new model in eval mode.
     """
     pair = pair or trained_pair(name, seed, cache_dir)
+    if zoo_entry(name).pretrained:  # its zoo student already is the block-wise distilled one
+        return copy.deepcopy(pair.student).eval()
     path = deployed_cache_path(name, seed, cache_dir)
     student = copy.deepcopy(pair.student)
     if path.exists():

@@ -120,7 +120,8 @@ def apply_drift(x: np.ndarray, spec: DriftSpec, *, normalised: bool | None = Non
 
 DEFAULT_SEVERITY: dict[str, float] = {"noise": 0.4, "blur": 0.4, "contrast": 0.5,
                                       "rotation": 0.3, "inversion": 1.0, "brightness": 0.5}
-DEFAULT_DRIFT: dict[str, str] = {"digits": "contrast", "vision": "contrast"}
+DEFAULT_DRIFT: dict[str, str] = {"digits": "contrast", "vision": "contrast",
+                                 "effnet-lite0": "contrast"}
 
 
 def default_spec(model: str, kind: str | None = None, severity: float | None = None,

@@ -58,7 +58,11 @@ from agent.manifest import BlockEntry, PartitionManifest
 from agent.profiles import load_profile
 from agent.update_manifest import SignedManifest, Targets
 from cloud_trainer.blocks import BlockModel
-from cloud_trainer.distill import train_blockwise, train_student_blockwise_from_inputs
+from cloud_trainer.distill import (
+    TrainingInterrupted,
+    train_blockwise,
+    train_student_blockwise_from_inputs,
+)
 from cloud_trainer.export import CURRENT_IR_MAX, CURRENT_OPSET, export_partition, target_for_ort
 from cloud_trainer.fleet import FleetTable
 from cloud_trainer.gate import GateResult, evaluate_candidate
@@ -266,8 +270,10 @@ class Trained:
 
 def train_candidate(teacher: BlockModel, deployed: BlockModel, sel: Selection,
                     job: JobSection,
-                    progress: Callable[[str, int, int, float], None] | None = None) -> Trained:
-    """Label-free block-wise KT from the selected boundary (module doc)."""
+                    progress: Callable[[str, int, int, float], None] | None = None,
+                    stop: Callable[[], bool] | None = None) -> Trained:
+    """Label-free block-wise KT from the selected boundary (module doc); ``stop`` is polled
+    between optimiser steps and raises ``TrainingInterrupted``."""
     t = job.training
     allowed = set(t.blocks) if t.blocks is not None else set(range(1, deployed.num_blocks + 1))
     n = deployed.num_blocks
@@ -275,7 +281,7 @@ def train_candidate(teacher: BlockModel, deployed: BlockModel, sel: Selection,
         res = train_student_blockwise_from_inputs(
             teacher, deployed, sel.train, inputs=t.raw_input_mode, epochs=t.epochs, lr=t.lr,
             batch_size=t.batch_size, temperature=t.temperature, seed=t.seed,
-            progress=progress)
+            progress=progress, stop=stop)
         out = Trained(res.student, [i for i in res.trained if i in allowed], {},
                       res.loss_before, res.loss_after)
         for i in range(1, n + 1):
@@ -293,7 +299,7 @@ def train_candidate(teacher: BlockModel, deployed: BlockModel, sel: Selection,
         if i in allowed:
             res = train_blockwise(teacher, cand, {i - 1: a}, blocks=[i], epochs=t.epochs,
                                   lr=t.lr, batch_size=t.batch_size, temperature=t.temperature,
-                                  seed=t.seed, progress=progress)
+                                  seed=t.seed, progress=progress, stop=stop)
             cand = res.student
             out.trained.append(i)
             out.loss_before[i], out.loss_after[i] = res.loss_before[i], res.loss_after[i]
@@ -438,6 +444,10 @@ class Retrainer:
             log.warning("run %s interrupted during its rollout; the next run resumes it",
                         run.run_id)
             return self.runs.get(run.run_id)
+        except TrainingInterrupted:
+            log.warning("run %s interrupted while training (the trainer is stopping); the "
+                        "next start resumes it", run.run_id)
+            return self.runs.get(run.run_id)
         except RunError as exc:
             run = self._fail(run, str(exc))
         except Exception as exc:
@@ -541,7 +551,7 @@ class Retrainer:
             log.info("run %s: candidate v%d already trained", run.run_id, existing.version)
             return existing, rt.student(self.registry, existing)
         with self.progress.task(f"{job.id} train") as bar:
-            trained = train_candidate(rt.teacher, deployed, sel, job, bar)
+            trained = train_candidate(rt.teacher, deployed, sel, job, bar, stop=self.stop)
         states = [trained.model.block(i).state_dict() for i in range(1, rt.num_blocks + 1)]
         version = self.registry.add_version(
             rt.model_id, states, parent=deployed_v.version, status="candidate",

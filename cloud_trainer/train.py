@@ -7,6 +7,7 @@ label-free, block-wise supervision of students by their teacher lives in ``disti
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -21,12 +23,17 @@ from torch import nn
 
 from cloud_trainer.blocks import BlockModel, ModelPair
 from cloud_trainer.data import digits_splits, vision_frames
-from cloud_trainer.zoo import get_pair
+from cloud_trainer.scenes import IN_SCENE, OUT_OF_SCENE
+from cloud_trainer.zoo import get_pair, zoo_entry
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int, float], None]
+SceneSplit = Literal["train", "in-scene", "out-of-scene"]
 """Called after every epoch with (what, epoch, epochs, mean loss); the CLI draws bars."""
+
+
+EFFNET_EPOCHS, EFFNET_TRAIN_PER_SCENE = 6, 80
 
 
 @dataclass(frozen=True)
@@ -37,8 +44,16 @@ class Recipe:
     shift: int = 0  # random translation in pixels (augmentation)
 
 
-RECIPES = {"digits": Recipe(epochs=30, lr=3e-3, shift=1), "vision": Recipe(epochs=5, lr=3e-3)}
+RECIPES = {"digits": Recipe(epochs=30, lr=3e-3, shift=1), "vision": Recipe(epochs=5, lr=3e-3),
+           # the student's label-free block-wise KT against the pretrained teacher
+           "effnet-lite0": Recipe(epochs=EFFNET_EPOCHS, lr=3e-3)}
 VISION_TRAIN, VISION_TEST = 1600, 512
+# effnet-lite0 frames: per scene, which photos, seed base (cloud_trainer.scenes)
+SCENE_SPLITS: dict[str, tuple[int, tuple[str, ...], int]] = {
+    "train": (EFFNET_TRAIN_PER_SCENE, IN_SCENE, 1000),
+    "in-scene": (32, IN_SCENE, 5000),
+    "out-of-scene": (120, OUT_OF_SCENE, 7000),
+}
 CACHE_FORMAT = 2  # bump when the cached file's content changes meaning
 
 
@@ -71,20 +86,54 @@ def training_context(seed: int, threads: int | None) -> Iterator[None]:
 
 
 def train_data(name: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Training inputs and labels (for ``effnet-lite0``: the teacher's top-1 on each frame)."""
     if name == "digits":
         s = digits_splits()
         return s.x_train, s.y_train
+    if name == "effnet-lite0":
+        return scene_set("train", seed)
     return vision_frames(VISION_TRAIN, seed=1000 + seed)
 
 
 def eval_set(name: str, seed: int = 0, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out inputs with labels (the digits test split; fresh vision frames)."""
+    """Held-out inputs with labels (the digits test split; fresh vision frames; fresh frames
+    of the training scenes labelled by the teacher's top-1 on them, undrifted)."""
     if name == "digits":
         s = digits_splits()
         x, y = s.x_test, s.y_test
+    elif name == "effnet-lite0":
+        x, y = scene_set("in-scene", seed)
     else:
         x, y = vision_frames(n or VISION_TEST, seed=5000 + seed)
     return (x[:n], y[:n]) if n else (x, y)
+
+
+@functools.lru_cache(maxsize=8)
+def scene_set(split: SceneSplit, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``effnet-lite0`` frames of real photos (``cloud_trainer.scenes``), labelled with the
+    pretrained teacher's top-1: the label a user cares about is what the teacher says of the
+    frame as the camera took it (before any drift). Read-only arrays, cached per process.
+
+    ``train`` and ``in-scene`` are disjoint frames (other seeds) of the training photos;
+    ``out-of-scene`` frames come from photos never trained on.
+    """
+    from cloud_trainer import scenes
+    from cloud_trainer.zoo.effnet import IMAGE_SIZE
+
+    per_scene, names, base = SCENE_SPLITS[split]
+    x, _ = scenes.frames(names, per_scene, IMAGE_SIZE, seed=base + seed)
+    y = teacher_top1(get_pair("effnet-lite0").teacher, x)
+    for a in (x, y):
+        a.setflags(write=False)
+    return x, y
+
+
+@torch.no_grad()
+def teacher_top1(teacher: BlockModel, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    teacher.eval()
+    out = [teacher(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size]))).argmax(1)
+           for i in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy().astype(np.int64)
 
 
 def model_inputs(name: str, n: int, seed: int = 0) -> np.ndarray:
@@ -205,6 +254,7 @@ def trained_pair(name: str, seed: int = 0, cache_dir: Path | str | None = None,
     pair = get_pair(name, seed)
     recipe = RECIPES[name]
     path = _cache_file(pair, name, seed, cache_dir)
+    pretrained = zoo_entry(name).pretrained
     if path.exists():
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -216,6 +266,22 @@ def trained_pair(name: str, seed: int = 0, cache_dir: Path | str | None = None,
         except Exception as exc:  # a truncated or foreign file: retrain
             log.warning("cache %s unusable (%s); retraining", path, exc)
             pair = get_pair(name, seed)
+    if pretrained:
+        _distil_pretrained(pair, name, recipe, seed, progress)
+    else:
+        _train_both(pair, name, recipe, seed, progress)
+    log.info("trained %s seed %d: %s", name, seed, pair.metrics)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save({"teacher": pair.teacher.state_dict(), "student": pair.student.state_dict(),
+                "metrics": pair.metrics, "recipe": asdict(recipe)}, tmp)
+    tmp.replace(path)
+    return pair.eval()
+
+
+def _train_both(pair: ModelPair, name: str, recipe: Recipe, seed: int,
+                progress: Progress | None) -> None:
+    """Teacher and student each trained alone on the labels."""
     x, y = train_data(name, seed)
     xte, yte = eval_set(name, seed)
     for role, model in (("teacher", pair.teacher), ("student", pair.student)):
@@ -225,10 +291,24 @@ def trained_pair(name: str, seed: int = 0, cache_dir: Path | str | None = None,
                          progress=progress, what=f"{name} {role}")
         pair.metrics[f"{role}_train_s"] = round(time.perf_counter() - t0, 2)
         pair.metrics[f"{role}_accuracy"] = evaluate(model, xte, yte)
-    log.info("trained %s seed %d: %s", name, seed, pair.metrics)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save({"teacher": pair.teacher.state_dict(), "student": pair.student.state_dict(),
-                "metrics": pair.metrics, "recipe": asdict(recipe)}, tmp)
-    tmp.replace(path)
-    return pair.eval()
+
+
+def _distil_pretrained(pair: ModelPair, name: str, recipe: Recipe, seed: int,
+                       progress: Progress | None) -> None:
+    """The student learns the pretrained teacher block by block, label-free, on the
+    training frames (``student+boundary`` inputs; ``cloud_trainer.distill``). Accuracies are
+    top-1 agreement with the teacher's prediction on the same frame."""
+    from cloud_trainer.distill import train_student_blockwise_from_inputs
+
+    x, _ = train_data(name, seed)
+    res = train_student_blockwise_from_inputs(
+        pair.teacher, pair.student, x, inputs="student+boundary", epochs=recipe.epochs,
+        lr=recipe.lr, batch_size=recipe.batch_size, seed=seed, threads=None,
+        progress=progress)
+    pair.student = res.student.eval()
+    pair.metrics["student_train_s"] = res.seconds
+    pair.metrics["teacher_accuracy"] = 1.0  # agreement with itself: the labels are its own
+    for split in ("in-scene", "out-of-scene"):
+        xe, ye = scene_set(split, seed)  # type: ignore[arg-type]
+        pair.metrics[f"student_accuracy_{split}"] = evaluate(pair.student, xe, ye)
+    pair.metrics["student_accuracy"] = pair.metrics["student_accuracy_in-scene"]

@@ -44,3 +44,17 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
         if demo.poll() is None:
             demo.kill()
             demo.wait()
+
+
+def test_a_drift_that_defeats_the_teacher_is_refused_at_the_start(tmp_path: Path) -> None:
+    """Sensor noise at 0.4 leaves EfficientNet-Lite0 agreeing with itself on well under
+    half of the frames: label-free retraining cannot recover that, so the demo says so and
+    exits non-zero before it starts a single process."""
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "cloud_trainer.cli", "demo", "--model",
+                        "effnet-lite0", "--drift", "noise", "--devices", "2", "--out",
+                        str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    text = " ".join(r.stdout.split())
+    assert "too strong for the teacher itself" in text and "--teacher-floor" in text
+    assert _pids(out) == []  # nothing was started

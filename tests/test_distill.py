@@ -295,3 +295,29 @@ def test_bench_transfer_sets_are_stratified_nested_and_equal_budget() -> None:
     assert len(transfer_set(10_000, seed=0)) == len(y)
     assert epochs_for(200, 600) * -(-200 // BATCH) == 600
     assert epochs_for(len(y), 600) * -(-len(y) // BATCH) == 600
+
+
+@pytest.mark.parametrize("how", ["blockwise", "from_inputs"])
+def test_training_stops_between_steps_when_asked(how: str) -> None:
+    """A trainer shutting down (SIGTERM) must not wait for a whole run: ``stop`` is polled
+    before every optimiser step and the caller's student is left untouched."""
+    from cloud_trainer.distill import TrainingInterrupted
+
+    teacher, student = _teacher(), _student()
+    before = copy.deepcopy(student.state_dict())
+    x = torch.randn(256, 6, generator=torch.Generator().manual_seed(1))
+    polls = []
+
+    def stop() -> bool:
+        polls.append(1)
+        return len(polls) > 3  # three steps, then the trainer says stop
+
+    with pytest.raises(TrainingInterrupted):
+        if how == "blockwise":
+            train_blockwise(teacher, student, {0: x}, epochs=50, batch_size=16, stop=stop)
+        else:
+            train_student_blockwise_from_inputs(teacher, student, x, epochs=50, batch_size=16,
+                                                stop=stop)
+    assert len(polls) == 4  # not one step more
+    for k, v in student.state_dict().items():
+        assert torch.equal(v, before[k])

@@ -175,11 +175,9 @@ class EfficientNetLite(nn.Module):
         self.stages = tuple(stages)
         stem = Stem(image_size)
         self._conv_stem, self._bn0 = stem._conv_stem, stem._bn0
-        blocks, size = [], math.ceil(image_size / 2)
-        for block, size in stage_blocks(self.stages, STEM, size):  # noqa: B007
-            blocks.append(block)
-        self._blocks = nn.ModuleList(blocks)
-        head = Head(self.stages[-1].out, size=size, classes=classes)
+        built = list(stage_blocks(self.stages, STEM, math.ceil(image_size / 2)))
+        self._blocks = nn.ModuleList(b for b, _ in built)
+        head = Head(self.stages[-1].out, size=built[-1][1], classes=classes)
         self._conv_head, self._bn1, self._fc = head._conv_head, head._bn1, head._fc
         self._dropout = head._dropout
         self.act = nn.ReLU6()
