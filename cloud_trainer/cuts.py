@@ -219,7 +219,7 @@ def analyse(model: nn.Module, input_shape: Sequence[int]) -> CutAnalysis:
                 != torch.float32:
             continue
         seen.add(v)
-        stack = [re.sub(r"@\d+$", "", k) for k in v.meta.get("nn_module_stack", {})]
+        stack = _modules_at(v, 1_000)
         op = type(modules[str(v.target)]).__name__ if v.op == "call_module" else _name(v.target)
         cuts.append(CutPoint(op=op,
             index=len(cuts) + 1, node=v.name, module=stack[-1] if stack
@@ -237,9 +237,21 @@ def find_cuts(model: nn.Module, input_shape: Sequence[int]) -> list[CutPoint]:
     return analyse(model, input_shape).cuts
 
 
-def _top_module(node: fx.Node) -> str:
-    stack = list(node.meta.get("nn_module_stack", {}))
-    return stack[0] if stack else ""
+def _modules_at(node: fx.Node, depth: int) -> tuple[str, ...]:
+    """The modules ``node`` runs in, outermost first, down to ``depth`` levels."""
+    return tuple(re.sub(r"@\d+$", "", k) for k in node.meta.get("nn_module_stack", {}))[:depth]
+
+
+def module_boundaries(analysis: CutAnalysis, depth: int = 1) -> list[CutPoint]:
+    """Candidates where the modules (down to ``depth`` levels) differ on the two sides."""
+    nodes = list(analysis.graph_module.graph.nodes)
+    chosen = []
+    for c in analysis.cuts:
+        i = analysis.positions[c.node]
+        nxt = next((n for n in nodes[i + 1:] if n.op not in ("get_attr", "output")), None)
+        if nxt is None or _modules_at(nodes[i], depth) != _modules_at(nxt, depth):
+            chosen.append(c)
+    return chosen
 
 
 def select_cuts(analysis: CutAnalysis, spec: str | Sequence[str]) -> list[CutPoint]:
@@ -248,8 +260,11 @@ def select_cuts(analysis: CutAnalysis, spec: str | Sequence[str]) -> list[CutPoi
     - ``"all"``: every candidate;
     - ``"modules"``: candidates between two different top-level modules (for a model built
       of stages, the stage boundaries; for an ``nn.Sequential``, every layer boundary);
+      ``"modules:D"`` compares the modules down to D levels (finer: e.g. every MBConv of a
+      ``BlockModel`` whose blocks are ``nn.Sequential`` stages);
     - ``"N"`` (an integer ≥ 1): N blocks, cut among the ``"modules"`` candidates where the
-      FLOPs before are nearest to 1/N, 2/N, ... of the total (balanced compute);
+      FLOPs before are nearest to 1/N, 2/N, ... of the total (balanced compute); ``"N:D"``
+      among the ``"modules:D"`` ones;
     - candidate node names or 1-based candidate indices, comma-separated or as a list.
     """
     cuts = analysis.cuts
@@ -257,18 +272,15 @@ def select_cuts(analysis: CutAnalysis, spec: str | Sequence[str]) -> list[CutPoi
              if s.strip()]
     if names == ["all"]:
         return list(cuts)
-    count = len(names) == 1 and names[0].isdigit()  # "3" alone: blocks; "3,7": indices
-    if names == ["modules"] or count:
-        nodes = list(analysis.graph_module.graph.nodes)
-        chosen = []
-        for c in cuts:
-            i = analysis.positions[c.node]
-            nxt = next((n for n in nodes[i + 1:] if n.op not in ("get_attr", "output")), None)
-            if nxt is None or _top_module(nodes[i]) != _top_module(nxt):
-                chosen.append(c)
-        if names == ["modules"]:
+    coarse = re.fullmatch(r"(modules|\d+)(?::(\d+))?", names[0]) if len(names) == 1 else None
+    if coarse:  # "3" alone is a block count; "3,7" are candidate indices
+        depth = int(coarse.group(2) or 1)
+        if depth < 1:
+            raise CutError(f"{names[0]!r}: the module depth must be at least 1")
+        chosen = module_boundaries(analysis, depth)
+        if coarse.group(1) == "modules":
             return chosen
-        return _balanced(chosen, int(names[0]), analysis.total_flops)
+        return _balanced(chosen, int(coarse.group(1)), analysis.total_flops)
     by_name = {c.node: c for c in cuts}
     picked = []
     for s in names:
@@ -342,17 +354,6 @@ def block_model_from_cuts(model: nn.Module, cuts: Iterable[CutPoint | str],
     return BlockModel(blocks, analysis.input_shape).eval()
 
 
-def cuts_table_rows(analysis: CutAnalysis) -> list[tuple[object, ...]]:
-    """Rows for the ``knet cuts`` table: index, node, module, shape, KiB, params, MFLOPs."""
-    rows = []
-    for c in analysis.cuts:
-        rows.append((c.index, c.node, c.module or "-", "×".join(map(str, c.shape)),
-                     f"{c.bytes_fp32 / 1024:.1f}", f"{c.params_before:,}",
-                     f"{c.params_after:,}", f"{c.flops_before / 1e6:.2f}",
-                     f"{c.flops_after / 1e6:.2f}"))
-    return rows
-
-
 def plot_cuts(analysis: CutAnalysis, path: str | Any, marked: Sequence[CutPoint] = ()) -> None:
     """PNG: boundary bytes at every candidate, cumulative FLOPs and params along the model,
     the ``marked`` cuts (a chosen subset) as vertical lines."""
@@ -383,4 +384,5 @@ def plot_cuts(analysis: CutAnalysis, path: str | Any, marked: Sequence[CutPoint]
 
 
 __all__ = ["CutAnalysis", "CutError", "CutPoint", "analyse", "block_model_from_cuts",
-           "cuts_table_rows", "find_cuts", "node_flops", "plot_cuts", "select_cuts", "trace"]
+           "find_cuts", "module_boundaries", "node_flops", "plot_cuts",
+           "select_cuts", "trace"]

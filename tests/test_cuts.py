@@ -75,6 +75,24 @@ def test_block_chain_equals_the_whole_model(effnet) -> None:
     assert all(abs(s - k / 4) < 0.15 for s, k in zip(share, (1, 2, 3), strict=True)), share
 
 
+def test_zoo_effnet_teacher_cut_points() -> None:
+    """The zoo's effnet-lite0 teacher (pretrained, cut by hand at stage boundaries): its
+    traced top-level boundaries are its blocks; ``modules:2`` finds every MBConv output."""
+    from cloud_trainer.zoo import effnet
+
+    t = effnet.teacher()
+    a = analyse(t, t.input_shape)
+    assert tuple(c.shape for c in select_cuts(a, "modules")) == t.boundary_shapes[1:-1]
+    fine = select_cuts(a, "modules:2")
+    assert len([c for c in fine if c.op == "add"]) == 9  # the 9 residual MBConvs
+    x = torch.rand(2, *t.input_shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        chain = block_model_from_cuts(t, fine, t.input_shape, a)
+        assert chain.num_blocks == len(fine) + 1
+        assert torch.allclose(chain(x), t(x), atol=1e-4)
+    assert len(select_cuts(a, "8:2")) == 7
+
+
 def test_flops_params_and_bytes_by_hand() -> None:
     seq = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
                         nn.Linear(8 * 4 * 4, 5))
