@@ -197,7 +197,8 @@ def export_for_profile(model_name: str, profile: str, out: Path, *, seed: int = 
     from cloud_trainer.zoo.refs import DEFAULT_CUTS, cut_module, load_ref
 
     prof = load_profile(profile)
-    loaded = load_ref(model_name, seed=seed, weights=weights, input_shape=input_shape)
+    loaded = load_ref(model_name, seed=seed, weights=weights, input_shape=input_shape,
+                      role=role)
     if cuts is not None and (loaded.pair is not None or loaded.teacher is not None):
         model = cut_module(*loaded.network(role), cuts)
     else:

@@ -115,22 +115,27 @@ def _load_state(model: nn.Module, state: Any, path: Path, what: str) -> None:
 
 
 def load_ref(ref: ModelRef | str, *, seed: int = 0, weights: Path | str | None = None,
-             input_shape: Sequence[int] | str | None = None, trained: bool = True) -> Loaded:
+             input_shape: Sequence[int] | str | None = None, trained: bool = True,
+             role: str | None = None) -> Loaded:
     """Resolve ``ref``: a zoo pair (trained and cached when ``trained``) or a factory's
-    result with ``weights`` loaded. Every failure is a :class:`ModelRefError`."""
+    result with ``weights`` loaded. Every failure is a :class:`ModelRefError`.
+
+    ``role="teacher"``: only the teacher will be used, so a zoo entry whose teacher comes
+    pretrained is not trained (its student's distillation takes minutes).
+    """
     ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
     shape = parse_shape(input_shape)  # type: ignore[arg-type]
     if ref.zoo is not None:
         if weights is not None:
             raise ModelRefError(f"{ref.text}: weights are for import-path models; zoo weights "
                                 "come from training (cloud_trainer.train)")
-        from cloud_trainer.zoo import get_pair
+        from cloud_trainer.zoo import get_pair, zoo_entry
 
-        if trained:
+        if trained and not (role == "teacher" and zoo_entry(ref.zoo).pretrained):
             from cloud_trainer.train import trained_pair
 
             pair = trained_pair(ref.zoo, seed=seed)
-        else:
+        else:  # untrained, or only a teacher that comes pretrained: no training needed
             pair = get_pair(ref.zoo, seed=seed)
         return Loaded(ref, pair=pair, input_shape=pair.teacher.input_shape)
     factory = _import(ref)
