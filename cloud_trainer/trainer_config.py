@@ -145,10 +145,10 @@ class ModelSection(BaseModel):
         if self.factory is None:
             if self.zoo is None:
                 self.zoo = "digits"
-            for key in ("weights", "input_shape"):
-                if getattr(self, key) is not None:
-                    raise ValueError(f"{key}: only for a factory model (zoo weights come "
-                                     "from training)")
+            for key in ("weights", "input_shape", "cuts"):
+                if key in self.model_fields_set:
+                    raise ValueError(f"{key}: only for a factory model (a zoo model has "
+                                     "its own blocks and trained weights)")
             return self
         from cloud_trainer.zoo.refs import ModelRefError
 

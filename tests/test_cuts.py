@@ -266,6 +266,7 @@ state_dir = "state"
     ('factory = "byo_models:pair"\nweights = "w.pt"', "models.mine: weights: weights "),
     ('factory = "byo_models:pair"\nzoo = "digits"', "give zoo or factory, not both"),
     ('zoo = "digits"\nweights = "w.pt"', "weights: only for a factory model"),
+    ('zoo = "digits"\ncuts = "4"', "cuts: only for a factory model"),
     ('factory = "byo_models:plain"\ninput_shape = [3, 6, 6]\ncuts = "zz"',
      "models.mine: cuts: 'zz' is not a cut candidate"),
 ])
