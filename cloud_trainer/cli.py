@@ -344,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--input-shape", default=None, metavar="C,H,W",
                    help="input shape when the factory's model cannot say")
     e.add_argument("--cuts", default=None, metavar="SPEC",
-                   help="cut at traced candidates (`knet cuts`): all, modules, N, names")
+                   help="cut at traced candidates (`knet cuts`): all, modules[:D], "
+                        "N[:D] blocks, or candidate names/indices")
     e.add_argument("--profile", default="x86-dev")
     e.add_argument("--role", choices=["student", "teacher"], default="student")
     e.add_argument("--version", type=int, default=1)
@@ -362,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--input-shape", default=None, metavar="C,H,W",
                    help="input shape when the factory's model cannot say")
     c.add_argument("--select", default=None, metavar="SPEC",
-                   help="mark a subset: all, modules, a block count N, names/indices")
+                   help="mark a subset: all, modules[:D], a block count N[:D], "
+                        "or candidate names/indices")
     c.add_argument("--json", type=Path, default=None)
     c.add_argument("--plot", type=Path, default=None, help="PNG: bytes, cumulative FLOPs")
     c.set_defaults(func=_cuts)

@@ -32,8 +32,8 @@ def _model_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", default=None, metavar="C,H,W",
                    help="input shape when the factory's model cannot say")
     p.add_argument("--cuts", default=None, metavar="SPEC",
-                   help="cut at traced candidates (`knet cuts`): all, modules, a block "
-                        "count N, or candidate names/indices")
+                   help="cut at traced candidates (`knet cuts`): all, modules[:D], a "
+                        "block count N[:D], or candidate names/indices")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
