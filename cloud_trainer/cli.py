@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from cloud_trainer.modelref import model_ref, zoo_name
+
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -149,12 +151,62 @@ def _keys_gen(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from cloud_trainer.cuts import CutError
     from cloud_trainer.export import export_for_profile
+    from cloud_trainer.zoo.refs import ModelRefError
 
-    manifest = export_for_profile(args.model, args.profile, Path(args.out), seed=args.seed,
-                                  role=args.role, model_version=args.version)
+    try:
+        manifest = export_for_profile(args.model.text, args.profile, Path(args.out),
+                                      seed=args.seed, role=args.role,
+                                      model_version=args.version, weights=args.weights,
+                                      input_shape=args.input_shape, cuts=args.cuts)
+    except (ModelRefError, CutError) as exc:
+        print(f"knet export: --model: {exc}", file=sys.stderr)
+        return 2
     print(f"exported {len(manifest.blocks)} blocks of {manifest.model_id} "
           f"(IR {manifest.ir_version}, opset {manifest.opset}) to {args.out}/manifest.json")
+    return 0
+
+
+def _cuts(args: argparse.Namespace) -> int:
+    import json
+
+    from bench.report import print_table
+    from cloud_trainer.cuts import CutError, analyse, plot_cuts, select_cuts
+    from cloud_trainer.zoo.refs import ModelRefError, load_ref
+
+    try:
+        loaded = load_ref(args.model, weights=args.weights, input_shape=args.input_shape,
+                          trained=False)
+        network, shape = loaded.network(args.role)
+        analysis = analyse(network, shape)
+        chosen = select_cuts(analysis, args.select) if args.select else []
+    except (ModelRefError, CutError) as exc:
+        print(f"knet cuts: --model: {exc}", file=sys.stderr)
+        return 2
+    marked = {c.index for c in chosen}
+    rows = [("*" if c.index in marked else "", c.index, c.node, c.op, c.module or "-",
+             "×".join(map(str, c.shape)), round(c.bytes_fp32 / 1024, 1),
+             f"{c.params_before:,}", f"{c.params_after:,}", f"{c.flops_before / 1e6:.3g}",
+             f"{c.flops_after / 1e6:.3g}") for c in analysis.cuts]
+    print_table(f"{args.model.text} ({args.role}): {len(analysis.cuts)} cut candidates, input "
+                f"{'×'.join(map(str, shape))}, {analysis.total_params:,} params, "
+                f"{analysis.total_flops / 1e6:.1f} MFLOPs per input",
+                ["sel", "#", "node", "op", "module", "boundary", "KiB fp32", "params before",
+                 "params after", "MFLOPs before", "MFLOPs after"], rows)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "model": args.model.text, "role": args.role, "input_shape": list(shape),
+            "output_shape": list(analysis.output_shape),
+            "total_params": analysis.total_params, "total_flops": analysis.total_flops,
+            "selected": [c.node for c in chosen],
+            "cuts": [c.as_dict() for c in analysis.cuts]}, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_cuts(analysis, args.plot, chosen)
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -172,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure knet (tables + JSON)")
     bsub = bench.add_subparsers(dest="bench", required=True)
     b = bsub.add_parser("codec", help="activation codecs on every boundary of a trained model")
-    b.add_argument("--model", choices=["digits", "vision"], default="digits")
+    b.add_argument("--model", type=zoo_name, default="digits")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--samples", type=int, default=None, help="inputs to use (default: all/256)")
     b.add_argument("--codecs", nargs="*", default=None, help="codec specs (default: a sweep)")
@@ -180,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", type=Path, default=None, help="ratio-vs-accuracy PNG")
     b.set_defaults(func=_bench_codec)
     b = bsub.add_parser("runtime", help="torch eager vs onnxruntime per block")
-    b.add_argument("--model", choices=["digits", "vision"], default="vision")
+    b.add_argument("--model", type=zoo_name, default="vision")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--repeats", type=int, default=50)
     b.add_argument("--threads", type=int, default=2)
@@ -188,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_bench_runtime)
 
     b = bsub.add_parser("agent", help="full agent pipeline vs bare onnxruntime")
-    b.add_argument("--model", choices=["digits", "vision"], default="vision")
+    b.add_argument("--model", type=zoo_name, default="vision")
     b.add_argument("--frames", type=int, default=20_000, help="inputs per run")
     b.add_argument("--distinct", type=int, default=1000,
                    help="different inputs, replayed round and round until --frames")
@@ -286,14 +338,38 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", default="knet-update")
     g.set_defaults(func=_keys_gen)
 
-    e = sub.add_parser("export", help="export a zoo model's blocks to ONNX for a profile")
-    e.add_argument("--model", choices=["digits", "vision"], default="digits")
+    e = sub.add_parser("export", help="export a model's blocks to ONNX for a profile")
+    e.add_argument("--model", type=model_ref, default="digits",
+                   help="zoo name or package.module:factory")
+    e.add_argument("--weights", type=Path, default=None,
+                   help="state dict for an import-path model")
+    e.add_argument("--input-shape", default=None, metavar="C,H,W",
+                   help="input shape when the factory's model cannot say")
+    e.add_argument("--cuts", default=None, metavar="SPEC",
+                   help="cut at traced candidates (`knet cuts`): all, modules[:D], "
+                        "N[:D] blocks, or candidate names/indices")
     e.add_argument("--profile", default="x86-dev")
     e.add_argument("--role", choices=["student", "teacher"], default="student")
     e.add_argument("--version", type=int, default=1)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", required=True)
     e.set_defaults(func=_export)
+
+    c = sub.add_parser("cuts", help="every point where one tensor crosses (traced cut "
+                                    "candidates): shape, bytes, params and FLOPs per side")
+    c.add_argument("--model", type=model_ref, required=True,
+                   help="zoo name or package.module:factory")
+    c.add_argument("--role", choices=["teacher", "student"], default="teacher",
+                   help="which model of a pair to trace")
+    c.add_argument("--weights", type=Path, default=None)
+    c.add_argument("--input-shape", default=None, metavar="C,H,W",
+                   help="input shape when the factory's model cannot say")
+    c.add_argument("--select", default=None, metavar="SPEC",
+                   help="mark a subset: all, modules[:D], a block count N[:D], "
+                        "or candidate names/indices")
+    c.add_argument("--json", type=Path, default=None)
+    c.add_argument("--plot", type=Path, default=None, help="PNG: bytes, cumulative FLOPs")
+    c.set_defaults(func=_cuts)
 
     from cloud_trainer.plan.cli import add_parser as add_plan_parser
 

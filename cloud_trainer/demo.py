@@ -45,6 +45,7 @@ from rich.table import Table
 from rich.text import Text
 
 from cloud_trainer.fleet_lab import Lab, LabSettings, device_specs
+from cloud_trainer.modelref import zoo_name
 
 console = RichConsole(width=None if sys.stdout.isatty() else 140)
 LAB_DIRS = ("broker", "trainer", "agents", "models", "keys", "logs")
@@ -666,7 +667,8 @@ def add_arguments(d: argparse.ArgumentParser) -> None:
     from cloud_trainer.drift import DRIFTS
     from cloud_trainer.zoo import zoo_names
 
-    d.add_argument("--model", choices=zoo_names(), default="digits")
+    d.add_argument("--model", type=zoo_name, default="digits",
+                   help=f"a zoo model ({', '.join(zoo_names())}): the cameras stream its data")
     d.add_argument("--devices", type=int, default=3, help="agents to run (default 3)")
     d.add_argument("--drift", choices=DRIFTS, default=None,
                    help="camera drift (default: contrast loss, severity 0.5 for digits)")

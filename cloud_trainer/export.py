@@ -27,7 +27,7 @@ import contextlib
 import io
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -184,16 +184,31 @@ def export_partition(model: BlockModel, out_dir: Path | str, *, model_id: str,
 
 
 def export_for_profile(model_name: str, profile: str, out: Path, *, seed: int = 0,
-                       role: str = "student", model_version: int = 1) -> PartitionManifest:
-    """Train (or load from cache) a zoo pair and export one of its models for a profile."""
+                       role: str = "student", model_version: int = 1,
+                       weights: Path | str | None = None,
+                       input_shape: Sequence[int] | str | None = None,
+                       cuts: str | Sequence[str] | None = None) -> PartitionManifest:
+    """Export one model of a pair for a profile.
+
+    ``model_name`` is a zoo name (trained, or loaded from the cache) or an import path
+    ``package.module:factory`` (``cloud_trainer.zoo.refs``; a teacher alone is its own
+    student). ``cuts`` re-cuts the model at traced candidates (``cloud_trainer.cuts``;
+    for a factory's plain module it is the cut selection, default ``modules``).
+    """
     from agent.profiles import load_profile
-    from cloud_trainer.train import trained_pair
+    from cloud_trainer.zoo.refs import DEFAULT_CUTS, cut_module, load_ref
 
     prof = load_profile(profile)
-    pair = trained_pair(model_name, seed=seed)
-    model = pair.student if role == "student" else pair.teacher
-    manifest = export_partition(model, out, model_id=model_name, model_version=model_version,
-                                role=role, profile_ort_version=prof.onnxruntime)
+    loaded = load_ref(model_name, seed=seed, weights=weights, input_shape=input_shape,
+                      role=role)
+    if cuts is not None and (loaded.pair is not None or loaded.teacher is not None):
+        model = cut_module(*loaded.network(role), cuts)
+    else:
+        pair = loaded.as_pair(cuts if cuts is not None else DEFAULT_CUTS)
+        model = pair.student if role == "student" else pair.teacher
+    manifest = export_partition(model, out, model_id=loaded.model_id,
+                                model_version=model_version, role=role,
+                                profile_ort_version=prof.onnxruntime)
     if not prof.supports_ir(manifest.ir_version):
         raise ExportError(f"profile {prof.name} reads IR ≤ {prof.max_ir_version}, export "
                           f"wrote IR {manifest.ir_version}; fix the profile's onnxruntime")

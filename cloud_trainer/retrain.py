@@ -104,9 +104,7 @@ class ModelRuntime:
 
     @classmethod
     def load(cls, model_id: str, section: ModelSection) -> ModelRuntime:
-        from cloud_trainer.train import trained_pair
-
-        pair = trained_pair(section.zoo, seed=section.seed)
+        pair = section.load_pair()  # zoo: trained on labels; factory: its own weights
         targets: dict[tuple[int, int], tuple[list[str], str]] = {}
         for name in section.profiles:
             ort = load_profile(name).onnxruntime
@@ -138,7 +136,8 @@ def ensure_initial_version(registry: Registry, rt: ModelRuntime) -> ModelVersion
     states = [rt.initial_student.block(i).state_dict() for i in range(1, rt.num_blocks + 1)]
     v = registry.add_version(rt.model_id, states, status="pushed",
                              reason="initial zoo student (what `knet export` gives devices)",
-                             info={"zoo": rt.section.zoo, "seed": rt.section.seed,
+                             info={"zoo": rt.section.zoo, "factory": rt.section.factory,
+                                   "seed": rt.section.seed,
                                    "initial": True})
     log.info("registered the initial %s student as v%d (deployed)", rt.model_id, v.version)
     return v

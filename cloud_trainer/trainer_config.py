@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import (
     BaseModel,
@@ -26,6 +26,9 @@ from pydantic import (
 from agent.config import TlsSection  # one TLS model for devices and trainer
 from agent.configfile import ConfigError, load_model, resolve_path
 from agent.topics import Topics, validate_id
+
+if TYPE_CHECKING:
+    from cloud_trainer.blocks import ModelPair
 
 _STRICT = ConfigDict(extra="forbid")
 
@@ -91,23 +94,89 @@ class MqttSection(BaseModel):
 
 
 class ModelSection(BaseModel):
-    """A zoo model the trainer supervises and the profiles its updates are exported for."""
+    """A model the trainer supervises and the profiles its updates are exported for.
+
+    ``zoo`` (default ``digits``) or ``factory`` (``package.module:factory``, with optional
+    ``weights`` relative to this file): exactly one. A factory is imported and called at
+    load time, so a wrong path, return type, shape or weights file fails here
+    (``cloud_trainer.zoo.refs``). ``input_shape`` and ``cuts`` apply to a factory that
+    returns a plain module (cut at traced candidates, ``cloud_trainer.cuts``).
+    """
 
     model_config = _STRICT
 
-    zoo: str = "digits"
+    zoo: str | None = None
+    factory: str | None = Field(None, description="package.module:factory")
+    weights: Path | None = Field(None, description="torch state dict for the factory's model")
+    input_shape: list[int] | None = Field(None, description="C,H,W when the model cannot say")
+    cuts: str | list[str] = Field("modules", description="cut selection for a plain module")
     seed: int = Field(0, ge=0)
     profiles: list[str] = Field(default_factory=lambda: ["x86-dev"], min_length=1,
                                 description="firmware profiles to export each update for")
 
+    _paths = field_validator("weights")(resolve_path)
+
     @field_validator("zoo")
     @classmethod
-    def _zoo(cls, v: str) -> str:
+    def _zoo(cls, v: str | None) -> str | None:
         from cloud_trainer.zoo import zoo_names
 
-        if v not in zoo_names():
+        if v is not None and v not in zoo_names():
             raise ValueError(f"no zoo model {v!r}; choose from {', '.join(zoo_names())}")
         return v
+
+    @field_validator("factory")
+    @classmethod
+    def _factory(cls, v: str | None) -> str | None:
+        from cloud_trainer.zoo.refs import ModelRef, ModelRefError
+
+        if v is not None:
+            try:
+                if ModelRef.parse(v).zoo is not None:
+                    raise ModelRefError(f"{v!r} is a zoo name: use zoo = {v!r}")
+            except ModelRefError as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
+    @model_validator(mode="after")
+    def _source(self) -> ModelSection:
+        if self.zoo is not None and self.factory is not None:
+            raise ValueError("give zoo or factory, not both")
+        if self.factory is None:
+            if self.zoo is None:
+                self.zoo = "digits"
+            for key in ("weights", "input_shape", "cuts"):
+                if key in self.model_fields_set:
+                    raise ValueError(f"{key}: only for a factory model (a zoo model has "
+                                     "its own blocks and trained weights)")
+            return self
+        from cloud_trainer.zoo.refs import ModelRefError
+
+        try:
+            self.load_pair()  # import, call, check shapes and weights now, not mid-run
+        except ModelRefError as exc:
+            field = "weights" if str(exc).startswith("weights ") else "factory"
+            raise ValueError(f"{field}: {exc}") from None
+        except ValueError as exc:  # a cut selection that does not fit (CutError)
+            raise ValueError(f"cuts: {exc}") from None
+        return self
+
+    @property
+    def ref(self) -> str:
+        """The model reference: the zoo name or the factory's import path."""
+        return str(self.factory or self.zoo)
+
+    def load_pair(self) -> ModelPair:
+        """The pair this section stands for: the trained zoo pair (cached), or the
+        factory's models with ``weights`` loaded (its version 1, no training on labels)."""
+        if self.factory is None:
+            from cloud_trainer.train import trained_pair
+
+            return trained_pair(str(self.zoo), seed=self.seed)
+        from cloud_trainer.zoo.refs import resolve_pair
+
+        return resolve_pair(self.factory, seed=self.seed, weights=self.weights,
+                            input_shape=self.input_shape, cuts=self.cuts)
 
     @field_validator("profiles")
     @classmethod

@@ -1,4 +1,5 @@
-"""``knet plan`` (rank partitions) and ``knet plan bench`` (benchmark a zoo model here)."""
+"""``knet plan`` (rank partitions) and ``knet plan bench`` (benchmark a model here: a zoo
+name or an import path, optionally cut at traced candidates with ``--cuts``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+
+from cloud_trainer.modelref import model_ref
 
 
 def _pair(text: str, kind: type = str) -> tuple[object, object]:
@@ -23,9 +26,21 @@ def _block_node(text: str) -> tuple[int, str]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected BLOCK=NODE") from None
 
 
+def _model_source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", type=Path, default=None,
+                   help="state dict for an import-path model")
+    p.add_argument("--input-shape", default=None, metavar="C,H,W",
+                   help="input shape when the factory's model cannot say")
+    p.add_argument("--cuts", default=None, metavar="SPEC",
+                   help="cut at traced candidates (`knet cuts`): all, modules[:D], a "
+                        "block count N[:D], or candidate names/indices")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("plan", help="rank partitions of a model over a chain of nodes")
-    p.add_argument("--model", help="model id the records must be of (zoo name for --deploy)")
+    p.add_argument("--model", type=model_ref, help="zoo name or package.module:factory; "
+                   "the records must be of its id")
+    _model_source_args(p)
     p.add_argument("--bench", type=Path, nargs="+", default=[], help="BenchRecord JSON files")
     p.add_argument("--network", type=Path, help="network.toml")
     p.add_argument("--objective", choices=["latency", "throughput", "energy"],
@@ -52,7 +67,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.set_defaults(func=run_plan)
     psub = p.add_subparsers(dest="plan_command")
     b = psub.add_parser("bench", help="benchmark a zoo model's blocks here (a BenchRecord)")
-    b.add_argument("--model", dest="bench_model", required=True)
+    b.add_argument("--model", dest="bench_model", type=model_ref, required=True,
+                   help="zoo name or package.module:factory")
+    _model_source_args(b)
     b.add_argument("--profile", required=True)
     b.add_argument("--role", choices=["student", "teacher", "both"], default="student")
     b.add_argument("--out", type=Path, required=True,
@@ -66,13 +83,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 def run_bench(args: argparse.Namespace) -> int:
     from agent.blockbench import DEFAULT_CODECS
+    from cloud_trainer.cuts import CutError
     from cloud_trainer.plan.localbench import bench_model
+    from cloud_trainer.zoo.refs import ModelRefError
 
     roles = ["student", "teacher"] if args.role == "both" else [args.role]
     for role in roles:
-        rec = bench_model(args.bench_model, args.profile, role=role, seed=args.seed,
-                          samples=args.samples, repeats=args.repeats, codecs=DEFAULT_CODECS,
-                          device=args.device)
+        try:
+            rec = bench_model(args.bench_model.text, args.profile, role=role, seed=args.seed,
+                              samples=args.samples, repeats=args.repeats,
+                              codecs=DEFAULT_CODECS, device=args.device, weights=args.weights,
+                              input_shape=args.input_shape, cuts=args.cuts)
+        except (ModelRefError, CutError) as exc:
+            print(f"knet plan bench: --model: {exc}", file=sys.stderr)
+            return 2
         out = Path(str(args.out).replace("{role}", role))
         if len(roles) > 1 and "{role}" not in str(args.out):
             out = out.with_name(f"{out.stem}-{role}{out.suffix}")
@@ -103,7 +127,8 @@ def run_plan(args: argparse.Namespace) -> int:
                        max_upload_bytes=tuple(args.max_upload_bytes),
                        max_node_time=tuple(args.max_node_time),
                        codecs=tuple(args.codecs) if args.codecs else None)
-        problem, _recs = build_problem(net, records, args.model, ov)
+        model_id = args.model.model_id if args.model is not None else None
+        problem, _recs = build_problem(net, records, model_id, ov)
         plans = solve(problem, args.objective, top=args.top)
     except (ConfigError, BenchRecordError, PlanError, ValueError) as exc:
         print(f"knet plan: {exc}", file=sys.stderr)
@@ -114,7 +139,14 @@ def run_plan(args: argparse.Namespace) -> int:
     print_plans(problem, plans, args.objective)
     extra: dict[str, object] = {"network": str(args.network)}
     if args.deploy:
-        extra["deploy"] = deploy(problem, plans, net, args)
+        from cloud_trainer.cuts import CutError
+        from cloud_trainer.zoo.refs import ModelRefError
+
+        try:
+            extra["deploy"] = deploy(problem, plans, net, args)
+        except (ModelRefError, CutError) as exc:
+            print(f"knet plan: --model: {exc}", file=sys.stderr)
+            return 2
     if args.json:
         write_json(args.json, problem, plans, args.objective, extra)
         print(f"wrote {args.json}")
@@ -143,7 +175,9 @@ def deploy(problem: object, plans: list, net: object, args: argparse.Namespace
             from cloud_trainer.export import export_for_profile
 
             d = Path(tmp.name) / f"{node.profile}-{node.role}"  # type: ignore[union-attr]
-            export_for_profile(args.model, node.profile, d, role=node.role)
+            export_for_profile(args.model.text, node.profile, d, role=node.role,
+                               weights=args.weights, input_shape=args.input_shape,
+                               cuts=args.cuts)
             exports[key] = d
         out = []
         for rank, plan in enumerate(plans, 1):
