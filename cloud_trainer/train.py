@@ -42,11 +42,13 @@ class Recipe:
     lr: float
     batch_size: int = 64
     shift: int = 0  # random translation in pixels (augmentation)
+    temperature: float = 4.0  # distillation only (a pretrained teacher's student)
 
 
 RECIPES = {"digits": Recipe(epochs=30, lr=3e-3, shift=1), "vision": Recipe(epochs=5, lr=3e-3),
            # the student's label-free block-wise KT against the pretrained teacher
-           "effnet-lite0": Recipe(epochs=EFFNET_EPOCHS, lr=3e-3)}
+           "effnet-lite0": Recipe(epochs=EFFNET_EPOCHS, lr=3e-3, batch_size=32,
+                                  temperature=1.0)}
 VISION_TRAIN, VISION_TEST = 1600, 512
 # effnet-lite0 frames: per scene, which photos, seed base (cloud_trainer.scenes)
 SCENE_SPLITS: dict[str, tuple[int, tuple[str, ...], int]] = {
@@ -296,15 +298,17 @@ def _train_both(pair: ModelPair, name: str, recipe: Recipe, seed: int,
 def _distil_pretrained(pair: ModelPair, name: str, recipe: Recipe, seed: int,
                        progress: Progress | None) -> None:
     """The student learns the pretrained teacher block by block, label-free, on the
-    training frames (``student+boundary`` inputs; ``cloud_trainer.distill``). Accuracies are
-    top-1 agreement with the teacher's prediction on the same frame."""
+    training frames (``student+boundary`` inputs; ``cloud_trainer.distill``): inner blocks
+    regress the teacher's boundaries, the last matches its logits (KD at
+    ``recipe.temperature``) and its top-1 (cross-entropy on the teacher's own prediction — no
+    human label anywhere). Accuracies are top-1 agreement with the teacher on the frame."""
     from cloud_trainer.distill import train_student_blockwise_from_inputs
 
-    x, _ = train_data(name, seed)
+    x, y = train_data(name, seed)  # y: the teacher's top-1 on each frame
     res = train_student_blockwise_from_inputs(
-        pair.teacher, pair.student, x, inputs="student+boundary", epochs=recipe.epochs,
-        lr=recipe.lr, batch_size=recipe.batch_size, seed=seed, threads=None,
-        progress=progress)
+        pair.teacher, pair.student, x, labels=y, alpha=0.5, inputs="student+boundary",
+        epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size,
+        temperature=recipe.temperature, seed=seed, threads=None, progress=progress)
     pair.student = res.student.eval()
     pair.metrics["student_train_s"] = res.seconds
     pair.metrics["teacher_accuracy"] = 1.0  # agreement with itself: the labels are its own

@@ -67,12 +67,12 @@ def test_the_zoo_teacher_is_the_whole_network_cut_at_stage_boundaries() -> None:
         assert nxt == len(flat) or not flat[nxt].skip  # the next stage starts a new shape
 
 
-def test_the_student_is_over_62_percent_smaller_in_every_block() -> None:
+def test_the_student_is_over_62_percent_smaller() -> None:
     pair = get_pair("effnet-lite0")
     assert pair.size_reduction >= 0.62
-    assert 0.62 <= 1 - pair.student.params() / pair.teacher.params() <= 0.8
+    assert pair.student.params() == 1_707_912
     for i in range(1, pair.num_blocks + 1):
-        assert pair.student.params(i) < pair.teacher.params(i)
+        assert pair.student.params(i) <= pair.teacher.params(i)
     assert zoo_entry("effnet-lite0").pretrained and zoo_entry("effnet-lite0").pixel_input
 
 
@@ -82,17 +82,19 @@ def test_the_derived_student_starts_from_the_teachers_strongest_channels() -> No
     s = effnet.derive_student(t)
     t_conv = [m for m in t.modules() if isinstance(m, MBConv)]
     s_conv = [m for m in s.modules() if isinstance(m, MBConv)]
-    assert len(t_conv) == 16 and len(s_conv) == 7  # one MBConv per stage
-    # stage 2 keeps its full width: its first MBConv is copied exactly
-    assert torch.equal(s_conv[1]._expand_conv.weight, t_conv[1]._expand_conv.weight)
-    # stage 5 is narrowed 672 -> 336 hidden... of its first block 480 -> 240: the kept
-    # channels are the teacher's, in order, and the strongest by |gamma| x ||w_proj||
-    src, dst = t_conv[8], s_conv[4]
+    assert len(t_conv) == 16 and len(s_conv) == 12
+    # blocks 1-2 are kept whole: exact copies, the same boundaries on any input
+    x = torch.rand(2, 3, 96, 96)
+    assert torch.equal(s.run(x, 1, 2), t.run(x, 1, 2))
+    # stage 5's second MBConv is narrowed 672 -> 336 hidden channels: the kept ones are the
+    # teacher's, in order, the strongest by |gamma| x ||w_proj||
+    src, dst = t_conv[9], s_conv[9]
     assert dst._depthwise_conv.out_channels == src._depthwise_conv.out_channels // 2
     score = src._bn1.weight.abs() * src._project_conv.weight.flatten(1).norm(dim=0)
     kept = torch.sort(torch.topk(score, dst._depthwise_conv.out_channels).indices).values
     assert torch.equal(dst._depthwise_conv.weight, src._depthwise_conv.weight[kept])
     assert torch.equal(dst._project_conv.weight, src._project_conv.weight[:, kept])
+    assert torch.equal(dst._expand_conv.weight, src._expand_conv.weight[kept])
     # a scratch student is the same architecture with other weights
     scratch = effnet.build_pair("scratch").student
     assert scratch.boundary_shapes == s.boundary_shapes
