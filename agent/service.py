@@ -25,6 +25,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 import agent
+from agent import safejson
 from agent.active import BootChoice, boot_runner, update_paths
 from agent.canary import CanaryRecorder
 from agent.chain import chain_stage
@@ -319,9 +320,11 @@ class Agent:
         if pending is None:
             return  # late or unknown: it already timed out
         try:
-            reply = json.loads(msg.payload)
-        except (ValueError, UnicodeDecodeError):
+            reply = safejson.loads(msg.payload, max_bytes=64 * 1024)
+        except safejson.UnsafeJSONError:
             reply = {"error": "undecodable reply"}
+        if not isinstance(reply, dict):
+            reply = {"error": "the reply is not a JSON object"}
         if "error" in reply:
             self.split_stats["errors"] += 1
             log.warning("split inference refused: %s", reply["error"])

@@ -34,6 +34,7 @@ import signal
 import threading
 import time
 import uuid
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from agent.topics import TopicError
 from agent.update_manifest import SignedManifest
 from agent.update_report import UpdateReport, UpdateReportError
 from cloud_trainer.fleet import FleetMessageError, FleetTable
+from cloud_trainer.guard import RateLimitedLog, ThreadDeathWatch, guard_callback
 from cloud_trainer.keys import load_private_key
 from cloud_trainer.publisher import BlobPublisher
 from cloud_trainer.registry import Registry
@@ -174,12 +176,20 @@ class TrainerService:
         self.client: mqtt.Client | None = None
         self.connected = threading.Event()
         self.stats: dict[str, int] = {"reports": 0, "bad_reports": 0, "fleet_bad": 0}
+        # Messages a callback failed on (dropped), per callback; see cloud_trainer/guard.py.
+        self.callback_errors: Counter[str] = Counter()
+        self._bad_log = RateLimitedLog(log, 10.0)
+        # Set when a thread died of an uncaught exception: the daemon then exits non-zero.
+        self.fatal: str | None = None
+        self._death_watch = ThreadDeathWatch(self._on_thread_death)
 
     # --- lifecycle
     def start(self) -> TrainerService:
         global _ACTIVE
         cfg = self.config
         self.lock.acquire("run-now" if self.oneshot else "daemon")
+        if not self.oneshot:
+            self._death_watch.install()
         try:
             cfg.trainer.state_dir.mkdir(parents=True, exist_ok=True)
             self.key = load_private_key(cfg.trainer.signing_key_file)
@@ -249,6 +259,7 @@ class TrainerService:
             self.client = None
         if getattr(self, "store", None) is not None:
             self.store.close()
+        self._death_watch.uninstall()
         if _ACTIVE is self:
             _ACTIVE = None
         self.lock.release()
@@ -276,7 +287,8 @@ class TrainerService:
         client.on_disconnect = self._on_disconnect
         for leaf, handler in (("state", self._on_state), ("birth", self._on_birth),
                               ("update", self._on_report)):
-            client.message_callback_add(self.topics.all_devices(leaf), handler)
+            client.message_callback_add(self.topics.all_devices(leaf), guard_callback(
+                leaf, handler, self.callback_errors, self._bad_log))
         self.client = client
         self.publisher = BlobPublisher(client, self.topics, cfg.trainer.state_dir / "blobs")
         self.publisher.start()
@@ -299,6 +311,13 @@ class TrainerService:
         if not self.oneshot:
             self.publish_state()
 
+    def _on_thread_death(self, thread: str, _exc: BaseException | None) -> None:
+        """A network or worker thread died: stop, so the process exits and is restarted."""
+        if self.fatal is None:
+            self.fatal = thread
+        self.stopping.set()
+        self._requests_event.set()
+
     def _on_disconnect(self, *_: Any) -> None:
         self.connected.clear()
         if not self.stopping.is_set():
@@ -317,7 +336,8 @@ class TrainerService:
                 self.fleet.update_state(device, bytes(msg.payload))
         except FleetMessageError as exc:
             self.stats["fleet_bad"] += 1
-            log.warning("bad state from %s: %s", device, exc)
+            self._bad_log.log(logging.WARNING, ("state", device), "bad state from %s: %s",
+                              device, exc)
 
     def _on_birth(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         device = self._device(msg.topic)
@@ -326,7 +346,8 @@ class TrainerService:
                 self.fleet.update_birth(device, bytes(msg.payload))
         except FleetMessageError as exc:
             self.stats["fleet_bad"] += 1
-            log.warning("bad birth from %s: %s", device, exc)
+            self._bad_log.log(logging.WARNING, ("birth", device), "bad birth from %s: %s",
+                              device, exc)
 
     def _on_report(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         device = self._device(msg.topic)
@@ -340,7 +361,8 @@ class TrainerService:
                      report.version, report.status, report.reason or "")
         except UpdateReportError as exc:
             self.stats["bad_reports"] += 1
-            log.warning("bad update report on %s: %s", msg.topic, exc)
+            self._bad_log.log(logging.WARNING, ("update", device),
+                              "bad update report on %s: %s", msg.topic, exc)
         except Exception:  # never kill paho's thread (e.g. a locked database)
             self.stats["bad_reports"] += 1
             log.exception("storing the update report on %s failed", msg.topic)
@@ -470,6 +492,8 @@ class TrainerService:
         while not self.stopping.is_set():
             if self._requests_event.wait(1.0):
                 self._requests_event.clear()
+                if self.stopping.is_set():
+                    break
                 self.run_now_requests()
             if time.monotonic() - last_state >= STATE_INTERVAL_S:
                 last_state = time.monotonic()
