@@ -133,12 +133,16 @@ def lock_info(path: Path) -> dict[str, Any] | None:
 
 
 # -- MQTT -----------------------------------------------------------------------------------
-def apply_tls(client: mqtt.Client, config: TrainerConfig) -> None:
+def apply_tls(client: mqtt.Client, config: TrainerConfig, connection: str | None = None) -> None:
+    """TLS for one of the trainer's connections; with ``connection_accounts`` an extra
+    connection presents its own certificate from ``<cert dir>/<connection>/``."""
     tls = config.mqtt.tls
     if tls is not None:
-        client.tls_set(ca_certs=str(tls.ca_file),
-                       certfile=str(tls.cert_file) if tls.cert_file else None,
-                       keyfile=str(tls.key_file) if tls.key_file else None)
+        cert, key = tls.cert_file, tls.key_file
+        if connection and config.mqtt.connection_accounts and cert and key:
+            cert, key = cert.parent / connection / cert.name, key.parent / connection / key.name
+        client.tls_set(ca_certs=str(tls.ca_file), certfile=str(cert) if cert else None,
+                       keyfile=str(key) if key else None)
 
 
 class _Channel:
@@ -383,13 +387,14 @@ class TrainerService:
 
         cfg, ing = self.config, self.config.ingest
         settings = IngestSettings(
-            host=cfg.mqtt.host, port=cfg.mqtt.port, username=cfg.mqtt.username,
+            host=cfg.mqtt.host, port=cfg.mqtt.port,
+            username=cfg.mqtt.connection_username("ingest"),
             password=self.password, client_id=f"knet-ingest-{cfg.trainer.id}",
             share_group=ing.share_group, shared=ing.shared, keepalive=cfg.mqtt.keepalive,
             receive_maximum=ing.receive_maximum, max_payload=ing.max_payload,
             validation=ing.validation)
         self.ingestor = Ingestor(settings, self.topics, self.store, self.fleet)
-        apply_tls(self.ingestor.client, cfg)
+        apply_tls(self.ingestor.client, cfg, "ingest")
         self.ingestor.start(wait=False)
 
     def _start_split(self) -> None:
@@ -398,10 +403,11 @@ class TrainerService:
         cfg = self.config
         model_id = cfg.split.model or next(iter(cfg.models))
         srv = SplitServer(self.models[model_id].teacher, model_id, self.topics,
-                          cfg.mqtt.host, cfg.mqtt.port, username=cfg.mqtt.username,
+                          cfg.mqtt.host, cfg.mqtt.port,
+                          username=cfg.mqtt.connection_username("split"),
                           password=self.password, workers=cfg.split.workers,
                           client_id=f"knet-split-{cfg.trainer.id}")
-        apply_tls(srv._client, cfg)  # the server owns its client; TLS is set before connect
+        apply_tls(srv._client, cfg, "split")  # the server owns its client: TLS before connect
         self.split = srv.__enter__()
 
     def _start_adapt(self) -> None:
