@@ -50,6 +50,9 @@ def test_templates_lock_the_broker_down() -> None:
         assert any(line.startswith("acl_file ") for line in lines)
         assert "max_queued_messages 200000" in lines  # not Mosquitto's lossy default of 1000
         assert "listener 1883 127.0.0.1" in lines
+        # Every listener binds a session to its username (tests/test_broker_identity.py).
+        assert conf.count("use_username_as_clientid true") == conf.count("listener ")
+    assert "user trainer-1.ingest" in t["knet.acl"] and "user trainer-1.split" in t["knet.acl"]
     assert "listener 1883 127.0.0.1" in t["mosquitto.dev.conf"]
     assert t["mosquitto.dev.conf"].count("listener ") == 1
     tls = t["mosquitto.tls.conf"]
