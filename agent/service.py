@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import signal
 import socket
 import threading
@@ -52,6 +53,7 @@ from agent.updater import Updater
 from agent.uplink import UplinkPolicy
 
 log = logging.getLogger(__name__)
+_LABEL = re.compile(r"-?[0-9]{1,9}")
 
 
 @dataclass(frozen=True)
@@ -361,7 +363,7 @@ class Agent:
     def _on_frame(self, msg: mqtt.MQTTMessage) -> None:
         label = None
         for key, value in getattr(msg.properties, "UserProperty", None) or []:
-            if key == "label" and value.lstrip("-").isdigit():
+            if key == "label" and _LABEL.fullmatch(value):  # not isdigit(): "²" passes it
                 label = int(value)
         assert isinstance(self.source, MqttFrames)
         self.source.offer(msg.payload, label, timeout=5.0)

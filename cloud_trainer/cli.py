@@ -132,9 +132,13 @@ def _broker(args: argparse.Namespace) -> int:
 
 
 def _keys_gen(args: argparse.Namespace) -> int:
-    from cloud_trainer.keys import generate_keypair
+    from cloud_trainer.keys import KeyExistsError, generate_keypair
 
-    private, public = generate_keypair(args.dir, name=args.name)
+    try:
+        private, public = generate_keypair(args.dir, name=args.name)
+    except (KeyExistsError, OSError) as exc:
+        print(f"knet keys gen: {exc}", file=sys.stderr)
+        return 1
     print(f"private key (keep it on the trainer, never on a device): {private}")
     print(f"public key (list it in every agent's config): {public}")
     return 0

@@ -22,11 +22,19 @@ from agent.update_manifest import SignedManifest, UpdateManifest
 log = logging.getLogger(__name__)
 
 
+class KeyExistsError(SigningError):
+    """``generate_keypair`` found a key already there: it never overwrites one."""
+
+
 def generate_keypair(directory: Path | str, name: str = "knet-update") -> tuple[Path, Path]:
     """Write ``<name>.key`` (private, mode 0600) and ``<name>.pub``; never overwrite a key."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     private_path, public_path = directory / f"{name}.key", directory / f"{name}.pub"
+    for path in (private_path, public_path):
+        if path.exists():
+            raise KeyExistsError(f"{path} exists: refusing to overwrite an update key (every "
+                                 "device trusts it); choose another --name or --dir")
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(serialization.Encoding.PEM,
                                     serialization.PrivateFormat.PKCS8,
@@ -34,7 +42,10 @@ def generate_keypair(directory: Path | str, name: str = "knet-update") -> tuple[
     public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
                                                serialization.PublicFormat.SubjectPublicKeyInfo)
     # O_EXCL: losing a fleet's signing key to a typo would lock every device out of updates.
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # created between the check and here
+        raise KeyExistsError(f"{private_path} exists: refusing to overwrite it") from None
     with os.fdopen(fd, "wb") as fh:
         fh.write(private_pem)
     public_path.write_bytes(public_pem)
