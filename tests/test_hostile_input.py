@@ -21,6 +21,7 @@ from trainer_helpers import FLEET, start_trainer, trainer_toml
 from agent import safejson
 from agent.envelope import _FIXED, Envelope, EnvelopeError
 from agent.topics import Topics
+from agent.update_manifest import UpdateRejected, parse_signed
 from agent.update_report import UpdateReport, UpdateReportError
 from broker.launcher import Mosquitto
 from cloud_trainer.fleet import FleetMessageError, FleetTable
@@ -46,6 +47,14 @@ def test_safejson_depth_scan_ignores_brackets_inside_strings() -> None:
     assert safejson.nesting_depth(doc) == 3
     assert safejson.loads(doc)["b"] == [[1]]
     assert safejson.loads(b'{"n": -' + b"9" * 40 + b"}")["n"] == -int("9" * 40)
+
+
+@pytest.mark.parametrize("doc", [b'{"manifest": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+                                 b'{"manifest": {"version": ' + b"7" * 5000 + b"}}"])
+def test_pathological_manifest_is_malformed(doc: bytes) -> None:
+    with pytest.raises(UpdateRejected) as info:
+        parse_signed(doc, None, allow_unsigned=True)
+    assert info.value.reason == "malformed"
 
 
 @pytest.mark.parametrize("doc", HOSTILE)
