@@ -392,7 +392,13 @@ class TrainerService:
             password=self.password, client_id=f"knet-ingest-{cfg.trainer.id}",
             share_group=ing.share_group, shared=ing.shared, keepalive=cfg.mqtt.keepalive,
             receive_maximum=ing.receive_maximum, max_payload=ing.max_payload,
-            validation=ing.validation)
+            validation=ing.validation,
+            # The boundaries the deployed models have (0 = input .. N = logits), each with
+            # its shape; every version of a model shares them (the registry loads each
+            # version's weights into the same skeleton).
+            model_boundaries={mid: dict(enumerate(tuple(s) for s in
+                                                  rt.initial_student.boundary_shapes))
+                              for mid, rt in self.models.items()})
         self.ingestor = Ingestor(settings, self.topics, self.store, self.fleet)
         apply_tls(self.ingestor.client, cfg, "ingest")
         self.ingestor.start(wait=False)
@@ -523,8 +529,11 @@ class TrainerService:
             body["devices_online"] = len(self.fleet.online())
             if self.ingestor is not None:
                 m = self.ingestor.metrics()
+                # received == stored + duplicates + rejected + queue_depth (activations);
+                # bad_total adds the refused state/birth messages and bad topics.
                 body["ingest"] = {k: m[k] for k in ("received", "stored", "duplicates",
-                                                    "bad_total", "queue_depth")}
+                                                    "rejected", "rejects", "bad_total",
+                                                    "queue_depth")}
             body["models"] = {}
             for mid in self.models:
                 v = self.registry.deployed(mid)
