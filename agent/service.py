@@ -243,7 +243,7 @@ class Agent:
             pred, conf = softmax_top1(acts[-1][0])
         correct = (pred == sample.label) if pred is not None and sample.label is not None else None
         self.metrics.observe_inference(elapsed, correct, runner.blocks, timings)
-        self.canary.record(sample.x, runner, conf)  # O(1): the update self-test
+        self.canary.record(sample.x, runner, conf, acts[-1])  # O(1): the update self-test
         uplink = self.policy.decide(sample.index, conf).send
         if not (uplink or (self.config.split.enabled and not m.is_complete)
                 or (self.config.metrics.publish_results and pred is not None)
