@@ -8,6 +8,8 @@ then retire the old public key).
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import logging
 import os
 import stat
@@ -52,6 +54,23 @@ def generate_keypair(directory: Path | str, name: str = "knet-update") -> tuple[
     log.info("update key %s written to %s (public: %s)", key_id(key.public_key()),
              private_path, public_path)
     return private_path, public_path
+
+
+def secret_share_group(group: str, private_key: Ed25519PrivateKey) -> str:
+    """The MQTT v5 shared-subscription group the trainer's replicas actually join.
+
+    Mosquitto 2.0.11 grants any subscription (the ACL file is checked on delivery only), so
+    a device could join ``$share/trainers/...``: the broker then hands it every other
+    activation, refuses it delivery by the ACL, and the message is lost for the trainers.
+    The name a replica joins is ``<group>-<HMAC of the group under the update signing
+    key>``: every replica signs with the same key and derives the same name; a device never
+    holds that key and cannot name the group.
+    """
+    raw = private_key.private_bytes(serialization.Encoding.Raw,
+                                    serialization.PrivateFormat.Raw,
+                                    serialization.NoEncryption())
+    tag = hmac.new(raw, b"knet-share-group:" + group.encode(), hashlib.sha256).hexdigest()
+    return f"{group[:42]}-{tag[:20]}"
 
 
 def load_private_key(path: Path | str, password: bytes | None = None) -> Ed25519PrivateKey:

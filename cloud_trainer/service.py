@@ -48,7 +48,7 @@ from agent.update_manifest import SignedManifest
 from agent.update_report import UpdateReport, UpdateReportError
 from cloud_trainer.fleet import FleetMessageError, FleetTable
 from cloud_trainer.guard import RateLimitedLog, ThreadDeathWatch, guard_callback
-from cloud_trainer.keys import load_private_key
+from cloud_trainer.keys import load_private_key, secret_share_group
 from cloud_trainer.publisher import BlobPublisher
 from cloud_trainer.registry import Registry
 from cloud_trainer.retrain import ModelRuntime, ProgressSink, Retrainer, ensure_initial_version
@@ -390,7 +390,10 @@ class TrainerService:
             host=cfg.mqtt.host, port=cfg.mqtt.port,
             username=cfg.mqtt.connection_username("ingest"),
             password=self.password, client_id=f"knet-ingest-{cfg.trainer.id}",
-            share_group=ing.share_group, shared=ing.shared, keepalive=cfg.mqtt.keepalive,
+            # A name only key holders can derive: a device cannot join the group and take
+            # activations from it (cloud_trainer/keys.py, docs/broker.md).
+            share_group=secret_share_group(ing.share_group, self.key), shared=ing.shared,
+            keepalive=cfg.mqtt.keepalive,
             receive_maximum=ing.receive_maximum, max_payload=ing.max_payload,
             validation=ing.validation,
             # The boundaries the deployed models have (0 = input .. N = logits), each with

@@ -1,10 +1,13 @@
-"""Sessions are bound to accounts: no account can take over another's MQTT session.
+"""One authenticated party cannot affect another's broker state.
+
+Sessions are bound to accounts: no account can take over another's MQTT session.
 
 Against the broker ``knet broker run`` configures (``use_username_as_clientid`` on every
 listener, one username per extra connection), every account connects with every other
 account's client id, with a clean and a resumed session, while the victim is online and
 while it is away with a message queued. The victim is never disconnected, keeps its
-session (``session_present``) and gets its queued message.
+session (``session_present``) and gets its queued message. Further down: the trainers'
+shared-subscription group, Will messages, retained messages and blob re-requests.
 """
 
 from __future__ import annotations
@@ -214,3 +217,90 @@ def test_without_the_binding_a_device_takes_over_a_trainer_session(tmp_path: Pat
         finally:
             thief.close()
             victim.close()
+
+
+# -- other ways one party could affect another's state ------------------------------------
+def test_a_device_cannot_take_activations_out_of_the_trainers_share_group(
+        bound: BoundFleet, tmp_path: Path) -> None:
+    """Mosquitto grants any subscription and checks ``read`` on delivery, so a device in the
+    trainers' group would be handed every other activation and refused it: lost (measured
+    on 2.0.11: 5 of 10 reached the trainer). The trainer joins a group named with an HMAC
+    under its signing key; the device cannot name it and the trainer gets everything."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from cloud_trainer.ingest import Ingestor, IngestSettings
+    from cloud_trainer.keys import secret_share_group
+    from cloud_trainer.store import SQLiteSampleStore
+    from tests.test_ingest import envelope
+
+    key = Ed25519PrivateKey.generate()
+    group = secret_share_group("trainers", key)
+    assert group == secret_share_group("trainers", key) != secret_share_group(
+        "trainers", Ed25519PrivateKey.generate())
+    trainer = bound.trainer
+    thief = next(a for a in bound.accounts if a.username == "dev-b")
+    t = session(thief, "thief", clean=True)
+    for name in ("trainers", group.rsplit("-", 1)[0], "trainers-0"):
+        _rc, mid = t.client.subscribe(f"$share/{name}/{LAB.all_devices('act')}", qos=1)
+        assert wait_until(lambda mid=mid: mid in t.subacks, 5)
+    store = SQLiteSampleStore(tmp_path / "store")
+    settings = IngestSettings(port=trainer.port, username="trainer-1.ingest",
+                              password=trainer.cred.password, client_id="ingest",
+                              share_group=group, log_interval_s=60)
+    with Ingestor(settings, LAB, store) as ing:
+        feeder = session(bound.feeder, "feeder", clean=True)
+        try:
+            for i in range(20):
+                assert publish(feeder, LAB.act("dev-a"), envelope("dev-a", i)) in (0, 16)
+            assert wait_until(lambda: ing.stats.stored == 20, 10), ing.metrics()
+        finally:
+            feeder.close()
+    assert t.messages == []
+    t.close()
+    store.close()
+
+
+def test_a_will_on_a_topic_outside_the_acl_is_never_delivered(bound: BoundFleet) -> None:
+    """A Will is checked against the ACL when the broker sends it: a device's Will on the
+    manifest, another device's state or a trainer's state is dropped; on its own state it
+    arrives (which also marks when the earlier ones would have)."""
+    import socket
+
+    watcher = session(bound.trainer, "watcher", clean=True)
+    _rc, mid = watcher.client.subscribe("knet/#", qos=1)
+    assert wait_until(lambda: mid in watcher.subacks, 5)
+    dev = bound.feeder  # dev-a
+    forbidden = [LAB.manifest, LAB.state("dev-b"), LAB.trainer_state("trainer-1"),
+                 LAB.reply("dev-b"), LAB.input("dev-b")]
+    for i, topic in enumerate([*forbidden, LAB.state("dev-a")]):
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"w{i}", protocol=mqtt.MQTTv5)
+        c.username_pw_set(dev.username, dev.cred.password)
+        c.will_set(topic, f"will {i}".encode(), qos=1, retain=True)
+        c.connect("127.0.0.1", dev.port)
+        assert wait_until(lambda c=c: c.loop(0.1) == 0 and c.is_connected(), 5)  # CONNACK
+        sock = c.socket()
+        assert sock is not None
+        sock.shutdown(socket.SHUT_RDWR)  # an abnormal end: the broker sends the Will
+        sock.close()
+    assert wait_until(lambda: any(t == LAB.state("dev-a") for t, _p in watcher.messages), 10)
+    got = {t for t, _p in watcher.messages}
+    assert got.isdisjoint(forbidden), got
+    watcher.close()
+
+
+def test_retained_messages_and_blob_requests_outside_the_acl_are_refused(
+        bound: BoundFleet) -> None:
+    """A device can neither leave a retained message on another party's topic (manifest,
+    another device's state/birth/input, a trainer's state) nor re-request chunks in another
+    device's name; the trainer's split replies go only to the requester (test_split.py)."""
+    dev = session(bound.feeder, "dev-a-x", clean=True)
+    try:
+        for topic in (LAB.manifest, LAB.state("dev-b"), LAB.birth("dev-b"), LAB.input("dev-b"),
+                      LAB.trainer_state("trainer-1"), LAB.blob_request("dev-b"),
+                      LAB.reply("dev-b"), YARD.state("dev-a")):
+            mid = dev.client.publish(topic, b"{}", qos=1, retain=True).mid
+            assert wait_until(lambda mid=mid: mid in dev.pubacks, 5), topic
+            assert dev.pubacks[mid] == 135, topic
+        assert publish(dev, LAB.blob_request("dev-a"), b"{}") in (0, 16)
+    finally:
+        dev.close()
