@@ -63,3 +63,13 @@ def test_broker_provision_trainer_prints_a_snippet_knet_trainer_loads(
     cfg = load_trainer_config(bundle / "trainer.toml")
     assert cfg.trainer.fleet == "lab" and cfg.mqtt.username == "trainer-1"
     assert cfg.mqtt.connection_accounts and cfg.mqtt.resolve_password()
+
+
+def test_broker_provision_extra_connection_gets_its_own_username(tmp_path: Path) -> None:
+    d = tmp_path / "fleet"
+    assert main(["broker", "provision", "cam-1", "--fleet", "lab", "--dir", str(d),
+                 "--connection", "camera"]) == 0
+    assert "cam-1.camera:$7$" in (d / "passwd").read_text()
+    assert "user cam-1.camera" in (d / "knet.acl").read_text()
+    assert main(["broker", "revoke", "cam-1", "--dir", str(d)]) == 0
+    assert "cam-1" not in (d / "passwd").read_text()
