@@ -588,7 +588,7 @@ class Lab:
     def wait_ingest(self, timeout: float = 90.0) -> None:
         """Until the trainer is online and its ingest client connected (broker log)."""
         log_file = self.broker_dir / "broker" / "mosquitto.log"
-        marker = f"as knet-ingest-{TRAINER_ID} "
+        marker = f"as {TRAINER_ID}.ingest "  # the broker names a session by its username
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError):

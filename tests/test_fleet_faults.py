@@ -97,7 +97,7 @@ def wait_saved(lab: Lab, timeout: float = 15.0) -> None:
 
     def saved() -> bool:
         text = log_file.read_text(errors="replace")
-        at = text.rfind("as knet-ingest-")
+        at = text.rfind(".ingest (p5")  # the session is named by its username: <trainer>.ingest
         return at >= 0 and "Saving in-memory database" in text[at:]
 
     assert wait_until(saved, timeout)
