@@ -530,6 +530,10 @@ class TrainerService:
                         "reason": r.reason[:200], "started_at": r.started_at.isoformat(),
                         "finished_at": r.finished_at.isoformat() if r.finished_at else None}
             body["devices_online"] = len(self.fleet.online())
+            # Device messages the trainer's own connection refused or failed on (dropped).
+            body["dropped"] = {"fleet_bad": self.stats["fleet_bad"],
+                               "bad_reports": self.stats["bad_reports"],
+                               "callback_errors": dict(self.callback_errors)}
             if self.ingestor is not None:
                 m = self.ingestor.metrics()
                 # received == stored + duplicates + rejected + queue_depth (activations);

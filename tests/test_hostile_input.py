@@ -157,6 +157,8 @@ def test_trainer_survives_retained_pathological_state_and_birth(
             last = json.loads(states.payloads()[-1])
             assert last["state"] == "online"
             assert last["ingest"]["bad_total"] == 2 * len(HOSTILE)
+            assert last["dropped"]["fleet_bad"] == 2 * len(HOSTILE)
+            assert last["dropped"]["callback_errors"] == {}
             assert daemon.poll() is None
         finally:
             daemon.terminate()
