@@ -116,7 +116,8 @@ class CutAdapter:
             device = self.topics.parse_device_topic(msg.topic)[0]
             if len(msg.payload) > MAX_STATS_BYTES:
                 raise ValueError(f"{len(msg.payload)} bytes > {MAX_STATS_BYTES}")
-            stats = safejson.loads(msg.payload, max_bytes=MAX_STATS_BYTES)
+            # NaN/Infinity allowed: an agent may send them, figures_from_stats drops them.
+            stats = safejson.loads(msg.payload, max_bytes=MAX_STATS_BYTES, allow_constants=True)
             if not isinstance(stats, dict):
                 raise ValueError("stats is not a JSON object")
             self.observe(device, stats)
