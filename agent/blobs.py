@@ -62,6 +62,18 @@ class ChunkDamaged(BlobError):
         self.chunk = n
 
 
+_INDEX = re.compile(r"[0-9]{1,9}")
+
+
+def chunk_index(text: str) -> int | None:
+    """A chunk number from a topic level or file name; None unless plain ASCII digits.
+
+    ``str.isdigit`` accepts ``²`` and other Unicode digits that ``int`` then refuses: a topic
+    level like that raised ``ValueError`` on the network thread.
+    """
+    return int(text) if _INDEX.fullmatch(text) else None
+
+
 class MessageLike(Protocol):
     topic: str
     payload: bytes
@@ -155,8 +167,9 @@ class BlobCache:
             return set()
         out = set()
         for p in d.glob("*.chunk"):
-            if p.stem.isdigit() and int(p.stem) < info.count:
-                out.add(int(p.stem))
+            n = chunk_index(p.stem)
+            if n is not None and n < info.count:
+                out.add(n)
         return out
 
     def missing(self, sha: str, info: ChunkInfo) -> list[int]:
@@ -270,7 +283,7 @@ class BlobFetcher:
         self._blob_prefix = f"{topics.fleet_root}/model/blob/"
         self.stats: dict[str, int] = dict.fromkeys(
             ("received", "stored", "duplicate", "corrupt", "queue_full", "requests",
-             "requested_chunks", "bytes"), 0)
+             "requested_chunks", "bytes", "bad_index"), 0)
 
     def cancel(self) -> None:
         """Stop a running ``fetch`` (from another thread); chunks held so far stay."""
@@ -281,16 +294,19 @@ class BlobFetcher:
         topic = msg.topic
         if not topic.startswith(self._blob_prefix):
             return
-        sha, _, n = topic[len(self._blob_prefix):].partition("/")
+        sha, _, level = topic[len(self._blob_prefix):].partition("/")
         limit = self._active.get(sha)
-        if limit is None or not n.isdigit():
-            return  # a block we do not need (now)
+        n = chunk_index(level)
+        if limit is None or n is None:
+            if limit is not None:
+                self.stats["bad_index"] += 1
+            return  # a block we do not need (now), or no chunk number
         payload = bytes(msg.payload)
         if len(payload) > limit:
             self.stats["corrupt"] += 1
             return
         try:
-            self._queue.put_nowait((sha, int(n), payload))
+            self._queue.put_nowait((sha, n, payload))
         except queue.Full:  # the chunk is asked for again later; memory stays bounded
             self.stats["queue_full"] += 1
 

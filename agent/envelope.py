@@ -22,6 +22,8 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent import safejson
+
 MAGIC = b"KNAE"
 VERSION = 1
 _FIXED = struct.Struct("<4sBBBBQQdIiif")
@@ -110,8 +112,9 @@ class Envelope:
             raise EnvelopeError(f"{len(view) - 4 - pos} stray bytes after the payload")
         try:
             device_id = bytes(device).decode()
-            meta = json.loads(bytes(meta_raw)) if meta_raw else {}
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            # Bounded depth and integers: a device's meta must not crash the trainer.
+            meta = safejson.loads(bytes(meta_raw), allow_constants=True) if meta_raw else {}
+        except (UnicodeDecodeError, safejson.UnsafeJSONError) as exc:
             raise EnvelopeError(f"undecodable device id or meta: {exc}") from None
         if not isinstance(meta, dict):
             raise EnvelopeError("meta must be a JSON object")

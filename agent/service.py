@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import signal
 import socket
 import threading
@@ -25,6 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 import agent
+from agent import safejson
 from agent.active import BootChoice, boot_runner, update_paths
 from agent.canary import CanaryRecorder
 from agent.chain import chain_stage
@@ -51,6 +53,7 @@ from agent.updater import Updater
 from agent.uplink import UplinkPolicy
 
 log = logging.getLogger(__name__)
+_LABEL = re.compile(r"-?[0-9]{1,9}")
 
 
 @dataclass(frozen=True)
@@ -240,7 +243,7 @@ class Agent:
             pred, conf = softmax_top1(acts[-1][0])
         correct = (pred == sample.label) if pred is not None and sample.label is not None else None
         self.metrics.observe_inference(elapsed, correct, runner.blocks, timings)
-        self.canary.record(sample.x, runner, conf)  # O(1): the update self-test
+        self.canary.record(sample.x, runner, conf, acts[-1])  # O(1): the update self-test
         uplink = self.policy.decide(sample.index, conf).send
         if not (uplink or (self.config.split.enabled and not m.is_complete)
                 or (self.config.metrics.publish_results and pred is not None)
@@ -319,9 +322,11 @@ class Agent:
         if pending is None:
             return  # late or unknown: it already timed out
         try:
-            reply = json.loads(msg.payload)
-        except (ValueError, UnicodeDecodeError):
+            reply = safejson.loads(msg.payload, max_bytes=64 * 1024)
+        except safejson.UnsafeJSONError:
             reply = {"error": "undecodable reply"}
+        if not isinstance(reply, dict):
+            reply = {"error": "the reply is not a JSON object"}
         if "error" in reply:
             self.split_stats["errors"] += 1
             log.warning("split inference refused: %s", reply["error"])
@@ -358,7 +363,7 @@ class Agent:
     def _on_frame(self, msg: mqtt.MQTTMessage) -> None:
         label = None
         for key, value in getattr(msg.properties, "UserProperty", None) or []:
-            if key == "label" and value.lstrip("-").isdigit():
+            if key == "label" and _LABEL.fullmatch(value):  # not isdigit(): "²" passes it
                 label = int(value)
         assert isinstance(self.source, MqttFrames)
         self.source.offer(msg.payload, label, timeout=5.0)

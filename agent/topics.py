@@ -32,6 +32,19 @@ def validate_id(value: str, what: str = "device id") -> str:
     return value
 
 
+def connection_username(account: str, connection: str | None = None) -> str:
+    """The broker username of one of ``account``'s connections.
+
+    The broker binds each session to its username (``use_username_as_clientid``), so an
+    account with several simultaneous connections (a trainer's main, ingest and split
+    connections) logs each in as ``<account>.<connection>``. ``.`` is never part of an id,
+    so no device or trainer id can collide with such a name.
+    """
+    if not connection:
+        return account
+    return f"{account}.{validate_id(connection, 'connection name')}"
+
+
 @dataclass(frozen=True)
 class Topics:
     """Topic names for one fleet."""

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from agent import safejson
 from agent.manifest import PartitionManifest
 from agent.signing import PublicKeys, as_key_map, verify
 from agent.topics import TopicError, validate_id
@@ -37,6 +38,7 @@ MAX_VARIANTS = 16
 MAX_TARGETS = 10_000
 # A maxed-out variant (64 blocks of 64 MiB) needs ~1.1 MB of chunk hashes.
 MAX_MANIFEST_BYTES = 2 * 1024 * 1024
+MAX_MANIFEST_DEPTH = 32  # a real manifest nests about 6 levels
 MAX_CHUNKS = MAX_BLOCK_SIZE // MIN_CHUNK_SIZE
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -298,10 +300,6 @@ def unsigned_payload(manifest: UpdateManifest) -> bytes:
                       separators=(",", ":")).encode()
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def parse_signed(
     payload: bytes,
     public_keys: PublicKeys | None,
@@ -318,8 +316,10 @@ def parse_signed(
     if len(payload) > max_bytes:
         raise UpdateRejected("too_large", f"manifest of {len(payload)} bytes > {max_bytes}")
     try:
-        doc = json.loads(payload, parse_constant=_no_constants)
-    except (ValueError, UnicodeDecodeError) as exc:
+        # Depth and integer length bounded before parsing: a deeply nested manifest raised
+        # RecursionError here, which the updater reported as ``internal`` and retried.
+        doc = safejson.loads(payload, max_bytes=max_bytes, max_depth=MAX_MANIFEST_DEPTH)
+    except safejson.UnsafeJSONError as exc:
         raise UpdateRejected("malformed", f"not JSON: {exc}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("manifest"), dict):
         raise UpdateRejected("malformed", "expected an object with a 'manifest' object")

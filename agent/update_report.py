@@ -19,6 +19,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent import safejson
+
 Status = Literal["downloading", "downloaded", "applied", "rejected", "rolled_back"]
 
 RejectReason = Literal[
@@ -71,6 +73,10 @@ class UpdateReport(BaseModel):
     def parse(cls, payload: bytes) -> UpdateReport:
         if len(payload) > MAX_REPORT_BYTES:
             raise UpdateReportError(f"report of {len(payload)} bytes > {MAX_REPORT_BYTES}")
+        try:
+            safejson.check_bounds(payload, max_bytes=MAX_REPORT_BYTES)
+        except safejson.UnsafeJSONError as exc:
+            raise UpdateReportError(f"not an update report: {exc}") from None
         try:
             return cls.model_validate_json(payload)
         except ValidationError as exc:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from agent.topics import Topics, validate_id
+from agent.topics import Topics, connection_username, validate_id
 
 # What the trainer reads from every device of its fleets, and what it answers on.
 TRAINER_READ_LEAVES = ("act", "state", "birth", "stats", "update", "infer", "blobreq", "result",
@@ -72,9 +72,12 @@ def render_acl(
     trainers: Mapping[str, Iterable[str]],
     prefix: str = "knet",
     upstreams: Mapping[str, str] | None = None,
+    connections: Mapping[str, Iterable[str]] | None = None,
 ) -> str:
     """The whole ACL file: ``devices`` maps device id → fleet, ``trainers`` id → fleets,
-    ``upstreams`` a chain stage's device id → its upstream stage (same fleet).
+    ``upstreams`` a chain stage's device id → its upstream stage (same fleet),
+    ``connections`` an account → its extra connections, each a username
+    ``<account>.<connection>`` with the account's own rules.
 
     Output is sorted so regenerating an unchanged registry gives an identical file.
     """
@@ -91,13 +94,22 @@ def render_acl(
         if devices.get(up) != devices.get(device):
             raise ValueError(f"chain stage {device!r} and its upstream {up!r} must be "
                              f"devices of the same fleet")
+    connections = connections or {}
+
+    def users(account: str) -> list[str]:
+        return [account, *(connection_username(account, c)
+                           for c in sorted(set(connections.get(account, ()))))]
+
     for device in sorted(devices):
-        lines += ["", f"# device {device} of fleet {devices[device]}", f"user {device}",
-                  *device_rules(device, devices[device], prefix)]
+        rules = device_rules(device, devices[device], prefix)
         if device in upstreams:
-            lines += chain_rules(device, upstreams[device], devices[device], prefix)
+            rules += chain_rules(device, upstreams[device], devices[device], prefix)
+        for user in users(device):
+            lines += ["", f"# device {device} of fleet {devices[device]}", f"user {user}",
+                      *rules]
     for trainer in sorted(trainers):
         fleets = sorted(set(trainers[trainer]))
-        lines += ["", f"# trainer {trainer} of fleet(s) {', '.join(fleets)}", f"user {trainer}",
-                  *trainer_rules(trainer, fleets, prefix)]
+        for user in users(trainer):
+            lines += ["", f"# trainer {trainer} of fleet(s) {', '.join(fleets)}",
+                      f"user {user}", *trainer_rules(trainer, fleets, prefix)]
     return "\n".join(lines) + "\n"

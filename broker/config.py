@@ -84,6 +84,13 @@ class BrokerSettings(BaseModel):
     persistent_client_expiration: str | None = "30d"
     tls: TlsListener | None = None
     mtls: TlsListener | None = None
+    # Every listener replaces the client id a client sends by its username (on the mTLS
+    # listener: the certificate's CN), so an account can only ever hold its own session:
+    # without it a device logging in with another account's client id took over that
+    # account's persistent session and disconnected it (docs/broker.md, threat model). An
+    # account that needs several connections gets one username per connection
+    # (``<account>.<connection>``, broker/provision.py). Anonymous clients are refused.
+    username_as_clientid: bool = False
 
     @field_validator("persistent_client_expiration")
     @classmethod
@@ -100,6 +107,9 @@ class BrokerSettings(BaseModel):
         if self.mtls and not self.mtls.use_identity_as_username:
             raise ValueError("the mtls listener maps certificates to users: "
                              "set require_certificate and use_identity_as_username")
+        if self.username_as_clientid and self.allow_anonymous:
+            raise ValueError("username_as_clientid refuses clients without a username: "
+                             "it needs allow_anonymous = false")
         return self
 
     def render(self) -> str:
@@ -129,10 +139,11 @@ class BrokerSettings(BaseModel):
                       "log_type notice", "log_type information", "connection_messages true"]
         else:
             lines.append("log_dest stderr")
-        lines += ["", f"listener {self.port} {self.bind_address}", "protocol mqtt"]
+        bind = ([f"use_username_as_clientid {'true' if self.username_as_clientid else 'false'}"])
+        lines += ["", f"listener {self.port} {self.bind_address}", "protocol mqtt", *bind]
         for listener in (self.tls, self.mtls):
             if listener:
-                lines += ["", *listener.render()]
+                lines += ["", *listener.render(), *bind]
         return "\n".join(lines) + "\n"
 
 

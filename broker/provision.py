@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.fsutil import atomic_write
-from agent.topics import Topics, validate_id
+from agent.topics import Topics, connection_username, validate_id
 from broker import certs as pki
 from broker.acl import render_acl
 from broker.config import BrokerSettings, TlsListener
@@ -56,6 +56,9 @@ REGISTRY_VERSION = 1
 DEFAULT_PORT = 1883
 DEFAULT_TLS_PORT = 8883
 DEFAULT_MTLS_PORT = 8884
+# A trainer's connections besides its main one (cloud_trainer/service.py): each logs in as
+# ``<trainer>.<connection>`` because the broker binds a session to its username.
+TRAINER_CONNECTIONS = ("ingest", "split")
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 
 
@@ -194,8 +197,16 @@ def _write_acl(lay: FleetLayout, reg: dict[str, Any]) -> None:
     trainers = {t: e["fleets"] for t, e in reg["trainers"].items()}
     upstreams = {d: e["upstream"] for d, e in reg["devices"].items()
                  if e.get("upstream") in devices}  # a revoked upstream loses the link
+    connections = {a: list(e.get("connections", ()))
+                   for kind in ("devices", "trainers") for a, e in reg[kind].items()}
     # 0644: Mosquitto may run as its own user; the ACL holds no secrets.
-    _atomic_write(lay.acl, render_acl(devices, trainers, reg["prefix"], upstreams), 0o644)
+    _atomic_write(lay.acl, render_acl(devices, trainers, reg["prefix"], upstreams,
+                                      connections), 0o644)
+
+
+def _usernames(account: str, connections: Iterable[str]) -> list[str]:
+    """Every broker username of an account: its own and one per extra connection."""
+    return [account, *(connection_username(account, c) for c in connections)]
 
 
 # -- password file -----------------------------------------------------------------------
@@ -265,12 +276,19 @@ class _Secret:
     ca_file: Path | None
     cert: pki.CertPaths | None
     tls: dict[str, str] | None
+    connection_serials: dict[str, str] | None = None
 
 
 def _issue_secret(lay: FleetLayout, reg: dict[str, Any], account: str, *,
                   password: str | None, cert: bool, tls: bool,
-                  server_names: Iterable[str]) -> _Secret:
-    """Fresh credentials for ``account`` in its bundle; the previous ones stop working."""
+                  server_names: Iterable[str], connections: Iterable[str] = ()) -> _Secret:
+    """Fresh credentials for ``account`` in its bundle; the previous ones stop working.
+
+    Each extra connection gets its own username ``<account>.<connection>``: with a password
+    the same secret (one hash, several lines of the password file), with certificates its
+    own certificate (CN = that username) in ``<bundle>/<connection>/``.
+    """
+    connections = list(connections)
     if cert and password is not None:
         raise ProvisionError("a certificate account has no password: the certificate is "
                              "its identity on the client-certificate listener")
@@ -280,9 +298,11 @@ def _issue_secret(lay: FleetLayout, reg: dict[str, Any], account: str, *,
     bundle.mkdir(parents=True, mode=0o700)
     entries = _read_passwd(lay)
     old = reg["devices"].get(account) or reg["trainers"].get(account) or {}
-    if old.get("serial"):
-        # Rotating a certificate: the old one goes on the CRL.
-        pki.revoke_cert(lay.certs, int(old["serial"], 16))
+    for serial in [old.get("serial"), *old.get("connection_serials", {}).values()]:
+        if serial:  # rotating a certificate: the old one goes on the CRL
+            pki.revoke_cert(lay.certs, int(serial, 16))
+    for user in _usernames(account, old.get("connections", ())):
+        entries.pop(user, None)
     ca_file: Path | None = None
     tls_section: dict[str, str] | None = None
     if cert or tls:
@@ -292,15 +312,19 @@ def _issue_secret(lay: FleetLayout, reg: dict[str, Any], account: str, *,
         tls_section = {"ca_file": ca_file.name}
     if cert:
         paths = pki.create_client_cert(lay.certs, account, bundle)
+        extra = {c: pki.create_client_cert(lay.certs, connection_username(account, c),
+                                           bundle / c) for c in connections}
         # No password: on the mTLS listener the certificate is the identity, and a leftover
         # password would let the account in on the password listeners too.
-        entries.pop(account, None)
         _write_passwd(lay, entries)
         assert tls_section is not None
         tls_section.update(cert_file=paths.cert.name, key_file=paths.key.name)
-        return _Secret(None, None, ca_file, paths, tls_section)
+        return _Secret(None, None, ca_file, paths, tls_section,
+                       {c: f"{p.serial:x}" for c, p in extra.items()})
     clear = password if password is not None else secrets.token_urlsafe(24)
-    entries[account] = hash_password(account, clear)
+    digest = hash_password(account, clear)  # a $7$ hash does not depend on the username
+    for user in _usernames(account, connections):
+        entries[user] = digest
     _write_passwd(lay, entries)
     pw_file = bundle / "mqtt.password"
     _atomic_write(pw_file, clear + "\n", 0o600)
@@ -328,11 +352,16 @@ def provision_device(
     server_names: Iterable[str] = pki.DEFAULT_SERVER_NAMES,
     reload: bool = True,
     upstream: str | None = None,
+    connections: Iterable[str] | None = None,
 ) -> Credentials:
     """Create (or rotate) a device's credentials and regenerate the ACL.
 
     ``upstream``: this device is a later stage of a chain and may read that device's
     ``chain`` topic (``""`` removes the link; None keeps what the registry says).
+    ``connections``: names of extra simultaneous connections (e.g. ``["camera"]``), each
+    logging in as ``<device>.<name>`` with the device's rights; the broker binds a session
+    to its username, so a second connection under the device's own name would take over
+    the agent's session (None keeps what the registry says).
 
     ``knet broker provision DEVICE --fleet F --dir D [--cert]`` prints ``.snippet``.
 
@@ -363,8 +392,10 @@ def provision_device(
             if up is None or up["fleet"] != fleet or upstream == device:
                 raise ProvisionError(f"upstream {upstream!r} is not another device of fleet "
                                      f"{fleet!r}: provision it first")
+        conns = sorted(set((current or {}).get("connections", ()) if connections is None
+                           else (validate_id(c, "connection name") for c in connections)))
         secret = _issue_secret(lay, reg, device, password=password, cert=cert, tls=use_tls,
-                               server_names=server_names)
+                               server_names=server_names, connections=conns)
         link = (current or {}).get("upstream") if upstream is None else (upstream or None)
         reg["devices"][device] = {
             "fleet": fleet,
@@ -372,6 +403,9 @@ def provision_device(
             "serial": f"{secret.cert.serial:x}" if secret.cert else None,
             "created": _now(),
             **({"upstream": link} if link else {}),
+            **({"connections": conns} if conns else {}),
+            **({"connection_serials": secret.connection_serials}
+               if secret.connection_serials else {}),
         }
         _save_registry(lay, reg)
         _write_acl(lay, reg)
@@ -427,27 +461,42 @@ def provision_trainer(
             raise ProvisionError(f"{trainer_id!r} is a device account; device and trainer "
                                  "ids share the broker's username space")
         secret = _issue_secret(lay, reg, trainer_id, password=password, cert=cert,
-                               tls=use_tls, server_names=server_names)
+                               tls=use_tls, server_names=server_names,
+                               connections=TRAINER_CONNECTIONS)
         reg["trainers"][trainer_id] = {
             "fleets": fleet_list,
             "auth": "cert" if cert else "password",
             "serial": f"{secret.cert.serial:x}" if secret.cert else None,
             "created": _now(),
+            "connections": list(TRAINER_CONNECTIONS),
+            **({"connection_serials": secret.connection_serials}
+               if secret.connection_serials else {}),
         }
         _save_registry(lay, reg)
         _write_acl(lay, reg)
         prefix = reg["prefix"]
+    # One knet-trainer serves one fleet ([trainer] fleet); an account for several fleets
+    # runs one trainer.toml per fleet, each with this [mqtt] section.
+    others = fleet_list[1:]
     head = [
-        f"# knet trainer settings for {trainer_id}, from broker.provision.provision_trainer.",
+        f"# knet trainer settings for {trainer_id}, from `knet broker provision --trainer`.",
+        "# Merge into trainer.toml (it also needs [trainer] signing_key_file and [models]);",
+        "# relative paths resolve against the config file's directory.",
+        *([f"# This account also serves {', '.join(others)}: copy this file per fleet and "
+           "change [trainer] fleet."] if others else []),
         "[trainer]",
         f"id = {_toml_str(trainer_id)}",
-        f"fleets = [{', '.join(_toml_str(f) for f in fleet_list)}]",
+        f"fleet = {_toml_str(fleet_list[0])}",
         f"topic_prefix = {_toml_str(prefix)}",
         "",
     ]
-    snippet = "\n".join([*head, *_mqtt_toml(
-        trainer_id, host, port or _default_port(cert, use_tls),
-        secret.password_file.name if secret.password_file else None, secret.tls)]) + "\n"
+    mqtt_lines = _mqtt_toml(trainer_id, host, port or _default_port(cert, use_tls),
+                            secret.password_file.name if secret.password_file else None,
+                            secret.tls)
+    # The ingest and split connections log in as <id>.ingest / <id>.split (and, with a
+    # certificate, use <bundle>/<connection>/client.crt): the broker binds sessions to names.
+    mqtt_lines.insert(mqtt_lines.index("[mqtt]") + 1, "connection_accounts = true")
+    snippet = "\n".join([*head, *mqtt_lines]) + "\n"
     return _finish(lay, trainer_id, tuple(fleet_list), "trainer", snippet, secret, reload)
 
 
@@ -487,12 +536,14 @@ def revoke_device(directory: Path | str, device: str, *, reload: bool = True) ->
             log.warning("revoke: no account %r in %s", device, lay.root)
             return False
         entries = _read_passwd(lay)
-        if entries.pop(device, None) is not None:
+        users = _usernames(device, entry.get("connections", ()))
+        if any([entries.pop(u, None) is not None for u in users]):
             _write_passwd(lay, entries)
-        if entry.get("serial"):
-            pki.revoke_cert(lay.certs, int(entry["serial"], 16))
-            log.info("certificate %s of %s is on the CRL %s", entry["serial"], device,
-                     pki.ca_paths(lay.certs).crl)
+        for serial in [entry.get("serial"), *entry.get("connection_serials", {}).values()]:
+            if serial:
+                pki.revoke_cert(lay.certs, int(serial, 16))
+                log.info("certificate %s of %s is on the CRL %s", serial, device,
+                         pki.ca_paths(lay.certs).crl)
         reg["revoked"].append({"id": device, "kind": kind[:-1], "serial": entry.get("serial"),
                                "fleet": entry.get("fleet"), "revoked": _now()})
         _save_registry(lay, reg)
@@ -550,6 +601,7 @@ def settings_for_layout(
         log_file=lay.broker / "mosquitto.log",
         tls=listener(tls_port, False) if tls_port else None,
         mtls=listener(mtls_port, True) if mtls_port else None,
+        username_as_clientid=True,
     )
 
 
@@ -685,7 +737,8 @@ def template_texts() -> dict[str, str]:
     return {
         "mosquitto.dev.conf": dev.render(),
         "mosquitto.tls.conf": tls.render(),
-        "knet.acl": render_acl(EXAMPLE_DEVICES, EXAMPLE_TRAINERS),
+        "knet.acl": render_acl(EXAMPLE_DEVICES, EXAMPLE_TRAINERS,
+                               connections={t: TRAINER_CONNECTIONS for t in EXAMPLE_TRAINERS}),
     }
 
 

@@ -123,7 +123,8 @@ def _broker(args: argparse.Namespace) -> int:
         else:
             creds = provision.provision_device(args.dir, args.account, args.fleet[0],
                                                cert=args.cert, tls=args.tls, host=args.host,
-                                               port=args.port, upstream=args.upstream)
+                                               port=args.port, upstream=args.upstream,
+                                               connections=args.connection)
         print(f"# {creds.kind} {creds.username}: credentials in {creds.bundle} (0600)")
         print(creds.snippet)
         return 0
@@ -142,9 +143,13 @@ def _broker(args: argparse.Namespace) -> int:
 
 
 def _keys_gen(args: argparse.Namespace) -> int:
-    from cloud_trainer.keys import generate_keypair
+    from cloud_trainer.keys import KeyExistsError, generate_keypair
 
-    private, public = generate_keypair(args.dir, name=args.name)
+    try:
+        private, public = generate_keypair(args.dir, name=args.name)
+    except (KeyExistsError, OSError) as exc:
+        print(f"knet keys gen: {exc}", file=sys.stderr)
+        return 1
     print(f"private key (keep it on the trainer, never on a device): {private}")
     print(f"public key (list it in every agent's config): {public}")
     return 0
@@ -317,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--port", type=int, default=None)
     b.add_argument("--upstream", default=None, help="chain stage: may read this device's "
                                                    "chain topic ('' removes the link)")
+    b.add_argument("--connection", action="append", default=None, metavar="NAME",
+                   help="device: an extra simultaneous connection, logging in as "
+                        "<device>.<NAME> (the broker binds each session to its username)")
     b = brsub.add_parser("revoke", help="remove an account; a running broker reloads")
     b.add_argument("account")
     b.add_argument("--dir", type=Path, required=True)

@@ -10,16 +10,20 @@ trainer never breaks it.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from agent import safejson
+
 log = logging.getLogger(__name__)
 
 STATES = ("online", "stopped", "offline")
+# A birth lists blocks, providers and a partition: a few KB. Bounded before parsing, with
+# the nesting depth, because a retained state/birth is re-delivered after every restart.
+MAX_FLEET_MESSAGE_BYTES = 256 * 1024
 
 
 class FleetMessageError(ValueError):
@@ -52,9 +56,9 @@ class DeviceInfo:
 
 def _json_object(payload: bytes, what: str) -> dict[str, Any]:
     try:
-        body = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FleetMessageError(f"{what} is not JSON: {exc}") from None
+        body = safejson.loads(payload, max_bytes=MAX_FLEET_MESSAGE_BYTES)
+    except safejson.UnsafeJSONError as exc:
+        raise FleetMessageError(f"{what} refused: {exc}") from None
     if not isinstance(body, dict):
         raise FleetMessageError(f"{what} must be a JSON object")
     return body

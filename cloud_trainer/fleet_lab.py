@@ -315,7 +315,7 @@ class Camera:
         self.lock = threading.Lock()
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{device}-camera",
                         protocol=mqtt.MQTTv5)
-        c.username_pw_set(device, password)
+        c.username_pw_set(f"{device}.camera", password)  # its own session (broker binds ids)
         c.reconnect_delay_set(0.2, 2)
         c.max_queued_messages_set(0)
         self.client = c
@@ -382,7 +382,7 @@ class Lab:
         progress("provisioning the broker: per-device credentials and ACLs")
         for spec in self.s.devices:
             creds = provision_device(self.broker_dir, spec.device, FLEET, port=self.port,
-                                     reload=False)
+                                     reload=False, connections=["camera"])
             self.passwords[spec.device] = str(creds.password)
         for account in (TRAINER_ID, CONSOLE_ID):
             creds = provision_trainer(self.broker_dir, account, [FLEET], port=self.port,
@@ -448,7 +448,8 @@ class Lab:
             "trainer": {"id": TRAINER_ID, "fleet": FLEET, "state_dir": self.trainer_dir,
                         "signing_key_file": self.private_key, "log_format": "json"},
             "mqtt": {"host": "127.0.0.1", "port": self.port, "username": TRAINER_ID,
-                     "password_file": self.password_file(TRAINER_ID)},
+                     "password_file": self.password_file(TRAINER_ID),
+                     "connection_accounts": True},
             "models": {s.model: {"zoo": s.model, "seed": s.seed,
                                  "profiles": sorted({d.profile for d in s.devices})}},
             # One trainer on Mosquitto: a plain subscription survives broker restarts, a
@@ -587,7 +588,7 @@ class Lab:
     def wait_ingest(self, timeout: float = 90.0) -> None:
         """Until the trainer is online and its ingest client connected (broker log)."""
         log_file = self.broker_dir / "broker" / "mosquitto.log"
-        marker = f"as knet-ingest-{TRAINER_ID} "
+        marker = f"as {TRAINER_ID}.ingest "  # the broker names a session by its username
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError):

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
 
+import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
@@ -72,6 +73,7 @@ from cloud_trainer.store import SampleStore
 log = logging.getLogger(__name__)
 
 BAD_REASONS = ("malformed", "oversized", "version", "spoofed", "bad_frame", "wrong_shape",
+               "empty_tensor", "non_finite", "bad_boundary", "unknown_model", "internal",
                "bad_topic", "bad_state", "bad_birth")
 INVALID_DEVICE = "?invalid"  # bad_topic counts go here: the topic's id is not a device id
 
@@ -105,6 +107,11 @@ class IngestSettings(BaseModel):
     validation: Literal["decode", "header"] = "decode"
     # boundary -> expected shape, without or with the batch dimension; unknown: accepted.
     expected_shapes: dict[int, tuple[int, ...]] = Field(default_factory=dict)
+    # model id -> boundary -> shape (without the batch dimension) of the deployed model:
+    # when set, an envelope of another model ("unknown_model"), at a boundary the model
+    # does not have ("bad_boundary") or of another shape ("wrong_shape") is not stored. An
+    # envelope without meta "model" is checked against the only model, if there is one.
+    model_boundaries: dict[str, dict[int, tuple[int, ...]]] = Field(default_factory=dict)
     batch_size: int = Field(512, ge=1)
     # How long the writer lets a batch fill after its first message: fewer, larger commits
     # (and less GIL contention with paho's thread) for at most this much added latency.
@@ -130,12 +137,19 @@ class IngestStats:
     store_errors: int = 0
     connects: int = 0
     fleet_messages: int = 0
+    # Activations refused, in total and per reason: received == stored + duplicates +
+    # rejected + what is still queued.
+    rejected: int = 0
     bad: dict[str, Counter[str]] = field(default_factory=dict)
+    rejects: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def count_bad(self, device: str, reason: str) -> None:
+    def count_bad(self, device: str, reason: str, act: bool = False) -> None:
         with self._lock:
             self.bad.setdefault(device, Counter())[reason] += 1
+            if act:
+                self.rejected += 1
+                self.rejects[reason] += 1
 
     def bad_snapshot(self) -> dict[str, dict[str, int]]:
         with self._lock:
@@ -147,8 +161,11 @@ class IngestStats:
             return sum(sum(c.values()) for c in self.bad.values())
 
     def as_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "bad"}
+        out = {k: v for k, v in vars(self).items()
+               if not k.startswith("_") and k not in ("bad", "rejects")}
         out["bad"] = self.bad_snapshot()
+        with self._lock:
+            out["rejects"] = dict(self.rejects)
         out["bad_total"] = self.bad_total
         return out
 
@@ -309,8 +326,13 @@ class Ingestor:
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         try:
             envelope = self._accept(msg)
-        except Exception:  # a bug must not kill paho's thread nor leave the message un-acked
-            log.exception("ingestor: unexpected error on %r", msg.topic)
+        except Exception as exc:  # a bug must not kill paho's thread nor leave it un-acked
+            topic = str(msg.topic)
+            try:
+                device, leaf = self.topics.parse_device_topic(topic)
+            except Exception:
+                device, leaf = INVALID_DEVICE, ""
+            self._bad(device, "internal", repr(exc)[:200], act=leaf == "act")
             envelope = None
         if msg.qos:
             self._put(_Item(msg.mid, msg.qos, self._generation, envelope, len(msg.payload)))
@@ -326,8 +348,9 @@ class Ingestor:
                 log.warning("ingest queue full (%d): receive_maximum not honoured?",
                             self._queue.maxsize)
 
-    def _bad(self, device: str, reason: str, detail: object) -> None:
-        self.stats.count_bad(device, reason)
+    def _bad(self, device: str, reason: str, detail: object, act: bool = True) -> None:
+        """Count one dropped message (``act``: an activation) and log it, rate-limited."""
+        self.stats.count_bad(device, reason, act)
         self._bad_log.warning((device, reason), "dropped a message from %s: %s: %s",
                               device, reason, detail)
 
@@ -337,7 +360,7 @@ class Ingestor:
         try:
             device, leaf = self.topics.parse_device_topic(msg.topic)
         except (TopicError, UnicodeDecodeError) as exc:
-            self._bad(INVALID_DEVICE, "bad_topic", exc)
+            self._bad(INVALID_DEVICE, "bad_topic", exc, act=False)
             return None
         now = time.time()
         if leaf == "state" or leaf == "birth":
@@ -348,7 +371,7 @@ class Ingestor:
                 else:
                     self.fleet.update_birth(device, data, now)
             except FleetMessageError as exc:
-                self._bad(device, f"bad_{leaf}", exc)
+                self._bad(device, f"bad_{leaf}", exc, act=False)
             return None
         if leaf != "act":
             return None
@@ -366,9 +389,11 @@ class Ingestor:
         if env.device != device:
             self._bad(device, "spoofed", f"envelope names {env.device!r}")
             return None
+        array = None
         try:
             if s.validation == "decode":
-                shape = decode(env.payload, max_bytes=s.max_decoded_bytes).shape
+                array = decode(env.payload, max_bytes=s.max_decoded_bytes)
+                shape = array.shape
             else:
                 shape = parse_frame(env.payload, s.max_decoded_bytes).shape
         except OversizedFrameError as exc:
@@ -380,14 +405,39 @@ class Ingestor:
         except CodecError as exc:
             self._bad(device, "bad_frame", exc)
             return None
+        if len(shape) == 0 or 0 in tuple(shape):
+            self._bad(device, "empty_tensor", f"shape {tuple(shape)}")
+            return None
         expected = s.expected_shapes.get(env.boundary)
+        if s.model_boundaries:
+            boundaries = self._boundaries_of(env)
+            if boundaries is None:
+                self._bad(device, "unknown_model", f"model {env.meta.get('model')!r}")
+                return None
+            expected = boundaries.get(env.boundary)
+            if expected is None:
+                self._bad(device, "bad_boundary", f"boundary {env.boundary} not in "
+                                                  f"{sorted(boundaries)}")
+                return None
         if expected is not None and tuple(shape) != tuple(expected) and (
                 len(shape) != len(expected) + 1 or tuple(shape[1:]) != tuple(expected)):
             self._bad(device, "wrong_shape",
                       f"boundary {env.boundary} shape {shape}, expected {expected}")
             return None
+        if array is not None and np.issubdtype(array.dtype, np.floating) \
+                and not np.isfinite(array).all():
+            self._bad(device, "non_finite", f"boundary {env.boundary} holds NaN or Inf")
+            return None
         self.fleet.seen(device, now)
         return env
+
+    def _boundaries_of(self, env: Envelope) -> dict[int, tuple[int, ...]] | None:
+        """The deployed boundary shapes for the envelope's model; None: not a model here."""
+        models = self.settings.model_boundaries
+        model = env.meta.get("model")
+        if model is None and len(models) == 1:
+            return next(iter(models.values()))
+        return models.get(model) if isinstance(model, str) else None
 
     # -- writer thread ---------------------------------------------------------------------
     def _write_loop(self) -> None:

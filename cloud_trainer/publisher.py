@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import os
@@ -41,6 +40,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from agent import safejson
 from agent.manifest import PartitionManifest, sha256_file
 from agent.topics import TopicError, Topics
 from agent.update_manifest import (
@@ -404,11 +404,13 @@ class BlobPublisher:
     def _serve_request(self, device: str, payload: bytes) -> None:
         self.stats["requests"] += 1
         try:
-            req = json.loads(payload)
+            req = safejson.loads(payload, max_bytes=MAX_REQUEST_BYTES)
+            if not isinstance(req, dict):
+                raise TypeError
             sha, wanted = req["sha256"], req["chunks"]
             if not isinstance(sha, str) or not isinstance(wanted, list):
                 raise TypeError
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):  # UnsafeJSONError is a ValueError
             self.stats["bad_requests"] += 1
             return
         with self._lock:

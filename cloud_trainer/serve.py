@@ -1,11 +1,20 @@
 """Split inference: a device runs student blocks 1..k, the cloud finishes with teacher k+1..N.
 
 Requests arrive on ``knet/v1/{fleet}/{device}/infer`` as activation envelopes (boundary k);
-the reply goes to the request's MQTT v5 ``ResponseTopic`` with its ``CorrelationData``, as
-JSON ``{"prediction", "confidence", "boundary", "model_version"}`` or ``{"error": ...}`` —
+the reply goes to ``knet/v1/{fleet}/{device}/reply`` with the request's ``CorrelationData``,
+as JSON ``{"prediction", "confidence", "boundary", "model_version"}`` or ``{"error": ...}`` —
 a request that cannot be served gets an error reply, never silence. A bounded worker pool
 keeps a burst of requests from growing memory: when it is full, new requests are answered
 ``busy`` at once.
+
+The reply topic is derived from the request topic, i.e. from the identity the broker's ACL
+authenticated (only device ``d`` may publish ``.../d/infer``). The MQTT v5 ``ResponseTopic``
+of the request is never used as a destination: a device that named another device's topic,
+the manifest or a trainer topic there would make this server (which may write every
+device's ``reply``) publish on its behalf — a confused deputy. A ``ResponseTopic`` other
+than the device's own reply topic is counted (``foreign_response_topic``) and answered on
+the device's own topic. ``CorrelationData`` is echoed only to that topic, up to
+``MAX_CORRELATION_BYTES``; a longer one gets an error reply without it.
 """
 
 from __future__ import annotations
@@ -27,8 +36,11 @@ from agent.codec import CodecError, decode
 from agent.envelope import Envelope, EnvelopeError
 from agent.topics import TopicError, Topics
 from cloud_trainer.blocks import BlockModel
+from cloud_trainer.guard import RateLimitedLog
 
 log = logging.getLogger(__name__)
+
+MAX_CORRELATION_BYTES = 64  # the agent sends an 8-byte sequence number
 
 
 class SplitServer:
@@ -42,7 +54,9 @@ class SplitServer:
         self.model_id = model_id
         self.topics = topics
         self.max_payload = max_payload
-        self.stats = {"requests": 0, "replies": 0, "errors": 0, "busy": 0}
+        self.stats = {"requests": 0, "replies": 0, "errors": 0, "busy": 0, "bad_topic": 0,
+                      "foreign_response_topic": 0, "internal": 0}
+        self._bad_log = RateLimitedLog(log, 10.0)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="knet-split")
         self._slots = threading.BoundedSemaphore(max_pending)
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -68,24 +82,59 @@ class SplitServer:
         client.subscribe(self.topics.all_devices("infer"), qos=1)
         self.connected.set()
 
+    def reply_topic(self, request_topic: str) -> str:
+        """Where a request on ``request_topic`` is answered: its device's own reply topic."""
+        device, leaf = self.topics.parse_device_topic(request_topic)
+        if leaf != "infer":
+            raise TopicError(f"{request_topic!r} is not an infer topic")
+        return self.topics.reply(device)
+
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self._handle(msg)
+        except Exception as exc:  # never end paho's network thread on one request
+            self.stats["internal"] += 1
+            self._bad_log.log(logging.ERROR, ("internal", type(exc).__name__),
+                              "infer request on %r dropped: %r", msg.topic, exc, exc_info=True)
+
+    def _handle(self, msg: mqtt.MQTTMessage) -> None:
         self.stats["requests"] += 1
+        try:
+            reply_to = self.reply_topic(msg.topic)
+        except (TopicError, UnicodeDecodeError) as exc:
+            self.stats["bad_topic"] += 1
+            self._bad_log.log(logging.WARNING, ("bad_topic", ""), "infer request on %r "
+                              "dropped: %s", msg.topic, exc)
+            return
         props = msg.properties
-        reply_to = getattr(props, "ResponseTopic", None)
+        named = getattr(props, "ResponseTopic", None)
+        if named is not None and named != reply_to:
+            self.stats["foreign_response_topic"] += 1
+            self._bad_log.log(logging.WARNING, ("foreign_response_topic", reply_to),
+                              "infer request on %s names ResponseTopic %r: answered on %s",
+                              msg.topic, str(named)[:200], reply_to)
         corr = getattr(props, "CorrelationData", None)
-        if not reply_to:
+        if corr is not None and len(corr) > MAX_CORRELATION_BYTES:
             self.stats["errors"] += 1
-            log.warning("infer request on %s without a ResponseTopic: cannot answer", msg.topic)
+            self._reply(reply_to, None, {"error": f"CorrelationData of {len(corr)} bytes "
+                                                  f"exceeds {MAX_CORRELATION_BYTES}"})
             return
         if not self._slots.acquire(blocking=False):
             self.stats["busy"] += 1
             self._reply(reply_to, corr, {"error": "busy: too many pending requests"})
             return
-        self._pool.submit(self._serve, msg.topic, bytes(msg.payload), reply_to, corr)
+        try:
+            self._pool.submit(self._serve, msg.topic, bytes(msg.payload), reply_to, corr)
+        except RuntimeError:  # the pool is shutting down
+            self._slots.release()
 
     def _serve(self, topic: str, payload: bytes, reply_to: str, corr: bytes | None) -> None:
         try:
             self._reply(reply_to, corr, self.answer(topic, payload))
+        except Exception as exc:
+            self.stats["internal"] += 1
+            self._bad_log.log(logging.ERROR, ("internal", type(exc).__name__),
+                              "infer request on %r failed: %r", topic, exc, exc_info=True)
         finally:
             self._slots.release()
 
@@ -103,8 +152,10 @@ class SplitServer:
                 raise EnvelopeError(f"boundary {k} outside 0..{self.teacher.num_blocks - 1}")
             x = decode(env.payload, max_bytes=self.max_payload)
             want = self.teacher.boundary_shapes[k]
-            if tuple(x.shape[1:]) != want:
-                raise EnvelopeError(f"boundary {k} shape {tuple(x.shape[1:])} != {want}")
+            if x.ndim != len(want) + 1 or x.shape[0] != 1 or tuple(x.shape[1:]) != want:
+                raise EnvelopeError(f"boundary {k} shape {tuple(x.shape)} != (1, *{want})")
+            if not np.isfinite(x).all():
+                raise EnvelopeError("the activation holds NaN or Inf")
             with torch.no_grad():
                 logits = self.teacher.run(torch.from_numpy(np.ascontiguousarray(x)), k + 1)
             probs = torch.softmax(logits[0], 0)

@@ -34,6 +34,7 @@ import signal
 import threading
 import time
 import uuid
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,8 @@ from agent.topics import TopicError
 from agent.update_manifest import SignedManifest
 from agent.update_report import UpdateReport, UpdateReportError
 from cloud_trainer.fleet import FleetMessageError, FleetTable
-from cloud_trainer.keys import load_private_key
+from cloud_trainer.guard import RateLimitedLog, ThreadDeathWatch, guard_callback
+from cloud_trainer.keys import load_private_key, secret_share_group
 from cloud_trainer.publisher import BlobPublisher
 from cloud_trainer.registry import Registry
 from cloud_trainer.retrain import ModelRuntime, ProgressSink, Retrainer, ensure_initial_version
@@ -131,12 +133,16 @@ def lock_info(path: Path) -> dict[str, Any] | None:
 
 
 # -- MQTT -----------------------------------------------------------------------------------
-def apply_tls(client: mqtt.Client, config: TrainerConfig) -> None:
+def apply_tls(client: mqtt.Client, config: TrainerConfig, connection: str | None = None) -> None:
+    """TLS for one of the trainer's connections; with ``connection_accounts`` an extra
+    connection presents its own certificate from ``<cert dir>/<connection>/``."""
     tls = config.mqtt.tls
     if tls is not None:
-        client.tls_set(ca_certs=str(tls.ca_file),
-                       certfile=str(tls.cert_file) if tls.cert_file else None,
-                       keyfile=str(tls.key_file) if tls.key_file else None)
+        cert, key = tls.cert_file, tls.key_file
+        if connection and config.mqtt.connection_accounts and cert and key:
+            cert, key = cert.parent / connection / cert.name, key.parent / connection / key.name
+        client.tls_set(ca_certs=str(tls.ca_file), certfile=str(cert) if cert else None,
+                       keyfile=str(key) if key else None)
 
 
 class _Channel:
@@ -174,12 +180,20 @@ class TrainerService:
         self.client: mqtt.Client | None = None
         self.connected = threading.Event()
         self.stats: dict[str, int] = {"reports": 0, "bad_reports": 0, "fleet_bad": 0}
+        # Messages a callback failed on (dropped), per callback; see cloud_trainer/guard.py.
+        self.callback_errors: Counter[str] = Counter()
+        self._bad_log = RateLimitedLog(log, 10.0)
+        # Set when a thread died of an uncaught exception: the daemon then exits non-zero.
+        self.fatal: str | None = None
+        self._death_watch = ThreadDeathWatch(self._on_thread_death)
 
     # --- lifecycle
     def start(self) -> TrainerService:
         global _ACTIVE
         cfg = self.config
         self.lock.acquire("run-now" if self.oneshot else "daemon")
+        if not self.oneshot:
+            self._death_watch.install()
         try:
             cfg.trainer.state_dir.mkdir(parents=True, exist_ok=True)
             self.key = load_private_key(cfg.trainer.signing_key_file)
@@ -249,6 +263,7 @@ class TrainerService:
             self.client = None
         if getattr(self, "store", None) is not None:
             self.store.close()
+        self._death_watch.uninstall()
         if _ACTIVE is self:
             _ACTIVE = None
         self.lock.release()
@@ -276,7 +291,8 @@ class TrainerService:
         client.on_disconnect = self._on_disconnect
         for leaf, handler in (("state", self._on_state), ("birth", self._on_birth),
                               ("update", self._on_report)):
-            client.message_callback_add(self.topics.all_devices(leaf), handler)
+            client.message_callback_add(self.topics.all_devices(leaf), guard_callback(
+                leaf, handler, self.callback_errors, self._bad_log))
         self.client = client
         self.publisher = BlobPublisher(client, self.topics, cfg.trainer.state_dir / "blobs")
         self.publisher.start()
@@ -299,6 +315,13 @@ class TrainerService:
         if not self.oneshot:
             self.publish_state()
 
+    def _on_thread_death(self, thread: str, _exc: BaseException | None) -> None:
+        """A network or worker thread died: stop, so the process exits and is restarted."""
+        if self.fatal is None:
+            self.fatal = thread
+        self.stopping.set()
+        self._requests_event.set()
+
     def _on_disconnect(self, *_: Any) -> None:
         self.connected.clear()
         if not self.stopping.is_set():
@@ -317,7 +340,8 @@ class TrainerService:
                 self.fleet.update_state(device, bytes(msg.payload))
         except FleetMessageError as exc:
             self.stats["fleet_bad"] += 1
-            log.warning("bad state from %s: %s", device, exc)
+            self._bad_log.log(logging.WARNING, ("state", device), "bad state from %s: %s",
+                              device, exc)
 
     def _on_birth(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         device = self._device(msg.topic)
@@ -326,7 +350,8 @@ class TrainerService:
                 self.fleet.update_birth(device, bytes(msg.payload))
         except FleetMessageError as exc:
             self.stats["fleet_bad"] += 1
-            log.warning("bad birth from %s: %s", device, exc)
+            self._bad_log.log(logging.WARNING, ("birth", device), "bad birth from %s: %s",
+                              device, exc)
 
     def _on_report(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         device = self._device(msg.topic)
@@ -340,7 +365,8 @@ class TrainerService:
                      report.version, report.status, report.reason or "")
         except UpdateReportError as exc:
             self.stats["bad_reports"] += 1
-            log.warning("bad update report on %s: %s", msg.topic, exc)
+            self._bad_log.log(logging.WARNING, ("update", device),
+                              "bad update report on %s: %s", msg.topic, exc)
         except Exception:  # never kill paho's thread (e.g. a locked database)
             self.stats["bad_reports"] += 1
             log.exception("storing the update report on %s failed", msg.topic)
@@ -361,13 +387,23 @@ class TrainerService:
 
         cfg, ing = self.config, self.config.ingest
         settings = IngestSettings(
-            host=cfg.mqtt.host, port=cfg.mqtt.port, username=cfg.mqtt.username,
+            host=cfg.mqtt.host, port=cfg.mqtt.port,
+            username=cfg.mqtt.connection_username("ingest"),
             password=self.password, client_id=f"knet-ingest-{cfg.trainer.id}",
-            share_group=ing.share_group, shared=ing.shared, keepalive=cfg.mqtt.keepalive,
+            # A name only key holders can derive: a device cannot join the group and take
+            # activations from it (cloud_trainer/keys.py, docs/broker.md).
+            share_group=secret_share_group(ing.share_group, self.key), shared=ing.shared,
+            keepalive=cfg.mqtt.keepalive,
             receive_maximum=ing.receive_maximum, max_payload=ing.max_payload,
-            validation=ing.validation)
+            validation=ing.validation,
+            # The boundaries the deployed models have (0 = input .. N = logits), each with
+            # its shape; every version of a model shares them (the registry loads each
+            # version's weights into the same skeleton).
+            model_boundaries={mid: dict(enumerate(tuple(s) for s in
+                                                  rt.initial_student.boundary_shapes))
+                              for mid, rt in self.models.items()})
         self.ingestor = Ingestor(settings, self.topics, self.store, self.fleet)
-        apply_tls(self.ingestor.client, cfg)
+        apply_tls(self.ingestor.client, cfg, "ingest")
         self.ingestor.start(wait=False)
 
     def _start_split(self) -> None:
@@ -376,10 +412,11 @@ class TrainerService:
         cfg = self.config
         model_id = cfg.split.model or next(iter(cfg.models))
         srv = SplitServer(self.models[model_id].teacher, model_id, self.topics,
-                          cfg.mqtt.host, cfg.mqtt.port, username=cfg.mqtt.username,
+                          cfg.mqtt.host, cfg.mqtt.port,
+                          username=cfg.mqtt.connection_username("split"),
                           password=self.password, workers=cfg.split.workers,
                           client_id=f"knet-split-{cfg.trainer.id}")
-        apply_tls(srv._client, cfg)  # the server owns its client; TLS is set before connect
+        apply_tls(srv._client, cfg, "split")  # the server owns its client: TLS before connect
         self.split = srv.__enter__()
 
     def _start_adapt(self) -> None:
@@ -470,6 +507,8 @@ class TrainerService:
         while not self.stopping.is_set():
             if self._requests_event.wait(1.0):
                 self._requests_event.clear()
+                if self.stopping.is_set():
+                    break
                 self.run_now_requests()
             if time.monotonic() - last_state >= STATE_INTERVAL_S:
                 last_state = time.monotonic()
@@ -491,10 +530,17 @@ class TrainerService:
                         "reason": r.reason[:200], "started_at": r.started_at.isoformat(),
                         "finished_at": r.finished_at.isoformat() if r.finished_at else None}
             body["devices_online"] = len(self.fleet.online())
+            # Device messages the trainer's own connection refused or failed on (dropped).
+            body["dropped"] = {"fleet_bad": self.stats["fleet_bad"],
+                               "bad_reports": self.stats["bad_reports"],
+                               "callback_errors": dict(self.callback_errors)}
             if self.ingestor is not None:
                 m = self.ingestor.metrics()
+                # received == stored + duplicates + rejected + queue_depth (activations);
+                # bad_total adds the refused state/birth messages and bad topics.
                 body["ingest"] = {k: m[k] for k in ("received", "stored", "duplicates",
-                                                    "bad_total", "queue_depth")}
+                                                    "rejected", "rejects", "bad_total",
+                                                    "queue_depth")}
             body["models"] = {}
             for mid in self.models:
                 v = self.registry.deployed(mid)

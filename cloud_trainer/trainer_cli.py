@@ -131,6 +131,10 @@ def _daemon(args: argparse.Namespace) -> int:
     finally:
         logging.getLogger(__name__).info("stopping")
         service.stop()
+    if service.fatal is not None:
+        logging.getLogger(__name__).critical("exiting with status 1: thread %s died",
+                                             service.fatal)
+        return 1
     return 0
 
 

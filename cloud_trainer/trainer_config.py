@@ -25,7 +25,7 @@ from pydantic import (
 
 from agent.config import TlsSection  # one TLS model for devices and trainer
 from agent.configfile import ConfigError, load_model, resolve_path
-from agent.topics import Topics, validate_id
+from agent.topics import Topics, connection_username, validate_id
 
 if TYPE_CHECKING:
     from cloud_trainer.blocks import ModelPair
@@ -71,8 +71,18 @@ class MqttSection(BaseModel):
     tls: TlsSection | None = None
     keepalive: int = Field(30, ge=5, le=3600)
     connect_timeout_s: float = Field(10.0, gt=0)
+    # True on a broker from `knet broker provision`, which binds each session to its
+    # username: the ingest and split connections log in as <username>.ingest/.split (a
+    # certificate trainer: <cert dir>/<connection>/<cert name>), never under the main name.
+    connection_accounts: bool = False
 
     _paths = field_validator("password_file")(resolve_path)
+
+    def connection_username(self, connection: str | None) -> str | None:
+        """The username of one of the trainer's connections (None: the main one)."""
+        if self.username is None or not self.connection_accounts:
+            return self.username
+        return connection_username(self.username, connection)
 
     @model_validator(mode="after")
     def _one_secret(self) -> MqttSection:

@@ -6,11 +6,12 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from test_update_manifest import FLEET, toy_model
 
-from agent.blobs import BlobCache, BlobFetcher
+from agent.blobs import BlobCache, BlobFetcher, chunk_index
 from agent.topics import Topics
 from agent.update_manifest import ChunkInfo, Variant
 from cloud_trainer.publisher import chunk_table, make_update
@@ -150,6 +151,21 @@ def test_oversized_and_foreign_chunks_are_ignored(tmp_path: Path, model) -> None
     assert fetcher.stats["corrupt"] == 1 and fetcher._queue.empty()
     link.deliver("f" * 64, 0, b"x")  # a block nobody asked for
     assert fetcher._queue.empty()
+
+
+@pytest.mark.parametrize("level", ["\u00b2", "\u0663", "-1", "1e3", "", "0" * 10])
+def test_chunk_index_that_is_not_ascii_digits_is_counted_and_dropped(
+        tmp_path: Path, model, level: str) -> None:  # type: ignore[no-untyped-def]
+    """``"²".isdigit()`` is True and ``int("²")`` raises: such a topic level on the network
+    thread is dropped and counted, never a traceback."""
+    variant, files = model
+    sha = variant.partition.block(1).sha256
+    fetcher = fast_fetcher(FakeLink(files), BlobCache(tmp_path / "device"))
+    fetcher._active[sha] = CHUNK
+    msg = SimpleNamespace(topic=f"{TOPICS.fleet_root}/model/blob/{sha}/{level}", payload=b"x")
+    fetcher._on_message(msg)
+    assert fetcher.stats["bad_index"] == 1 and fetcher._queue.empty()
+    assert chunk_index("\u00b2") is None and chunk_index("12") == 12
 
 
 def test_cut_off_fetch_resumes_without_refetching(tmp_path: Path, model) -> None:  # type: ignore[no-untyped-def]

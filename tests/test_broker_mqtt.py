@@ -252,7 +252,11 @@ def test_device_reads_manifest_and_blobs_of_its_own_fleet_only(fleet: Fleet) -> 
 def test_trainer_shared_subscription_under_the_acl(fleet: Fleet) -> None:
     b = fleet.broker
     # The ACL has no $share lines: Mosquitto checks the filter without "$share/<group>/".
-    replicas = [connect_ok(b, fleet.trainer) for _ in range(2)]
+    # Each connection logs in under its own username (the broker binds a session to it):
+    # two connections of the trainer account, as two replicas would be.
+    replicas = [connect_ok(b, fleet.trainer),
+                connect(b, "trainer-1.ingest", fleet.trainer.password)]
+    assert replicas[1].connack == 0
     a = connect_ok(b, fleet.dev_a)
     try:
         for r in replicas:

@@ -18,6 +18,7 @@ from broker.acl import render_acl
 from broker.config import BrokerSettings, TlsListener
 from broker.provision import (
     TEMPLATE_DIR,
+    Credentials,
     ProvisionError,
     create_certs,
     fleet_settings,
@@ -28,6 +29,8 @@ from broker.provision import (
     revoke_device,
     template_texts,
 )
+from cloud_trainer.keys import generate_keypair
+from cloud_trainer.trainer_config import TrainerConfig, load_trainer_config
 
 
 def test_template_files_are_what_the_code_renders() -> None:
@@ -47,6 +50,9 @@ def test_templates_lock_the_broker_down() -> None:
         assert any(line.startswith("acl_file ") for line in lines)
         assert "max_queued_messages 200000" in lines  # not Mosquitto's lossy default of 1000
         assert "listener 1883 127.0.0.1" in lines
+        # Every listener binds a session to its username (tests/test_broker_identity.py).
+        assert conf.count("use_username_as_clientid true") == conf.count("listener ")
+    assert "user trainer-1.ingest" in t["knet.acl"] and "user trainer-1.split" in t["knet.acl"]
     assert "listener 1883 127.0.0.1" in t["mosquitto.dev.conf"]
     assert t["mosquitto.dev.conf"].count("listener ") == 1
     tls = t["mosquitto.tls.conf"]
@@ -205,11 +211,53 @@ def test_server_certificate_names_and_settings(tmp_path: Path) -> None:
     assert f"acl_file {layout(d).acl}" in conf
 
 
-def test_trainer_snippet(tmp_path: Path) -> None:
+def _load_trainer_snippet(cred: Credentials, tmp_path: Path) -> TrainerConfig:
+    """The printed snippet merged into a trainer.toml beside it, loaded by knet-trainer's
+    own loader: what an operator following docs/broker.md gets."""
+    generate_keypair(tmp_path / "keys")
+    extra = (f'signing_key_file = "{tmp_path / "keys" / "knet-update.key"}"\n'
+             f'state_dir = "{tmp_path / "state"}"\n')
+    text = cred.snippet.replace("[trainer]\n", "[trainer]\n" + extra, 1)
+    text += '\n[models.digits]\nzoo = "digits"\n'
+    path = cred.bundle / "trainer.toml"
+    path.write_text(text)
+    return load_trainer_config(path)
+
+
+def test_trainer_snippet_is_a_working_trainer_config(tmp_path: Path) -> None:
     cred = provision_trainer(tmp_path / "fleet", "trainer-1", ["yard", "lab"], tls=True)
     doc = tomllib.loads(cred.snippet)
-    assert doc["trainer"]["fleets"] == ["lab", "yard"]
+    assert doc["trainer"]["fleet"] == "lab" and "yard" in cred.snippet
     assert doc["mqtt"]["port"] == 8883 and doc["mqtt"]["tls"] == {"ca_file": "ca.crt"}
     assert doc["mqtt"]["password_file"] == "mqtt.password"
+    cfg = _load_trainer_snippet(cred, tmp_path)
+    assert (cfg.trainer.id, cfg.trainer.fleet, cfg.mqtt.username) == \
+        ("trainer-1", "lab", "trainer-1")
+    assert cfg.mqtt.resolve_password() == cred.password
+    assert cfg.mqtt.tls is not None and cfg.mqtt.tls.ca_file == cred.bundle / "ca.crt"
+    # One broker username per connection, each in the password file with the same secret.
+    assert [cfg.mqtt.connection_username(c) for c in (None, "ingest", "split")] == \
+        ["trainer-1", "trainer-1.ingest", "trainer-1.split"]
+    passwd = layout(tmp_path / "fleet").passwd.read_text()
+    assert all(f"{u}:$7$" in passwd for u in ("trainer-1", "trainer-1.ingest",
+                                               "trainer-1.split"))
     with pytest.raises(ProvisionError, match="at least one"):
         provision_trainer(tmp_path / "fleet", "trainer-2", [])
+
+
+def test_certificate_trainer_snippet_has_a_certificate_per_connection(tmp_path: Path) -> None:
+    d = tmp_path / "fleet"
+    cred = provision_trainer(d, "trainer-1", ["lab"], cert=True)
+    cfg = _load_trainer_snippet(cred, tmp_path)
+    assert cfg.mqtt.tls is not None and cfg.mqtt.tls.cert_file == cred.bundle / "client.crt"
+    serials = {cred.cert_serial}
+    for conn in ("ingest", "split"):
+        pem = (cred.bundle / conn / "client.crt").read_bytes()
+        cert = x509.load_pem_x509_certificate(pem)
+        assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == \
+            f"trainer-1.{conn}"
+        assert (cred.bundle / conn / "client.key").exists()
+        serials.add(cert.serial_number)
+    revoke_device(d, "trainer-1")
+    assert pki.revoked_serials(layout(d).certs) == serials
+    assert "trainer-1" not in layout(d).acl.read_text()

@@ -30,3 +30,46 @@ def test_keys_gen_writes_a_private_key_only_the_owner_reads(tmp_path: Path) -> N
     assert main(["keys", "gen", "--dir", str(tmp_path)]) == 0
     assert (tmp_path / "knet-update.key").stat().st_mode & 0o077 == 0
     assert (tmp_path / "knet-update.pub").exists()
+
+
+def test_keys_gen_twice_refuses_in_one_line_and_keeps_the_key(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["keys", "gen", "--dir", str(tmp_path)]) == 0
+    key = (tmp_path / "knet-update.key").read_bytes()
+    capsys.readouterr()
+    assert main(["keys", "gen", "--dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("knet keys gen: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err and "refusing to overwrite" in err
+    assert (tmp_path / "knet-update.key").read_bytes() == key
+
+
+def test_broker_provision_trainer_prints_a_snippet_knet_trainer_loads(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The documented path: `knet broker provision --trainer` output merged into a
+    trainer.toml with a signing key and a model loads with knet-trainer's loader."""
+    from cloud_trainer.trainer_config import load_trainer_config
+
+    d = tmp_path / "fleet"
+    assert main(["broker", "provision", "trainer-1", "--trainer", "--fleet", "lab",
+                 "--dir", str(d)]) == 0
+    printed = capsys.readouterr().out
+    snippet = printed.split("\n", 1)[1]  # after the "# trainer trainer-1: ..." line
+    assert main(["keys", "gen", "--dir", str(tmp_path / "keys")]) == 0
+    bundle = d / "credentials" / "trainer-1"
+    text = snippet.replace("[trainer]\n", "[trainer]\nsigning_key_file = "
+                           f'"{tmp_path / "keys" / "knet-update.key"}"\n', 1)
+    (bundle / "trainer.toml").write_text(text + '\n[models.digits]\nzoo = "digits"\n')
+    cfg = load_trainer_config(bundle / "trainer.toml")
+    assert cfg.trainer.fleet == "lab" and cfg.mqtt.username == "trainer-1"
+    assert cfg.mqtt.connection_accounts and cfg.mqtt.resolve_password()
+
+
+def test_broker_provision_extra_connection_gets_its_own_username(tmp_path: Path) -> None:
+    d = tmp_path / "fleet"
+    assert main(["broker", "provision", "cam-1", "--fleet", "lab", "--dir", str(d),
+                 "--connection", "camera"]) == 0
+    assert "cam-1.camera:$7$" in (d / "passwd").read_text()
+    assert "user cam-1.camera" in (d / "knet.acl").read_text()
+    assert main(["broker", "revoke", "cam-1", "--dir", str(d)]) == 0
+    assert "cam-1" not in (d / "passwd").read_text()

@@ -28,7 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.codec import encode
 from agent.envelope import Envelope
-from cloud_trainer.fleet_lab import DeviceSpec, Lab, LabSettings, pids_alive
+from cloud_trainer.fleet_lab import Camera, DeviceSpec, Lab, LabSettings, pids_alive
 
 pytestmark = [pytest.mark.slow]
 
@@ -97,7 +97,7 @@ def wait_saved(lab: Lab, timeout: float = 15.0) -> None:
 
     def saved() -> bool:
         text = log_file.read_text(errors="replace")
-        at = text.rfind("as knet-ingest-")
+        at = text.rfind(".ingest (p5")  # the session is named by its username: <trainer>.ingest
         return at >= 0 and "Saving in-memory database" in text[at:]
 
     assert wait_until(saved, timeout)
@@ -179,9 +179,13 @@ def test_malicious_client_with_valid_credentials(tmp_path: Path) -> None:
                            (t.trainer_state("trainer-1"), 1)])
         witness.loop_start()
         refused: dict[str, int] = {}
+        # cam-0's credentials on its extra connection (the broker binds a session to its
+        # username: under "cam-0" itself the attacker could only displace cam-0's own agent,
+        # tests/test_broker_identity.py); the lab's camera for cam-0 steps aside meanwhile.
+        lab.cameras.pop("cam-0").close()
         evil = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="cam-0-evil",
                            protocol=mqtt.MQTTv5)
-        evil.username_pw_set("cam-0", lab.passwords["cam-0"])
+        evil.username_pw_set("cam-0.camera", lab.passwords["cam-0"])
         evil.on_publish = lambda _c, _u, mid, rc, _p: refused.__setitem__(str(mid), rc.value)
         evil.connect("127.0.0.1", lab.port)
         evil.loop_start()
@@ -196,6 +200,8 @@ def test_malicious_client_with_valid_credentials(tmp_path: Path) -> None:
         assert all(refused[m] == 135 for m in foreign_mids)  # not authorised, every one
         evil.disconnect()
         evil.loop_stop()
+        lab.cameras["cam-0"] = Camera("cam-0", "127.0.0.1", lab.port, lab.passwords["cam-0"],
+                                      lab.topics)
         # Good frames still work on both devices afterwards.
         from cloud_trainer.data import digits_splits
 

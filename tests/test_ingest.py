@@ -288,3 +288,44 @@ def test_envelope_layout_assumption() -> None:
     """The version-byte tamper above relies on the envelope's fixed header layout."""
     data = envelope("dev-a", 1)
     assert data[:4] == b"KNAE" and struct.unpack_from("<B", data, 4)[0] == 1
+
+
+def test_only_what_the_deployed_model_can_use_is_stored_and_rejects_add_up(
+        mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """NaN/Inf, 0-dim and zero-size tensors, boundaries the model lacks, shapes that do not
+    match the boundary and other models' envelopes: one named reason each, none stored."""
+    store = SQLiteSampleStore(tmp_path / "store")
+    s = settings(mosquitto, log_interval_s=60,
+                 model_boundaries={"digits": {0: (1, 6, 6), 1: SHAPE[1:]}})
+    pub = Publisher(mosquitto)
+    nan = np.full(SHAPE, np.nan, np.float32)
+    inf = np.full(SHAPE, np.inf, np.float32)
+
+    def env(seq: int, payload: bytes, boundary: int = 1, model: str | None = "digits") -> bytes:
+        return Envelope(device="dev-a", session=1, seq=seq, timestamp=time.time(),
+                        model_version=1, boundary=boundary, payload=payload,
+                        meta={"model": model} if model else {}).pack()
+
+    cases = {
+        "non_finite": [env(1, encode(nan, "raw")), env(2, encode(inf, "raw")),
+                       env(3, encode(nan, "fp16"))],
+        "empty_tensor": [env(4, encode(np.float32(1.0).reshape(()), "raw")),
+                         env(5, encode(np.zeros((1, 0, 6, 6), np.float32), "raw"))],
+        "bad_boundary": [env(6, FRAME, boundary=7), env(7, FRAME, boundary=2)],
+        "wrong_shape": [env(8, frame((1, 8, 6, 5))), env(9, FRAME, boundary=0)],
+        "unknown_model": [env(10, FRAME, model="other")],
+    }
+    good = [env(100, FRAME), env(101, FRAME, model=None),  # no meta: the only model
+            env(102, encode(np.zeros((1, 1, 6, 6), np.float32), "raw"), boundary=0)]
+    with Ingestor(s, TOPICS, store) as ing:
+        stream = [p for ps in cases.values() for p in ps] + good
+        pub.send_acts(("dev-a", p) for p in stream)
+        pub.flush()
+        assert wait_until(lambda: ing.stats.acked == len(stream), 15), ing.metrics()
+        m = ing.metrics()
+    pub.close()
+    assert store.count() == len(good)
+    store.close()
+    assert m["rejects"] == {reason: len(ps) for reason, ps in cases.items()}
+    assert m["rejected"] == sum(len(ps) for ps in cases.values()) == m["bad_total"]
+    assert m["received"] == m["stored"] + m["duplicates"] + m["rejected"] == len(stream)

@@ -29,22 +29,27 @@ pytestmark = pytest.mark.mqtt
 T = Topics("lab")
 
 
-def request(port: int, payload: bytes, topic: str) -> dict:
+def request(port: int, payload: bytes, topic: str, *, listen: str = "dev-1",
+            response_topic: str | None = None, corr: bytes = b"\x00\x07") -> dict:
+    """Publish one request and wait for the reply on ``listen``'s reply topic."""
     got: dict = {}
     done = threading.Event()
     c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
 
     def on_message(_c, _u, msg):
-        got.update(json.loads(msg.payload), corr=msg.properties.CorrelationData)
+        got.update(json.loads(msg.payload), corr=getattr(msg.properties, "CorrelationData", None))
         done.set()
 
+    subscribed = threading.Event()
     c.on_message = on_message
+    c.on_subscribe = lambda *_: subscribed.set()
     c.connect("127.0.0.1", port)
-    c.subscribe(T.reply("dev-1"), 1)
+    c.subscribe(T.reply(listen), 1)
     c.loop_start()
+    assert subscribed.wait(10), "no SUBACK"
     props = Properties(PacketTypes.PUBLISH)
-    props.ResponseTopic = T.reply("dev-1")
-    props.CorrelationData = b"\x00\x07"
+    props.ResponseTopic = response_topic or T.reply(listen)
+    props.CorrelationData = corr
     c.publish(topic, payload, qos=1, properties=props)
     assert done.wait(10), "no reply"
     c.disconnect()
@@ -71,7 +76,7 @@ def test_reply_matches_local_teacher_inference_and_errors_are_answered(
         assert "error" in bad
         wrong = Envelope("dev-1", 1, 2, 0.0, 1, 2, encode(np.zeros((1, 5)), "raw"))
         assert "shape" in request(mosquitto.port, wrong.pack(), T.infer("dev-1"))["error"]
-        spoof = request(mosquitto.port, env.pack(), T.infer("dev-2"))
+        spoof = request(mosquitto.port, env.pack(), T.infer("dev-2"), listen="dev-2")
         assert "topic device" in spoof["error"]
         assert server.stats["replies"] == 1 and server.stats["errors"] == 3
 
@@ -98,3 +103,32 @@ def test_agent_with_a_partial_partition_gets_its_answers(
     assert split["replies"] + split["offline"] == split["requests"]
     assert last["accuracy"] is not None  # replies were scored against the labels
     assert server.stats["replies"] >= 60
+
+
+def test_reply_goes_only_to_the_requesters_own_topic_whatever_responsetopic_names(
+        mosquitto: Mosquitto) -> None:
+    """Confused deputy: a request naming another device's reply topic, the manifest or a
+    trainer topic as its ResponseTopic is answered on the requester's own reply topic."""
+    pair = get_pair("digits", seed=2)
+    pair.teacher.eval()
+    a2 = torch.zeros(1, *pair.teacher.boundary_shapes[2])
+    env = Envelope("dev-1", 1, 1, 0.0, 1, 2, encode(a2.numpy(), "raw"), meta={"model": "digits"})
+    victims = [T.reply("dev-2"), T.manifest, T.trainer_state("trainer-1"), T.input("dev-2"),
+               "elsewhere/#"]
+    with SplitServer(pair.teacher, "digits", T, mosquitto.host, mosquitto.port) as server, \
+            Collector(mosquitto.host, mosquitto.port, "#") as everything:
+        assert server.connected.wait(5)
+        for i, victim in enumerate(victims):
+            got = request(mosquitto.port, env.pack(), T.infer("dev-1"), response_topic=victim,
+                          corr=bytes([i]))
+            assert got["corr"] == bytes([i]) and "prediction" in got
+        # Oversized correlation data is not echoed: an error reply on the own topic.
+        got = request(mosquitto.port, env.pack(), T.infer("dev-1"), corr=b"x" * 65)
+        assert "CorrelationData" in got["error"] and got["corr"] is None
+        n = len(victims) + 1
+        assert everything.wait_for(
+            lambda m: sum(t == T.reply("dev-1") for t, _p, _r in m) == n, 10)
+        topics = {t for t, _p, _r in everything.messages}
+    assert topics == {T.infer("dev-1"), T.reply("dev-1")}, topics
+    assert server.stats["foreign_response_topic"] == len(victims)
+    assert server.stats["internal"] == 0

@@ -226,6 +226,15 @@ def test_block_that_outputs_nan(rig: Rig) -> None:
     assert "NaN" in report["detail"]
 
 
+def test_deeply_nested_manifest_is_malformed_not_internal(rig: Rig) -> None:
+    """A RecursionError in the parser was reported as ``internal`` and retried; bounded
+    parsing refuses it as ``malformed`` (remembered: the next test checks a reconnect)."""
+    rig.publish_raw(b'{"manifest": ' + b"[" * 50_000 + b"]" * 50_000 + b"}")
+    rig.expect_refused("malformed")
+    rig.publish_raw(b'{"manifest": {"version": ' + b"7" * 5000 + b"}}")
+    rig.expect_refused("malformed")
+
+
 def test_refused_manifest_is_not_reported_again_after_a_reconnect(rig: Rig) -> None:
     updater = rig.agent.updater
     assert updater is not None

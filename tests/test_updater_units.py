@@ -142,6 +142,32 @@ def test_self_test_passes_a_small_change_and_refuses_nan(v: Versions) -> None:
     assert skipped.ok and "not checked" in skipped.detail
 
 
+def test_extreme_but_finite_canaries_do_not_fail_a_legitimate_update(v: Versions) -> None:
+    """3e38 everywhere is a finite input any client on the input topic can send: the
+    running version stays (barely) finite on it, the retrained blocks overflow to Inf."""
+    old, new = runner(v, "v1"), runner(v, "v2-full")
+    extreme = [np.full((1, 8, 8), 3e38, np.float32) for _ in range(8)]
+    assert np.isfinite(old.run(np.stack(extreme))[-1]).all()
+    assert not np.isfinite(new.run(np.stack(extreme))[-1]).all()  # what failed the update
+    ok = self_test(new, old, extreme + canaries(), threshold=0.0, min_canaries=4)
+    assert ok.ok and ok.canaries == 16, ok
+    only = self_test(new, old, extreme, threshold=0.0, min_canaries=4)
+    assert only.ok and "not checked" in only.detail, only
+    # A genuinely broken update still fails on the inputs the running version handles.
+    bad = self_test(runner(v, "v2-nan"), old, extreme + canaries(), threshold=0.0,
+                    min_canaries=4)
+    assert not bad.ok and bad.reason == "self_test_failed"
+
+
+def test_canary_ring_keeps_only_inputs_the_running_version_handled() -> None:
+    ring = CanaryRecorder(4)
+    good, extreme = np.zeros((1, 8, 8), np.float32), np.full((1, 8, 8), 3e38, np.float32)
+    ring.record(good, None, 0.9, np.array([[0.1, 0.9]], np.float32))
+    ring.record(extreme, None, float("nan"), np.array([[np.inf, 0.0]], np.float32))
+    ring.record(extreme, None, 1.0, np.array([[2.4e36, 0.0]], np.float32))  # finite, huge
+    assert len(ring.inputs()) == 1 and ring.inputs()[0] is good and ring.skipped == 2
+
+
 def test_self_test_agreement_threshold_and_slices(v: Versions) -> None:
     old, full = runner(v, "v1"), runner(v, "v2-full")
     score = self_test(full, old, canaries(), threshold=0.0, min_canaries=4).agreement

@@ -16,7 +16,6 @@ push runs on a worker thread (the newest assignment set wins).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
@@ -27,6 +26,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from agent import safejson
 from agent.topics import TopicError, Topics
 from agent.update_manifest import SignedManifest, SliceAssignment, UpdateManifest
 from cloud_trainer.plan.adapt import Decision, LinkFigures, Replanner, figures_from_stats
@@ -116,7 +116,8 @@ class CutAdapter:
             device = self.topics.parse_device_topic(msg.topic)[0]
             if len(msg.payload) > MAX_STATS_BYTES:
                 raise ValueError(f"{len(msg.payload)} bytes > {MAX_STATS_BYTES}")
-            stats = json.loads(msg.payload)
+            # NaN/Infinity allowed: an agent may send them, figures_from_stats drops them.
+            stats = safejson.loads(msg.payload, max_bytes=MAX_STATS_BYTES, allow_constants=True)
             if not isinstance(stats, dict):
                 raise ValueError("stats is not a JSON object")
             self.observe(device, stats)
