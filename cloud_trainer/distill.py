@@ -156,12 +156,25 @@ class BlockFit:
     """
 
     def __init__(self, block: nn.Module, *, last: bool, lr: float, steps: int,
-                 temperature: float, alpha: float) -> None:
+                 temperature: float, alpha: float, frozen: bool = False,
+                 bn_frozen: bool = False) -> None:
         self.block, self.last = block, last
         self.temperature, self.alpha = temperature, alpha
+        self.frozen, self.bn_frozen = frozen, bn_frozen
         self.opt = torch.optim.Adam(block.parameters(), lr=lr)
         self.sched = torch.optim.lr_scheduler.OneCycleLR(
             self.opt, max_lr=lr, total_steps=max(1, steps))
+
+    def _train_mode(self) -> None:
+        """Train mode, except batch norms when ``bn_frozen``: they keep their running
+        statistics (a pretrained-derived block fine-tuned on small, correlated batches —
+        frames of a few scenes — would otherwise learn from batch statistics it never sees
+        at inference)."""
+        self.block.train()
+        if self.bn_frozen:
+            for m in self.block.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
 
     def loss(self, out: torch.Tensor, target: torch.Tensor,
              labels: torch.Tensor | None) -> torch.Tensor:
@@ -172,8 +185,14 @@ class BlockFit:
 
     def step(self, x: torch.Tensor, target: torch.Tensor,
              labels: torch.Tensor | None = None) -> tuple[float, torch.Tensor]:
-        """One optimiser step; returns the loss and the block's (detached) output."""
-        self.block.train()
+        """One optimiser step; returns the loss and the block's (detached) output. A
+        ``frozen`` block only runs (eval mode), so the blocks after it see its output."""
+        if self.frozen:
+            self.block.eval()
+            with torch.no_grad():
+                out = self.block(x)
+                return float(self.loss(out, target, labels)), out
+        self._train_mode()
         out = self.block(x.detach())
         loss = self.loss(out, target, labels)
         self.opt.zero_grad()
@@ -309,7 +328,8 @@ def train_student_blockwise_from_inputs(
         shift: int = 0, seed: int = 0, threads: int | None = 1,
         progress: Progress | None = None, finetune_epochs: int = 0,
         hint_weight: float = 0.0, finetune_lr: float | None = None,
-        stop: ShouldStop | None = None) -> BlockwiseResult:
+        stop: ShouldStop | None = None, freeze: Iterable[int] = (),
+        bn_frozen: bool = False) -> BlockwiseResult:
     """Block-wise KT from raw inputs, every block trained, activations computed per batch.
 
     ``inputs="teacher"`` feeds block ``i`` the teacher's ``a_{i-1}`` (classic KT, teacher
@@ -324,7 +344,9 @@ def train_student_blockwise_from_inputs(
     ``epochs``) run end to end after the block-wise stage — KD (+ CE) at the logits plus
     ``hint_weight`` × the normalised MSE at inner boundaries, one Adam for the whole chain
     at ``finetune_lr`` (default ``lr``) — so the total step count stays the same.
-    ``stop`` is polled between steps (:class:`TrainingInterrupted`).
+    ``stop`` is polled between steps (:class:`TrainingInterrupted`). Blocks in ``freeze``
+    only run (e.g. blocks copied whole from the teacher); ``bn_frozen`` keeps every batch
+    norm on its running statistics (``BlockFit``).
     """
     _check_pair(teacher, student)
     if inputs not in INPUT_SOURCES:
@@ -339,8 +361,10 @@ def train_student_blockwise_from_inputs(
         raise ValueError(f"finetune_epochs must be within 0..epochs, not {finetune_epochs}")
     blockwise_epochs = epochs - finetune_epochs
     steps = total_steps(len(xt), blockwise_epochs, batch_size)
+    frozen = set(freeze)
     fits = [BlockFit(s.block(i), last=i == s.num_blocks, lr=lr, steps=steps,
-                     temperature=temperature, alpha=alpha) for i in range(1, s.num_blocks + 1)]
+                     temperature=temperature, alpha=alpha, frozen=i in frozen,
+                     bn_frozen=bn_frozen) for i in range(1, s.num_blocks + 1)]
     with training_context(seed, threads):
         result.loss_before = _chain_losses(teacher, s, fits, xt, y, inputs)
         gen = torch.Generator().manual_seed(seed)
@@ -366,7 +390,8 @@ def train_student_blockwise_from_inputs(
                       total_epochs=epochs)
         s.eval()
         result.loss_after = _chain_losses(teacher, s, fits, xt, y, inputs)
-    result.trained = list(range(1, s.num_blocks + 1))
+    result.trained = [i for i in range(1, s.num_blocks + 1) if i not in frozen]
+    result.frozen = dict.fromkeys(sorted(frozen), "frozen by the caller")
     result.seconds = round(time.perf_counter() - t0, 3)
     log.info("block-wise KT from inputs (%s): loss %s -> %s", inputs, result.loss_before,
              result.loss_after)

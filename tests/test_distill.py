@@ -321,3 +321,31 @@ def test_training_stops_between_steps_when_asked(how: str) -> None:
     assert len(polls) == 4  # not one step more
     for k, v in student.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_frozen_blocks_only_run_and_frozen_batch_norms_keep_their_statistics() -> None:
+    """A block copied whole from the teacher stays bit-identical (``freeze``), and with
+    ``bn_frozen`` no batch norm's running statistics move while its affine weights train."""
+    torch.manual_seed(0)
+    teacher = BlockModel([
+        nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU()),
+        nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU()),
+        nn.Sequential(nn.Linear(8, 4)),
+    ], input_shape=(6,)).eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():  # damage blocks 2-3 only
+        for i in (2, 3):
+            for p in student.block(i).parameters():
+                p.add_(0.3 * torch.randn_like(p))
+    before = _state(student)
+    res = train_student_blockwise_from_inputs(teacher, student, _inputs(), epochs=3,
+                                              batch_size=32, freeze=[1], bn_frozen=True,
+                                              inputs="student+boundary")
+    after = _state(res.student)
+    assert res.trained == [2, 3] and 1 in res.frozen
+    assert _same(before, after, "blocks.0.")  # block 1: untouched
+    for k in before:
+        if "running_" in k:
+            assert torch.equal(before[k], after[k]), k  # statistics kept
+    assert not torch.equal(before["blocks.1.1.weight"], after["blocks.1.1.weight"])
+    assert res.loss_after[2] < res.loss_before[2]
