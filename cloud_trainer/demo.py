@@ -513,7 +513,8 @@ def _interrupt(*_: Any) -> None:
 # on effnet-lite0 costs ~1.5 s per batch of 64 on the 2-core VM (teacher targets + student
 # step), so it trains on fewer, newer samples than digits does.
 LAB_TUNING: dict[str, dict[str, Any]] = {
-    "effnet-lite0": {"max_samples": 480, "epochs": 6, "min_new_samples": 240},
+    "effnet-lite0": {"max_samples": 480, "epochs": 6, "min_new_samples": 240,
+                     "batch_norm": "frozen"},
 }
 DEFAULT_RATE = {"effnet-lite0": 15.0}  # frames/s per camera; others: 40
 

@@ -251,7 +251,7 @@ def train_blockwise(teacher: BlockModel, student: BlockModel,
                     temperature: float = 4.0, alpha: float = 0.5, seed: int = 0,
                     labels: Array | None = None, workers: int = 1, threads: int | None = 1,
                     progress: Progress | None = None,
-                    stop: ShouldStop | None = None) -> BlockwiseResult:
+                    stop: ShouldStop | None = None, bn_frozen: bool = False) -> BlockwiseResult:
     """Train the student blocks whose input boundary is present in ``activations``.
 
     ``activations[b]`` holds inputs at boundary ``b`` (what devices uplinked). Block ``i``
@@ -287,7 +287,7 @@ def train_blockwise(teacher: BlockModel, student: BlockModel,
             raise ValueError(f"{len(y)} labels for {len(x)} inputs of the last block")
         fit = BlockFit(result.student.block(i), last=last, lr=lr,
                        steps=total_steps(len(x), epochs, batch_size),
-                       temperature=temperature, alpha=alpha)
+                       temperature=temperature, alpha=alpha, bn_frozen=bn_frozen)
         before = fit.evaluate(x, target, block_labels)
         gen = torch.Generator().manual_seed(seed * 1009 + i)
         _fit_block(fit, x, target, block_labels, epochs=epochs, batch_size=batch_size, gen=gen,

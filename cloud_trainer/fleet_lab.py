@@ -346,6 +346,7 @@ class LabSettings:
     min_new_samples: int = 300
     max_samples: int = 1200  # newest samples per run: bounds a run's training time
     epochs: int = 8  # x up to max_samples/64 steps: ~150 steps, enough from the KT student
+    batch_norm: str = "train"  # the jobs' [training] batch_norm
     min_improvement: float = 2.0  # points a candidate must gain on the holdout to be pushed
     success_timeout_s: float = 90.0
     stats_interval_s: float = 1.0
@@ -460,6 +461,7 @@ class Lab:
                 "min_new_samples": s.min_new_samples, "misfire_grace_s": 60,
                 "boundaries": [0],
                 "training": {"epochs": s.epochs, "lr": 0.003, "batch_size": 64,
+                             "batch_norm": s.batch_norm,
                              "raw_input_mode": "student+boundary",
                              "max_samples": self.s.max_samples},
                 "gate": {"metric": "teacher_agreement", "margin": 0.5,

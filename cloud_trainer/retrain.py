@@ -281,7 +281,7 @@ def train_candidate(teacher: BlockModel, deployed: BlockModel, sel: Selection,
         res = train_student_blockwise_from_inputs(
             teacher, deployed, sel.train, inputs=t.raw_input_mode, epochs=t.epochs, lr=t.lr,
             batch_size=t.batch_size, temperature=t.temperature, seed=t.seed,
-            progress=progress, stop=stop)
+            progress=progress, stop=stop, bn_frozen=t.batch_norm == "frozen")
         out = Trained(res.student, [i for i in res.trained if i in allowed], {},
                       res.loss_before, res.loss_after)
         for i in range(1, n + 1):
@@ -299,7 +299,8 @@ def train_candidate(teacher: BlockModel, deployed: BlockModel, sel: Selection,
         if i in allowed:
             res = train_blockwise(teacher, cand, {i - 1: a}, blocks=[i], epochs=t.epochs,
                                   lr=t.lr, batch_size=t.batch_size, temperature=t.temperature,
-                                  seed=t.seed, progress=progress, stop=stop)
+                                  seed=t.seed, progress=progress, stop=stop,
+                                  bn_frozen=t.batch_norm == "frozen")
             cand = res.student
             out.trained.append(i)
             out.loss_before[i], out.loss_after[i] = res.loss_before[i], res.loss_after[i]

@@ -256,6 +256,10 @@ class TrainingSection(BaseModel):
     blocks: list[int] | None = Field(None, description="blocks allowed to change (None: all)")
     raw_input_mode: Literal["student", "student+boundary"] = Field(
         "student+boundary", description="how boundary-0 samples supervise the chain")
+    batch_norm: Literal["train", "frozen"] = Field(
+        "train", description="'frozen': batch norms keep their running statistics while the "
+                             "rest trains (pretrained-derived students, small correlated "
+                             "batches from a few cameras)")
     seed: int = 0
 
 
