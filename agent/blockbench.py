@@ -364,8 +364,9 @@ def cli_main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING)
     try:
         cfg = load_config(args.config)
+        profile = load_profile(cfg.model.profile, [cfg.model.profiles_dir])
         runner = BlockRunner(PartitionManifest.load(cfg.model.manifest),
-                             cfg.model.manifest.parent, load_profile(cfg.model.profile))
+                             cfg.model.manifest.parent, profile)
     except (ConfigError, PartitionError, ValueError) as exc:
         print(f"knet-agent benchmark: {exc}", file=sys.stderr)
         return 2

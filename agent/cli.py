@@ -19,7 +19,7 @@ def check(config_path: Path) -> str:
     from agent.runtime import BlockRunner, PartitionError
 
     cfg = load_config(config_path)
-    profile = load_profile(cfg.model.profile)
+    profile = load_profile(cfg.model.profile, [cfg.model.profiles_dir])
     try:
         manifest = PartitionManifest.load(cfg.model.manifest)
     except ManifestError as exc:

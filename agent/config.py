@@ -70,11 +70,14 @@ class ModelSection(BaseModel):
 
     manifest: Path
     profile: str = Field("x86-dev", description="a profile name, or a path to a profile TOML")
+    profiles_dir: Path | None = Field(
+        None, description="searched for the profile before /etc/knet/profiles and the "
+                          "profiles shipped with knet (agent/profiles.py)")
     fuse: bool = Field(True, description="run the partition as one onnxruntime session "
                        "(agent/fuse.py); false = one run per block, with per-block latency "
                        "histograms")
 
-    _paths = field_validator("manifest")(resolve_path)
+    _paths = field_validator("manifest", "profiles_dir")(resolve_path)
 
 
 class TlsSection(BaseModel):

@@ -115,7 +115,8 @@ class Agent:
         self.config_path = config_path
         self.device = config.device.id
         self.topics = config.topics
-        self.profile: FirmwareProfile = load_profile(config.model.profile)
+        self.profile: FirmwareProfile = load_profile(config.model.profile,
+                                                     [config.model.profiles_dir])
         manifest = PartitionManifest.load(config.model.manifest)
         upd = config.update
         boot: BootChoice | None = None
