@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from agent.compat import Annotated
 from agent.configfile import ConfigError, load_model, resolve_path
 from agent.topics import Topics, validate_id
 
@@ -212,7 +213,7 @@ class UpstreamSource(BaseModel):
         return validate_id(v, "source.device")
 
 
-Source = Annotated[NpzSource | ImagesSource | MqttSource | UpstreamSource,
+Source = Annotated[Union[NpzSource, ImagesSource, MqttSource, UpstreamSource],
                    Field(discriminator="kind")]
 
 

@@ -45,6 +45,9 @@ class FirmwareProfile(BaseModel):
     ram_mb: int = Field(ge=128)
     model_memory_mb: int = Field(ge=16, description="memory budget for block sessions")
     onnxruntime: str = Field(pattern=r"^\d+\.\d+(\.\d+)?$")
+    python: str = Field("3.11", pattern=r"^3\.\d+$",
+                        description="the device's Python (major.minor); device bundles "
+                                    "carry wheels for it (knet bundle device)")
     max_ir_version: int = Field(ge=3, le=20)
     max_opset: int | None = Field(None, ge=7, le=40, description="highest ai.onnx opset read")
     execution_providers: tuple[str, ...] = (CPU,)

@@ -15,6 +15,7 @@ from typing import Literal
 
 import numpy as np
 
+from agent.compat import zip_strict
 from agent.runtime import BlockRunner
 
 Failure = Literal["incompatible", "self_test_failed"]
@@ -82,7 +83,7 @@ def self_test(new: BlockRunner, old: BlockRunner, canaries: list[np.ndarray], *,
         outs = new.run(x)
     except Exception as exc:  # onnxruntime raises its own types for a bad graph
         return SelfTestResult(False, "self_test_failed", f"inference failed: {exc}"[:500])
-    for block, out in zip(new.manifest.blocks, outs, strict=True):
+    for block, out in zip_strict(new.manifest.blocks, outs):
         if tuple(out.shape) != (len(x), *block.output_shape):
             return SelfTestResult(False, "incompatible",
                                   f"block {block.index} outputs {tuple(out.shape)}, the "

@@ -95,7 +95,7 @@ def inline_source(cfg: AgentConfig) -> bool:
     """A local replay is read on the inference thread (one hand-off less per input) when
     its pace keeps that thread beating well within the watchdog's stall limit."""
     src = cfg.source
-    if not isinstance(src, NpzSource | ImagesSource):
+    if not isinstance(src, (NpzSource, ImagesSource)):
         return False
     return src.rate_hz == 0 or 1 / src.rate_hz < cfg.watchdog.max_stall_s / 2
 
