@@ -28,13 +28,16 @@ STACKS = {"jetson-nano": "3.8", "jetson-orin-nano": "3.10", "rpi4": "3.11"}
 
 def interpreter(version: str) -> str:
     """python<version> from PATH or pyenv; the test fails, with how to get it, otherwise."""
-    found = shutil.which(f"python{version}")
-    if found:
-        return found
     root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
-    for cand in sorted(root.glob(f"{version}.*"), reverse=True):
-        if (cand / "bin" / "python").is_file():
-            return str(cand / "bin" / "python")
+    candidates = [str(c / "bin" / "python") for c in sorted(root.glob(f"{version}.*"),
+                                                           reverse=True)]
+    candidates.append(shutil.which(f"python{version}") or "")
+    for cand in filter(None, candidates):  # a pyenv shim on PATH may not run: try each
+        probe = subprocess.run([cand, "-c", "import sys; print(sys.version_info[:2])"],
+                               capture_output=True, text=True)
+        if probe.returncode == 0 and probe.stdout.strip() == str(
+                tuple(map(int, version.split(".")))):
+            return cand
     pytest.fail(f"no Python {version} interpreter (python{version} on PATH or pyenv "
                 f"versions {version}.x): the device stack for it cannot be tested")
 
