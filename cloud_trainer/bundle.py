@@ -38,6 +38,28 @@ def _pip(*args: str) -> None:
         raise BundleError(f"{' '.join(cmd[2:5])} ... failed:\n{done.stderr[-3000:]}")
 
 
+def _marker_requirements(source: Path, python: str, arch: str) -> list[str]:
+    """The device's requirements whose markers hold on the target (``tomli`` on 3.8, ...),
+    without their markers: ``pip download --python-version`` evaluates markers against the
+    running interpreter, so it would leave them out of a bundle for an older Python."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    env = {"python_version": python, "python_full_version": f"{python}.0",
+           "platform_machine": arch, "sys_platform": "linux", "os_name": "posix",
+           "platform_system": "Linux", "implementation_name": "cpython",
+           "platform_python_implementation": "CPython"}
+    deps = tomllib.loads((source / "device" / "pyproject.toml").read_text())["project"][
+        "dependencies"]
+    out = []
+    for text in deps:
+        req = Requirement(text)
+        if req.marker is not None and req.marker.evaluate(env):
+            out.append(f"{req.name}{req.specifier}")
+    return out
+
+
 def build_device_bundle(profile: str, out: Path, *, arch: str | None = None,
                         python: str | None = None, tarball: bool = False,
                         source: Path = REPO) -> Path:
@@ -65,7 +87,7 @@ def build_device_bundle(profile: str, out: Path, *, arch: str | None = None,
     platforms = [a for tag in GLIBC_TAGS for a in ("--platform", f"{tag}_{arch}")]
     _pip("download", "--only-binary=:all:", *platforms, "--python-version", python,
          "--implementation", "cp", "-d", str(wheels), "-c", str(constraints),
-         f"{agent_wheel}[{EXTRAS}]")
+         f"{agent_wheel}[{EXTRAS}]", *_marker_requirements(source, python, arch))
     shutil.copy(constraints, root / "constraints.txt")
     shutil.copy(source / "agent" / "systemd" / "knet-agent.service", root)
     shutil.copy(source / "docs" / "examples" / "agent.toml", root / "agent.toml")
