@@ -59,3 +59,14 @@ def check_onnxruntime_numpy() -> None:
             f"onnxruntime {'.'.join(map(str, ort))} was built for numpy 1 but numpy "
             f"{'.'.join(map(str, numpy))} is installed; install 'numpy<2' (see "
             f"constraints/ in the knet source)")
+
+
+def drop_out_messages(client: Any) -> list[Any]:
+    """paho-mqtt's ``Client.drop_out_messages()`` (2.2+, Python >= 3.9). On Python 3.8 the
+    newest paho is 2.1, which lacks it: the same few lines, on the same private fields."""
+    if hasattr(client, "drop_out_messages"):
+        return list(client.drop_out_messages())
+    with client._out_message_mutex:
+        dropped = list(client._out_messages.values())
+        client._out_messages.clear()
+    return dropped

@@ -42,7 +42,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from agent.compat import zip_strict
+from agent.compat import drop_out_messages, zip_strict
 from agent.netmeter import NetMeter
 from agent.spool import Spool
 from agent.topics import Topics, validate_id
@@ -292,7 +292,7 @@ class Link:
         _no_delay(client)
         with self._lock:
             # Re-send unacked records from the spool head ourselves (see module docstring).
-            dropped = client.drop_out_messages()
+            dropped = drop_out_messages(client)
             self._gen += 1
             self._cursor = 0
             subs = list(self._subs.items())
