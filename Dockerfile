@@ -6,6 +6,9 @@
 #        under /var/lib/knet, the volume; SIGTERM from `docker stop` publishes `offline`)
 # Jobs:  docker exec knet-trainer knet-trainer --config /etc/knet/trainer.toml jobs list
 #        docker exec knet-trainer knet-trainer --config /etc/knet/trainer.toml jobs run-now JOB
+# Pin the base by digest on a machine that can reach the registry (no Docker daemon or
+# registry access where this file is maintained):
+#   docker buildx imagetools inspect python:3.11-slim-bookworm  → FROM python:3.11-slim-bookworm@sha256:...
 FROM python:3.11-slim-bookworm
 
 ARG TORCH_VERSION=2.13.0
@@ -24,18 +27,26 @@ RUN apt-get update \
 RUN useradd --system --home /var/lib/knet --create-home knet
 WORKDIR /opt/knet
 
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+# Dependencies from the constraints file first, in their own layer: editing the source does
+# not reinstall them (only the last `pip install --no-deps` below reruns).
+COPY constraints/trainer.txt ./constraints/trainer.txt
+RUN grep -v '^torch==' constraints/trainer.txt > /tmp/deps.txt \
+ && pip install --no-cache-dir -r /tmp/deps.txt && rm /tmp/deps.txt
 COPY pyproject.toml README.md ./
 COPY agent ./agent
 COPY cloud_trainer ./cloud_trainer
 COPY broker ./broker
 COPY bench ./bench
 COPY firmware_profiles ./firmware_profiles
-RUN pip install ".[trainer]"
+RUN pip install --no-cache-dir --no-deps . && pip check
 
 USER knet
 VOLUME ["/var/lib/knet"]
 ENV KNET_CACHE=/var/lib/knet/cache \
     KNET_PROFILES=/opt/knet/firmware_profiles
+# Healthy while the daemon's job store answers (the scheduler is up and the volume readable).
+HEALTHCHECK --interval=60s --timeout=20s --start-period=120s --retries=3 \
+  CMD ["knet-trainer", "--config", "/etc/knet/trainer.toml", "jobs", "list"]
 ENTRYPOINT ["knet-trainer"]
 CMD ["--config", "/etc/knet/trainer.toml"]

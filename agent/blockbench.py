@@ -16,7 +16,7 @@ import logging
 import platform
 import statistics
 import time
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.codec import CodecError, decode, encode, get_codec, parse_spec
+from agent.compat import zip_strict
 from agent.manifest import PartitionManifest, Shape
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class BenchRecord(BaseModel):
     spool_append_s: float | None = Field(
         None, ge=0, description="median durable spool append + ack of one message: what "
                                 "every relayed activation costs the sender before it is sent")
-    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
     @model_validator(mode="after")
     def _consistent(self) -> BenchRecord:
@@ -168,9 +169,8 @@ def time_blocks(runner: object, x: np.ndarray, *, warmup: int, repeats: int
     Repeats cycle through the inputs, so a block is not timed on one cached tensor only.
     """
     m = runner.manifest  # type: ignore[attr-defined]
-    acts = [x] + [np.concatenate(a) for a in zip(
-        *(runner.run(x[i:i + 1], checked=True) for i in range(len(x))),  # type: ignore[attr-defined]
-        strict=True)]
+    acts = [x] + [np.concatenate(a) for a in zip_strict(
+        *(runner.run(x[i:i + 1], checked=True) for i in range(len(x))))]  # type: ignore[attr-defined]
     rows = []
     for entry in m.blocks:
         inputs = acts[entry.index - m.first]
@@ -298,7 +298,7 @@ def source_inputs(cfg: object, shape: tuple[int, ...], n: int) -> np.ndarray | N
     from agent.sources import BadInputs, make_source
 
     src_cfg = cfg.source  # type: ignore[attr-defined]
-    if not isinstance(src_cfg, NpzSource | ImagesSource):
+    if not isinstance(src_cfg, (NpzSource, ImagesSource)):
         return None
     src_cfg = src_cfg.model_copy(update={"rate_hz": 0.0, "loop": False})
     xs = []
@@ -364,8 +364,9 @@ def cli_main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING)
     try:
         cfg = load_config(args.config)
+        profile = load_profile(cfg.model.profile, [cfg.model.profiles_dir])
         runner = BlockRunner(PartitionManifest.load(cfg.model.manifest),
-                             cfg.model.manifest.parent, load_profile(cfg.model.profile))
+                             cfg.model.manifest.parent, profile)
     except (ConfigError, PartitionError, ValueError) as exc:
         print(f"knet-agent benchmark: {exc}", file=sys.stderr)
         return 2

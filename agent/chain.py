@@ -32,7 +32,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Tuple
 
 import numpy as np
 
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Origin = tuple[str, int, int]  # (head device, head session, input index at the head)
+Origin = Tuple[str, int, int]  # (head device, head session, input index at the head)
 DEDUP_FILE = "chain-dedup.json"
 MAX_ORIGINS = 64  # head sessions remembered; older ones are long finished
 MAX_LOGITS = 1024
@@ -183,7 +183,7 @@ class UpstreamFrames(MqttFrames):
         t0 = env.meta.get("t0")
         sample = ChainSample(x, env.label, self.name, self._index, origin=origin,
                              mid=msg.mid, qos=msg.qos,
-                             t0=float(t0) if isinstance(t0, int | float) else 0.0)
+                             t0=float(t0) if isinstance(t0, (int, float)) else 0.0)
         self._index += 1
         while not self._closed.is_set():
             try:

@@ -19,7 +19,7 @@ def check(config_path: Path) -> str:
     from agent.runtime import BlockRunner, PartitionError
 
     cfg = load_config(config_path)
-    profile = load_profile(cfg.model.profile)
+    profile = load_profile(cfg.model.profile, [cfg.model.profiles_dir])
     try:
         manifest = PartitionManifest.load(cfg.model.manifest)
     except ManifestError as exc:
@@ -38,6 +38,13 @@ def check(config_path: Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from agent.compat import check_onnxruntime_numpy
+
+    try:  # before anything imports onnxruntime: a mismatched build crashes, it does not raise
+        check_onnxruntime_numpy()
+    except ImportError as exc:
+        print(f"knet-agent: {exc}", file=sys.stderr)
+        return 2
     if argv[:1] == ["benchmark"]:  # `knet-agent benchmark --config ...` (agent/blockbench.py)
         from agent.blockbench import cli_main
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from agent.compat import Annotated
 from agent.configfile import ConfigError, load_model, resolve_path
 from agent.topics import Topics, validate_id
 
@@ -70,11 +71,14 @@ class ModelSection(BaseModel):
 
     manifest: Path
     profile: str = Field("x86-dev", description="a profile name, or a path to a profile TOML")
+    profiles_dir: Path | None = Field(
+        None, description="searched for the profile before /etc/knet/profiles and the "
+                          "profiles shipped with knet (agent/profiles.py)")
     fuse: bool = Field(True, description="run the partition as one onnxruntime session "
                        "(agent/fuse.py); false = one run per block, with per-block latency "
                        "histograms")
 
-    _paths = field_validator("manifest")(resolve_path)
+    _paths = field_validator("manifest", "profiles_dir")(resolve_path)
 
 
 class TlsSection(BaseModel):
@@ -209,7 +213,7 @@ class UpstreamSource(BaseModel):
         return validate_id(v, "source.device")
 
 
-Source = Annotated[NpzSource | ImagesSource | MqttSource | UpstreamSource,
+Source = Annotated[Union[NpzSource, ImagesSource, MqttSource, UpstreamSource],
                    Field(discriminator="kind")]
 
 

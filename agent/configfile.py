@@ -6,11 +6,15 @@ Every message names the file, the field and the reason, e.g.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError, ValidationInfo
+
+try:
+    import tomllib  # novermin (tomli below on older Pythons)
+except ModuleNotFoundError:  # Python < 3.11 (JetPack 5 and 6): the same parser, from PyPI
+    import tomli as tomllib  # type: ignore[no-redef]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -32,7 +36,9 @@ def format_errors(exc: ValidationError) -> str:
     parts = []
     for e in exc.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"].removeprefix("Value error, ")
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (misspelt? see the documented example)"
         parts.append(f"{loc}: {msg}")

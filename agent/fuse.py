@@ -9,11 +9,30 @@ serving, benchmarks); the fused one only serves the inference thread's batch-1 p
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+import threading
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+_said = threading.Event()
 
 
 class FuseError(ValueError):
     """The blocks cannot be merged into one graph (the text says why)."""
+
+
+def onnx_available() -> bool:
+    """Whether fusing is possible. ``onnx`` is optional on a device (a large wheel that
+    old numpy/ml_dtypes mixes break); without it partitions run block by block, which the
+    log says once per process rather than on every swap."""
+    if importlib.util.find_spec("onnx") is not None:
+        return True
+    if not _said.is_set():
+        _said.set()
+        log.warning("the onnx package is not installed: partitions run block by block "
+                    "(install knet-agent[fuse] or onnx to run each as one session)")
+    return False
 
 
 def fuse_blocks(paths: list[Path]) -> bytes:

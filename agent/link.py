@@ -27,6 +27,7 @@ import os
 import socket
 import threading
 import time
+import typing
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from agent.compat import drop_out_messages, zip_strict
 from agent.netmeter import NetMeter
 from agent.spool import Spool
 from agent.topics import Topics, validate_id
@@ -114,7 +116,7 @@ class PublishOutcome:
     reason: str = ""
 
 
-MessageHandler = Callable[[mqtt.MQTTMessage], None]
+MessageHandler = typing.Callable[[mqtt.MQTTMessage], None]
 
 
 @dataclass
@@ -290,7 +292,7 @@ class Link:
         _no_delay(client)
         with self._lock:
             # Re-send unacked records from the spool head ourselves (see module docstring).
-            dropped = client.drop_out_messages()
+            dropped = drop_out_messages(client)
             self._gen += 1
             self._cursor = 0
             subs = list(self._subs.items())
@@ -467,7 +469,7 @@ class Link:
             if not self._too_big(topic, payload):
                 keep.append(i)
         stored = self.spool.append_many([(messages[i][0], messages[i][1], qos) for i in keep])
-        for i, kept in zip(keep, stored, strict=True):
+        for i, kept in zip_strict(keep, stored):
             ok[i] = kept
             if not kept:
                 self._emit(PublishOutcome(messages[i][0], len(messages[i][1]), True, "dropped",

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-Shape = tuple[int, ...]
+Shape = Tuple[int, ...]
 
 
 class ManifestError(ValueError):
@@ -50,7 +50,7 @@ class PartitionManifest(BaseModel):
     num_classes: int | None = None
     boundaries: tuple[Shape, ...]
     blocks: tuple[BlockEntry, ...]
-    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
     @model_validator(mode="after")
     def _consistent(self) -> PartitionManifest:

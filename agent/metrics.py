@@ -94,7 +94,7 @@ class FrameLatencies:
 
     def _buckets(self, counts: Sequence[float]) -> list[tuple[str, float]]:
         out, total = [], 0.0
-        for bound, n in zip((*self._bounds, float("inf")), counts, strict=False):
+        for bound, n in zip((*self._bounds, float("inf")), counts):
             total += n
             out.append(("+Inf" if bound == float("inf") else repr(bound), total))
         return out

@@ -10,6 +10,7 @@ say which onnxruntime and IR version it runs.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +24,12 @@ KNOWN_PROVIDERS = (
     *GPU_PROVIDERS, CPU, "OpenVINOExecutionProvider", "CoreMLExecutionProvider",
     "ACLExecutionProvider", "XnnpackExecutionProvider",
 )
+# Shipped inside the package (``firmware_profiles`` sits next to ``agent`` both in the source
+# tree and in site-packages), so a plain ``pip install`` finds them without any setting.
+PACKAGED_PROFILES = Path(__file__).resolve().parent.parent / "firmware_profiles"
+# A site's own kinds and overrides of shipped ones, without touching the installed package.
+SITE_PROFILES = Path("/etc/knet/profiles")
+# Where a distribution package (e.g. a .deb) would put them.
 SYSTEM_PROFILES = Path("/usr/share/knet/firmware_profiles")
 
 
@@ -38,6 +45,9 @@ class FirmwareProfile(BaseModel):
     ram_mb: int = Field(ge=128)
     model_memory_mb: int = Field(ge=16, description="memory budget for block sessions")
     onnxruntime: str = Field(pattern=r"^\d+\.\d+(\.\d+)?$")
+    python: str = Field("3.11", pattern=r"^3\.\d+$",
+                        description="the device's Python (major.minor); device bundles "
+                                    "carry wheels for it (knet bundle device)")
     max_ir_version: int = Field(ge=3, le=20)
     max_opset: int | None = Field(None, ge=7, le=40, description="highest ai.onnx opset read")
     execution_providers: tuple[str, ...] = (CPU,)
@@ -89,44 +99,48 @@ class FirmwareProfile(BaseModel):
         return self.max_opset is None or opset <= self.max_opset
 
 
-def search_path() -> list[Path]:
-    """``$KNET_PROFILES`` (os.pathsep-separated), the repo's profiles, the system's."""
+def search_path(extra: Sequence[Path | None] = ()) -> list[Path]:
+    """Earlier directories shadow later ones: ``$KNET_PROFILES`` (os.pathsep-separated),
+    ``extra`` (the agent config's ``model.profiles_dir``), ``/etc/knet/profiles``, the
+    profiles shipped in the package, then ``/usr/share/knet/firmware_profiles``."""
     paths = [Path(p) for p in os.environ.get("KNET_PROFILES", "").split(os.pathsep) if p]
-    paths.append(Path(__file__).resolve().parent.parent / "firmware_profiles")
-    paths.append(SYSTEM_PROFILES)
+    paths.extend(Path(p) for p in extra if p is not None)
+    paths.extend((SITE_PROFILES, PACKAGED_PROFILES, SYSTEM_PROFILES))
     return paths
 
 
-def find_profile(name_or_path: str | Path) -> Path:
+def find_profile(name_or_path: str | Path, extra: Sequence[Path | None] = ()) -> Path:
     """A bare name is looked up on the search path; anything path-like is taken as is."""
     candidate = Path(name_or_path)
     if candidate.suffix == ".toml" or candidate.parent != Path("."):
         if candidate.is_file():
             return candidate
         raise ConfigError(f"{candidate}: no such profile file")
-    for directory in search_path():
+    for directory in search_path(extra):
         path = directory / f"{name_or_path}.toml"
         if path.is_file():
             return path
     raise ConfigError(
-        f"no firmware profile {str(name_or_path)!r} in {', '.join(map(str, search_path()))}; "
-        f"known: {', '.join(list_profiles()) or 'none'}"
+        f"no firmware profile {str(name_or_path)!r} in "
+        f"{', '.join(map(str, search_path(extra)))}; "
+        f"known: {', '.join(list_profiles(extra)) or 'none'}"
     )
 
 
-def load_profile(name_or_path: str | Path) -> FirmwareProfile:
-    """Load and validate a profile; errors name the file, the field and the reason."""
-    path = find_profile(name_or_path)
+def load_profile(name_or_path: str | Path, extra: Sequence[Path | None] = ()) -> FirmwareProfile:
+    """Load and validate a profile; errors name the file, the field and the reason.
+    ``extra``: directories searched before the site's and the shipped ones."""
+    path = find_profile(name_or_path, extra)
     profile = load_model(path, FirmwareProfile)
     if path.stem != profile.name:
         raise ConfigError(f"{path}: name: {profile.name!r} must match the file name {path.stem!r}")
     return profile
 
 
-def list_profiles() -> list[str]:
+def list_profiles(extra: Sequence[Path | None] = ()) -> list[str]:
     """Every profile name on the search path (earlier directories shadow later ones)."""
     names: set[str] = set()
-    for directory in search_path():
+    for directory in search_path(extra):
         if directory.is_dir():
             names.update(p.stem for p in directory.glob("*.toml"))
     return sorted(names)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from agent.compat import zip_strict
 from agent.manifest import ManifestError, PartitionManifest
 from agent.profiles import CPU, FirmwareProfile
 
@@ -101,8 +102,8 @@ def _shape_matches(declared: list[Any], expected: tuple[int, ...]) -> bool:
     """The file's input/output shape (batch dim first, possibly symbolic) vs the manifest."""
     if len(declared) != len(expected) + 1:
         return False
-    return all(not isinstance(d, int) or d == e for d, e in zip(declared[1:], expected,
-                                                                  strict=True))
+    return all(not isinstance(d, int) or d == e for d, e in zip_strict(declared[1:],
+                                                                         expected))
 
 
 class _Block:
@@ -268,10 +269,10 @@ class BlockRunner:
         want = self.run(x, checked=True)
         got = chain.run(x)
         return all(np.allclose(g, w, rtol=1e-3, atol=1e-4 * max(1.0, float(np.abs(w).max())))
-                   for g, w in zip(got, want, strict=True))
+                   for g, w in zip_strict(got, want))
 
     def _fused_session(self) -> ort.InferenceSession | None:
-        from agent.fuse import fuse_blocks
+        from agent.fuse import fuse_blocks, onnx_available
 
         need_mb = 2 * _session_mb(self.manifest)  # the fused session holds them again
         if need_mb > self.profile.model_memory_mb:
@@ -280,6 +281,8 @@ class BlockRunner:
                      self.profile.name, self.profile.model_memory_mb)
             return None
 
+        if not onnx_available():
+            return None
         paths = [self._paths[b.index] for b in self._blocks]
         try:
             model = fuse_blocks(paths)
@@ -328,7 +331,7 @@ class BoundChain:
         steps: list[tuple[ort.InferenceSession, Any]] = []
         if fused is not None:
             io = fused.io_binding()
-            for out, value in zip(fused.get_outputs(), values, strict=True):
+            for out, value in zip_strict(fused.get_outputs(), values):
                 io.bind_ortvalue_output(out.name, value)
             steps.append((fused, io))
             self._first = (io, fused.get_inputs()[0].name)

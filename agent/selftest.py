@@ -24,6 +24,7 @@ from typing import Literal
 import numpy as np
 
 from agent.canary import sane_rows
+from agent.compat import zip_strict
 from agent.runtime import BlockRunner
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def self_test(new: BlockRunner, old: BlockRunner, canaries: list[np.ndarray], *,
         log.warning("self-test: %d of %d canary inputs left out: they or the running "
                     "version's outputs on them are not sane", int((~sane).sum()), len(x))
         x, old_last = x[sane], old_last[sane]
-        canaries = [c for c, keep in zip(canaries, sane, strict=False) if keep]
+        canaries = [c for c, keep in zip_strict(canaries, sane) if keep]
         if not len(x):  # nothing the running version handles: shapes and finiteness only
             x = _probe_inputs(new, [])
             old_last = old.run(x, upto=common)[-1]
@@ -104,7 +105,7 @@ def self_test(new: BlockRunner, old: BlockRunner, canaries: list[np.ndarray], *,
         outs = new.run(x)
     except Exception as exc:  # onnxruntime raises its own types for a bad graph
         return SelfTestResult(False, "self_test_failed", f"inference failed: {exc}"[:500])
-    for block, out in zip(new.manifest.blocks, outs, strict=True):
+    for block, out in zip_strict(new.manifest.blocks, outs):
         if tuple(out.shape) != (len(x), *block.output_shape):
             return SelfTestResult(False, "incompatible",
                                   f"block {block.index} outputs {tuple(out.shape)}, the "

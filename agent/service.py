@@ -98,7 +98,7 @@ def inline_source(cfg: AgentConfig) -> bool:
     """A local replay is read on the inference thread (one hand-off less per input) when
     its pace keeps that thread beating well within the watchdog's stall limit."""
     src = cfg.source
-    if not isinstance(src, NpzSource | ImagesSource):
+    if not isinstance(src, (NpzSource, ImagesSource)):
         return False
     return src.rate_hz == 0 or 1 / src.rate_hz < cfg.watchdog.max_stall_s / 2
 
@@ -118,7 +118,8 @@ class Agent:
         self.config_path = config_path
         self.device = config.device.id
         self.topics = config.topics
-        self.profile: FirmwareProfile = load_profile(config.model.profile)
+        self.profile: FirmwareProfile = load_profile(config.model.profile,
+                                                     [config.model.profiles_dir])
         manifest = PartitionManifest.load(config.model.manifest)
         upd = config.update
         boot: BootChoice | None = None

@@ -8,14 +8,14 @@ manifest carries so the device picks the key without trying them all.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Iterable, Mapping, Union
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-PublicKeys = Mapping[str, Ed25519PublicKey] | Iterable[Ed25519PublicKey]
+PublicKeys = Union[Mapping[str, Ed25519PublicKey], Iterable[Ed25519PublicKey]]
 
 
 class SigningError(ValueError):

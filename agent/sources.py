@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Union
 
 import numpy as np
 
@@ -436,7 +436,7 @@ def decode_frame(payload: bytes, input_shape: tuple[int, ...],
     The first bytes decide: ``KNCF`` (``agent.codec``), the ``.npy`` magic, else Pillow.
     Raises FrameError, never anything else, so the caller can count and skip.
     """
-    if not isinstance(payload, bytes | bytearray | memoryview):
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise FrameError(f"payload is a {type(payload).__name__}, not bytes")
     payload = bytes(payload)
     if len(payload) > max_bytes:
@@ -502,7 +502,7 @@ class MqttFrames:
             yield item
 
 
-Source = NpzReplay | ImageDirectory | MqttFrames
+Source = Union[NpzReplay, ImageDirectory, MqttFrames]
 
 
 def make_source(cfg: NpzSource | ImagesSource | MqttSource | UpstreamSource,

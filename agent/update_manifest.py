@@ -19,7 +19,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -196,7 +196,7 @@ class UpdateManifest(BaseModel):
     model_id: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")
     version: int = Field(ge=1)  # == every variant's partition.model_version
     rollback: bool = False  # the only way a device accepts a version lower than its own
-    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     targets: Targets = Targets()
     variants: list[Variant]
     # per-device slices (a moved cut); a device not listed keeps the slice it runs

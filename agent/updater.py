@@ -41,6 +41,7 @@ from typing import Any
 from agent.active import ActiveStore, UpdateState, VersionRecord
 from agent.blobs import BlobCache, BlobFetcher, FetchResult
 from agent.canary import CanaryRecorder
+from agent.compat import zip_strict
 from agent.config import UpdateSection
 from agent.fsutil import fsync_dir
 from agent.manifest import ManifestError, PartitionManifest, sha256_file
@@ -438,8 +439,8 @@ class Updater:
         w = self._watch
         assert w is not None
         h = self.cfg.health
-        processed, errors = (a - b for a, b in zip(self.infer_counts(), w.counts_at_swap,
-                                                    strict=True))
+        processed, errors = (a - b for a, b in zip_strict(self.infer_counts(),
+                                                           w.counts_at_swap))
         seen = processed + errors
         why = None
         if seen >= h.min_inputs and errors / seen > h.max_error_rate:

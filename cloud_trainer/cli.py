@@ -112,6 +112,19 @@ def _bench_chain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bundle(args: argparse.Namespace) -> int:
+    from cloud_trainer.bundle import BundleError, build_device_bundle
+
+    try:
+        path = build_device_bundle(args.profile, args.out, arch=args.arch, python=args.python,
+                                   tarball=args.tar)
+    except BundleError as exc:
+        print(f"knet bundle: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
 def _broker(args: argparse.Namespace) -> int:
     from broker import provision
 
@@ -308,6 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--stages", type=int, nargs="+", choices=[1, 2, 4], default=[1, 2, 4])
     b.add_argument("--json", type=Path, default=None)
     b.set_defaults(func=_bench_chain)
+
+    bu = sub.add_parser("bundle", help="offline install bundles for devices")
+    busub = bu.add_subparsers(dest="bundle", required=True)
+    b = busub.add_parser("device", help="knet-agent and every wheel for a profile's platform, "
+                                        "the unit, an example config and install.sh")
+    b.add_argument("--profile", required=True)
+    b.add_argument("--out", type=Path, default=Path("dist"))
+    b.add_argument("--arch", default=None, help="default: the profile's (aarch64, x86_64)")
+    b.add_argument("--python", default=None, help="default: the profile's, e.g. 3.8")
+    b.add_argument("--tar", action="store_true", help="also write a .tar.gz")
+    b.set_defaults(func=_bundle)
 
     br = sub.add_parser("broker", help="a locked-down Mosquitto for a fleet")
     brsub = br.add_subparsers(dest="broker", required=True)

@@ -41,6 +41,14 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   fi
 fi
 
+# --- systemd-analyze: tests/test_device_package.py verifies the unit files with it.
+if ! command -v systemd-analyze >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  log "installing systemd (for systemd-analyze; no service is started)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends systemd >/dev/null
+fi
+
 # --- The virtual environment.
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating $VENV with $PYTHON"

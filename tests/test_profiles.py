@@ -99,3 +99,31 @@ def test_lookup_order_and_unknown_names(tmp_path: Path, monkeypatch: pytest.Monk
     assert "pi-zero" in list_profiles() and load_profile("pi-zero").name == "pi-zero"
     monkeypatch.delenv("KNET_PROFILES")
     assert load_profile("rpi4").uplink_mbps == 20.0
+
+
+def test_site_directory_and_configured_directory_override_the_shipped_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shipped profiles need no setting; /etc/knet/profiles, then a config's profiles_dir
+    (then $KNET_PROFILES), shadow them one after the other."""
+    import agent.profiles as profiles
+    from agent.config import load_config
+
+    monkeypatch.delenv("KNET_PROFILES", raising=False)
+    assert find_profile("rpi4") == profiles.PACKAGED_PROFILES / "rpi4.toml"
+    site, configured = tmp_path / "etc-knet-profiles", tmp_path / "mine"
+    site.mkdir()
+    configured.mkdir()
+    monkeypatch.setattr(profiles, "SITE_PROFILES", site)
+    _write(site / "rpi4.toml", **{"uplink_mbps = 20.0": "uplink_mbps = 7.0"})
+    _write(site / "pi-zero.toml", **{'name = "rpi4"': 'name = "pi-zero"'})
+    assert load_profile("rpi4").uplink_mbps == 7.0 and "pi-zero" in list_profiles()
+    _write(configured / "rpi4.toml", **{"uplink_mbps = 20.0": "uplink_mbps = 3.0"})
+    cfg_path = tmp_path / "agent.toml"
+    cfg_path.write_text('[device]\nid = "cam-1"\n[model]\nmanifest = "m/manifest.json"\n'
+                        'profile = "rpi4"\nprofiles_dir = "mine"\n[source]\nkind = "mqtt"\n')
+    cfg = load_config(cfg_path)
+    assert cfg.model.profiles_dir == configured.resolve()
+    assert load_profile(cfg.model.profile, [cfg.model.profiles_dir]).uplink_mbps == 3.0
+    assert load_profile("pi-zero", [cfg.model.profiles_dir]).name == "pi-zero"
+    monkeypatch.setenv("KNET_PROFILES", str(tmp_path / "nothing-here"))
+    assert load_profile("rpi4", [None]).uplink_mbps == 7.0

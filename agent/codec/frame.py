@@ -68,7 +68,7 @@ def pack_frame(
 
 def parse_frame(frame: bytes | bytearray | memoryview, max_bytes: int) -> RawFrame:
     """Validate the envelope of ``frame``; raise a ``CodecError`` subclass on any defect."""
-    if not isinstance(frame, bytes | bytearray | memoryview):
+    if not isinstance(frame, (bytes, bytearray, memoryview)):
         raise CorruptFrameError(f"a frame must be bytes, not {type(frame).__name__}")
     view = memoryview(frame).cast("B")
     if len(view) < MIN_FRAME:

@@ -12,7 +12,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Union
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from .frame import FLAG_LZ4, MAX_NDIM, pack_frame, parse_frame
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 64 * 2**20
-ParamValue = int | float
+ParamValue = Union[int, float]
 
 
 def format_value(v: ParamValue) -> str:
