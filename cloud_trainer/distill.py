@@ -148,6 +148,13 @@ def _apply(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([module(x[i : i + _CHUNK]) for i in range(0, len(x), _CHUNK)])
 
 
+def _freeze_bn(module: nn.Module) -> None:
+    """Every batch norm in ``module`` back to eval mode (running statistics, not batch)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 class BlockFit:
     """One student block, its own Adam + one-cycle schedule, and its local loss.
 
@@ -172,9 +179,7 @@ class BlockFit:
         at inference)."""
         self.block.train()
         if self.bn_frozen:
-            for m in self.block.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+            _freeze_bn(self.block)
 
     def loss(self, out: torch.Tensor, target: torch.Tensor,
              labels: torch.Tensor | None) -> torch.Tensor:
@@ -495,10 +500,12 @@ def _chain_losses(teacher: BlockModel, student: BlockModel, fits: list[BlockFit]
 def train_logit_kd(teacher: BlockModel, student: BlockModel, x: Array, labels: Array | None,
                    *, epochs: int = 30, lr: float = 3e-3, batch_size: int = 64,
                    temperature: float = 4.0, alpha: float = 0.5, shift: int = 0,
-                   seed: int = 0, threads: int | None = 1) -> BlockModel:
+                   seed: int = 0, threads: int | None = 1,
+                   bn_frozen: bool = False) -> BlockModel:
     """Classic (Hinton) distillation: supervision at the final logits only, end to end.
 
     The baseline block-wise KT is compared against; returns a new, trained student.
+    ``bn_frozen`` as in :class:`BlockFit`.
     """
     _check_pair(teacher, student)
     teacher.eval()
@@ -511,6 +518,8 @@ def train_logit_kd(teacher: BlockModel, student: BlockModel, x: Array, labels: A
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=lr, total_steps=max(1, total_steps(len(xt), epochs, batch_size)))
         model.train()
+        if bn_frozen:
+            _freeze_bn(model)
         for _ in range(epochs):
             for idx in minibatches(len(xt), batch_size, gen):
                 xb = random_shift(xt[idx], shift, gen)

@@ -33,7 +33,7 @@ SceneSplit = Literal["train", "in-scene", "out-of-scene"]
 """Called after every epoch with (what, epoch, epochs, mean loss); the CLI draws bars."""
 
 
-EFFNET_EPOCHS, EFFNET_TRAIN_PER_SCENE = 6, 80
+EFFNET_EPOCHS, EFFNET_TRAIN_PER_SCENE = 20, 80
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,14 @@ class Recipe:
     batch_size: int = 64
     shift: int = 0  # random translation in pixels (augmentation)
     temperature: float = 4.0  # distillation only (a pretrained teacher's student)
+    freeze: tuple[int, ...] = ()  # distillation: blocks copied whole from the teacher
+    bn_frozen: bool = False  # distillation: batch norms keep their running statistics
 
 
 RECIPES = {"digits": Recipe(epochs=30, lr=3e-3, shift=1), "vision": Recipe(epochs=5, lr=3e-3),
            # the student's label-free block-wise KT against the pretrained teacher
            "effnet-lite0": Recipe(epochs=EFFNET_EPOCHS, lr=3e-3, batch_size=32,
-                                  temperature=1.0)}
+                                  temperature=1.0, freeze=(1, 2), bn_frozen=True)}
 VISION_TRAIN, VISION_TEST = 1600, 512
 # effnet-lite0 frames: per scene, which photos, seed base (cloud_trainer.scenes)
 SCENE_SPLITS: dict[str, tuple[int, tuple[str, ...], int]] = {
@@ -308,7 +310,8 @@ def _distil_pretrained(pair: ModelPair, name: str, recipe: Recipe, seed: int,
     res = train_student_blockwise_from_inputs(
         pair.teacher, pair.student, x, labels=y, alpha=0.5, inputs="student+boundary",
         epochs=recipe.epochs, lr=recipe.lr, batch_size=recipe.batch_size,
-        temperature=recipe.temperature, seed=seed, threads=None, progress=progress)
+        temperature=recipe.temperature, seed=seed, threads=None, progress=progress,
+        freeze=recipe.freeze, bn_frozen=recipe.bn_frozen)
     pair.student = res.student.eval()
     pair.metrics["student_train_s"] = res.seconds
     pair.metrics["teacher_accuracy"] = 1.0  # agreement with itself: the labels are its own
