@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cloud_trainer.modelref import model_ref, zoo_name
+from cloud_trainer.plan.cli import model_source_args
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -373,13 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a model's blocks to ONNX for a profile")
     e.add_argument("--model", type=model_ref, default="digits",
                    help="zoo name or package.module:factory")
-    e.add_argument("--weights", type=Path, default=None,
-                   help="state dict for an import-path model")
-    e.add_argument("--input-shape", default=None, metavar="C,H,W",
-                   help="input shape when the factory's model cannot say")
-    e.add_argument("--cuts", default=None, metavar="SPEC",
-                   help="cut at traced candidates (`knet cuts`): all, modules[:D], "
-                        "N[:D] blocks, or candidate names/indices")
+    model_source_args(e)
     e.add_argument("--profile", default="x86-dev")
     e.add_argument("--role", choices=["student", "teacher"], default="student")
     e.add_argument("--version", type=int, default=1)

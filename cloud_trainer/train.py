@@ -33,7 +33,7 @@ SceneSplit = Literal["train", "in-scene", "out-of-scene"]
 """Called after every epoch with (what, epoch, epochs, mean loss); the CLI draws bars."""
 
 
-EFFNET_EPOCHS, EFFNET_TRAIN_PER_SCENE = 20, 80
+EFFNET_EPOCHS, EFFNET_TRAIN_PER_SCENE = 5, 320
 
 
 @dataclass(frozen=True)

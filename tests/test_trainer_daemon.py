@@ -128,8 +128,9 @@ def test_daemon_schedules_persists_and_refuses_a_second_scheduler(
         assert daemon.returncode == 0, out[-3000:]
 
 
-def test_sigkill_mid_run_leaves_a_consistent_registry_and_the_next_run_proceeds(
-        tmp_path: Path, mosquitto: Mosquitto) -> None:
+def daemon_in_training(tmp_path: Path, mosquitto: Mosquitto,
+                       epochs: int) -> tuple[Path, subprocess.Popen[str]]:
+    """A daemon whose job ``r`` has reached its training step on a degraded digits student."""
     pair = trained_pair("digits")
     deployed = degraded_student(pair.student, block=3, scale=1.0)
     register_deployed(tmp_path / "state", deployed)
@@ -138,11 +139,22 @@ def test_sigkill_mid_run_leaves_a_consistent_registry_and_the_next_run_proceeds(
     config = trainer_toml(tmp_path, mosquitto.port, ingest={"enabled": False},
                           models__digits={"profiles": ["jetson-nano"]}, jobs=[
         job("r", interval_s=1, min_new_samples=100, boundaries=[0],
-            training={"epochs": 12}, gate={"margin": 100.0}),
+            training={"epochs": epochs}, gate={"margin": 100.0}),
     ])
     daemon = start_trainer(config)
     try:
         assert wait_until(lambda: any(r.step == "train" for r in runs_of(tmp_path, "r")), 90)
+    except BaseException:
+        daemon.kill()
+        daemon.communicate(timeout=30)
+        raise
+    return config, daemon
+
+
+def test_sigkill_mid_run_leaves_a_consistent_registry_and_the_next_run_proceeds(
+        tmp_path: Path, mosquitto: Mosquitto) -> None:
+    config, daemon = daemon_in_training(tmp_path, mosquitto, epochs=12)
+    try:
         time.sleep(0.5)  # inside the training step
     finally:
         daemon.kill()
@@ -175,18 +187,8 @@ def test_sigterm_mid_training_stops_within_the_labs_timeout_and_the_run_resumes(
     the stop flag between optimiser steps, the daemon says offline and exits 0 well within
     the 20 s that `knet demo` (and systemd's default 90 s) give it, and the run stays open
     to be resumed — no half version in the registry."""
-    pair = trained_pair("digits")
-    deployed = degraded_student(pair.student, block=3, scale=1.0)
-    register_deployed(tmp_path / "state", deployed)
-    store_samples(tmp_path / "state", boundary_envelopes(deployed, digits_splits().x_train, 0))
-    config = trainer_toml(tmp_path, mosquitto.port, ingest={"enabled": False},
-                          models__digits={"profiles": ["jetson-nano"]}, jobs=[
-        job("r", interval_s=1, min_new_samples=100, boundaries=[0],
-            training={"epochs": 500}, gate={"margin": 100.0}),
-    ])
-    daemon = start_trainer(config)
+    _config, daemon = daemon_in_training(tmp_path, mosquitto, epochs=500)
     try:
-        assert wait_until(lambda: any(r.step == "train" for r in runs_of(tmp_path, "r")), 90)
         t0 = time.monotonic()
         out = stop(daemon, timeout=20)  # raises TimeoutExpired if it does not stop in time
         took = time.monotonic() - t0

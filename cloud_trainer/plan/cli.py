@@ -26,7 +26,8 @@ def _block_node(text: str) -> tuple[int, str]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected BLOCK=NODE") from None
 
 
-def _model_source_args(p: argparse.ArgumentParser) -> None:
+def model_source_args(p: argparse.ArgumentParser) -> None:
+    """``--weights``, ``--input-shape`` and ``--cuts``: how an import-path model is built."""
     p.add_argument("--weights", type=Path, default=None,
                    help="state dict for an import-path model")
     p.add_argument("--input-shape", default=None, metavar="C,H,W",
@@ -40,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = sub.add_parser("plan", help="rank partitions of a model over a chain of nodes")
     p.add_argument("--model", type=model_ref, help="zoo name or package.module:factory; "
                    "the records must be of its id")
-    _model_source_args(p)
+    model_source_args(p)
     p.add_argument("--bench", type=Path, nargs="+", default=[], help="BenchRecord JSON files")
     p.add_argument("--network", type=Path, help="network.toml")
     p.add_argument("--objective", choices=["latency", "throughput", "energy"],
@@ -69,7 +70,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     b = psub.add_parser("bench", help="benchmark a zoo model's blocks here (a BenchRecord)")
     b.add_argument("--model", dest="bench_model", type=model_ref, required=True,
                    help="zoo name or package.module:factory")
-    _model_source_args(b)
+    model_source_args(b)
     b.add_argument("--profile", required=True)
     b.add_argument("--role", choices=["student", "teacher", "both"], default="student")
     b.add_argument("--out", type=Path, required=True,
