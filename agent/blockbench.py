@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from agent.codec import CodecError, decode, encode, get_codec, parse_spec
 from agent.compat import zip_strict
 from agent.manifest import PartitionManifest, Shape
+from agent.topics import connection_username
 
 log = logging.getLogger(__name__)
 
@@ -309,9 +310,14 @@ def source_inputs(cfg: object, shape: tuple[int, ...], n: int) -> np.ndarray | N
     return np.stack(xs) if xs else None
 
 
+BENCH_CONNECTION = "bench"  # broker/provision.py DEVICE_CONNECTIONS
+
+
 def publish_record(cfg: object, record: BenchRecord, timeout: float = 10.0) -> None:
     """Publish ``record`` (QoS 1, retained) on the device's ``bench`` topic and wait for
-    the PUBACK. A client id of its own, so a running daemon keeps its connection."""
+    the PUBACK. It logs in as ``<device>.bench`` (provisioned with every device): the broker
+    binds a session to its username, so the device's own name would take over the running
+    daemon's session. A certificate device uses the ``bench/`` certificate beside its own."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -319,13 +325,16 @@ def publish_record(cfg: object, record: BenchRecord, timeout: float = 10.0) -> N
 
     s = link_settings(cfg)  # type: ignore[arg-type]
     device = cfg.device.id  # type: ignore[attr-defined]
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{device}-bench",
-                         protocol=mqtt.MQTTv5)
-    client.username_pw_set(s.username, s.password.get_secret_value() if s.password else None)
+    user = connection_username(s.username or device, BENCH_CONNECTION)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=user, protocol=mqtt.MQTTv5)
+    client.username_pw_set(user, s.password.get_secret_value() if s.password else None)
     if s.tls is not None:
+        cert, key = s.tls.cert_file, s.tls.key_file
+        if cert is not None:  # <bundle>/bench/<same file names>
+            cert = cert.parent / BENCH_CONNECTION / cert.name
+            key = key.parent / BENCH_CONNECTION / key.name if key is not None else None
         client.tls_set(ca_certs=str(s.tls.ca_file) if s.tls.ca_file else None,
-                       certfile=str(s.tls.cert_file) if s.tls.cert_file else None,
-                       keyfile=str(s.tls.key_file) if s.tls.key_file else None)
+                       certfile=str(cert) if cert else None, keyfile=str(key) if key else None)
     client.connect(s.host, s.port, keepalive=s.keepalive)
     client.loop_start()
     try:

@@ -78,9 +78,10 @@ class TimedRecorder(CanaryRecorder):
         super().__init__(size)
         self.times: deque[float] = deque(maxlen=500_000)
 
-    def record(self, x: np.ndarray, runner: Any, confidence: float | None) -> None:
+    def record(self, x: np.ndarray, runner: Any, confidence: float | None,
+               output: np.ndarray | None = None) -> None:
         self.times.append(time.perf_counter())
-        super().record(x, runner, confidence)
+        super().record(x, runner, confidence, output)
 
 
 def _agent_config(root: Path, device: str, port: int, manifest: Path, key: Path,

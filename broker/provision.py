@@ -56,6 +56,9 @@ REGISTRY_VERSION = 1
 DEFAULT_PORT = 1883
 DEFAULT_TLS_PORT = 8883
 DEFAULT_MTLS_PORT = 8884
+# Every device's connections besides the agent's own: ``knet-agent benchmark --publish``
+# runs beside the daemon and must not take over its session (agent/blockbench.py).
+DEVICE_CONNECTIONS = ("bench",)
 # A trainer's connections besides its main one (cloud_trainer/service.py): each logs in as
 # ``<trainer>.<connection>`` because the broker binds a session to its username.
 TRAINER_CONNECTIONS = ("ingest", "split")
@@ -393,7 +396,8 @@ def provision_device(
                 raise ProvisionError(f"upstream {upstream!r} is not another device of fleet "
                                      f"{fleet!r}: provision it first")
         conns = sorted(set((current or {}).get("connections", ()) if connections is None
-                           else (validate_id(c, "connection name") for c in connections)))
+                           else (validate_id(c, "connection name") for c in connections))
+                       | set(DEVICE_CONNECTIONS))
         secret = _issue_secret(lay, reg, device, password=password, cert=cert, tls=use_tls,
                                server_names=server_names, connections=conns)
         link = (current or {}).get("upstream") if upstream is None else (upstream or None)

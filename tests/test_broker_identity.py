@@ -142,6 +142,8 @@ def bound(tmp_path: Path) -> Iterator[BoundFleet]:
         Account("trainer-1", trainer, p, stats, t_state),
         Account("trainer-1.ingest", trainer, p, stats, t_state),
         Account("trainer-1.split", trainer, p, stats, t_state),
+        # every device has one for `knet-agent benchmark --publish` beside its daemon
+        Account("dev-a.bench", dev_a, p, LAB.reply("dev-a"), LAB.state("dev-a")),
     ]
     with Mosquitto(layout(d).broker, settings) as broker:
         yield BoundFleet(broker, accounts, accounts[5], accounts[0])

@@ -179,13 +179,19 @@ def test_certificate_device_and_crl(tmp_path: Path) -> None:
     MqttSection.model_validate(doc["mqtt"], context={"base_dir": cred.bundle})
     with pytest.raises(ProvisionError, match="no password"):
         provision_device(d, "cam-02", "lab", cert=True, password="x")
-    # Rotation revokes the previous certificate; revocation revokes the current one.
-    serial1 = cred.cert_serial
+    # Rotation revokes the previous certificates (the device's and its `bench` connection's,
+    # agent/blockbench.py); revocation revokes the current ones.
+    def bench_serial(c: object) -> int:
+        pem = (c.bundle / "bench" / "client.crt").read_bytes()  # type: ignore[attr-defined]
+        return x509.load_pem_x509_certificate(pem).serial_number
+
+    serial1, bench1 = cred.cert_serial, bench_serial(cred)
     cred2 = provision_device(d, "cam-01", "lab", cert=True)
     certs = layout(d).certs
-    assert pki.revoked_serials(certs) == {serial1}
+    assert pki.revoked_serials(certs) == {serial1, bench1}
+    bench2 = bench_serial(cred2)
     revoke_device(d, "cam-01")
-    assert pki.revoked_serials(certs) == {serial1, cred2.cert_serial}
+    assert pki.revoked_serials(certs) == {serial1, bench1, cred2.cert_serial, bench2}
 
 
 def test_server_certificate_names_and_settings(tmp_path: Path) -> None:
