@@ -24,7 +24,7 @@ from agent.update_manifest import SignedManifest, UpdateManifest
 log = logging.getLogger(__name__)
 
 
-class KeyExistsError(SigningError):
+class KeyExistsError(SigningError, FileExistsError):
     """``generate_keypair`` found a key already there: it never overwrites one."""
 
 

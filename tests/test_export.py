@@ -69,7 +69,10 @@ def test_every_block_matches_torch(tmp_path: Path, name: str, target: str, role:
             sess = ort.InferenceSession(str(tmp_path / b.file), providers=["CPUExecutionProvider"])
             out = sess.run(None, {"input": acts[b.index - 1].numpy()})[0]
             assert out.shape == (batch, *b.output_shape)
-            assert np.abs(out - acts[b.index].numpy()).max() <= 1e-4, (b.index, batch)
+            ref = acts[b.index].numpy()
+            # float32 rounding grows with the activations (EfficientNet's reach ~15)
+            bound = 1e-4 * max(1.0, float(np.abs(ref).max()))
+            assert np.abs(out - ref).max() <= bound, (b.index, batch)
 
 
 def test_partial_partition_manifest_and_tampering(tmp_path: Path) -> None:

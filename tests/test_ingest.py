@@ -144,7 +144,9 @@ def test_fleet_table_state_and_birth(mosquitto: Mosquitto, tmp_path: Path) -> No
     fleet = FleetTable()
     with SQLiteSampleStore(tmp_path) as store, \
             Ingestor(settings(mosquitto), TOPICS, store, fleet=fleet) as ing:
-        assert wait_until(lambda: (fleet.get("dev-a") or DummyInfo).state == "online", 10)
+        # two retained topics: their order on subscribe is the broker's, so wait for both
+        assert wait_until(lambda: (fleet.get("dev-a") or DummyInfo).state == "online" and
+                          (fleet.get("dev-a") or DummyInfo).profile is not None, 10)
         info = fleet.get("dev-a")
         assert info is not None
         assert (info.profile, info.agent_version, info.model_version) == ("rpi4", "0.1.0", 3)
@@ -178,6 +180,7 @@ def test_fleet_table_state_and_birth(mosquitto: Mosquitto, tmp_path: Path) -> No
 
 class DummyInfo:
     state = "missing"
+    profile = None
 
 
 # -- child processes -----------------------------------------------------------------------
