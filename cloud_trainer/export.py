@@ -78,6 +78,31 @@ def _quiet_exporter() -> Iterator[None]:
         logger.setLevel(level)
 
 
+AST_MISMATCH = "AST constructor recursion depth mismatch"
+_AST_RETRIES = 3
+
+
+def _dynamo_export(block: torch.nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
+    """The dynamo exporter, retried on CPython 3.11's spurious ``SystemError`` from
+    ``ast.parse`` in a thread (cpython gh-106905; onnxscript parses its torchlib functions'
+    source on every export, and the trainer exports on its scheduler's thread). Seen once in
+    ~50 trainer runs here; nothing else is retried."""
+    for attempt in range(1, _AST_RETRIES + 1):
+        try:
+            program = torch.onnx.export(
+                block, (example,), input_names=["input"], output_names=["output"],
+                opset_version=opset, dynamo=True, external_data=False, verbose=False,
+                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},),
+            )
+            return program.model_proto
+        except SystemError as exc:
+            if AST_MISMATCH not in str(exc) or attempt == _AST_RETRIES:
+                raise
+            log.warning("export hit CPython's spurious AST SystemError (gh-106905); "
+                        "retrying (%d/%d)", attempt, _AST_RETRIES - 1)
+    raise AssertionError("unreachable")
+
+
 def export_block(block: torch.nn.Module, input_shape: tuple[int, ...], path: Path, *,
                  opset: int, ir_max: int = CURRENT_IR_MAX) -> onnx.ModelProto:
     """One block to one self-contained ONNX file with a dynamic batch dimension.
@@ -95,12 +120,7 @@ def export_block(block: torch.nn.Module, input_shape: tuple[int, ...], path: Pat
                               dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
             model = onnx.load_from_string(buf.getvalue())
         else:
-            program = torch.onnx.export(
-                block, (example,), input_names=["input"], output_names=["output"],
-                opset_version=opset, dynamo=True, external_data=False, verbose=False,
-                dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},),
-            )
-            model = program.model_proto
+            model = _dynamo_export(block, example, opset)
     if model.ir_version > ir_max:
         raise ExportError(f"{path.name}: exporter wrote IR {model.ir_version}, target allows "
                           f"≤ {ir_max}")

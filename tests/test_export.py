@@ -127,3 +127,30 @@ def test_verification_catches_a_file_that_is_not_the_block(tmp_path: Path) -> No
                          profile_ort_version="1.16.3")
     with pytest.raises(ExportError, match="differs"):
         verify_block(model.block(2), (4,), tmp_path / m.block(1).file)
+
+
+def test_the_dynamo_export_retries_cpythons_spurious_ast_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPython 3.11's ``ast.parse`` can raise a spurious SystemError in a thread (gh-106905):
+    the export is retried for that error alone."""
+    import cloud_trainer.export as ex
+
+    real, calls = torch.onnx.export, []
+
+    def flaky(*a: object, **kw: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            raise SystemError(f"{ex.AST_MISMATCH} (before=165, after=30)")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(torch.onnx, "export", flaky)
+    block = get_pair("digits").student.block(4)
+    proto = ex.export_block(block, (64,), tmp_path / "b.onnx", opset=20)
+    assert len(calls) == 2 and proto.graph.output[0].name == "output"
+
+    def broken(*a: object, **kw: object) -> object:
+        raise SystemError("something else")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with pytest.raises(SystemError, match="something else"):
+        ex.export_block(block, (64,), tmp_path / "c.onnx", opset=20)
