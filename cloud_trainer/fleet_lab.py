@@ -347,6 +347,8 @@ class LabSettings:
     max_samples: int = 1200  # newest samples per run: bounds a run's training time
     epochs: int = 8  # x up to max_samples/64 steps: ~150 steps, enough from the KT student
     batch_norm: str = "train"  # the jobs' [training] batch_norm
+    balance: str = "newest"  # [training] balance: "per_device" when cameras see different scenes
+    per_device_gate: bool = False  # [gate] per_device
     min_improvement: float = 2.0  # points a candidate must gain on the holdout to be pushed
     success_timeout_s: float = 90.0
     stats_interval_s: float = 1.0
@@ -463,9 +465,10 @@ class Lab:
                 "training": {"epochs": s.epochs, "lr": 0.003, "batch_size": 64,
                              "batch_norm": s.batch_norm,
                              "raw_input_mode": "student+boundary",
-                             "max_samples": self.s.max_samples},
+                             "max_samples": self.s.max_samples, "balance": s.balance},
                 "gate": {"metric": "teacher_agreement", "margin": 0.5,
-                         "min_improvement": s.min_improvement, "holdout_fraction": 0.2},
+                         "min_improvement": s.min_improvement, "holdout_fraction": 0.2,
+                         "per_device": s.per_device_gate},
             }],
             "rollout": {"enabled": True, "canary_fraction": 0.34,
                         "success_timeout_s": s.success_timeout_s,

@@ -4,13 +4,17 @@ Both models are scored on the same held-out inputs: accuracy where labels exist,
 top-1 agreement with the teacher (the only reference on unlabeled edge data). A candidate
 passes iff ``candidate_score >= deployed_score - margin`` (scores and margin in points).
 A candidate that produces non-finite outputs or the wrong output shape is rejected outright.
+
+Per-device gate (optional): a fleet's pooled score can rise while one camera, outnumbered by
+the others, gets worse. Given each held-out sample's device, the candidate must also hold
+``deployed - margin`` on every device with at least ``min_device_samples`` held-out samples.
 The scheduler records every result, rejected ones included, and never pushes a rejected one.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -32,6 +36,8 @@ class GateResult:
     margin: float  # points the candidate may lose
     samples: int
     reason: str
+    # device -> {"candidate": points, "deployed": points, "samples": n}; empty without groups
+    per_device: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def delta(self) -> float:
@@ -41,6 +47,15 @@ class GateResult:
         """Plain JSON types; a score that could not be measured is ``None``, not NaN."""
         out = {**asdict(self), "delta": self.delta}
         return {k: None if isinstance(v, float) and v != v else v for k, v in out.items()}
+
+
+@dataclass(frozen=True)
+class DeviceGroups:
+    """Which device each held-out sample came from, and the fewest samples that make a
+    device's score worth gating on (fewer: one frame swings it by several points)."""
+
+    devices: np.ndarray  # (N,) str, aligned with the held-out inputs
+    min_samples: int = 10
 
 
 @torch.no_grad()
@@ -64,7 +79,7 @@ def _score(pred: np.ndarray, reference: np.ndarray) -> float:
 def evaluate_candidate(candidate: BlockModel, deployed: BlockModel, teacher: BlockModel | None,
                        x_holdout: np.ndarray | torch.Tensor,
                        y_holdout: np.ndarray | None = None, *,
-                       margin: float = 0.0) -> GateResult:
+                       margin: float = 0.0, groups: DeviceGroups | None = None) -> GateResult:
     """Score candidate and deployed student on held-out data and decide whether to push."""
     if margin < 0:
         raise ValueError(f"margin must be >= 0 points, got {margin}")
@@ -80,23 +95,51 @@ def evaluate_candidate(candidate: BlockModel, deployed: BlockModel, teacher: Blo
         raise ValueError("without labels the gate needs the teacher as reference")
     else:
         reference, metric = predictions(teacher, x_holdout), "teacher_agreement"
-    deployed_score = _score(predictions(deployed, x_holdout), reference)
+    if groups is not None and len(groups.devices) != len(reference):
+        raise ValueError(f"{len(groups.devices)} device ids for {len(reference)} inputs")
+    dep_pred = predictions(deployed, x_holdout)
+    deployed_score = _score(dep_pred, reference)
     try:
-        candidate_score = _score(predictions(candidate, x_holdout), reference)
+        cand_pred = predictions(candidate, x_holdout)
     except ValueError as exc:
         return _decide(False, metric, float("nan"), deployed_score, margin, len(reference),
                        f"candidate rejected: {exc}")
+    candidate_score = _score(cand_pred, reference)
     passed = candidate_score + _EPS >= deployed_score - margin
     word = "passed" if passed else "rejected"
     reason = (f"candidate {word}: {metric} {candidate_score:.2f} vs deployed "
               f"{deployed_score:.2f} (margin {margin:.2f} points, {len(reference)} samples)")
+    per_device = _per_device(cand_pred, dep_pred, reference, groups)
+    worse = sorted(d for d, s in per_device.items()
+                   if s["candidate"] + _EPS < s["deployed"] - margin)
+    if passed and worse:
+        passed = False
+        reason = (f"candidate rejected: {metric} {candidate_score:.2f} vs deployed "
+                  f"{deployed_score:.2f} pooled, but worse beyond the margin on "
+                  + ", ".join(f"{d} ({per_device[d]['candidate']:.2f} vs "
+                              f"{per_device[d]['deployed']:.2f})" for d in worse))
     return _decide(passed, metric, candidate_score, deployed_score, margin, len(reference),
-                   reason)
+                   reason, per_device)
+
+
+def _per_device(cand: np.ndarray, dep: np.ndarray, reference: np.ndarray,
+                groups: DeviceGroups | None) -> dict[str, dict[str, float]]:
+    if groups is None:
+        return {}
+    out = {}
+    for device in sorted(set(groups.devices.tolist())):
+        sel = groups.devices == device
+        n = int(sel.sum())
+        if n >= groups.min_samples:
+            out[str(device)] = {"candidate": _score(cand[sel], reference[sel]),
+                                "deployed": _score(dep[sel], reference[sel]), "samples": n}
+    return out
 
 
 def _decide(passed: bool, metric: str, cand: float, dep: float, margin: float, n: int,
-            reason: str) -> GateResult:
+            reason: str, per_device: dict[str, dict[str, float]] | None = None) -> GateResult:
     result = GateResult(passed=passed, metric=metric, candidate_score=cand,
-                        deployed_score=dep, margin=float(margin), samples=n, reason=reason)
+                        deployed_score=dep, margin=float(margin), samples=n, reason=reason,
+                        per_device=per_device or {})
     (log.info if passed else log.warning)("gate: %s", reason)
     return result

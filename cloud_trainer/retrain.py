@@ -65,7 +65,7 @@ from cloud_trainer.distill import (
 )
 from cloud_trainer.export import CURRENT_IR_MAX, CURRENT_OPSET, export_partition, target_for_ort
 from cloud_trainer.fleet import FleetTable
-from cloud_trainer.gate import GateResult, evaluate_candidate
+from cloud_trainer.gate import DeviceGroups, GateResult, evaluate_candidate
 from cloud_trainer.keys import sign_manifest
 from cloud_trainer.publisher import make_update
 from cloud_trainer.registry import ModelVersion, Registry, weights_digest
@@ -180,6 +180,7 @@ class Selection:
     counts: dict[int, int]
     devices: list[str]
     bad: int = 0
+    holdout_devices: np.ndarray | None = None  # (len(holdout),) device of each held-out row
 
     def summary(self) -> dict[str, Any]:
         return {"boundary": self.boundary, "train": len(self.train),
@@ -203,9 +204,11 @@ def _as_batch(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
 
 def select_samples(store: SampleStore, rt: ModelRuntime, job: JobSection, run: Run,
                    ) -> tuple[list[Sample], dict[int, int]]:
-    """The window's newest ``max_samples`` usable samples and the count per boundary of
-    those; memory stays bounded by ``max_samples`` however large the store (a deque)."""
-    usable: deque[Sample] = deque(maxlen=job.training.max_samples)
+    """The window's newest ``max_samples`` usable samples (``balance = "per_device"``: a
+    max-min fair share per device, each device's newest) and the count per boundary of
+    those. Memory stays bounded by ``max_samples`` however large the store."""
+    picker = FairShare(job.training.max_samples) if job.training.balance == "per_device" \
+        else Newest(job.training.max_samples)
     for s in store.iter_query(model_version=run.deployed_version, since=run.since):
         if s.received_at >= run.until or s.model_id not in (None, rt.model_id):
             continue
@@ -213,11 +216,45 @@ def select_samples(store: SampleStore, rt: ModelRuntime, job: JobSection, run: R
             continue
         if job.boundaries is not None and s.boundary not in job.boundaries:
             continue
-        usable.append(s)
+        picker.add(s)
+    usable = picker.samples()
     counts: dict[int, int] = {}
     for s in usable:
         counts[s.boundary] = counts.get(s.boundary, 0) + 1
-    return list(usable), counts
+    return usable, counts
+
+
+class Newest:
+    def __init__(self, limit: int) -> None:
+        self._kept: deque[Sample] = deque(maxlen=limit)
+
+    def add(self, s: Sample) -> None:
+        self._kept.append(s)
+
+    def samples(self) -> list[Sample]:
+        return list(self._kept)
+
+
+class FairShare:
+    """Max-min fair shares of ``limit`` between devices, each keeping its newest: whenever
+    the total passes the limit, the device holding the most drops its oldest. A device
+    with fewer than its share keeps all it sent; the rest is split evenly."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._kept: dict[str, deque[Sample]] = {}
+        self._total = 0
+
+    def add(self, s: Sample) -> None:
+        self._kept.setdefault(s.device, deque()).append(s)
+        self._total += 1
+        if self._total > self._limit:
+            max(self._kept.values(), key=len).popleft()
+            self._total -= 1
+
+    def samples(self) -> list[Sample]:
+        return sorted((s for q in self._kept.values() for s in q),
+                      key=lambda s: s.received_at)
 
 
 def split_samples(samples: list[Sample], rt: ModelRuntime, job: JobSection,
@@ -225,7 +262,7 @@ def split_samples(samples: list[Sample], rt: ModelRuntime, job: JobSection,
     """Decode the lowest boundary's samples and split them into train and holdout."""
     b = min(counts)
     shape = rt.teacher.boundary_shapes[b]
-    train, hold, labels = [], [], []
+    train, hold, labels, hold_devices = [], [], [], []
     bad = 0
     chosen = [s for s in samples if s.boundary == b]
     for s in chosen:
@@ -240,17 +277,19 @@ def split_samples(samples: list[Sample], rt: ModelRuntime, job: JobSection,
         if _in_holdout(s, job.gate.holdout_fraction):
             hold.append(a)
             labels.append(-1 if s.label is None else s.label)
+            hold_devices += [s.device] * len(a)
         else:
             train.append(a)
     if not hold and len(train) > 1:  # tiny windows: keep one in five out of training
         hold, train = train[::5], [a for i, a in enumerate(train) if i % 5]
-        labels = [-1] * len(hold)
+        labels, hold_devices = [-1] * len(hold), []
     empty = np.empty((0, *shape), np.float32)
     lab = np.asarray(labels, np.int64)
-    return Selection(b, np.concatenate(train) if train else empty,
-                     np.concatenate(hold) if hold else empty,
+    holdout = np.concatenate(hold) if hold else empty
+    return Selection(b, np.concatenate(train) if train else empty, holdout,
                      lab if len(lab) and (lab >= 0).all() else None, counts,
-                     sorted({s.device for s in chosen}), bad)
+                     sorted({s.device for s in chosen}), bad,
+                     np.asarray(hold_devices) if len(hold_devices) == len(holdout) else None)
 
 
 # -- training -------------------------------------------------------------------------------
@@ -339,8 +378,10 @@ def run_gate(rt: ModelRuntime, candidate: BlockModel, deployed: BlockModel, sel:
         raise RunError("gate.metric = accuracy needs gate.holdout or labelled samples")
     labels = sel.holdout_labels if g.metric == "accuracy" else None
     b = sel.boundary
+    groups = DeviceGroups(sel.holdout_devices, g.device_min_samples) \
+        if g.per_device and sel.holdout_devices is not None else None
     return evaluate_candidate(tail(candidate, b), tail(deployed, b), tail(rt.teacher, b),
-                              sel.holdout, labels, margin=g.margin)
+                              sel.holdout, labels, margin=g.margin, groups=groups)
 
 
 # -- export ---------------------------------------------------------------------------------

@@ -241,6 +241,11 @@ class GateSection(BaseModel):
         None, description="npz with x (raw inputs) and y (labels) from the operator")
     holdout_fraction: float = Field(0.2, gt=0, lt=1,
                                     description="stored samples kept out of training")
+    per_device: bool = Field(
+        False, description="also reject a candidate that loses more than the margin on any "
+                           "one device's held-out samples (the pooled score can hide it)")
+    device_min_samples: int = Field(
+        10, ge=1, description="fewest held-out samples of a device for its own check")
 
     _paths = field_validator("holdout")(resolve_path)
 
@@ -253,6 +258,10 @@ class TrainingSection(BaseModel):
     batch_size: int = Field(64, ge=1)
     temperature: float = Field(4.0, gt=0)
     max_samples: int = Field(20_000, ge=1, description="newest samples used per run")
+    balance: Literal["newest", "per_device"] = Field(
+        "newest", description="'per_device': max_samples shared fairly between the devices "
+                              "that uplinked (each keeps its newest), so a busy camera "
+                              "does not crowd out a quiet one")
     blocks: list[int] | None = Field(None, description="blocks allowed to change (None: all)")
     raw_input_mode: Literal["student", "student+boundary"] = Field(
         "student+boundary", description="how boundary-0 samples supervise the chain")

@@ -81,3 +81,34 @@ def test_inputs_are_checked() -> None:
         evaluate_candidate(teacher, teacher, None, x)
     with pytest.raises(ValueError, match="held-out"):
         evaluate_candidate(teacher, teacher, teacher, x[:0])
+
+
+def test_per_device_gate_rejects_a_candidate_that_trades_one_camera_for_the_others() -> None:
+    """The pooled score holds, but the outnumbered device gets worse: rejected, with each
+    device's scores recorded; devices with too few held-out samples are not gated alone."""
+    import numpy as np
+
+    from cloud_trainer.gate import DeviceGroups
+
+    teacher, candidate, deployed = _model(0), _model(1), _model(2)
+    x, _ = _data()
+    with torch.no_grad():
+        ref, cand, dep = (m(x).argmax(1).numpy() for m in (teacher, candidate, deployed))
+    quiet = np.flatnonzero((dep == ref) & (cand != ref))[:20]
+    assert len(quiet) == 20
+    devices = np.full(len(x), "busy", dtype=object)
+    devices[quiet] = "quiet"
+    pooled = evaluate_candidate(candidate, deployed, teacher, x, margin=0.0)
+    margin = max(0.0, -pooled.delta) + 0.5  # the pooled check alone passes
+    assert evaluate_candidate(candidate, deployed, teacher, x, margin=margin).passed
+    gated = evaluate_candidate(candidate, deployed, teacher, x, margin=margin,
+                               groups=DeviceGroups(devices, min_samples=10))
+    assert not gated.passed and "quiet (0.00 vs 100.00)" in gated.reason
+    assert gated.per_device["quiet"] == {"candidate": 0.0, "deployed": 100.0, "samples": 20}
+    assert gated.per_device["busy"]["samples"] == 280
+    few = evaluate_candidate(candidate, deployed, teacher, x, margin=margin,
+                             groups=DeviceGroups(devices, min_samples=21))
+    assert few.passed and set(few.per_device) == {"busy"}
+    json.dumps(gated.to_dict())
+    with pytest.raises(ValueError, match="device ids"):
+        evaluate_candidate(candidate, deployed, teacher, x, groups=DeviceGroups(devices[:5]))

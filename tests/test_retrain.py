@@ -227,3 +227,40 @@ def test_tail_models_share_no_state_with_the_original() -> None:
     x = torch.from_numpy(np.array(digits_splits().x_test[:8]))
     with torch.no_grad():
         assert torch.allclose(t(pair.student.run(x, 1, 2)), pair.student(x), atol=1e-5)
+
+
+def _sample(device: str, seq: int) -> object:
+    from cloud_trainer.store import Sample
+
+    return Sample(id=seq, device=device, session=1, seq=seq, timestamp=float(seq),
+                  received_at=float(seq), model_id=None, model_version=1, boundary=0,
+                  label=None, prediction=None, confidence=None, shape=None, size=0,
+                  payload=b"")
+
+
+def test_fair_share_keeps_each_devices_newest_and_never_more_than_the_limit() -> None:
+    """A busy camera sending 10x as often does not crowd out a quiet one: max-min fair
+    shares of the limit, each device's newest kept, arrival order preserved."""
+    from cloud_trainer.retrain import FairShare, Newest
+
+    fair, newest = FairShare(30), Newest(30)
+    sent: dict[str, list[int]] = {"busy": [], "quiet": []}
+    seq = 0
+    for _ in range(20):
+        for device, n in (("busy", 10), ("quiet", 1)):
+            for _ in range(n):
+                seq += 1
+                sent[device].append(seq)
+                s = _sample(device, seq)
+                fair.add(s)  # type: ignore[arg-type]
+                newest.add(s)  # type: ignore[arg-type]
+    kept = fair.samples()
+    by_device = {d: [s.seq for s in kept if s.device == d] for d in ("busy", "quiet")}
+    assert len(kept) == 30
+    assert by_device == {"busy": sent["busy"][-15:], "quiet": sent["quiet"][-15:]}
+    assert [s.seq for s in kept] == sorted(s.seq for s in kept)
+    assert sum(s.device == "quiet" for s in newest.samples()) == 3  # what "newest" gives
+    small = FairShare(30)
+    for i in range(5):
+        small.add(_sample("quiet", i))  # type: ignore[arg-type]
+    assert len(small.samples()) == 5  # under the limit: everything
