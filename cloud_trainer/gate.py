@@ -6,14 +6,18 @@ passes iff ``candidate_score >= deployed_score - margin`` (scores and margin in 
 A candidate that produces non-finite outputs or the wrong output shape is rejected outright.
 
 Per-device gate (optional): a fleet's pooled score can rise while one camera, outnumbered by
-the others, gets worse. Given each held-out sample's device, the candidate must also hold
-``deployed - margin`` on every device with at least ``min_device_samples`` held-out samples.
+the others, gets worse. Given each held-out sample's device, the candidate is rejected if on
+any device with at least ``min_samples`` held-out samples it scores below ``deployed -
+margin`` *and* that loss is significant: McNemar's exact test on the samples where exactly
+one of the two models is right, one-sided, p < ``alpha``. A device holds few held-out
+samples (one frame of 15 is 6.7 points), so a loss of a frame or two is noise, not harm.
 The scheduler records every result, rejected ones included, and never pushes a rejected one.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -56,6 +60,7 @@ class DeviceGroups:
 
     devices: np.ndarray  # (N,) str, aligned with the held-out inputs
     min_samples: int = 10
+    alpha: float = 0.1  # significance of a device's loss (McNemar, one-sided)
 
 
 @torch.no_grad()
@@ -110,14 +115,16 @@ def evaluate_candidate(candidate: BlockModel, deployed: BlockModel, teacher: Blo
     reason = (f"candidate {word}: {metric} {candidate_score:.2f} vs deployed "
               f"{deployed_score:.2f} (margin {margin:.2f} points, {len(reference)} samples)")
     per_device = _per_device(cand_pred, dep_pred, reference, groups)
+    alpha = groups.alpha if groups is not None else 0.0
     worse = sorted(d for d, s in per_device.items()
-                   if s["candidate"] + _EPS < s["deployed"] - margin)
+                   if s["candidate"] + _EPS < s["deployed"] - margin and s["p_worse"] < alpha)
     if passed and worse:
         passed = False
         reason = (f"candidate rejected: {metric} {candidate_score:.2f} vs deployed "
                   f"{deployed_score:.2f} pooled, but worse beyond the margin on "
                   + ", ".join(f"{d} ({per_device[d]['candidate']:.2f} vs "
-                              f"{per_device[d]['deployed']:.2f})" for d in worse))
+                              f"{per_device[d]['deployed']:.2f}, p={per_device[d]['p_worse']:.3f})"
+                              for d in worse))
     return _decide(passed, metric, candidate_score, deployed_score, margin, len(reference),
                    reason, per_device)
 
@@ -131,9 +138,22 @@ def _per_device(cand: np.ndarray, dep: np.ndarray, reference: np.ndarray,
         sel = groups.devices == device
         n = int(sel.sum())
         if n >= groups.min_samples:
+            c_ok, d_ok = cand[sel] == reference[sel], dep[sel] == reference[sel]
             out[str(device)] = {"candidate": _score(cand[sel], reference[sel]),
-                                "deployed": _score(dep[sel], reference[sel]), "samples": n}
+                                "deployed": _score(dep[sel], reference[sel]), "samples": n,
+                                "p_worse": mcnemar_worse(int((d_ok & ~c_ok).sum()),
+                                                         int((c_ok & ~d_ok).sum()))}
     return out
+
+
+def mcnemar_worse(lost: int, gained: int) -> float:
+    """One-sided exact McNemar p-value that the candidate is worse: the chance of ``lost``
+    or more of the ``lost + gained`` discordant samples going against it if both models
+    were equally good (a fair coin per discordant sample)."""
+    n = lost + gained
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, k) for k in range(lost, n + 1)) / 2.0**n
 
 
 def _decide(passed: bool, metric: str, cand: float, dep: float, margin: float, n: int,

@@ -378,7 +378,7 @@ def run_gate(rt: ModelRuntime, candidate: BlockModel, deployed: BlockModel, sel:
         raise RunError("gate.metric = accuracy needs gate.holdout or labelled samples")
     labels = sel.holdout_labels if g.metric == "accuracy" else None
     b = sel.boundary
-    groups = DeviceGroups(sel.holdout_devices, g.device_min_samples) \
+    groups = DeviceGroups(sel.holdout_devices, g.device_min_samples, g.device_alpha) \
         if g.per_device and sel.holdout_devices is not None else None
     return evaluate_candidate(tail(candidate, b), tail(deployed, b), tail(rt.teacher, b),
                               sel.holdout, labels, margin=g.margin, groups=groups)

@@ -246,6 +246,9 @@ class GateSection(BaseModel):
                            "one device's held-out samples (the pooled score can hide it)")
     device_min_samples: int = Field(
         10, ge=1, description="fewest held-out samples of a device for its own check")
+    device_alpha: float = Field(
+        0.1, gt=0, le=1, description="a device's loss must also be significant: one-sided "
+                                     "exact McNemar test, p below this (1: any loss)")
 
     _paths = field_validator("holdout")(resolve_path)
 

@@ -103,8 +103,9 @@ def test_per_device_gate_rejects_a_candidate_that_trades_one_camera_for_the_othe
     assert evaluate_candidate(candidate, deployed, teacher, x, margin=margin).passed
     gated = evaluate_candidate(candidate, deployed, teacher, x, margin=margin,
                                groups=DeviceGroups(devices, min_samples=10))
-    assert not gated.passed and "quiet (0.00 vs 100.00)" in gated.reason
-    assert gated.per_device["quiet"] == {"candidate": 0.0, "deployed": 100.0, "samples": 20}
+    assert not gated.passed and "quiet (0.00 vs 100.00, p=0.000)" in gated.reason
+    assert gated.per_device["quiet"] == {"candidate": 0.0, "deployed": 100.0, "samples": 20,
+                                         "p_worse": 0.5**20}
     assert gated.per_device["busy"]["samples"] == 280
     few = evaluate_candidate(candidate, deployed, teacher, x, margin=margin,
                              groups=DeviceGroups(devices, min_samples=21))
@@ -112,3 +113,15 @@ def test_per_device_gate_rejects_a_candidate_that_trades_one_camera_for_the_othe
     json.dumps(gated.to_dict())
     with pytest.raises(ValueError, match="device ids"):
         evaluate_candidate(candidate, deployed, teacher, x, groups=DeviceGroups(devices[:5]))
+
+
+def test_a_device_losing_a_frame_or_two_is_noise_not_harm() -> None:
+    """McNemar's exact test: 1 lost of 1 discordant is p = 0.5; 8 lost, 0 gained is
+    p = 1/256; equal losses and gains are never significant."""
+    from cloud_trainer.gate import mcnemar_worse
+
+    assert mcnemar_worse(0, 0) == 1.0
+    assert mcnemar_worse(1, 0) == 0.5
+    assert mcnemar_worse(8, 0) == 1 / 256
+    assert mcnemar_worse(3, 3) > 0.5
+    assert abs(mcnemar_worse(5, 1) - 7 / 64) < 1e-12
