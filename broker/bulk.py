@@ -9,6 +9,9 @@ where the agent's unit (``agent/systemd/knet-agent.service``) expects it::
     ca.crt                     the fleet CA, when the broker speaks TLS
     update.pub                 the update-signing public key, when one is given
 
+The bundle directory is 0755 and its public files 0644, as on the device, where the unit's
+dynamic user reads them; ``credentials/`` is 0700 (read by systemd as root).
+
 Idempotent: a device already provisioned keeps its password (it is never rotated here:
 ``knet broker provision ID --fleet F`` does that). Its bundle's other files are rewritten
 only where they differ from what the list and the options now say (a new profile, host, CA
@@ -208,7 +211,9 @@ def _create(lay: FleetLayout, plan: _Plan, device: DeviceEntry, options: BundleO
     if bundle.exists():  # left by an interrupted run, or by a revoked namesake
         shutil.rmtree(bundle)
     (bundle / SECRET.parent).mkdir(parents=True, mode=0o700)
-    bundle.chmod(0o700)
+    # As /etc/knet must be on the device: the unit's dynamic user reads agent.toml there.
+    # Here D/credentials (0700) keeps everyone else out.
+    bundle.chmod(0o755)
     atomic_write(bundle / SECRET, password + "\n", 0o600)
     for name, data in _public_files(device, options).items():
         atomic_write(bundle / name, data, 0o644)

@@ -127,6 +127,23 @@ def test_a_malformed_list_is_one_clear_error_exit_2_and_nothing_written(
     assert not d.exists()  # not even an empty fleet directory
 
 
+def test_list_and_single_account_options_do_not_mix(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    listed = write(tmp_path / "devices.csv", THREE)
+    d = str(tmp_path / "fleet")
+    for argv, says in (
+            (["provision", "cam-09", "--list", str(listed)], "ACCOUNT apply to one account"),
+            (["provision", "--list", str(listed), "--cert"], "--cert apply to one account"),
+            (["provision"], "give ACCOUNT and --fleet, or --list FILE"),
+            (["provision", "cam-09", "--fleet", "lab", "--update-key", "k.pub"],
+             "--update-key and --profiles-dir go with --list"),
+            (["revoke", "cam-01", "--list", str(listed)], "give the ids to revoke or --list"),
+            (["revoke"], "give the ids to revoke or --list")):
+        assert main(["broker", *argv, "--dir", d]) == 2, argv
+        assert says in capsys.readouterr().err, argv
+    assert not Path(d).exists()
+
+
 def test_every_problem_of_a_list_is_named_in_file_order(tmp_path: Path) -> None:
     listed = write(tmp_path / "devices.csv", "device_id,fleet,profile\ncam-01,lab,rpi9\n"
                                              "cam-01,lab\nCAM,lab,rpi4\n")
@@ -169,7 +186,9 @@ def test_rerunning_a_list_changes_nothing_and_a_new_row_adds_only_that_device(
         bundle = lay.bundle(device)
         assert sorted(p.name for p in bundle.rglob("*")) == [
             "agent.toml", "ca.crt", "credentials", "mqtt-password"]
-        assert (bundle / "credentials" / "mqtt-password").stat().st_mode & 0o077 == 0
+        modes = {p.name: p.stat().st_mode & 0o777 for p in (bundle, *bundle.rglob("*"))}
+        assert modes == {device: 0o755, "agent.toml": 0o644, "ca.crt": 0o644,
+                         "credentials": 0o700, "mqtt-password": 0o600}  # as /etc/knet
         assert (bundle / "ca.crt").read_bytes() == (lay.certs / "ca.crt").read_bytes()
         config = load_config(bundle / "agent.toml")  # a complete agent config
         assert (config.device.id, config.device.fleet, config.model.profile) == (
