@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agent.fsutil import atomic_write
+from agent.signing import SigningError, load_public_key
 from broker import certs as pki
 from broker.devicelist import DeviceEntry
 from broker.provision import (
@@ -168,15 +169,7 @@ def _options(lay: FleetLayout, reg: dict[str, Any], host: str, port: int | None,
              tls: bool | None, update_key: Path | None,
              server_names: Iterable[str]) -> BundleOptions:
     ca_file = pki.ca_paths(lay.certs).cert
-    key = None
-    if update_key is not None:
-        try:
-            key = Path(update_key).read_bytes()
-        except OSError as exc:
-            raise ProvisionError(f"--update-key {update_key}: {exc.strerror}") from None
-        if b"PUBLIC KEY" not in key:
-            raise ProvisionError(f"--update-key {update_key}: not a PEM public key (the .pub "
-                                 "of `knet keys gen`; never the private key)")
+    key = _update_key(update_key) if update_key is not None else None
     use_tls = ca_file.exists() if tls is None else tls
     if use_tls:
         # Keeps an existing CA and server certificate; a new one also names ``host``.
@@ -185,6 +178,17 @@ def _options(lay: FleetLayout, reg: dict[str, Any], host: str, port: int | None,
     return BundleOptions(host=host, port=port or (DEFAULT_TLS_PORT if use_tls else DEFAULT_PORT),
                          prefix=reg["prefix"], ca=ca_file.read_bytes() if use_tls else None,
                          update_key=key)
+
+
+def _update_key(path: Path) -> bytes:
+    """The PEM of an Ed25519 public key, checked as the agent will load it."""
+    try:
+        pem = Path(path).read_bytes()
+        load_public_key(pem)
+    except (OSError, SigningError) as exc:
+        raise ProvisionError(f"--update-key {path}: {exc} (the .pub of `knet keys gen`, never "
+                             "the private key); nothing provisioned") from None
+    return pem
 
 
 def _check_server_name(lay: FleetLayout, host: str) -> None:

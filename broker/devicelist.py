@@ -93,7 +93,8 @@ Problem = tuple[int, str]  # (line, message without the file name)
 
 
 def _check_profile(name: str, info: ValidationInfo) -> str:
-    validate_id(name, "profile name")
+    if not name or "/" in name or name.endswith(".toml"):
+        raise ValueError(f"{name!r}: give a firmware profile's name (e.g. rpi4), not a path")
     known = (info.context or {}).get("profiles")
     if known is not None and name not in known:
         raise ValueError(f"no firmware profile {name!r} (known: {', '.join(sorted(known))})")

@@ -153,19 +153,23 @@ def test_every_problem_of_a_list_is_named_in_file_order(tmp_path: Path) -> None:
     assert [line.split(": ")[1] for line in lines] == ["line 2", "line 3", "line 4"]
 
 
-def test_a_list_that_clashes_with_the_registry_writes_nothing(
+def test_a_list_that_clashes_with_the_registry_or_a_wrong_key_writes_nothing(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     d = tmp_path / "fleet"
     provision_device(d, "gate-01", "lab", reload=False)
     provision_trainer(d, "trainer-1", ["lab"], reload=False)
     before = snapshot(d)
-    for clash, reason in (("gate-01,yard,rpi4", "belongs to fleet 'lab', the list says 'yard'"),
-                          ("trainer-1,lab,rpi4", "'trainer-1' is a trainer account")):
+    private = generate_keypair(tmp_path / "keys")[0]
+    for clash, extra, reason in (
+            ("gate-01,yard,rpi4", [], "belongs to fleet 'lab', the list says 'yard'"),
+            ("trainer-1,lab,rpi4", [], "'trainer-1' is a trainer account"),
+            ("", ["--update-key", str(private)], "not a PEM public key")):
         listed = write(tmp_path / "devices.csv", f"device_id,fleet,profile\n"
                                                  f"cam-01,lab,rpi4\n{clash}\n")
-        assert main(["broker", "provision", "--list", str(listed), "--dir", str(d)]) == 2
+        assert main(["broker", "provision", "--list", str(listed), "--dir", str(d),
+                     *extra]) == 2
         err = capsys.readouterr().err
-        assert reason in err and "nothing provisioned" in err
+        assert reason in err and "nothing provisioned" in err, err
         assert snapshot(d) == before
 
 
