@@ -217,6 +217,17 @@ def create_server_cert(certs_dir: Path, names: Iterable[str] = DEFAULT_SERVER_NA
     return paths
 
 
+def server_cert_names(certs_dir: Path) -> list[str]:
+    """The host names and addresses the broker's server certificate is valid for."""
+    cert = x509.load_pem_x509_certificate((Path(certs_dir) / "server.crt").read_bytes())
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(n) for n in san.get_values_for_type(x509.DNSName)] + [
+        str(a) for a in san.get_values_for_type(x509.IPAddress)]
+
+
 def create_client_cert(certs_dir: Path, common_name: str, out_dir: Path) -> CertPaths:
     """A client certificate with CN = the device (or trainer) id, key in ``out_dir``.
 

@@ -21,7 +21,8 @@ password file) under an exclusive lock on ``D/.lock``, and then signals a broker
 ``run_foreground`` on the same directory to reload (SIGHUP).
 
 Entry points for the ``knet broker`` CLI: ``provision_device``, ``provision_trainer``,
-``revoke_device``, ``create_certs``, ``run_foreground``, ``fleet_settings``.
+``revoke_device``, ``revoke_accounts``, ``create_certs``, ``run_foreground``,
+``fleet_settings``; many devices from a list file: ``broker/bulk.py``.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ DEVICE_CONNECTIONS = ("bench",)
 # ``<trainer>.<connection>`` because the broker binds a session to its username.
 TRAINER_CONNECTIONS = ("ingest", "split")
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+ACL_MODE = 0o644
 
 
 class ProvisionError(RuntimeError):
@@ -179,8 +181,23 @@ def _load_registry(lay: FleetLayout) -> dict[str, Any]:
     return dict(data)
 
 
+def _registry_text(reg: dict[str, Any]) -> str:
+    return json.dumps(reg, indent=2, sort_keys=True) + "\n"
+
+
 def _save_registry(lay: FleetLayout, reg: dict[str, Any]) -> None:
-    _atomic_write(lay.registry, json.dumps(reg, indent=2, sort_keys=True) + "\n")
+    _atomic_write(lay.registry, _registry_text(reg))
+
+
+def _replace_if_changed(path: Path, text: str, mode: int = 0o600) -> bool:
+    """Atomically replace ``path`` with ``text`` unless it already holds exactly that."""
+    try:
+        if path.read_text() == text:
+            return False
+    except FileNotFoundError:
+        pass
+    _atomic_write(path, text, mode)
+    return True
 
 
 @contextlib.contextmanager
@@ -195,16 +212,19 @@ def _locked(lay: FleetLayout) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _write_acl(lay: FleetLayout, reg: dict[str, Any]) -> None:
+def _acl_text(reg: dict[str, Any]) -> str:
     devices = {d: e["fleet"] for d, e in reg["devices"].items()}
     trainers = {t: e["fleets"] for t, e in reg["trainers"].items()}
     upstreams = {d: e["upstream"] for d, e in reg["devices"].items()
                  if e.get("upstream") in devices}  # a revoked upstream loses the link
     connections = {a: list(e.get("connections", ()))
                    for kind in ("devices", "trainers") for a, e in reg[kind].items()}
+    return render_acl(devices, trainers, reg["prefix"], upstreams, connections)
+
+
+def _write_acl(lay: FleetLayout, reg: dict[str, Any]) -> None:
     # 0644: Mosquitto may run as its own user; the ACL holds no secrets.
-    _atomic_write(lay.acl, render_acl(devices, trainers, reg["prefix"], upstreams,
-                                      connections), 0o644)
+    _atomic_write(lay.acl, _acl_text(reg), ACL_MODE)
 
 
 def _usernames(account: str, connections: Iterable[str]) -> list[str]:
@@ -223,8 +243,12 @@ def _read_passwd(lay: FleetLayout) -> dict[str, str]:
     return entries
 
 
+def _passwd_text(entries: dict[str, str]) -> str:
+    return "".join(f"{u}:{h}\n" for u, h in sorted(entries.items()))
+
+
 def _write_passwd(lay: FleetLayout, entries: dict[str, str]) -> None:
-    _atomic_write(lay.passwd, "".join(f"{u}:{h}\n" for u, h in sorted(entries.items())))
+    _atomic_write(lay.passwd, _passwd_text(entries))
 
 
 def _mosquitto_passwd() -> str:
@@ -521,42 +545,110 @@ def _finish(lay: FleetLayout, account: str, fleets: tuple[str, ...], kind: str, 
     )
 
 
+class UnknownAccountError(ProvisionError):
+    """Revocation named accounts this fleet directory never provisioned."""
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """What ``revoke_accounts`` did to one account."""
+
+    account: str
+    kind: str  # "device" or "trainer"
+    revoked: bool  # False: it was revoked before (a re-run changes nothing)
+
+
 def revoke_device(directory: Path | str, device: str, *, reload: bool = True) -> bool:
     """Revoke an account (device, or trainer): ``knet broker revoke DEVICE --dir D``.
 
     Removes its password hash, its ACL entries and its credential bundle, and puts its
-    certificate on the CRL; returns False if no such account was provisioned. After the
-    reload (SIGHUP) the broker refuses the password and disconnects the account if it is
-    connected; a revoked *certificate* still completes the TLS handshake until the broker
-    restarts (Mosquitto reads the CRL at start-up only), but with no ACL entries it can
-    neither publish nor subscribe to anything.
+    certificate on the CRL; returns False if no such account is provisioned (never was, or
+    revoked already). After the reload (SIGHUP) the broker refuses the password and
+    disconnects the account if it is connected; a revoked *certificate* still completes
+    the TLS handshake until the broker restarts (Mosquitto reads the CRL at start-up only),
+    but with no ACL entries it can neither publish nor subscribe to anything.
+    """
+    try:
+        (done,) = revoke_accounts(directory, [device], reload=reload)
+    except UnknownAccountError:
+        log.warning("revoke: no account %r in %s", device, layout(directory).root)
+        return False
+    return done.revoked
+
+
+def revoke_accounts(directory: Path | str, accounts: Iterable[str], *,
+                    fleets: dict[str, str] | None = None,
+                    reload: bool = True) -> list[Revocation]:
+    """Revoke many accounts at once: ``knet broker revoke ID... | --list FILE --dir D``.
+
+    All or nothing: an id that was never provisioned, or whose fleet is not the one
+    ``fleets`` (id → fleet, from a device list) says, raises before anything changes.
+    An id revoked before is reported as such. The password file, the CRL, the ACL and the
+    registry are each replaced once, atomically, whatever the number of accounts, and the
+    broker is signalled once: after that reload it refuses every one of them and keeps
+    every other connection.
     """
     lay = layout(directory)
+    wanted = list(dict.fromkeys(accounts))
     with _locked(lay):
         reg = _load_registry(lay)
-        kind = "devices" if device in reg["devices"] else "trainers"
-        entry = reg[kind].pop(device, None)
-        if entry is None:
-            log.warning("revoke: no account %r in %s", device, lay.root)
-            return False
+        _check_revocable(lay, reg, wanted, fleets or {})
         entries = _read_passwd(lay)
-        users = _usernames(device, entry.get("connections", ()))
-        if any([entries.pop(u, None) is not None for u in users]):
-            _write_passwd(lay, entries)
-        for serial in [entry.get("serial"), *entry.get("connection_serials", {}).values()]:
-            if serial:
-                pki.revoke_cert(lay.certs, int(serial, 16))
-                log.info("certificate %s of %s is on the CRL %s", serial, device,
+        serials: set[int] = set()
+        done = [_drop_account(reg, entries, serials, account) for account in wanted]
+        revoked = [r.account for r in done if r.revoked]
+        if revoked:
+            # The secrets first: once the password file and the CRL are replaced, a crash
+            # before the registry is written leaves the account refused, and a re-run of
+            # the same revocation completes it.
+            _replace_if_changed(lay.passwd, _passwd_text(entries))
+            if serials:
+                pki.write_crl(lay.certs, pki.revoked_serials(lay.certs) | serials)
+                log.info("certificates %s are on the CRL %s",
+                         ", ".join(f"{s:x}" for s in sorted(serials)),
                          pki.ca_paths(lay.certs).crl)
-        reg["revoked"].append({"id": device, "kind": kind[:-1], "serial": entry.get("serial"),
-                               "fleet": entry.get("fleet"), "revoked": _now()})
-        _save_registry(lay, reg)
-        _write_acl(lay, reg)
-        shutil.rmtree(lay.bundle(device), ignore_errors=True)
-    log.info("revoked %s %s", kind[:-1], device)
-    if reload:
+            _replace_if_changed(lay.acl, _acl_text(reg), ACL_MODE)
+            _save_registry(lay, reg)
+            for account in revoked:
+                shutil.rmtree(lay.bundle(account), ignore_errors=True)
+    for r in done:
+        log.info("%s %s %s", "revoked" if r.revoked else "already revoked:", r.kind, r.account)
+    if revoked and reload:
         reload_broker(lay.root)
-    return True
+    return done
+
+
+def _check_revocable(lay: FleetLayout, reg: dict[str, Any], accounts: list[str],
+                     fleets: dict[str, str]) -> None:
+    gone = {r["id"] for r in reg["revoked"]}
+    unknown = [a for a in accounts
+               if a not in reg["devices"] and a not in reg["trainers"] and a not in gone]
+    if unknown:
+        raise UnknownAccountError(f"no account {', '.join(map(repr, unknown))} in "
+                                  f"{lay.root}: nothing revoked")
+    for account, fleet in fleets.items():
+        actual = reg["devices"].get(account, {}).get("fleet")
+        if actual is not None and actual != fleet:
+            raise ProvisionError(f"device {account!r} belongs to fleet {actual!r}, the list "
+                                 f"says {fleet!r}: nothing revoked")
+
+
+def _drop_account(reg: dict[str, Any], entries: dict[str, str], serials: set[int],
+                  account: str) -> Revocation:
+    """Take ``account`` out of the registry and the password entries (in memory)."""
+    kind = "devices" if account in reg["devices"] else "trainers"
+    entry = reg[kind].pop(account, None)
+    if entry is None:
+        last = [r for r in reg["revoked"] if r["id"] == account][-1]
+        return Revocation(account, last["kind"], revoked=False)
+    for user in _usernames(account, entry.get("connections", ())):
+        entries.pop(user, None)
+    for serial in [entry.get("serial"), *entry.get("connection_serials", {}).values()]:
+        if serial:
+            serials.add(int(serial, 16))
+    reg["revoked"].append({"id": account, "kind": kind[:-1], "serial": entry.get("serial"),
+                           "fleet": entry.get("fleet"), "revoked": _now()})
+    return Revocation(account, kind[:-1], revoked=True)
 
 
 # -- certificates ---------------------------------------------------------------------------
@@ -757,9 +849,10 @@ def write_templates(dest: Path = TEMPLATE_DIR) -> list[Path]:
 
 
 __all__ = [
-    "Credentials", "FleetLayout", "ProvisionError", "create_certs",
+    "Credentials", "FleetLayout", "ProvisionError", "Revocation", "UnknownAccountError",
+    "create_certs",
     "fleet_settings", "init_fleet_dir", "layout", "load_registry", "provision_device",
-    "provision_trainer", "reload_broker", "revoke_device", "run_foreground",
+    "provision_trainer", "reload_broker", "revoke_accounts", "revoke_device", "run_foreground",
     "settings_for_layout", "template_texts", "write_templates",
 ]
 

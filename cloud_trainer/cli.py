@@ -130,6 +130,34 @@ def _broker(args: argparse.Namespace) -> int:
     from broker import provision
 
     if args.broker == "provision":
+        return _broker_provision_list(args) if args.list_file else _broker_provision(args)
+    if args.broker == "revoke":
+        return _broker_revoke(args)
+    if args.broker == "certs":
+        from broker.certs import DEFAULT_SERVER_NAMES
+
+        names = args.name or DEFAULT_SERVER_NAMES
+        for name, path in provision.create_certs(args.dir, names,
+                                                 renew_server=args.renew_server).items():
+            print(f"{name}: {path}")
+        return 0
+    return provision.run_foreground(args.dir, args.port, args.tls_port, args.mtls_port,
+                                    bind_address=args.bind)
+
+
+def _usage_error(command: str, message: str) -> int:
+    print(f"knet broker {command}: {message}", file=sys.stderr)
+    return 2
+
+
+def _broker_provision(args: argparse.Namespace) -> int:
+    from broker import provision
+
+    if not args.account or not args.fleet:
+        return _usage_error("provision", "give ACCOUNT and --fleet, or --list FILE")
+    if args.update_key or args.profiles_dir:
+        return _usage_error("provision", "--update-key and --profiles-dir go with --list")
+    try:
         if args.trainer:
             creds = provision.provision_trainer(args.dir, args.account, args.fleet,
                                                 cert=args.cert, tls=args.tls, host=args.host,
@@ -139,21 +167,68 @@ def _broker(args: argparse.Namespace) -> int:
                                                cert=args.cert, tls=args.tls, host=args.host,
                                                port=args.port, upstream=args.upstream,
                                                connections=args.connection)
-        print(f"# {creds.kind} {creds.username}: credentials in {creds.bundle} (0600)")
-        print(creds.snippet)
-        return 0
-    if args.broker == "revoke":
-        if not provision.revoke_device(args.dir, args.account):
-            print(f"knet broker: no account {args.account!r} in {args.dir}", file=sys.stderr)
-            return 1
-        print(f"revoked {args.account}; a running broker on {args.dir} was told to reload")
-        return 0
-    if args.broker == "certs":
-        for name, path in provision.create_certs(args.dir).items():
-            print(f"{name}: {path}")
-        return 0
-    return provision.run_foreground(args.dir, args.port, args.tls_port, args.mtls_port,
-                                    bind_address=args.bind)
+    except (provision.ProvisionError, ValueError) as exc:  # clashes, malformed ids
+        return _usage_error("provision", str(exc))
+    print(f"# {creds.kind} {creds.username}: credentials in {creds.bundle} (0600)")
+    print(creds.snippet)
+    return 0
+
+
+def _broker_provision_list(args: argparse.Namespace) -> int:
+    """Exit 2, with nothing written, for a bad list file or a list that clashes with the
+    registry; otherwise one line per device (created, updated, unchanged)."""
+    from agent.profiles import list_profiles
+    from broker.bulk import provision_list
+    from broker.devicelist import DeviceListError, load_device_list
+    from broker.provision import ProvisionError
+
+    single = [opt for opt, given in (("ACCOUNT", args.account), ("--fleet", args.fleet),
+                                     ("--trainer", args.trainer), ("--cert", args.cert),
+                                     ("--upstream", args.upstream is not None),
+                                     ("--connection", args.connection)) if given]
+    if single:
+        return _usage_error("provision", f"--list provisions password devices from the file; "
+                                         f"{', '.join(single)} apply to one account only")
+    try:
+        devices = load_device_list(args.list_file, list_profiles(args.profiles_dir))
+        outcomes = provision_list(args.dir, devices, host=args.host, port=args.port,
+                                  tls=args.tls, update_key=args.update_key)
+    except (DeviceListError, ProvisionError) as exc:
+        return _usage_error("provision", str(exc))
+    for outcome in outcomes:
+        print(outcome.describe())
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("created", "updated",
+                                                                "unchanged")}
+    print(", ".join(f"{n} {s}" for s, n in counts.items()))
+    return 0
+
+
+def _broker_revoke(args: argparse.Namespace) -> int:
+    """Exit 2 for a bad list file or mixed-up fleets, 1 for an unknown id (nothing revoked
+    in either case)."""
+    from broker.devicelist import DeviceListError, load_revoke_list
+    from broker.provision import ProvisionError, UnknownAccountError, revoke_accounts
+
+    if bool(args.account) == bool(args.list_file):
+        return _usage_error("revoke", "give the ids to revoke or --list FILE, not both")
+    try:
+        listed = load_revoke_list(args.list_file) if args.list_file else []
+        fleets = {e.id: e.fleet for e in listed if e.fleet is not None}
+        done = revoke_accounts(args.dir, [e.id for e in listed] or args.account,
+                               fleets=fleets)
+    except DeviceListError as exc:
+        return _usage_error("revoke", str(exc))
+    except UnknownAccountError as exc:
+        print(f"knet broker revoke: {exc}", file=sys.stderr)
+        return 1
+    except ProvisionError as exc:
+        return _usage_error("revoke", str(exc))
+    for r in done:
+        print(f"{'revoked' if r.revoked else 'already revoked'} {r.kind} {r.account}")
+    if any(r.revoked for r in done):
+        print(f"if `knet broker run --dir {args.dir}` runs, its broker reloads now (SIGHUP); "
+              "reload any other broker that reads these files")
+    return 0
 
 
 def _keys_gen(args: argparse.Namespace) -> int:
@@ -336,25 +411,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     br = sub.add_parser("broker", help="a locked-down Mosquitto for a fleet")
     brsub = br.add_subparsers(dest="broker", required=True)
-    b = brsub.add_parser("provision", help="create (or rotate) an account; prints its config")
-    b.add_argument("account", help="device id (or trainer id with --trainer)")
-    b.add_argument("--fleet", nargs="+", required=True)
+    b = brsub.add_parser("provision", help="create (or rotate) an account and print its "
+                                           "config, or provision a list of devices")
+    b.add_argument("account", nargs="?", help="device id (or trainer id with --trainer)")
+    b.add_argument("--fleet", nargs="+", default=None)
+    b.add_argument("--list", type=Path, dest="list_file", metavar="FILE",
+                   help="CSV (header device_id,fleet,profile) or TOML ([[devices]] id, fleet, "
+                        "profile): one bundle per device, idempotently (no password rotation)")
     b.add_argument("--dir", type=Path, required=True, help="the fleet's broker directory")
     b.add_argument("--trainer", action="store_true")
     b.add_argument("--cert", action="store_true", help="client certificate instead of password")
-    b.add_argument("--tls", action="store_true", default=None, help="connect over TLS")
-    b.add_argument("--host", default="127.0.0.1")
-    b.add_argument("--port", type=int, default=None)
+    b.add_argument("--tls", action=argparse.BooleanOptionalAction, default=None,
+                   help="connect over TLS (with --list, default: if the directory has a CA)")
+    b.add_argument("--host", default="127.0.0.1", help="what the devices dial")
+    b.add_argument("--port", type=int, default=None, help="default 1883, 8883 with TLS")
+    b.add_argument("--update-key", type=Path, default=None, metavar="PUB",
+                   help="with --list: enable signed updates with this public key")
+    b.add_argument("--profiles-dir", type=Path, action="append", default=[],
+                   help="with --list: more firmware profiles the list may name")
     b.add_argument("--upstream", default=None, help="chain stage: may read this device's "
                                                    "chain topic ('' removes the link)")
     b.add_argument("--connection", action="append", default=None, metavar="NAME",
                    help="device: an extra simultaneous connection, logging in as "
                         "<device>.<NAME> (the broker binds each session to its username)")
-    b = brsub.add_parser("revoke", help="remove an account; a running broker reloads")
-    b.add_argument("account")
+    b = brsub.add_parser("revoke", help="remove accounts (one write of the broker's files); "
+                                        "a running broker reloads")
+    b.add_argument("account", nargs="*", help="device or trainer ids")
+    b.add_argument("--list", type=Path, dest="list_file", metavar="FILE",
+                   help="the devices of a list file (as for provision --list)")
     b.add_argument("--dir", type=Path, required=True)
     b = brsub.add_parser("certs", help="development CA, CRL and server certificate")
     b.add_argument("--dir", type=Path, required=True)
+    b.add_argument("--name", action="append", default=None, metavar="HOST",
+                   help="a host name or address devices dial (repeat; default: localhost, "
+                        "127.0.0.1, ::1); a new server certificate names them all")
+    b.add_argument("--renew-server", action="store_true",
+                   help="re-issue the server certificate (the CA and client certs stay)")
     b = brsub.add_parser("run", help="run the fleet's Mosquitto in the foreground")
     b.add_argument("--dir", type=Path, required=True)
     b.add_argument("--port", type=int, default=1883)

@@ -41,7 +41,9 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   fi
 fi
 
-# --- systemd-analyze: tests/test_device_package.py verifies the unit files with it.
+# --- systemd-analyze: tests/test_device_package.py verifies the unit files and their exposure
+# scores with it; tests/test_unit_seccomp.py expands the agent unit's SystemCallFilter= with
+# it and loads that filter through libseccomp2 (a dependency of the systemd package).
 if ! command -v systemd-analyze >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   log "installing systemd (for systemd-analyze; no service is started)"

@@ -119,7 +119,8 @@ def test_operator_commands_refuse_clearly_without_the_trainer_side(
 @pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
 def test_units_verify_and_keep_their_security_exposure(unit: Path, tmp_path: Path) -> None:
     """`systemd-analyze verify` (with the commands pointed at this venv's scripts, which
-    it checks exist) and `security --offline`: the agent's 3.3 must not get worse."""
+    it checks exist) and `security --offline`: no unit's exposure may get worse than
+    recorded (the agent's went from 3.3 to 1.9 with SystemCallFilter=@system-service)."""
     analyze = tool("systemd-analyze") if shutil.which("systemd-analyze") else pytest.fail(
         "systemd-analyze is missing: apt-get install systemd")
     copy = tmp_path / unit.name
@@ -130,5 +131,5 @@ def test_units_verify_and_keep_their_security_exposure(unit: Path, tmp_path: Pat
     sec = subprocess.run([analyze, "security", "--offline=yes", str(copy)],
                          capture_output=True, text=True)
     level = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", sec.stdout).group(1))
-    assert level <= {"knet-agent.service": 3.3, "knet-trainer.service": 3.0,
+    assert level <= {"knet-agent.service": 1.9, "knet-trainer.service": 3.0,
                      "knet-broker.service": 1.7}[unit.name], sec.stdout[-400:]
