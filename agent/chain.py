@@ -38,7 +38,7 @@ import numpy as np
 
 from agent.codec import CodecError, decode, encode
 from agent.envelope import Envelope, EnvelopeError
-from agent.sources import BadInputs, FrameError, MqttFrames, Sample, coerce
+from agent.frames import BadInputs, FrameError, MqttFrames, Sample, coerce
 
 if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
