@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.config import MqttSource
+from agent.errors import KnetAgentError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class Sample:
     t_read: float = field(default_factory=time.monotonic)
 
 
-class FrameError(ValueError):
+class FrameError(KnetAgentError, ValueError):
     """A frame that cannot be turned into an input of the expected shape."""
 
 

@@ -151,7 +151,7 @@ class _NpyRows:
             self._whole: np.ndarray | None = None
             if fortran and len(self.shape) > 1:
                 self._whole = np.load(path, allow_pickle=False)[key]
-        except BaseException:
+        except BaseException:  # the file is closed on any failure, then re-raised
             self.close()
             raise
 
@@ -261,7 +261,7 @@ class NpzReplay:
             return None
         try:
             return rows, self._labels(len(rows))
-        except BaseException:
+        except BaseException:  # the file is closed on any failure, then re-raised
             rows.close()
             raise
 

@@ -70,7 +70,13 @@ def expect_run(states: Collector, job_id: str, pred: Any, timeout: float,
 
 def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 60) -> str:
     proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=timeout)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate(timeout=30)
+        raise AssertionError(f"the daemon did not stop within {timeout:g} s of signal {sig}; "
+                             f"its log:\n{out[-4000:]}") from None
     return out
 
 
@@ -213,7 +219,7 @@ def test_sigterm_mid_training_stops_within_the_labs_timeout_and_the_run_resumes(
     _config, daemon = daemon_in_training(tmp_path, mosquitto, epochs=500)
     try:
         t0 = time.monotonic()
-        out = stop(daemon, timeout=20)  # raises TimeoutExpired if it does not stop in time
+        out = stop(daemon, timeout=20)  # fails with the daemon's log if it does not stop
         took = time.monotonic() - t0
     finally:
         if daemon.poll() is None:
