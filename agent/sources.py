@@ -38,6 +38,7 @@ __all__ = ["UNTRUSTED_PARSE_ERRORS", "BadInputs", "FrameError", "ImageDirectory"
 
 log = logging.getLogger(__name__)
 
+
 def _pace(rate_hz: float, start: float, count: int) -> None:
     if rate_hz > 0:
         delay = start + count / rate_hz - time.monotonic()

@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 MAX_KEPT_REPORTS = 256  # reports kept in memory (for the fleet bench and tests)
 
+
 class _Refused(KnetAgentError):
     """One step refused the update; carries the report's reason."""
 

@@ -31,6 +31,7 @@ from cloud_trainer.trainer_config import JobSection, RolloutSection
 
 log = logging.getLogger(__name__)
 
+
 class RolloutInterrupted(KnetTrainerError):
     """The trainer is stopping mid-rollout: the run stays open and is resumed later."""
 

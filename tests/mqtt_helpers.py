@@ -76,6 +76,8 @@ def settle_subscriptions(link: Any, timeout: float = 10.0) -> None:
                    timeout, "the broker to handle the link's (un)subscriptions")
     finally:
         link.unsubscribe(topic)
+
+
 def seq_payload(seq: int, size: int = 0) -> bytes:
     return struct.pack("<Q", seq) + bytes(size)
 

@@ -37,6 +37,7 @@ from cloud_trainer.modelref import DEFAULT_CUTS, ModelRef, ModelRefError, parse_
 __all__ = ["DEFAULT_CUTS", "Loaded", "ModelRef", "ModelRefError", "cut_module", "load_ref",
            "parse_shape", "resolve_pair"]
 
+
 @dataclass
 class Loaded:
     """What a reference gave: a pair, or a teacher alone (in blocks, or one module)."""
