@@ -219,7 +219,7 @@ class BlobCache:
             target = self.path(sha)
             os.replace(tmp, target)
             fsync_dir(self.blob_dir)
-        except BaseException:
+        except BaseException:  # no half-assembled file left, whatever stopped us; re-raised
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
