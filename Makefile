@@ -19,6 +19,7 @@ test: bootstrap
 
 lint: bootstrap
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 bench: bootstrap
 	$(VENV)/bin/knet bench codec --json out/bench-codec.json

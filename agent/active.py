@@ -175,6 +175,18 @@ def _died_on_probation(state: UpdateState, device: str) -> UpdateReport:
                         detail="the agent stopped uncleanly during the health watch")
 
 
+def _runner_from_cache(rec: VersionRecord, cache: BlobCache, profile: FirmwareProfile
+                       ) -> tuple[BlockRunner | None, list[str], str]:
+    """A runner for ``rec``'s blocks in the cache, or None with the damaged blocks and why."""
+    bad = damaged_blocks(rec, cache.blob_dir)
+    if bad:
+        return None, bad, f"blocks {[s[:12] for s in bad]} missing or damaged"
+    try:
+        return BlockRunner(rec.partition, cache.blob_dir, profile, verify=False), [], ""
+    except PartitionError as exc:
+        return None, [], str(exc)
+
+
 def boot_runner(configured: PartitionManifest, model_dir: Path, profile: FirmwareProfile,
                 store: ActiveStore, cache: BlobCache, device: str) -> BootChoice:
     """The persisted active version if its blocks still verify, else the last known good
@@ -197,23 +209,16 @@ def boot_runner(configured: PartitionManifest, model_dir: Path, profile: Firmwar
         if why is not None:
             log.warning("not starting the persisted %s version %d: %s", label, rec.version, why)
             continue
-        bad = damaged_blocks(rec, cache.blob_dir)
-        if not bad:
-            try:
-                runner = BlockRunner(rec.partition, cache.blob_dir, profile, verify=False)
-            except PartitionError as exc:
-                bad, detail = [], str(exc)
-            else:
-                if rec is not state.current:
-                    state.current, state.last_known_good = rec, None
-                    store.save(state)
-                    if note is not None:
-                        note = note.model_copy(update={"from_version": rec.version})
-                log.info("starting on the persisted %s version %s v%d", label, rec.model_id,
-                         rec.version)
-                return BootChoice(runner, note)
-        else:
-            detail = f"blocks {[s[:12] for s in bad]} missing or damaged"
+        runner, bad, detail = _runner_from_cache(rec, cache, profile)
+        if runner is not None:
+            if rec is not state.current:
+                state.current, state.last_known_good = rec, None
+                store.save(state)
+                if note is not None:
+                    note = note.model_copy(update={"from_version": rec.version})
+            log.info("starting on the persisted %s version %s v%d", label, rec.model_id,
+                     rec.version)
+            return BootChoice(runner, note)
         log.error("persisted %s version %d cannot run (%s): falling back", label,
                   rec.version, detail)
         for sha in bad:

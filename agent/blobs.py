@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from agent.errors import KnetAgentError
 from agent.fsutil import atomic_write, fsync_dir
 from agent.manifest import BlockEntry
 from agent.topics import Topics
@@ -45,7 +46,7 @@ _SHA = re.compile(r"[0-9a-f]{64}")
 FetchReason = Literal["hash_mismatch", "timeout", "too_large", "cancelled"]
 
 
-class BlobError(Exception):
+class BlobError(KnetAgentError):
     """A block cannot be stored; ``reason`` is machine-readable (as in update reports)."""
 
     def __init__(self, reason: FetchReason, detail: str) -> None:
@@ -218,7 +219,7 @@ class BlobCache:
             target = self.path(sha)
             os.replace(tmp, target)
             fsync_dir(self.blob_dir)
-        except BaseException:
+        except BaseException:  # no half-assembled file left, whatever stopped us; re-raised
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
@@ -437,7 +438,7 @@ class BlobFetcher:
         for sha in list(self._subscribed):
             try:
                 unsubscribe(f"{self._blob_prefix}{sha}/+")
-            except Exception:
+            except Exception:  # the others are still dropped; a stale one is only filtered
                 log.exception("unsubscribe of block %s failed", sha[:12])
         self._subscribed.clear()
 

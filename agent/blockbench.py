@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from agent.codec import CodecError, decode, encode, get_codec, parse_spec
 from agent.compat import zip_strict
+from agent.errors import KnetAgentError
 from agent.manifest import PartitionManifest, Shape
 from agent.topics import connection_username
 
@@ -36,7 +37,7 @@ DEFAULT_CODECS = ("raw", "defer", "fp16+lz4", "uint8+lz4", "uint8:per_channel=1+
 MAX_RECORD_BYTES = 4 * 2**20  # a 50-block model with 10 codecs is ~100 kB
 
 
-class BenchRecordError(ValueError):
+class BenchRecordError(KnetAgentError, ValueError):
     """A benchmark record that cannot be used; the text says why."""
 
 

@@ -38,7 +38,8 @@ import numpy as np
 
 from agent.codec import CodecError, decode, encode
 from agent.envelope import Envelope, EnvelopeError
-from agent.sources import BadInputs, FrameError, MqttFrames, Sample, coerce
+from agent.errors import KnetAgentError
+from agent.frames import BadInputs, FrameError, MqttFrames, Sample, coerce
 
 if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
@@ -56,7 +57,7 @@ MAX_LOGITS = 1024
 FLUSH_S = 0.5  # how stale the persisted marks may get (a write per input costs ~1 ms)
 
 
-class ChainError(ValueError):
+class ChainError(KnetAgentError, ValueError):
     """An upstream message that does not belong to this stage's chain."""
 
 

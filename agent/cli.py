@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agent.configfile import ConfigError
+from agent.errors import KnetAgentError
 
 
 def check(config_path: Path) -> str:
@@ -74,7 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"knet-agent: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # a partition that cannot load, a broken profile, ...
+    except (KnetAgentError, OSError, ValueError) as exc:
+        # a partition that cannot load, a broken profile, an unwritable state directory:
+        # one line; anything else is a bug and keeps its traceback (the exit code is 1 too)
         logging.getLogger("knet-agent").error("cannot start: %s", exc)
         return 1
     service.install_signal_handlers()

@@ -11,6 +11,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError, ValidationInfo
 
+from agent.errors import KnetAgentError
+
 try:
     import tomllib  # novermin (tomli below on older Pythons)
 except ModuleNotFoundError:  # Python < 3.11 (JetPack 5 and 6): the same parser, from PyPI
@@ -19,7 +21,7 @@ except ModuleNotFoundError:  # Python < 3.11 (JetPack 5 and 6): the same parser,
 M = TypeVar("M", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(KnetAgentError, ValueError):
     """A configuration or profile file that cannot be used; the text says where and why."""
 
 

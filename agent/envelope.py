@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent import safejson
+from agent.errors import KnetAgentError
 
 MAGIC = b"KNAE"
 VERSION = 1
@@ -32,7 +33,7 @@ MAX_META_BYTES = 4096
 DEFAULT_MAX_PAYLOAD = 16 * 1024 * 1024
 
 
-class EnvelopeError(ValueError):
+class EnvelopeError(KnetAgentError, ValueError):
     """A message that is not a valid activation envelope; the text says why."""
 
 

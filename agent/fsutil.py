@@ -24,7 +24,7 @@ def atomic_write(path: Path, data: bytes | str, mode: int | None = None) -> None
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException:  # no temporary file left behind, whatever stopped us; re-raised
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise

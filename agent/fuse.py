@@ -14,11 +14,13 @@ import logging
 import threading
 from pathlib import Path
 
+from agent.errors import KnetAgentError
+
 log = logging.getLogger(__name__)
 _said = threading.Event()
 
 
-class FuseError(ValueError):
+class FuseError(KnetAgentError, ValueError):
     """The blocks cannot be merged into one graph (the text says why)."""
 
 

@@ -15,10 +15,12 @@ from typing import Literal, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from agent.errors import KnetAgentError
+
 Shape = Tuple[int, ...]
 
 
-class ManifestError(ValueError):
+class ManifestError(KnetAgentError, ValueError):
     """A manifest or one of its block files cannot be used; the text says what to fix."""
 
 

@@ -176,7 +176,7 @@ class Pipeline:
                 if self._stop.is_set() or not self._put(first, item):
                     return
                 self.source_items += 1
-        except Exception:
+        except Exception:  # any source (user-configured) may fail: end the stream, not hang it
             log.exception("input source failed; no more input will be read")
         finally:
             self.source_done.set()
@@ -195,7 +195,7 @@ class Pipeline:
                 out = self._call(first, [item] if first.batch > 1 else item)
                 if out is not None and nxt is not None and not self._put(nxt.inbox, out):
                     return
-        except Exception:
+        except Exception:  # any source (user-configured) may fail: end the stream, not hang it
             log.exception("input source failed; no more input will be read")
         finally:
             self.source_done.set()
@@ -230,7 +230,7 @@ class Pipeline:
         (as one-item lists), so one bad item costs only itself."""
         try:
             out = stage.fn(item)
-        except Exception:
+        except Exception:  # one bad item costs only itself: the stage thread must go on
             if stage.batch > 1 and len(item) > 1:
                 outs = [Pipeline._call(stage, [one]) for one in item]
                 merged = [x for o in outs if o is not None for x in o]

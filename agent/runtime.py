@@ -16,17 +16,18 @@ import numpy as np
 import onnxruntime as ort
 
 from agent.compat import zip_strict
+from agent.errors import KnetAgentError
 from agent.manifest import ManifestError, PartitionManifest
 from agent.profiles import CPU, FirmwareProfile
 
 log = logging.getLogger(__name__)
 
 
-class InputError(ValueError):
+class InputError(KnetAgentError, ValueError):
     """An input of the wrong shape or dtype, or not finite; it is skipped and counted."""
 
 
-class PartitionError(ValueError):
+class PartitionError(KnetAgentError, ValueError):
     """A partition that cannot run on this device; the text says what to change."""
 
 

@@ -18,6 +18,8 @@ import json
 import re
 from typing import Any
 
+from agent.errors import KnetAgentError
+
 DEFAULT_MAX_BYTES = 1 << 20
 DEFAULT_MAX_DEPTH = 32
 DEFAULT_MAX_INT_DIGITS = 40  # a 128-bit integer has 39 digits
@@ -26,7 +28,7 @@ _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _BRACKET = re.compile(rb"[\[\]{}]")
 
 
-class UnsafeJSONError(ValueError):
+class UnsafeJSONError(KnetAgentError, ValueError):
     """A document that is too large, too deep, not JSON, or holds a forbidden value."""
 
 

@@ -15,10 +15,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from agent.errors import KnetAgentError
+
 PublicKeys = Union[Mapping[str, Ed25519PublicKey], Iterable[Ed25519PublicKey]]
 
 
-class SigningError(ValueError):
+class SigningError(KnetAgentError, ValueError):
     """A key file that is missing, unreadable or not an Ed25519 key."""
 
 

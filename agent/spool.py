@@ -30,6 +30,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, NamedTuple
 
+from agent.errors import KnetAgentError
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -57,7 +59,7 @@ class Record(NamedTuple):
     qos: int
 
 
-class SpoolError(RuntimeError):
+class SpoolError(KnetAgentError, RuntimeError):
     """The spool could not be opened even after moving a damaged file aside."""
 
 
@@ -113,7 +115,7 @@ class Spool:
             db.execute(_SCHEMA)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             db.execute("SELECT id, topic, qos, size, payload FROM records LIMIT 1").fetchall()
-        except BaseException:
+        except BaseException:  # closed on any failure, then re-raised
             db.close()
             raise
         return db
@@ -184,7 +186,7 @@ class Spool:
                     nbytes += size
                     kept.append(True)
                 db.execute("COMMIT")
-            except BaseException:
+            except BaseException:  # no half transaction, whatever stopped it; re-raised
                 db.execute("ROLLBACK")
                 raise
             self._count, self._bytes = count, nbytes
@@ -235,7 +237,7 @@ class Spool:
                     removed += n
                     removed_bytes += nbytes
                 db.execute("COMMIT")
-            except BaseException:
+            except BaseException:  # no half transaction, whatever stopped it; re-raised
                 db.execute("ROLLBACK")
                 raise
             self._count -= removed

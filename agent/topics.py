@@ -11,13 +11,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from agent.errors import KnetAgentError
+
 WIRE_VERSION = "v1"
 DEVICE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 # Names under a fleet that are not devices: a device with such an id would collide.
 RESERVED_IDS = frozenset({"model", "trainer", "plan", "chain"})
 
 
-class TopicError(ValueError):
+class TopicError(KnetAgentError, ValueError):
     """A device, fleet or topic name that knet cannot use."""
 
 

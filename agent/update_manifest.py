@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from agent import safejson
+from agent.errors import KnetAgentError
 from agent.manifest import PartitionManifest
 from agent.signing import PublicKeys, as_key_map, verify
 from agent.topics import TopicError, validate_id
@@ -49,7 +50,7 @@ Reason = Literal[
 ]
 
 
-class UpdateRejected(Exception):
+class UpdateRejected(KnetAgentError):
     """A manifest the device must not act on; ``reason`` is machine-readable."""
 
     def __init__(self, reason: Reason, detail: str = "") -> None:
@@ -300,6 +301,24 @@ def unsigned_payload(manifest: UpdateManifest) -> bytes:
                       separators=(",", ":")).encode()
 
 
+def _check_signature(doc: dict[str, Any], keys: Mapping[str, Any]) -> None:
+    """``doc``'s signature (present) verifies with the configured key it names."""
+    signature, kid = doc.get("signature"), doc.get("key_id")
+    if not isinstance(signature, str) or not isinstance(kid, str):
+        raise UpdateRejected("malformed", "key_id and signature must be strings")
+    if not keys:
+        raise UpdateRejected("unknown_key", "no update key is configured on this device")
+    key = keys.get(kid)
+    if key is None:
+        raise UpdateRejected("unknown_key", f"key_id {kid[:32]!r} is not configured")
+    try:
+        raw = base64.b64decode(signature, validate=True)
+    except (binascii.Error, ValueError):
+        raise UpdateRejected("bad_signature", "signature is not base64") from None
+    if not verify(key, raw, canonical_json(doc["manifest"])):
+        raise UpdateRejected("bad_signature", f"signature does not verify with {kid}")
+
+
 def parse_signed(
     payload: bytes,
     public_keys: PublicKeys | None,
@@ -327,24 +346,11 @@ def parse_signed(
     if extra:
         raise UpdateRejected("malformed", f"unknown fields {sorted(extra)}")
     keys = as_key_map(public_keys or {})
-    signature, kid = doc.get("signature"), doc.get("key_id")
-    if signature is None:
+    if doc.get("signature") is None:
         if keys or not allow_unsigned:
             raise UpdateRejected("unsigned", "the manifest carries no signature")
     else:
-        if not isinstance(signature, str) or not isinstance(kid, str):
-            raise UpdateRejected("malformed", "key_id and signature must be strings")
-        if not keys:
-            raise UpdateRejected("unknown_key", "no update key is configured on this device")
-        key = keys.get(kid)
-        if key is None:
-            raise UpdateRejected("unknown_key", f"key_id {kid[:32]!r} is not configured")
-        try:
-            raw = base64.b64decode(signature, validate=True)
-        except (binascii.Error, ValueError):
-            raise UpdateRejected("bad_signature", "signature is not base64") from None
-        if not verify(key, raw, canonical_json(doc["manifest"])):
-            raise UpdateRejected("bad_signature", f"signature does not verify with {kid}")
+        _check_signature(doc, keys)
     manifest = validate_manifest(doc["manifest"])
     if fleet is not None and manifest.fleet != fleet:
         raise UpdateRejected("wrong_fleet", f"manifest for fleet {manifest.fleet!r}")

@@ -20,6 +20,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent import safejson
+from agent.errors import KnetAgentError
 
 Status = Literal["downloading", "downloaded", "applied", "rejected", "rolled_back"]
 
@@ -39,7 +40,7 @@ TERMINAL: frozenset[str] = frozenset({"applied", "rejected", "rolled_back"})
 MAX_REPORT_BYTES = 16 * 1024
 
 
-class UpdateReportError(ValueError):
+class UpdateReportError(KnetAgentError, ValueError):
     """A payload on an ``update`` topic that is not a valid report."""
 
 

@@ -43,6 +43,7 @@ from agent.blobs import BlobCache, BlobFetcher, FetchResult
 from agent.canary import CanaryRecorder
 from agent.compat import zip_strict
 from agent.config import UpdateSection
+from agent.errors import KnetAgentError
 from agent.fsutil import fsync_dir
 from agent.manifest import ManifestError, PartitionManifest, sha256_file
 from agent.pipeline import RunnerSlot
@@ -57,7 +58,8 @@ log = logging.getLogger(__name__)
 
 MAX_KEPT_REPORTS = 256  # reports kept in memory (for the fleet bench and tests)
 
-class _Refused(Exception):
+
+class _Refused(KnetAgentError):
     """One step refused the update; carries the report's reason."""
 
     def __init__(self, reason: RejectReason, detail: str, *, retry: bool = False) -> None:

@@ -262,12 +262,31 @@ def _drain(devs: list[SimDevice], timeout: float) -> int:
     return sum(len(d.spool) for d in devs)
 
 
+def _fetch_for(d: SimDevice, payload: bytes, keys: Any, deadline: float) -> None:
+    """Verify one device's manifest and fetch its blocks; sets ``update_done`` or
+    ``update_error``."""
+    from agent.blobs import BlobCache, BlobFetcher
+    from agent.update_manifest import parse_signed
+
+    try:
+        m = parse_signed(payload, keys, fleet=FLEET)
+        variant = m.variant_for("x86-dev")
+        fetcher = BlobFetcher(d.link, d.topics, d.device, BlobCache(d.dir / "cache"),
+                              first_request_after=2.0, request_interval=2.0)
+        res = fetcher.fetch(variant, [b.index for b in variant.partition.blocks],
+                            timeout=max(1.0, deadline - time.monotonic()))
+        if res.ok:
+            d.update_done = time.time()
+        else:
+            d.update_error = f"{res.reason}: {res.detail}"
+    except Exception as exc:  # counted, reported: one device must not stop the run
+        d.update_error = f"{type(exc).__name__}: {exc}"
+
+
 def _fetch_update(devs: list[SimDevice], pub_key: Path, timeout: float) -> None:
     """Each connected device verifies the (retained) signed manifest and fetches its blocks;
     returns when every device is done or failed, or after ``timeout``."""
-    from agent.blobs import BlobCache, BlobFetcher
     from agent.signing import load_public_keys
-    from agent.update_manifest import parse_signed
 
     keys = load_public_keys([pub_key])
     inbox: queue.Queue[tuple[SimDevice, bytes]] = queue.Queue()
@@ -289,21 +308,8 @@ def _fetch_update(devs: list[SimDevice], pub_key: Path, timeout: float) -> None:
                 if all(x.update_done or x.update_error for x in live):
                     return
                 continue
-            if not payload or d.update_done or d.update_error:
-                continue
-            try:
-                m = parse_signed(payload, keys, fleet=FLEET)
-                variant = m.variant_for("x86-dev")
-                fetcher = BlobFetcher(d.link, d.topics, d.device, BlobCache(d.dir / "cache"),
-                                      first_request_after=2.0, request_interval=2.0)
-                res = fetcher.fetch(variant, [b.index for b in variant.partition.blocks],
-                                    timeout=max(1.0, deadline - time.monotonic()))
-                if res.ok:
-                    d.update_done = time.time()
-                else:
-                    d.update_error = f"{res.reason}: {res.detail}"
-            except Exception as exc:  # counted, reported: one device must not stop the run
-                d.update_error = f"{type(exc).__name__}: {exc}"
+            if payload and not (d.update_done or d.update_error):
+                _fetch_for(d, payload, keys, deadline)
 
     threads = [threading.Thread(target=fetch_one, daemon=True)
                for _ in range(min(32, max(1, len(live))))]

@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from broker.errors import KnetBrokerError
+
 log = logging.getLogger(__name__)
 
 CA_DAYS = 3650
@@ -36,7 +38,7 @@ LEAF_DAYS = 825  # the longest validity common TLS stacks accept for a leaf
 DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
-class CertError(RuntimeError):
+class CertError(KnetBrokerError, RuntimeError):
     """A certificate could not be created, loaded or revoked."""
 
 

@@ -18,13 +18,14 @@ from pathlib import Path
 from types import TracebackType
 
 from broker.config import BrokerSettings
+from broker.errors import KnetBrokerError
 
 log = logging.getLogger(__name__)
 
 _RELOAD_LINE = "Reloading config."
 
 
-class BrokerError(RuntimeError):
+class BrokerError(KnetBrokerError, RuntimeError):
     """The broker could not be found, started or stopped."""
 
 

@@ -49,6 +49,7 @@ from agent.topics import Topics, connection_username, validate_id
 from broker import certs as pki
 from broker.acl import render_acl
 from broker.config import BrokerSettings, TlsListener
+from broker.errors import KnetBrokerError
 from broker.launcher import BrokerError, Mosquitto
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 ACL_MODE = 0o644
 
 
-class ProvisionError(RuntimeError):
+class ProvisionError(KnetBrokerError, RuntimeError):
     """A provisioning request that cannot be carried out (bad id, clash, missing files)."""
 
 

@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from cloud_trainer.errors import KnetTrainerError
+
 Shape = tuple[int, ...]
 
 
-class BlockModelError(ValueError):
+class BlockModelError(KnetTrainerError, ValueError):
     """A chain whose blocks do not fit together, or a pair whose boundaries differ."""
 
 

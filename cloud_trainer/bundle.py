@@ -18,6 +18,7 @@ import tarfile
 from pathlib import Path
 
 from agent.profiles import load_profile
+from cloud_trainer.errors import KnetTrainerError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ GLIBC_TAGS = ("manylinux2014", "manylinux_2_17", "manylinux_2_28")
 EXTRAS = "cpu,fuse"
 
 
-class BundleError(RuntimeError):
+class BundleError(KnetTrainerError, RuntimeError):
     """A bundle that cannot be built (missing sources, no wheel for the platform, ...)."""
 
 

@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from cloud_trainer.modelref import model_ref, zoo_name
 from cloud_trainer.plan.cli import model_source_args
@@ -315,6 +316,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     sub = p.add_subparsers(dest="command", required=True)
 
+    _add_bench_commands(sub)
+    _add_bundle_commands(sub)
+    _add_broker_commands(sub)
+    _add_keys_commands(sub)
+    _add_model_commands(sub)
+
+    from cloud_trainer.plan.cli import add_parser as add_plan_parser
+
+    add_plan_parser(sub)  # knet plan [bench] (cloud_trainer/plan/cli.py)
+
+    d = sub.add_parser("demo", help="a fleet drifts and recovers, end to end on this machine")
+    from cloud_trainer.demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(d)
+    d.set_defaults(func=_demo)
+    return p
+
+
+def _add_bench_commands(sub: Any) -> None:
+    """``knet bench ...``: the measurements."""
     bench = sub.add_parser("bench", help="measure knet (tables + JSON)")
     bsub = bench.add_subparsers(dest="bench", required=True)
     b = bsub.add_parser("codec", help="activation codecs on every boundary of a trained model")
@@ -357,7 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", type=Path, default=None)
     b.add_argument("--plot", type=Path, default=None)
     b.set_defaults(func=_bench_distill)
+    _add_system_benches(bsub)
 
+
+def _add_system_benches(bsub: Any) -> None:
+    """``knet bench ingest|fleet|update|chain``: the trainer, the fleet and the chain."""
     b = bsub.add_parser("ingest", help="trainer ingest rate from a loopback publisher")
     b.add_argument("--messages", type=int, default=20_000)
     b.add_argument("--devices", type=int, default=4)
@@ -365,7 +390,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--validation", nargs="+", default=["decode", "header"])
     b.add_argument("--json", type=Path, default=None)
     b.set_defaults(func=_bench_ingest)
-
     b = bsub.add_parser("fleet", help="N simulated devices against one trainer (bench/fleet.py)")
     b.add_argument("--devices", type=int, nargs="+", default=[10, 100, 500])
     b.add_argument("--duration", type=float, default=20.0, help="seconds of streaming")
@@ -398,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", type=Path, default=None)
     b.set_defaults(func=_bench_chain)
 
+
+def _add_bundle_commands(sub: Any) -> None:
+    """``knet bundle device``: offline installs."""
     bu = sub.add_parser("bundle", help="offline install bundles for devices")
     busub = bu.add_subparsers(dest="bundle", required=True)
     b = busub.add_parser("device", help="knet-agent and every wheel for a profile's platform, "
@@ -409,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tar", action="store_true", help="also write a .tar.gz")
     b.set_defaults(func=_bundle)
 
+
+def _add_broker_commands(sub: Any) -> None:
+    """``knet broker ...``: the fleet's Mosquitto."""
     br = sub.add_parser("broker", help="a locked-down Mosquitto for a fleet")
     brsub = br.add_subparsers(dest="broker", required=True)
     b = brsub.add_parser("provision", help="create (or rotate) an account and print its "
@@ -456,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     for parser in brsub.choices.values():
         parser.set_defaults(func=_broker)
 
+
+def _add_keys_commands(sub: Any) -> None:
+    """``knet keys gen``: the update-signing keys."""
     k = sub.add_parser("keys", help="update-signing keys")
     ksub = k.add_subparsers(dest="keys", required=True)
     g = ksub.add_parser("gen", help="create an Ed25519 key pair for signing block updates")
@@ -463,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", default="knet-update")
     g.set_defaults(func=_keys_gen)
 
+
+def _add_model_commands(sub: Any) -> None:
+    """``knet export`` and ``knet cuts``: a model's blocks."""
     e = sub.add_parser("export", help="export a model's blocks to ONNX for a profile")
     e.add_argument("--model", type=model_ref, default="digits",
                    help="zoo name or package.module:factory")
@@ -489,17 +525,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", type=Path, default=None)
     c.add_argument("--plot", type=Path, default=None, help="PNG: bytes, cumulative FLOPs")
     c.set_defaults(func=_cuts)
-
-    from cloud_trainer.plan.cli import add_parser as add_plan_parser
-
-    add_plan_parser(sub)  # knet plan [bench] (cloud_trainer/plan/cli.py)
-
-    d = sub.add_parser("demo", help="a fleet drifts and recovers, end to end on this machine")
-    from cloud_trainer.demo import add_arguments as add_demo_arguments
-
-    add_demo_arguments(d)
-    d.set_defaults(func=_demo)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,11 +30,12 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from cloud_trainer.blocks import BlockModel, Shape
+from cloud_trainer.errors import KnetTrainerError
 
 log = logging.getLogger(__name__)
 
 
-class CutError(ValueError):
+class CutError(KnetTrainerError, ValueError):
     """A model that cannot be traced or cut, or a cut selection that does not fit."""
 
 
@@ -110,15 +111,24 @@ def node_flops(node: fx.Node, modules: dict[str, nn.Module]) -> int:
         return 0
     n_out = _numel(out)
     if node.op == "call_module":
-        mod = modules[str(node.target)]
-        if isinstance(mod, nn.modules.conv._ConvNd):
-            k = math.prod(mod.kernel_size) * mod.in_channels // mod.groups
-            return 2 * n_out * k + (n_out if mod.bias is not None else 0)
-        if isinstance(mod, nn.Linear):
-            return 2 * n_out * mod.in_features + (n_out if mod.bias is not None else 0)
-        if isinstance(mod, nn.Dropout | nn.Identity | nn.Flatten | nn.Unflatten):
-            return 0
-        return n_out
+        return _module_flops(modules[str(node.target)], n_out)
+    return _function_flops(node, n_out)
+
+
+def _module_flops(mod: nn.Module, n_out: int) -> int:
+    """``node_flops`` of a ``call_module`` node with ``n_out`` output elements."""
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        k = math.prod(mod.kernel_size) * mod.in_channels // mod.groups
+        return 2 * n_out * k + (n_out if mod.bias is not None else 0)
+    if isinstance(mod, nn.Linear):
+        return 2 * n_out * mod.in_features + (n_out if mod.bias is not None else 0)
+    if isinstance(mod, nn.Dropout | nn.Identity | nn.Flatten | nn.Unflatten):
+        return 0
+    return n_out
+
+
+def _function_flops(node: fx.Node, n_out: int) -> int:
+    """``node_flops`` of a function or method call with ``n_out`` output elements."""
     name = _name(node.target)
     if name.startswith("conv") and len(node.args) >= 2 and isinstance(node.args[1], fx.Node):
         w = _shape(node.args[1])
@@ -169,7 +179,7 @@ def trace(model: nn.Module, input_shape: Sequence[int]) -> fx.GraphModule:
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(torch.zeros(1, *input_shape))
-    except Exception as exc:
+    except Exception as exc:  # fx's shape propagation raises whatever the model raises
         raise CutError(f"{type(model).__name__} does not accept input shape "
                        f"{tuple(input_shape)}: {exc}") from None
     return gm

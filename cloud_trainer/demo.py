@@ -589,6 +589,59 @@ def _feed_accuracy(model: Any, feeds: dict[str, Feed]) -> dict[str, float]:
             for k, attr in (("clean", "x"), ("drifted", "x_drift"))}
 
 
+def _run_live(lab: Lab, sc: Scenario, profiles: dict[str, str]
+              ) -> tuple[bool, set[Any], set[Any]]:
+    """Run the scenario's cameras under the live view, then wait for the agents to drain
+    and the store to hold what the broker saw: (drained, seen, stored)."""
+    feeder = threading.Thread(target=sc.run, name="cameras", daemon=True)
+    feeder.start()
+    with Live(live_view(lab, sc, profiles), console=console, refresh_per_second=4) as live:
+        while feeder.is_alive():
+            live.update(live_view(lab, sc, profiles))
+            feeder.join(0.25)
+        t_end = time.time()
+        drained = wait_drained(lab)
+        t_drained = time.time()
+        seen, stored = wait_stored(lab, timeout=180.0)
+        console.log(f"drained in {t_drained - t_end:.1f} s, stored in "
+                    f"{time.time() - t_drained:.1f} s")
+        live.update(live_view(lab, sc, profiles))
+    return drained, seen, stored
+
+
+def _keep_running(lab: Lab, sc: Scenario, profiles: dict[str, str]) -> None:
+    """``--keep-running``: the live view until Ctrl-C (KeyboardInterrupt) ends the demo."""
+    console.print("--keep-running: the fleet stays up; Ctrl-C stops every process")
+    with Live(live_view(lab, sc, profiles), console=console, refresh_per_second=2) as live:
+        while True:
+            live.update(live_view(lab, sc, profiles))
+            time.sleep(0.5)
+
+
+def _drift_too_strong(feeds: dict[str, Feed], floor_pct: float, drift_desc: str) -> bool:
+    """True (and said) when the teacher itself scores below ``floor_pct`` on drifted frames."""
+    weak = {d: f.teacher_drift for d, f in feeds.items() if f.teacher_drift < floor_pct / 100}
+    if weak:
+        console.print(
+            f"[red]the drift {drift_desc} is too strong for the teacher itself: on the "
+            f"drifted frames it scores {', '.join(f'{d} {_pct(v)}' for d, v in weak.items())}"
+            f", below --teacher-floor {floor_pct:g} %. Label-free retraining "
+            "cannot recover what the teacher gets wrong; choose a milder --severity or "
+            "another --drift.[/red]")
+    return bool(weak)
+
+
+def _report(lab: Lab, sc: Scenario, spec: Any, summary: dict[str, Any], out: Path) -> None:
+    """The plot, the held-out evaluation, summary.json and the printed summary."""
+    plot(lab, sc, out / "accuracy.png")
+    summary["held_out"] = held_out(lab, spec, {int(r["final_version"]) for r in
+                                               summary["devices"] if r["final_version"]})
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print_summary(summary)
+    console.print(f"[dim]wrote {out / 'summary.json'} and {out / 'accuracy.png'}; "
+                  f"configs in {out}, logs in {out / 'logs'}[/dim]")
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from cloud_trainer.drift import default_spec
     from cloud_trainer.train import trained_pair
@@ -615,15 +668,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 else trained_pair(args.model, seed=args.seed).teacher
             feeds = build_feeds(args.model, list(profiles), spec, t_model, args.seed)
         teacher = _feed_accuracy(t_model, feeds)
-        weak = {d: f.teacher_drift for d, f in feeds.items()
-                if f.teacher_drift < args.teacher_floor / 100}
-        if weak:
-            console.print(
-                f"[red]the drift {drift_desc} is too strong for the teacher itself: on the "
-                f"drifted frames it scores {', '.join(f'{d} {_pct(v)}' for d, v in weak.items())}"
-                f", below --teacher-floor {args.teacher_floor:g} %. Label-free retraining "
-                "cannot recover what the teacher gets wrong; choose a milder --severity or "
-                "another --drift.[/red]")
+        if _drift_too_strong(feeds, args.teacher_floor, drift_desc):
             return 2
         with console.status("preparing: zoo pair (cached), deployed student, exports, "
                             "credentials") as status:
@@ -643,35 +688,12 @@ def run_demo(args: argparse.Namespace) -> int:
         rate = args.rate if args.rate is not None else DEFAULT_RATE.get(args.model, 40.0)
         sc = Scenario(lab, feeds, rate_hz=rate, rounds=args.rounds,
                       duration_s=args.duration, tolerance=args.tolerance / 100)
-        feeder = threading.Thread(target=sc.run, name="cameras", daemon=True)
-        feeder.start()
-        with Live(live_view(lab, sc, profiles), console=console, refresh_per_second=4) as live:
-            while feeder.is_alive():
-                live.update(live_view(lab, sc, profiles))
-                feeder.join(0.25)
-            t_end = time.time()
-            drained = wait_drained(lab)
-            t_drained = time.time()
-            seen, stored = wait_stored(lab, timeout=180.0)
-            console.log(f"drained in {t_drained - t_end:.1f} s, stored in "
-                        f"{time.time() - t_drained:.1f} s")
-            live.update(live_view(lab, sc, profiles))
+        drained, seen, stored = _run_live(lab, sc, profiles)
         summary = summarise(lab, sc, out, profiles, teacher, student, seen, stored, drained,
                             time.time() - started, drift_desc)
-        plot(lab, sc, out / "accuracy.png")
-        summary["held_out"] = held_out(lab, spec, {int(r["final_version"]) for r in
-                                                   summary["devices"] if r["final_version"]})
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        print_summary(summary)
-        console.print(f"[dim]wrote {out / 'summary.json'} and {out / 'accuracy.png'}; "
-                      f"configs in {out}, logs in {out / 'logs'}[/dim]")
+        _report(lab, sc, spec, summary, out)
         if args.keep_running:
-            console.print("--keep-running: the fleet stays up; Ctrl-C stops every process")
-            with Live(live_view(lab, sc, profiles), console=console,
-                      refresh_per_second=2) as live:
-                while True:
-                    live.update(live_view(lab, sc, profiles))
-                    time.sleep(0.5)
+            _keep_running(lab, sc, profiles)
         ok = summary["all_recovered"] and summary["samples_lost"] == 0
         return 0 if ok else 1
     except KeyboardInterrupt:

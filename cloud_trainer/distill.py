@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from cloud_trainer.blocks import BlockModel
+from cloud_trainer.errors import KnetTrainerError
 from cloud_trainer.train import minibatches, random_shift, total_steps, training_context
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ UNLABELED = -1  # label value of an input without a label
 ShouldStop = Callable[[], bool]
 
 
-class TrainingInterrupted(RuntimeError):
+class TrainingInterrupted(KnetTrainerError, RuntimeError):
     """The caller asked training to stop (a trainer shutting down); nothing was returned.
 
     Checked between optimiser steps, so a SIGTERM stops even a long run within a step; the

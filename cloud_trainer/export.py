@@ -36,6 +36,7 @@ import torch
 
 from agent.manifest import BlockEntry, PartitionManifest, sha256_file
 from cloud_trainer.blocks import BlockModel
+from cloud_trainer.errors import KnetTrainerError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ LEGACY_OPSET, CURRENT_OPSET = 17, 20
 LEGACY_IR_MAX, CURRENT_IR_MAX = 9, 10
 
 
-class ExportError(RuntimeError):
+class ExportError(KnetTrainerError, RuntimeError):
     """A block could not be exported for the target, or the file does not match torch."""
 
 

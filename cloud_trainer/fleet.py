@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from agent import safejson
+from cloud_trainer.errors import KnetTrainerError
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ STATES = ("online", "stopped", "offline")
 MAX_FLEET_MESSAGE_BYTES = 256 * 1024
 
 
-class FleetMessageError(ValueError):
+class FleetMessageError(KnetTrainerError, ValueError):
     """A state or birth payload that is not the JSON object knet agents send."""
 
 

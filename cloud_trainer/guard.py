@@ -58,7 +58,7 @@ def guard_callback(name: str, callback: MessageCallback, errors: Counter[str],
     def guarded(client: Any, userdata: Any, msg: Any) -> None:
         try:
             callback(client, userdata, msg)
-        except Exception as exc:
+        except Exception as exc:  # the guard's purpose: one message never ends paho's thread
             errors[name] += 1
             topic = getattr(msg, "topic", "?")
             limiter.log(logging.ERROR, (name, type(exc).__name__),

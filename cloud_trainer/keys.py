@@ -20,11 +20,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.signing import SigningError, key_id
 from agent.update_manifest import SignedManifest, UpdateManifest
+from cloud_trainer.errors import KnetTrainerError
 
 log = logging.getLogger(__name__)
 
 
-class KeyExistsError(SigningError, FileExistsError):
+class KeyExistsError(KnetTrainerError, SigningError, FileExistsError):
     """``generate_keypair`` found a key already there: it never overwrites one."""
 
 

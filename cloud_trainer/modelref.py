@@ -11,13 +11,15 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from cloud_trainer.errors import KnetTrainerError
+
 Shape = tuple[int, ...]
 
 _PATH_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 DEFAULT_CUTS = "modules"
 
 
-class ModelRefError(ValueError):
+class ModelRefError(KnetTrainerError, ValueError):
     """A model reference that cannot be used; the text says which part and why."""
 
 

@@ -33,12 +33,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
+from cloud_trainer.errors import KnetTrainerError
+
 log = logging.getLogger(__name__)
 
 STATUSES = ("candidate", "rejected", "approved", "pushed", "superseded", "failed")
 
 
-class RegistryError(RuntimeError):
+class RegistryError(KnetTrainerError, RuntimeError):
     """A version that does not exist or a transition that is not allowed."""
 
 

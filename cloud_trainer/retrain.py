@@ -63,6 +63,7 @@ from cloud_trainer.distill import (
     train_blockwise,
     train_student_blockwise_from_inputs,
 )
+from cloud_trainer.errors import KnetTrainerError
 from cloud_trainer.export import CURRENT_IR_MAX, CURRENT_OPSET, export_partition, target_for_ort
 from cloud_trainer.fleet import FleetTable
 from cloud_trainer.gate import DeviceGroups, GateResult, evaluate_candidate
@@ -77,7 +78,7 @@ from cloud_trainer.trainer_config import JobSection, ModelSection, TrainerConfig
 log = logging.getLogger(__name__)
 
 
-class RunError(RuntimeError):
+class RunError(KnetTrainerError, RuntimeError):
     """A run that cannot go on; already recorded in the run log and the registry."""
 
 
@@ -499,7 +500,7 @@ class Retrainer:
             return self.runs.get(run.run_id)
         except RunError as exc:
             run = self._fail(run, str(exc))
-        except Exception as exc:
+        except Exception as exc:  # any bug ends the run as failed, never left "running"
             log.exception("run %s of job %s failed", run.run_id, job_id)
             run = self._fail(run, f"{type(exc).__name__}: {exc}")
         self.on_change()

@@ -24,13 +24,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.update_manifest import Targets
+from cloud_trainer.errors import KnetTrainerError
 from cloud_trainer.fleet import FleetTable
 from cloud_trainer.runs import RunLog
 from cloud_trainer.trainer_config import JobSection, RolloutSection
 
 log = logging.getLogger(__name__)
 
-class RolloutInterrupted(Exception):
+
+class RolloutInterrupted(KnetTrainerError):
     """The trainer is stopping mid-rollout: the run stays open and is resumed later."""
 
 

@@ -22,6 +22,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from cloud_trainer.errors import KnetTrainerError
+
 # name -> loader; grey photos are repeated to three channels.
 IN_SCENE: tuple[str, ...] = (
     "astronaut", "chelsea", "coffee", "rocket", "motorcycle", "hubble", "retina",
@@ -31,7 +33,7 @@ OUT_OF_SCENE: tuple[str, ...] = ("camera", "coins", "flower", "immunohistochemis
 SCENES: tuple[str, ...] = IN_SCENE + OUT_OF_SCENE
 
 
-class SceneError(ValueError):
+class SceneError(KnetTrainerError, ValueError):
     """An unknown scene name, or a photo its package no longer ships."""
 
 

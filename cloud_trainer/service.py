@@ -41,11 +41,13 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from sqlalchemy.exc import SQLAlchemyError
 
 from agent.signing import SigningError
 from agent.topics import TopicError
 from agent.update_manifest import SignedManifest
 from agent.update_report import UpdateReport, UpdateReportError
+from cloud_trainer.errors import KnetTrainerError
 from cloud_trainer.fleet import FleetMessageError, FleetTable
 from cloud_trainer.guard import RateLimitedLog, ThreadDeathWatch, guard_callback
 from cloud_trainer.keys import load_private_key, secret_share_group
@@ -62,7 +64,7 @@ _ACTIVE: TrainerService | None = None  # the process's service, for scheduled_ru
 STATE_INTERVAL_S = 10.0  # the retained trainer state is refreshed this often (and per run)
 
 
-class SchedulerLocked(RuntimeError):
+class SchedulerLocked(KnetTrainerError, RuntimeError):
     """Another knet-trainer process owns this state directory's job store."""
 
 
@@ -223,7 +225,7 @@ class TrainerService:
                     self._start_adapt()
                 _ACTIVE = self
                 self._start_scheduler()
-        except BaseException:
+        except BaseException:  # a half-started service releases what it took; re-raised
             self.stop()
             raise
         log.info("trainer %s started for fleet %s (%s)", cfg.trainer.id, cfg.trainer.fleet,
@@ -236,6 +238,8 @@ class TrainerService:
         self.stopping.set()
         if self.adapter is not None:
             self.adapter.stop()
+        # Shutting down, each suppress(Exception) below lets the next step run whatever this
+        # one raised: the lock must be released and the process must end either way.
         if self.scheduler is not None:
             with contextlib.suppress(Exception):
                 self.scheduler.shutdown(wait=False)
@@ -473,7 +477,7 @@ class TrainerService:
         else:
             status, reason = "skipped", "the previous run was still going (max_instances=1)"
         log.warning("job %s: %s", event.job_id, reason)
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(SQLAlchemyError):  # e.g. locked: the warning above stays
             self.runs.record_event(event.job_id, status, reason,
                                    when if isinstance(when, datetime) else None)
 
@@ -494,7 +498,9 @@ class TrainerService:
                 self.config.job(job_id)
                 self.scheduler.modify_job(job_id, next_run_time=datetime.now(UTC))
                 log.info("job %s: run-now requested", job_id)
-            except Exception as exc:
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                # unreadable or not {"job": <configured id>} (ConfigError is a ValueError,
+                # apscheduler's JobLookupError a KeyError)
                 log.warning("run-now request %s ignored: %s", path.name, exc)
             with contextlib.suppress(OSError):
                 path.unlink()
@@ -553,7 +559,7 @@ class TrainerService:
         try:
             self.client.publish(self.topics.trainer_state(self.config.trainer.id),
                                 self._state_payload("online"), qos=1, retain=True)
-        except Exception:
+        except Exception:  # called from runs and paho's thread: a state must never end either
             log.exception("publishing the trainer state failed")
 
 

@@ -45,6 +45,7 @@ import numpy as np
 from agent.codec import CodecError, decode
 from agent.codec.frame import parse_frame
 from agent.envelope import Envelope
+from cloud_trainer.errors import KnetTrainerError
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ _INSERT = (
 )
 
 
-class StoreError(RuntimeError):
+class StoreError(KnetTrainerError, RuntimeError):
     """The store cannot be opened or written (schema from a newer build, disk trouble)."""
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +91,18 @@ def start_agent(config: Path, *extra: str, env: dict[str, str] | None = None
 
 def envelopes(payloads: list[bytes]) -> list[Envelope]:
     return [Envelope.unpack(p) for p in payloads]
+
+
+def spooled(state_dir: Path) -> int:
+    """How many records the agent with ``state_dir`` holds in its spool now (read-only,
+    while it runs: SQLite's WAL lets a reader in beside the writer); 0 before it exists."""
+    path = Path(state_dir) / "spool" / "spool.sqlite3"
+    if not path.exists():
+        return 0
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        return int(con.execute("SELECT count(*) FROM records").fetchone()[0])
+    except sqlite3.OperationalError:  # created, its table not yet
+        return 0
+    finally:
+        con.close()

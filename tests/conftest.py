@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +12,14 @@ import pytest
 from broker.launcher import Mosquitto
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def tool(name: str) -> str:
+    """The path of a command-line tool of the dev extra (next to this Python if not on PATH)."""
+    path = shutil.which(name) or (Path(sys.executable).parent / name)
+    if not Path(path).is_file():
+        pytest.fail(f"{name} is not installed: scripts/bootstrap.sh installs it (knet[dev])")
+    return str(path)
 
 
 @pytest.fixture

@@ -1,4 +1,10 @@
-"""Test helpers for the spool and link tests: a collecting subscriber, polling, child processes.
+"""Test helpers for the MQTT tests: a collecting subscriber, waiting, child processes.
+
+Tests wait for the event they need (a message, a SUBACK, a file, a counter), never for a
+fixed time: ``eventually`` polls a cheap condition and fails saying what it waited for;
+``Collector.expect`` waits on received messages; ``Collector.barrier`` and
+``settle_subscriptions`` turn "nothing more arrives" and "the broker has my subscription"
+into messages that can be waited on.
 
 Run as a script it is the child process the kill tests SIGKILL:
 ``python tests/mqtt_helpers.py spool-writer DIR`` or ``... link-publisher ...``.
@@ -15,8 +21,9 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +46,36 @@ def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.01)
         if time.monotonic() >= deadline:
             return bool(pred())
         time.sleep(interval)
+
+
+def eventually(pred: Callable[[], Any], timeout: float, what: str,
+               interval: float = 0.01) -> None:
+    """Wait until ``pred()`` is true, or fail the test after ``timeout`` s naming ``what``.
+
+    ``pred`` must be cheap (it runs every ``interval`` s): pass a larger ``interval`` for
+    one that opens a database or reads a log, so the wait does not steal the CPU from the
+    processes it waits for.
+    """
+    if not wait_until(lambda: bool(pred()), timeout, interval):
+        raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def settle_subscriptions(link: Any, timeout: float = 10.0) -> None:
+    """Until the broker has processed every SUBSCRIBE and UNSUBSCRIBE that ``link`` (an
+    ``agent.link.Link``) sent so far.
+
+    A broker handles one connection's packets in order, so a probe topic subscribed *after*
+    them delivers a probe back only once they were all handled; the probe is re-published
+    until it comes back (one sent before its own SUBSCRIBE was handled has no subscriber).
+    """
+    topic = f"knet-test/settle/{uuid.uuid4().hex}"
+    back = threading.Event()
+    link.subscribe(topic, 1, lambda _m: back.set())
+    try:
+        eventually(lambda: link.publish(topic, b"probe", qos=1) and back.wait(0.05),
+                   timeout, "the broker to handle the link's (un)subscriptions")
+    finally:
+        link.unsubscribe(topic)
 
 
 def seq_payload(seq: int, size: int = 0) -> bytes:
@@ -66,7 +103,8 @@ def check_payload(payload: bytes) -> int:
 class Collector:
     """A plain paho v5 subscriber that records (topic, payload, retain) in arrival order.
 
-    It (re)subscribes in every ``on_connect``; ``persistent`` asks the broker to keep its
+    It (re)subscribes to ``topic_filter`` (one or several) in every ``on_connect`` and
+    ``start()`` returns once the SUBACK came; ``persistent`` asks the broker to keep its
     session, so QoS 1 messages published while it is away are queued for it.
     """
 
@@ -74,18 +112,21 @@ class Collector:
         self,
         host: str,
         port: int,
-        topic_filter: str,
+        topic_filter: str | Sequence[str],
         *,
         client_id: str = "",
         persistent: bool = False,
         username: str | None = None,
         password: str | None = None,
     ) -> None:
-        self.host, self.port, self.topic_filter = host, port, topic_filter
+        self.host, self.port = host, port
+        self.filters = [topic_filter] if isinstance(topic_filter, str) else list(topic_filter)
         self.persistent = persistent
         self.messages: list[tuple[str, bytes, bool]] = []
         self.cond = threading.Condition()
         self.subscribed = threading.Event()
+        self._tokens: dict[bytes, bool] = {}  # barrier token -> came back
+        self._subacks: set[int] = set()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
                                   protocol=mqtt.MQTTv5)
         if username:
@@ -97,17 +138,24 @@ class Collector:
         self.client.on_message = self._on_message
 
     def _on_connect(self, client: mqtt.Client, *_: Any) -> None:
-        client.subscribe(self.topic_filter, 1)
+        client.subscribe([(f, 1) for f in self.filters])
 
-    def _on_subscribe(self, *_: Any) -> None:
+    def _on_subscribe(self, _c: mqtt.Client, _u: Any, mid: int, *_: Any) -> None:
+        with self.cond:
+            self._subacks.add(mid)
+            self.cond.notify_all()
         self.subscribed.set()
 
     def _on_disconnect(self, *_: Any) -> None:
         self.subscribed.clear()
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        payload = bytes(msg.payload)
         with self.cond:
-            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+            if payload in self._tokens:
+                self._tokens[payload] = True  # a barrier came back: not a message
+            else:
+                self.messages.append((msg.topic, payload, bool(msg.retain)))
             self.cond.notify_all()
 
     def start(self, timeout: float = 10.0) -> Collector:
@@ -128,6 +176,40 @@ class Collector:
                  timeout: float) -> bool:
         with self.cond:
             return self.cond.wait_for(lambda: pred(self.messages), timeout)
+
+    def expect(self, pred: Callable[[list[tuple[str, bytes, bool]]], Any], timeout: float,
+               what: str) -> list[tuple[str, bytes, bool]]:
+        """Wait until ``pred(messages)`` is true, or fail naming ``what`` and what came;
+        returns a copy of the messages received so far."""
+        with self.cond:
+            if not self.cond.wait_for(lambda: bool(pred(self.messages)), timeout):
+                got = [(t, p[:80]) for t, p, _r in self.messages[-5:]]
+                raise AssertionError(f"timed out after {timeout:g} s waiting for {what} "
+                                     f"({len(self.messages)} messages, the last: {got})")
+            return list(self.messages)
+
+    def barrier(self, topic: str, timeout: float = 10.0) -> None:
+        """Until every message the broker accepted before now has been delivered here.
+
+        ``topic`` must be one this client may read and write (its own subtree). Mosquitto
+        puts a message in each subscriber's FIFO queue when it handles the PUBLISH, so once
+        a token published now comes back, whatever it had accepted (PUBACKed) for us before
+        has arrived: what is not here then will not come. The token is not recorded.
+        """
+        token = f"knet-test-barrier {uuid.uuid4().hex}".encode()
+        with self.cond:
+            self._tokens[token] = False
+        if topic not in self.filters:
+            _rc, mid = self.client.subscribe(topic, 1)
+            with self.cond:
+                assert self.cond.wait_for(lambda: mid in self._subacks, timeout), \
+                    f"no SUBACK for the barrier topic {topic}"
+        self.client.publish(topic, token, qos=1).wait_for_publish(timeout)
+        with self.cond:
+            assert self.cond.wait_for(lambda: self._tokens[token], timeout), \
+                f"the barrier on {topic} did not come back"
+        if topic not in self.filters:
+            self.client.unsubscribe(topic)
 
     def payloads(self, topic: str | None = None) -> list[bytes]:
         with self.cond:

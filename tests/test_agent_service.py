@@ -18,10 +18,11 @@ from agent_helpers import (
     agent_config,
     envelopes,
     exported_digits,
+    spooled,
     start_agent,
     write_inputs,
 )
-from mqtt_helpers import Collector, wait_until
+from mqtt_helpers import Collector, eventually, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -90,7 +91,8 @@ def test_broker_outage_mid_stream_loses_nothing(
     proc = start_agent(cfg, "--exit-when-done")
     assert sub.wait_for(lambda m: len(m) >= 50, 10)
     mosquitto.stop()  # while the agent keeps producing into its spool
-    time.sleep(1.0)
+    eventually(lambda: spooled(tmp_path / "state-dev-1") >= 50, 30,
+               "the agent to spool 50 samples while the broker is down")
     mosquitto.start()
     finish(proc)
     assert sub.wait_for(lambda m: len({e.seq for e in envelopes([p for _, p, _ in m])}) >= n, 20)
@@ -110,7 +112,8 @@ def test_agent_killed_while_offline_delivers_its_spool_after_restart(
     proc = start_agent(cfg)
     assert sub.wait_for(lambda m: len(m) >= 20, 10)
     mosquitto.stop()
-    time.sleep(1.0)  # ~300 samples go to the spool only
+    eventually(lambda: spooled(tmp_path / "state-dev-1") >= 200, 30,
+               "the agent to spool 200 samples while the broker is down")
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     online_before = {e.seq for e in envelopes(sub.payloads())}
@@ -180,9 +183,10 @@ def test_garbage_on_the_input_topic_is_counted_and_the_agent_keeps_running(
     good = np.random.default_rng(0).random((1, 8, 8), dtype=np.float32)
     with Collector(mosquitto.host, mosquitto.port, T.device("dev-1", "+")) as sub:
         proc = start_agent(cfg)
-        assert sub.wait_for(lambda m: any(t.endswith("/state") and b"online" in p
-                                          for t, p, _ in m), 15)
-        time.sleep(0.3)  # the input subscription is made right after online
+        # The input subscription may be made after `online`, but always before the first
+        # stats message (the same connection, in order): then the broker has it.
+        sub.expect(lambda m: any(t.endswith("/stats") for t, _, _ in m), 15,
+                   "the agent's first stats message")
         _publish_frames(mosquitto.port, T.input("dev-1"), [
             (b"\x00garbage\xff" * 10, None),            # not an image, not an array
             (_npy(np.zeros((5, 5), np.float32)), None),  # wrong shape
@@ -216,11 +220,18 @@ def test_corrupt_npz_rows_are_counted_not_fatal(
                            device=f"dev-{name[0]}",
                            source={"kind": "npz", "path": tmp_path / name},
                            uplink={"boundaries": [1]})
-        with Collector(mosquitto.host, mosquitto.port,
-                       T.device(f"dev-{name[0]}", "+")) as sub:
+        device = f"dev-{name[0]}"
+        with Collector(mosquitto.host, mosquitto.port, T.device(device, "+")) as sub:
             finish(start_agent(cfg, "--exit-when-done"))
-            stats = [json.loads(p) for t, p, _ in sub.messages if t.endswith("/stats")]
-            acts = sub.payloads(T.act(f"dev-{name[0]}"))
+            # The exit came once the broker had every message, not this subscriber: wait
+            # for the last ones. `stopped` is published after the final stats message.
+            state = T.state(device)
+            sub.expect(lambda m, state=state: any(t == state and b'"stopped"' in p
+                                                  for t, p, _ in m),
+                       10, f"{device}'s stopped state")
+            stats = [json.loads(p) for p in sub.payloads(T.stats(device))]
+            acts = sub.payloads(T.act(device))
+        assert stats, "no stats message"
         assert len(acts) == expected_sent
         assert sum(stats[-1]["bad_inputs"].values()) >= 1
 

@@ -12,7 +12,7 @@ import ssl
 import subprocess
 import sys
 import threading
-import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +45,6 @@ LAB, YARD = Topics("lab"), Topics("yard")
 NOT_AUTHORIZED = 135
 # PUBACK success: 0, or 16 "No matching subscribers" (Mosquitto says so under MQTT v5).
 ACCEPTED = (0, 16)
-QUIET = 0.5  # how long "nothing arrives" is watched; deliveries here take milliseconds
 
 
 @dataclass
@@ -71,6 +70,20 @@ class Client:
         _rc, mid = self.client.subscribe(topic_filter, qos=1)
         assert wait_until(lambda: mid in self.subacks, timeout), f"no SUBACK for {topic_filter}"
         return self.subacks[mid]
+
+    def barrier(self, topic: str, timeout: float = 5.0) -> None:
+        """Until everything the broker had for this client has arrived ("nothing arrives"
+        without watching a clock): Mosquitto queues a message for each subscriber when it
+        handles the PUBLISH, retained ones when it handles the SUBSCRIBE, in order; so a
+        token published now on ``topic`` (this client's to read and write, and covered by
+        none of its subscriptions) comes back after them. The token is not recorded."""
+        token = f"barrier {uuid.uuid4().hex}".encode()
+        assert self.subscribe(topic, timeout) == [1], f"barrier topic {topic} refused"
+        assert self.publish(topic, token, timeout=timeout) == 0
+        assert wait_until(lambda: any(p == token for _t, p, _r in list(self.messages)),
+                          timeout), f"the barrier on {topic} did not come back"
+        self.messages[:] = [m for m in self.messages if m[1] != token]
+        self.client.unsubscribe(topic)
 
     def topics(self) -> list[str]:
         return [t for t, _p, _r in list(self.messages)]
@@ -184,8 +197,11 @@ def test_device_confined_to_its_subtree(fleet: Fleet) -> None:
                       LAB.blob("0" * 64, 0), YARD.act("dev-a"), "knet/v1/trainer/x/state"):
             assert a.publish(topic, b"forged") == NOT_AUTHORIZED, topic
         assert a.publish(LAB.act("dev-a"), b"own") in ACCEPTED
+        # The forged messages were answered before "own" was published: had the trainer
+        # been sent one, it would have come first. b gets nothing of a's: its barrier says
+        # when that is known.
         assert wait_until(lambda: LAB.act("dev-a") in trainer.topics(), 5)
-        time.sleep(QUIET)
+        b_dev.barrier(LAB.device("dev-b", "barrier"))
         assert trainer.topics() == [LAB.act("dev-a")]
         assert b_dev.messages == []
     finally:
@@ -208,8 +224,9 @@ def test_device_cannot_read_other_devices(fleet: Fleet) -> None:
         assert b_dev.publish(LAB.reply("dev-b"), b"b's") in ACCEPTED
         assert trainer.publish(LAB.reply("dev-b"), b"for b") in ACCEPTED
         assert trainer.publish(LAB.manifest, b"{}", retain=True) in ACCEPTED
+        # The manifest was published last, after every other message had been answered:
+        # anything of b's that a were sent would have come before it.
         assert wait_until(lambda: LAB.manifest in a.topics(), 5)
-        time.sleep(QUIET)
         assert set(a.topics()) == {LAB.manifest}  # the fleet's model topics are readable
     finally:
         for c in (a, b_dev, trainer):
@@ -241,7 +258,7 @@ def test_device_reads_manifest_and_blobs_of_its_own_fleet_only(fleet: Fleet) -> 
         gate = connect_ok(b, fleet.gate)  # fleet yard: lab's manifest is not for it
         try:
             assert gate.subscribe(f"{LAB.fleet_root}/model/#") == [1]
-            time.sleep(QUIET)
+            gate.barrier(YARD.device("gate-01", "barrier"))  # after any retained message
             assert gate.messages == []
         finally:
             gate.close()
@@ -332,11 +349,12 @@ def test_offline_trainer_session_queues_beyond_mosquittos_default(fleet: Fleet) 
         return c
 
     t = trainer_session()
+    subscribed = threading.Event()
+    t.on_subscribe = lambda *_a: subscribed.set()
     t.connect(b.host, b.port, clean_start=False, properties=props)
     t.subscribe(LAB.all_devices("act"), qos=1)
     t.loop_start()
-    assert wait_until(t.is_connected, 5)
-    time.sleep(0.2)  # the SUBACK
+    assert subscribed.wait(5), "no SUBACK for the trainer's session"
     t.disconnect()
     t.loop_stop()
     a = connect_ok(b, fleet.dev_a)

@@ -14,17 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from agent_helpers import REPO, exported_digits
+from conftest import tool
 
 UNITS = [REPO / "agent" / "systemd" / "knet-agent.service",
          REPO / "deploy" / "systemd" / "knet-trainer.service",
          REPO / "deploy" / "systemd" / "knet-broker.service"]
-
-
-def tool(name: str) -> str:
-    path = shutil.which(name) or (Path(sys.executable).parent / name)
-    if not Path(path).is_file():
-        pytest.fail(f"{name} is not installed: scripts/bootstrap.sh installs it (knet[dev])")
-    return str(path)
 
 
 def test_agent_needs_nothing_newer_than_python_3_8() -> None:

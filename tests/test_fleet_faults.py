@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
-from mqtt_helpers import wait_until
+from agent_helpers import spooled
+from mqtt_helpers import Collector, eventually, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.codec import encode
@@ -93,15 +94,28 @@ def wait_saved(lab: Lab, timeout: float = 15.0) -> None:
     accepts before the ingestor re-subscribes would have no subscriber (module doc of
     ``cloud_trainer.fleet_lab``; docs/deploy.md).
     """
-    log_file = lab.broker_dir / "broker" / "mosquitto.log"
+    broker = lab.broker_dir / "broker"
+    log_file, db = broker / "mosquitto.log", broker / "data" / "mosquitto.db"
 
     def saved() -> bool:
         text = log_file.read_text(errors="replace")
         at = text.rfind(".ingest (p5")  # the session is named by its username: <trainer>.ingest
-        return at >= 0 and "Saving in-memory database" in text[at:]
+        save = text.find("Saving in-memory database", at) if at >= 0 else -1
+        if save < 0:
+            return False
+        # "<epoch>: Saving ..." is logged before mosquitto.db.new is written and renamed
+        # to mosquitto.db: that save is done once no .new is left and mosquitto.db is at
+        # least as new as the line (the save before it is autosave_interval = 5 s older).
+        logged = int(text[text.rfind("\n", 0, save) + 1:save].split(":", 1)[0])
+        return (not db.with_name("mosquitto.db.new").exists() and db.exists()
+                and db.stat().st_mtime >= logged)
 
-    assert wait_until(saved, timeout)
-    time.sleep(1.0)  # the line is logged before the file is written and renamed
+    eventually(saved, timeout, "Mosquitto to save its database with the ingest session",
+               interval=0.1)
+
+
+def agent_state(lab: Lab, device: str) -> Path:
+    return lab.root / "agents" / device / "state"
 
 
 def inputs_npz(path: Path, n: int) -> Path:
@@ -130,7 +144,8 @@ def test_broker_killed_and_restarted_during_streaming_loses_nothing(tmp_path: Pa
         assert wait_until(lambda: count_stored(lab, "cam-0") >= 150, 30)
         wait_saved(lab)
         lab.kill_broker()  # SIGKILL: no goodbye, no final save
-        time.sleep(2.0)    # the agent keeps inferring and spools
+        eventually(lambda: spooled(agent_state(lab, "cam-0")) >= 150, 30,
+                   "the agent to spool 150 envelopes while the broker is down", interval=0.1)
         lab.start_broker()
         assert wait_until(lambda: stats(lab, "cam-0").get("frames") == n
                           and stats(lab, "cam-0").get("spool_records") == 0, 60)
@@ -168,16 +183,13 @@ def test_malicious_client_with_valid_credentials(tmp_path: Path) -> None:
             t.manifest, t.blob("0" * 64, 0), t.trainer_state("trainer-1"),
             f"{t.root}/other/cam-0/act"]
         garbage = _garbage()
-        # A witness with the trainer-side view records what arrives on the foreign topics.
-        seen: list[tuple[str, bytes]] = []
-        witness = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="witness",
-                              protocol=mqtt.MQTTv5)
-        witness.username_pw_set("console", lab.passwords["console"])
-        witness.on_message = lambda _c, _u, m: seen.append((m.topic, bytes(m.payload)))
-        witness.connect("127.0.0.1", lab.port)
-        witness.subscribe([(f"{t.fleet_root}/cam-1/#", 1), (f"{t.fleet_root}/model/#", 1),
-                           (t.trainer_state("trainer-1"), 1)])
-        witness.loop_start()
+        # A witness with the trainer-side view records what arrives on the foreign topics
+        # (subscribed, SUBACK received, before the attack).
+        witness = Collector("127.0.0.1", lab.port,
+                            [f"{t.fleet_root}/cam-1/#", f"{t.fleet_root}/model/#",
+                             t.trainer_state("trainer-1")],
+                            client_id="witness", username="console",
+                            password=lab.passwords["console"]).start()
         refused: dict[str, int] = {}
         # cam-0's credentials on its extra connection (the broker binds a session to its
         # username: under "cam-0" itself the attacker could only displace cam-0's own agent,
@@ -211,11 +223,15 @@ def test_malicious_client_with_valid_credentials(tmp_path: Path) -> None:
                 cam.send(s.x_test[i], int(s.y_test[i]), "clean", 1)
         assert wait_until(lambda: all(stats(lab, d).get("frames", 0) >= 40
                                       for d in ("cam-0", "cam-1")), 30)
-        time.sleep(1.0)
-        witness.loop_stop()
-        witness.disconnect()
+        # cam-1's camera sent its frames after the broker had answered every forged
+        # publish, and cam-1's agent counted them after that: once the witness has those
+        # stats, anything forged that it was sent came before them.
+        witness.expect(lambda m: any(tp == t.stats("cam-1") and json.loads(p)["frames"] >= 40
+                                     for tp, p, _r in m), 30,
+                       "cam-1's stats counting its 40 good frames at the witness")
+        witness.stop()
         # Nothing the attacker sent reached a topic outside its subtree.
-        assert not [tp for tp, pl in seen if pl in garbage and tp in foreign]
+        assert not [tp for tp, pl, _r in witness.messages if pl in garbage and tp in foreign]
         for p in lab.procs.values():
             assert p.running(), f"{p.name} died"
         assert stats(lab, "cam-0").get("model_version") == 1
@@ -245,7 +261,8 @@ def test_agent_sigkilled_while_spooling_then_broker_back(tmp_path: Path) -> None
         assert wait_until(lambda: count_stored(lab, "cam-0") >= 50, 30)
         wait_saved(lab)
         lab.kill_broker()
-        time.sleep(1.5)  # inference goes on into the spool
+        eventually(lambda: spooled(agent_state(lab, "cam-0")) >= 100, 30,
+                   "the agent to spool 100 envelopes while the broker is down", interval=0.1)
         lab.procs["cam-0"].kill()
         lab.start_broker()
         lab.start_agent("cam-0")
@@ -278,25 +295,37 @@ def test_drift_and_recover_with_broker_killed_during_rollout(tmp_path: Path) -> 
         assert lab.wait_online(60)
         sc = Scenario(lab, feeds, rate_hz=60.0, rounds=3, duration_s=200.0)
         killed = threading.Event()
+        failed: list[BaseException] = []
+
+        def inferred_all_sent() -> bool:
+            return all(stats(lab, d).get("frames", -1) >= len(cam.sent)
+                       for d, cam in lab.cameras.items())
 
         def chaos() -> None:
-            assert lab.console is not None
-            while not sc.stop.is_set() and not lab.console.manifests:
-                time.sleep(0.05)
-            if sc.stop.is_set():
-                return
-            sc.paused.set()   # the cameras hold: the fault under test is the rollout's
-            time.sleep(0.3)
-            lab.kill_broker()
-            killed.set()
-            time.sleep(1.5)
-            lab.start_broker()
-            assert wait_until(lambda: all(c.client.is_connected()
-                                          for c in lab.cameras.values()), 30)
-            sc.paused.clear()
+            try:
+                assert lab.console is not None
+                con = lab.console
+                eventually(lambda: sc.stop.is_set() or con.manifests, 600,
+                           "the first update manifest", interval=0.05)
+                if sc.stop.is_set():
+                    return
+                sc.paused.set()  # the cameras hold: the fault under test is the rollout's
+                # no camera frame in flight: each one sent was received and inferred
+                eventually(inferred_all_sent, 30, "the agents to infer every frame sent")
+                lab.kill_broker()
+                killed.set()
+                time.sleep(1.5)  # the outage's length: a fault parameter, not a wait
+                lab.start_broker()
+                eventually(lambda: all(c.client.is_connected() for c in lab.cameras.values()),
+                           30, "the cameras to reconnect")
+                sc.paused.clear()
+            except BaseException as exc:  # reported by the test's thread below
+                failed.append(exc)
+                sc.paused.clear()
 
         threading.Thread(target=chaos, daemon=True).start()
         sc.run()
+        assert not failed, failed
         assert killed.is_set(), "no update was published"
         assert wait_drained(lab, 60)
         seen, stored_keys = wait_stored(lab, 60)
@@ -336,6 +365,7 @@ def test_trainer_and_agents_sigkilled_mid_update(tmp_path: Path) -> None:
     reaches the store once."""
     import threading
 
+    from cloud_trainer.demo import wait_stored
     from cloud_trainer.drift import apply_drift, default_spec
     from cloud_trainer.registry import Registry
     from cloud_trainer.runs import RunLog
@@ -370,7 +400,9 @@ def test_trainer_and_agents_sigkilled_mid_update(tmp_path: Path) -> None:
         feeder.join(5)
         assert wait_until(lambda: all(stats(lab, d).get("spool_records") == 0
                                       for d in ("cam-0", "cam-1")), 60)
-        time.sleep(2.0)
+        # every activation the console saw on the broker has reached the trainer's store
+        seen, stored_keys = wait_stored(lab, 60)
+        assert seen <= stored_keys, sorted(seen - stored_keys)[:10]
         for d in ("cam-0", "cam-1"):
             assert_contiguous(lab, d)
             assert len(stored(lab)[d]) >= 2  # the killed session's spool was delivered

@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from mqtt_helpers import (
     payload_seq,
     read_until,
     seq_payload,
+    settle_subscriptions,
     spawn_helper,
     state_of,
     wait_until,
@@ -314,8 +314,9 @@ def test_unsubscribe_stops_delivery_now_and_after_reconnects(mosquitto: Mosquitt
         assert wait_until(lambda: link.publish("lab/probe", b"1", qos=1) and bool(got), 5)
         link.unsubscribe("lab/probe")
         link.unsubscribe("lab/never-subscribed")  # harmless
-        time.sleep(0.3)
+        settle_subscriptions(link)  # the broker has the UNSUBSCRIBE
         n = len(got)
-        link.publish("lab/probe", b"2", qos=1)
-        time.sleep(0.5)
+        assert link.publish("lab/probe", b"2", qos=1)
+        # A message from this link to this link: "2" would arrive before a later probe.
+        settle_subscriptions(link)
         assert len(got) == n

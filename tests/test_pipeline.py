@@ -1,5 +1,6 @@
 import threading
-import time
+
+from mqtt_helpers import eventually
 
 from agent.pipeline import Pipeline, RunnerSlot, Stage
 
@@ -43,7 +44,8 @@ def test_a_slow_sink_applies_back_pressure_to_the_source() -> None:
 
     stages = [Stage("a", lambda x: x, queue_size=4), Stage("slow", slow, queue_size=4)]
     p = Pipeline(endless(), stages).start()
-    time.sleep(0.5)
+    # Saturated: both queues full, so the feeder and stage "a" are blocked on a put.
+    eventually(lambda: p.depths() == {"a": 4, "slow": 4}, 10, "both queues to fill up")
     # Bounded: at most the two queues, one item in each stage and one in the feeder's hand.
     assert p.source_items <= 4 + 4 + 2 + 1
     release.set()
@@ -76,7 +78,7 @@ def test_a_batch_stage_gets_lists_of_waiting_items_in_order() -> None:
     stages = [Stage("a", lambda x: x, queue_size=4), Stage("sink", sink, queue_size=8,
                                                           batch=8)]
     p = Pipeline(range(300), stages).start()
-    time.sleep(0.3)
+    eventually(lambda: p.depths()["sink"] == 8, 10, "a full batch waiting in the sink's queue")
     release.set()
     assert p.join(10)
     assert [x for b in batches for x in b] == list(range(300))

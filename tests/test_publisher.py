@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import queue
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from mqtt_helpers import Collector, wait_until
+from mqtt_helpers import Collector, settle_subscriptions, wait_until
 from test_update_manifest import FLEET, toy_model
 
 from agent.blobs import BlobCache, BlobFetcher, FetchResult
@@ -139,11 +138,11 @@ def test_corrupted_chunk_is_rejected_and_requested_again(mosquitto: Mosquitto,
         pub.publish_update(signed, files, push_chunks=False)
         manifest = receive_manifest(link)
         fetcher = BlobFetcher(link, TOPICS, "cam-1", BlobCache(tmp_path / "cache"),
-                              first_request_after=1.0)
+                              first_request_after=2.0)
         fetching, out = in_thread(fetcher.fetch, manifest.variants[0], [1, 2, 3], timeout=20)
         good = files[sha].read_bytes()[: 256 * 1024]
         assert wait_until(lambda: sha in fetcher._subscribed, 5)
-        time.sleep(0.3)  # the SUBACK; the fetcher asks only after 1 s
+        settle_subscriptions(link)  # the broker has the blob subscription; asks come at 2 s
         attacker.client.publish(TOPICS.blob(sha, 0), b"X" + good[1:], qos=1).wait_for_publish(5)
         fetching.join(20)
     result = out[0]

@@ -7,11 +7,10 @@ import contextlib
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from mqtt_helpers import REPO, wait_until
+from mqtt_helpers import REPO, eventually, wait_until
 
 from bench.fleet import SimDevice, _payloads
 from broker.config import BrokerSettings
@@ -60,22 +59,37 @@ def test_two_ingest_replicas_split_the_stream_exactly_once(tmp_path: Path) -> No
             assert wait_until(lambda: all(
                 b"ingestor knet-ingest-" in (tmp_path / f"{t}.log").read_bytes()
                 for t in ("trainer-a", "trainer-b")), 120, interval=0.2)
-            time.sleep(1.0)
+            dbs = [tmp_path / t / "store" / "samples.sqlite3"
+                   for t in ("trainer-a", "trainer-b")]
             devs = [SimDevice(f"sim-{i}", port, tmp_path) for i in range(4)]
+            probe = SimDevice("probe", port, tmp_path)  # its envelopes are not counted
+
+            def probed_both(after: int) -> bool:
+                """Send a probe; True once each replica stored one numbered past ``after``.
+                A replica is sent its share in order and stores it in order, so that probe
+                follows everything the broker had routed to it (duplicates included)."""
+                probe.send(frames[0])
+                return all(any(d == "probe" and q > after for d, _s, q in _keys(db))
+                           for db in dbs)
+
             with contextlib.ExitStack() as stack:
-                for d in devs:
+                for d in [*devs, probe]:
                     stack.enter_context(d.link)
                     assert d.link.wait_connected(20)
+                # both replicas' shared subscriptions are in place before the stream starts
+                eventually(lambda: probed_both(0), 60, "a probe stored by each replica",
+                           interval=0.2)
                 for k in range(400):
                     devs[k % 4].send(frames[k % len(frames)])
                 expected = {(d.device, d.link.session, q) for d in devs
                             for q in range(1, d.seq + 1)}
-                dbs = [tmp_path / t / "store" / "samples.sqlite3"
-                       for t in ("trainer-a", "trainer-b")]
-                assert wait_until(lambda: sum(len(_keys(db)) for db in dbs) >= len(expected),
-                                  60, interval=0.5)
-                time.sleep(1.0)  # nothing more may arrive: a duplicate would show now
-            a, b = (_keys(db) for db in dbs)
+                for d in devs:
+                    assert d.link.flush(30), f"{d.device} still has envelopes spooled"
+                assert probe.link.flush(30)
+                last = probe.seq
+                eventually(lambda: probed_both(last), 60,
+                           "each replica to store a probe sent after the stream", interval=0.2)
+            a, b = ([k for k in _keys(db) if k[0] != "probe"] for db in dbs)
         finally:
             for p in procs:
                 p.terminate()

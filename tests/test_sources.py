@@ -287,9 +287,9 @@ def test_mqtt_frames_queue_counts_bad_frames_and_closes() -> None:
 
 
 def test_oversized_images_are_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
-    import agent.sources
+    import agent.frames
 
-    monkeypatch.setattr(agent.sources, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(agent.frames, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(FrameError, match=r"exceeds 100"):
         decode_frame(_png(np.zeros((11, 10), np.uint8)), SHAPE)
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from mqtt_helpers import eventually
 
 from agent.codec import encode
 from agent.envelope import Envelope
@@ -125,8 +125,10 @@ def test_concurrent_reader_while_writer_writes(tmp_path: Path) -> None:
     t.start()
     try:
         for b in range(40):
+            reads = len(counts)
             writer.add_many([env(seq=b * 50 + i) for i in range(50)])
-            time.sleep(0.001)
+            # the reader reads between the writes too, however loaded the machine
+            eventually(lambda r=reads: len(counts) > r or errors, 10, "a read")
     finally:
         stop.set()
         t.join()

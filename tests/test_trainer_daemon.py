@@ -8,12 +8,14 @@ import json
 import signal
 import subprocess
 import time
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from mqtt_helpers import Collector, wait_until
+from mqtt_helpers import Collector, eventually, wait_until
 from test_split import request as split_request
 from trainer_helpers import (
     FLEET,
@@ -33,7 +35,7 @@ from agent.topics import Topics
 from broker.launcher import Mosquitto
 from cloud_trainer.data import digits_splits
 from cloud_trainer.registry import Registry
-from cloud_trainer.runs import RunLog
+from cloud_trainer.runs import TERMINAL, RunLog
 from cloud_trainer.train import trained_pair
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
@@ -42,13 +44,39 @@ STATE = TOPICS.trainer_state("trainer-t")
 
 
 def runs_of(tmp: Path, job_id: str) -> list:  # type: ignore[type-arg]
+    """The job's runs, read from the daemon's registry. Not cheap (an engine, its schema
+    check): poll it at most a few times a second, or wait on the trainer state instead."""
     path = tmp / "state" / "registry" / "registry.sqlite3"
-    return RunLog(path.parent).runs(job_id, kind="run") if path.exists() else []
+    if not path.exists():
+        return []
+    log = RunLog(path.parent)
+    try:
+        return log.runs(job_id, kind="run")
+    finally:
+        log.engine.dispose()
+
+
+def expect_run(states: Collector, job_id: str, pred: Any, timeout: float,
+               what: str) -> dict[str, Any]:
+    """Wait for a trainer state message whose latest run of ``job_id`` satisfies ``pred``
+    (the daemon publishes its state after every run); returns that run's summary."""
+    def latest(m: list[tuple[str, bytes, bool]]) -> list[dict[str, Any]]:
+        return [json.loads(p).get("runs", {}).get(job_id) for t, p, _r in m
+                if t == STATE and p]
+
+    got = states.expect(lambda m: any(r and pred(r) for r in latest(m)), timeout, what)
+    return next(r for r in reversed(latest(got)) if r and pred(r))
 
 
 def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 60) -> str:
     proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=timeout)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate(timeout=30)
+        raise AssertionError(f"the daemon did not stop within {timeout:g} s of signal {sig}; "
+                             f"its log:\n{out[-4000:]}") from None
     return out
 
 
@@ -66,8 +94,10 @@ def test_daemon_schedules_persists_and_refuses_a_second_scheduler(
     with Collector(mosquitto.host, mosquitto.port, STATE) as states:
         daemon = start_trainer(config)
         try:
-            assert wait_until(lambda: any(r.finished for r in runs_of(tmp_path, "tick")),
-                              90), "no run"
+            # An event, not a poll of the registry: 100 polls a second, each opening an
+            # engine, took a core from the daemon starting up on a loaded machine ("no run").
+            expect_run(states, "tick", lambda r: r["status"] in TERMINAL, 90,
+                       "a finished scheduled run of job tick")
             assert wait_until(lambda: bool(states.payloads()) and
                               last_state(states)["state"] == "online", 10)
             assert last_state(states)["models"]["digits"]["deployed"] == 1
@@ -118,8 +148,9 @@ def test_daemon_schedules_persists_and_refuses_a_second_scheduler(
         restarted = time.time()
         daemon = start_trainer(config)
         try:
-            assert wait_until(lambda: any(r.started_at.timestamp() > restarted
-                                          for r in runs_of(tmp_path, "tick")), 90)
+            expect_run(states, "tick", lambda r: datetime.fromisoformat(
+                r["started_at"]).timestamp() > restarted, 90,
+                "a run of job tick after the restart")
             listed = json.loads(trainer_cli(config, "jobs", "list", "--json").stdout)
             # the stored job kept its place in time: not rescheduled an hour from the restart
             assert {r["id"]: r for r in listed}["later"]["next_run"] == later_next
@@ -143,7 +174,8 @@ def daemon_in_training(tmp_path: Path, mosquitto: Mosquitto,
     ])
     daemon = start_trainer(config)
     try:
-        assert wait_until(lambda: any(r.step == "train" for r in runs_of(tmp_path, "r")), 90)
+        eventually(lambda: any(r.step == "train" for r in runs_of(tmp_path, "r")), 90,
+                   "job r's run to reach its training step", interval=0.25)
     except BaseException:
         daemon.kill()
         daemon.communicate(timeout=30)
@@ -154,11 +186,8 @@ def daemon_in_training(tmp_path: Path, mosquitto: Mosquitto,
 def test_sigkill_mid_run_leaves_a_consistent_registry_and_the_next_run_proceeds(
         tmp_path: Path, mosquitto: Mosquitto) -> None:
     config, daemon = daemon_in_training(tmp_path, mosquitto, epochs=12)
-    try:
-        time.sleep(0.5)  # inside the training step
-    finally:
-        daemon.kill()
-        daemon.communicate(timeout=30)
+    daemon.kill()  # inside the training step
+    daemon.communicate(timeout=30)
     interrupted = runs_of(tmp_path, "r")
     assert [r.status for r in interrupted] == ["running"]
     registry = Registry(tmp_path / "state" / "registry")
@@ -190,7 +219,7 @@ def test_sigterm_mid_training_stops_within_the_labs_timeout_and_the_run_resumes(
     _config, daemon = daemon_in_training(tmp_path, mosquitto, epochs=500)
     try:
         t0 = time.monotonic()
-        out = stop(daemon, timeout=20)  # raises TimeoutExpired if it does not stop in time
+        out = stop(daemon, timeout=20)  # fails with the daemon's log if it does not stop
         took = time.monotonic() - t0
     finally:
         if daemon.poll() is None:

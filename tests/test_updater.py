@@ -5,7 +5,6 @@ downgrades, damaged active blocks and unhealthy versions are handled."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 from agent_helpers import write_inputs
-from mqtt_helpers import Collector, wait_until
+from mqtt_helpers import Collector, eventually, wait_until
 from update_helpers import (
     FLEET,
     Versions,
@@ -139,19 +138,27 @@ def test_swap_under_a_full_speed_stream_loses_nothing_and_mixes_no_chains(
                      source={"kind": "npz", "path": tmp_path / "inputs.npz", "loop": True},
                      update={"agreement_threshold": 0.0})
     s2, f2 = signed_update(p2, d2, v.key)
-    with Collector(mosquitto.host, mosquitto.port, T.act("dev-1")) as acts, \
+    # The agent's state topic too, on the same connection: `stopped` comes after its acts.
+    with Collector(mosquitto.host, mosquitto.port, [T.act("dev-1"), T.state("dev-1")]) \
+            as acts, \
             Collector(mosquitto.host, mosquitto.port, T.update("dev-1")) as col, \
             publisher(mosquitto, tmp_path) as pub:
+
+        def n_acts(m: list[tuple[str, bytes, bool]]) -> list[bytes]:
+            return [p for t, p, _r in m if t == T.act("dev-1")]
+
         with running_agent(cfg) as ag:
-            assert acts.wait_for(lambda m: len(m) >= 300, 20)
+            assert acts.wait_for(lambda m: len(n_acts(m)) >= 300, 20)
             pub.publish_update(s2, f2)
             wait_report(col, terminal("applied", 2))
             assert ag.slot.current.version == 2
             # v1 envelopes still spooled at the swap arrive first: wait for 1000 of v2.
-            assert acts.wait_for(lambda m: len(m) >= 1000 and Envelope.unpack(
-                m[-1000][1]).model_version == 2, 60)
-        time.sleep(0.5)  # the stop flushed the spool; let the last deliveries land
-        envs = [Envelope.unpack(p) for p in acts.payloads()]
+            assert acts.wait_for(lambda m: len(n_acts(m)) >= 1000 and Envelope.unpack(
+                n_acts(m)[-1000]).model_version == 2, 60)
+        # The stop flushed the spool, then published `stopped`: the acts before it are all.
+        acts.expect(lambda m: any(t == T.state("dev-1") and b'"stopped"' in p
+                                  for t, p, _r in m), 10, "the agent's stopped state")
+        envs = [Envelope.unpack(p) for p in acts.payloads(T.act("dev-1"))]
     # Stopping drops only what was still queued, the newest inputs: the rest is a prefix.
     m = len(envs)
     assert [e.seq for e in envs] == list(range(1, m + 1))  # nothing lost, nothing twice
@@ -227,7 +234,11 @@ def test_confidence_collapse_after_a_swap_rolls_back(
         n = len(col.payloads())
         with running_agent(cfg) as ag:  # persisted: v1, and the retained v2 stays refused
             assert ag.slot.current.version == 1
-            time.sleep(1.5)
+            updater = ag.updater
+            assert updater is not None
+            eventually(lambda: updater.received >= 1 and updater.idle(), 10,
+                       "the updater to handle the retained v2 manifest")
+            assert ag.link.flush(5)  # a report, had there been one, is at the broker
             assert ag.slot.current.version == 1 and len(col.payloads()) == n
 
 

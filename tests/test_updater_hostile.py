@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import pytest
 from agent_helpers import write_inputs
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from mqtt_helpers import Collector, wait_until
+from mqtt_helpers import Collector, eventually, wait_until
 from update_helpers import (
     FLEET,
     Versions,
@@ -240,7 +239,7 @@ def test_refused_manifest_is_not_reported_again_after_a_reconnect(rig: Rig) -> N
     assert updater is not None
     n, received = len(updater.reports), updater.received
     rig.broker.restart()  # the retained (refused) manifest is delivered again on connect
-    assert wait_until(lambda: updater.received > received, 20)
-    time.sleep(0.5)
+    eventually(lambda: updater.received > received and updater.idle(), 20,
+               "the updater to handle the re-delivered manifest")
     assert len(updater.reports) == n and rig.agent.slot.current.version == 1
     rig.seen = len(rig.reports.payloads())

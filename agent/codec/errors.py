@@ -7,8 +7,10 @@ zfpy and lz4 errors never escape (they are chained as ``__cause__``). ``CodecErr
 
 from __future__ import annotations
 
+from agent.errors import KnetAgentError
 
-class CodecError(ValueError):
+
+class CodecError(KnetAgentError, ValueError):
     """Base class of every codec failure."""
 
 

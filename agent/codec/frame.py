@@ -66,6 +66,20 @@ def pack_frame(
     return body + _CRC.pack(zlib.crc32(body))
 
 
+def _check_header(magic: bytes, version: int, flags: int, dtype: int, ndim: int) -> None:
+    """The fixed header's fields, each against what this build reads."""
+    if magic != MAGIC:
+        raise CorruptFrameError("not a codec frame (bad magic)")
+    if version != VERSION:
+        raise UnknownCodecError(f"frame format version {version} is not supported ({VERSION})")
+    if flags & ~FLAG_LZ4:
+        raise CorruptFrameError(f"unknown flag bits {flags:#04x}")
+    if dtype != DTYPE_FLOAT32:
+        raise CorruptFrameError(f"unknown dtype code {dtype}")
+    if ndim > MAX_NDIM:
+        raise CorruptFrameError(f"ndim {ndim} exceeds {MAX_NDIM}")
+
+
 def parse_frame(frame: bytes | bytearray | memoryview, max_bytes: int) -> RawFrame:
     """Validate the envelope of ``frame``; raise a ``CodecError`` subclass on any defect."""
     if not isinstance(frame, (bytes, bytearray, memoryview)):
@@ -78,16 +92,7 @@ def parse_frame(frame: bytes | bytearray | memoryview, max_bytes: int) -> RawFra
     magic, version, codec_id, flags, dtype, ndim, params_len, payload_len = _HEAD.unpack_from(
         view
     )
-    if magic != MAGIC:
-        raise CorruptFrameError("not a codec frame (bad magic)")
-    if version != VERSION:
-        raise UnknownCodecError(f"frame format version {version} is not supported ({VERSION})")
-    if flags & ~FLAG_LZ4:
-        raise CorruptFrameError(f"unknown flag bits {flags:#04x}")
-    if dtype != DTYPE_FLOAT32:
-        raise CorruptFrameError(f"unknown dtype code {dtype}")
-    if ndim > MAX_NDIM:
-        raise CorruptFrameError(f"ndim {ndim} exceeds {MAX_NDIM}")
+    _check_header(magic, version, flags, dtype, ndim)
     shape_end = _HEAD.size + 4 * ndim
     if len(view) < shape_end:
         raise TruncatedFrameError("frame ends inside its shape")

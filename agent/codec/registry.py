@@ -223,7 +223,7 @@ def decode(frame: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
         out = codec.decode_payload(payload, raw.shape, spec)
     except CodecError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # untrusted bytes: numpy/zfpy/lz4 raise types of their own
         raise CorruptFrameError(f"{spec}: payload does not decode: {exc}") from exc
     if out.shape != raw.shape or out.dtype != np.float32:  # a codec bug, not bad input
         raise CorruptFrameError(f"{spec}: decoded {out.dtype}{out.shape}, expected {raw.shape}")

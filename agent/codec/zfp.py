@@ -77,7 +77,7 @@ def _zfp_decode(payload: bytes | memoryview, view_shape: tuple[int, ...]) -> np.
     buf[: len(payload)] = np.frombuffer(payload, dtype=np.uint8)
     try:
         head = zfpy.header(buf)
-    except Exception as exc:
+    except Exception as exc:  # untrusted bytes into a C library: whatever it raises is "corrupt"
         raise CorruptFrameError(f"zfp header does not parse: {exc}") from exc
     dims = (head.get("nx"), head.get("ny"), head.get("nz"), head.get("nw"))
     want = (*reversed(view_shape), 0, 0, 0)[:4]

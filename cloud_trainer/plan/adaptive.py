@@ -29,6 +29,7 @@ import paho.mqtt.client as mqtt
 from agent import safejson
 from agent.topics import TopicError, Topics
 from agent.update_manifest import SignedManifest, SliceAssignment, UpdateManifest
+from cloud_trainer.errors import KnetTrainerError
 from cloud_trainer.plan.adapt import Decision, LinkFigures, Replanner, figures_from_stats
 from cloud_trainer.plan.solver import Plan
 
@@ -46,7 +47,7 @@ def sane(f: LinkFigures) -> LinkFigures:
     return LinkFigures(bandwidth_mbps=bw if ok_bw else None, rtt_ms=rtt if ok_rtt else None)
 
 
-class NotTargeted(Exception):
+class NotTargeted(KnetTrainerError):
     """The push must wait: the deployed manifest does not reach a device whose cut moved
     (or, in the daemon, there is nothing deployed yet or a retraining run is going)."""
 
@@ -186,7 +187,7 @@ class CutAdapter:
                 log.info("re-cut manifest deferred: %s", exc)
                 self._stop.wait(5.0)
                 self._dirty.set()
-            except Exception:  # a broker outage: tried again with the next switch or stats
+            except Exception:  # a broker outage or a bug: the re-cut thread must not die of it
                 self.stats["publish_failed"] += 1
                 log.exception("publishing the re-cut manifest failed; retrying")
                 self._stop.wait(2.0)

@@ -21,11 +21,12 @@ import numpy as np
 from agent.blockbench import BenchRecord
 from agent.codec import parse_spec
 from agent.profiles import load_profile
+from cloud_trainer.errors import KnetTrainerError
 from cloud_trainer.plan.network import NetworkConfig, NodeSpec
 from cloud_trainer.plan.solver import INF, Problem
 
 
-class PlanError(ValueError):
+class PlanError(KnetTrainerError, ValueError):
     """Records and network that cannot be planned; the text says what is missing."""
 
 
@@ -61,15 +62,8 @@ def build_problem(net: NetworkConfig, records: Sequence[BenchRecord], model_id: 
                   ov: Overrides | None = None) -> tuple[Problem, list[BenchRecord]]:
     ov = ov or Overrides()
     recs = [record_for(n, records) for n in net.nodes]
-    ref = recs[0]
-    for n, r in zip(net.nodes, recs, strict=True):
-        if model_id is not None and r.model_id != model_id:
-            raise PlanError(f"node {n.name}: record is for model {r.model_id!r}, "
-                            f"not {model_id!r}")
-        if (r.num_blocks, r.boundaries) != (ref.num_blocks, ref.boundaries):
-            raise PlanError(f"node {n.name}: record's blocks/boundaries differ from node "
-                            f"{net.nodes[0].name}'s: not the same model")
-    N, T = ref.num_blocks, len(net.nodes)
+    _check_same_model(net, recs, model_id)
+    N = recs[0].num_blocks
     names = [n.name for n in net.nodes]
     cons = net.constraints
     budget = cons.accuracy_budget if ov.accuracy_budget is None else ov.accuracy_budget
@@ -78,43 +72,93 @@ def build_problem(net: NetworkConfig, records: Sequence[BenchRecord], model_id: 
                          if wanted is None else {str(parse_spec(c)) for c in wanted})
     if not codec_names:
         codec_names = ["raw"]
-    S = len(codec_names)
-    comp = np.full((T, N), INF)
-    mem = np.zeros((T, N))
-    allowed = np.ones((T, N), bool)
-    mem_cap, time_cap, power = np.full(T, INF), np.full(T, INF), np.full(T, np.nan)
+    nodes = _node_costs(net, recs, N)
+    link_cap = np.array([lk.max_bytes_per_inference or INF for lk in net.links], float)
+    _apply_overrides(ov, names, N, nodes, link_cap)
+    bytes_, loss, enc, dec = _codec_costs(net, recs, codec_names, N, budget)
     send_s = np.array([(r.spool_append_s or 0.0) * n.time_scale
                        for n, r in zip(net.nodes, recs, strict=True)])
+    p = Problem(node_names=names, codec_names=codec_names, comp=nodes.comp, mem=nodes.mem,
+                allowed=nodes.allowed, mem_cap=nodes.mem_cap, time_cap=nodes.time_cap,
+                power=nodes.power, bytes_=bytes_, enc=np.nan_to_num(enc, nan=INF),
+                dec=np.nan_to_num(dec, nan=INF), loss=loss,
+                bw_bps=np.array([lk.bandwidth_mbps * 1e6 for lk in net.links], float),
+                rtt_s=np.array([lk.rtt_ms / 1e3 for lk in net.links], float),
+                link_cap=link_cap, overhead=float(net.mqtt_overhead_bytes), send_s=send_s,
+                node_overhead_s=np.array([n.overhead_s for n in net.nodes], float),
+                min_device_blocks=(cons.min_device_blocks if ov.min_device_blocks is None
+                                   else ov.min_device_blocks))
+    if p.min_device_blocks > N:
+        raise PlanError(f"min_device_blocks {p.min_device_blocks} > {N} blocks")
+    return p, recs
+
+
+def _check_same_model(net: NetworkConfig, recs: list[BenchRecord], model_id: str | None
+                      ) -> None:
+    """Every node's record is of the same model (``model_id`` if given)."""
+    ref = recs[0]
+    for n, r in zip(net.nodes, recs, strict=True):
+        if model_id is not None and r.model_id != model_id:
+            raise PlanError(f"node {n.name}: record is for model {r.model_id!r}, "
+                            f"not {model_id!r}")
+        if (r.num_blocks, r.boundaries) != (ref.num_blocks, ref.boundaries):
+            raise PlanError(f"node {n.name}: record's blocks/boundaries differ from node "
+                            f"{net.nodes[0].name}'s: not the same model")
+
+
+@dataclass
+class _NodeCosts:
+    """Per node t and block j: seconds, MB and whether allowed; per node: caps and watts."""
+
+    comp: np.ndarray
+    mem: np.ndarray
+    allowed: np.ndarray
+    mem_cap: np.ndarray
+    time_cap: np.ndarray
+    power: np.ndarray
+
+
+def _node_costs(net: NetworkConfig, recs: list[BenchRecord], N: int) -> _NodeCosts:
+    T = len(net.nodes)
+    c = _NodeCosts(comp=np.full((T, N), INF), mem=np.zeros((T, N)),
+                   allowed=np.ones((T, N), bool), mem_cap=np.full(T, INF),
+                   time_cap=np.full(T, INF), power=np.full(T, np.nan))
     for t, (n, r) in enumerate(zip(net.nodes, recs, strict=True)):
         prof = load_profile(n.profile)
         for b in r.blocks:
-            comp[t, b.index - 1] = b.median_s * n.time_scale
-            mem[t, b.index - 1] = 2 * b.file_bytes / 2**20
-        mem_cap[t] = n.memory_mb if n.memory_mb is not None else prof.model_memory_mb
+            c.comp[t, b.index - 1] = b.median_s * n.time_scale
+            c.mem[t, b.index - 1] = 2 * b.file_bytes / 2**20
+        c.mem_cap[t] = n.memory_mb if n.memory_mb is not None else prof.model_memory_mb
         if n.max_time_s is not None:
-            time_cap[t] = n.max_time_s
+            c.time_cap[t] = n.max_time_s
         active = n.power_active_w if n.power_active_w is not None else prof.power_active_w
         idle = n.power_idle_w if n.power_idle_w is not None else prof.power_idle_w
         if active is not None:
-            power[t] = max(0.0, active - (idle or 0.0))
+            c.power[t] = max(0.0, active - (idle or 0.0))
         for j in n.forbid:
             _check_block(j, N, f"node {n.name}: forbid")
-            allowed[t, j - 1] = False
+            c.allowed[t, j - 1] = False
         for j in n.pin:
             _check_block(j, N, f"node {n.name}: pin")
-            allowed[:, j - 1] = False
-            allowed[t, j - 1] = True
+            c.allowed[:, j - 1] = False
+            c.allowed[t, j - 1] = True
+    return c
+
+
+def _apply_overrides(ov: Overrides, names: list[str], N: int, c: _NodeCosts,
+                     link_cap: np.ndarray) -> None:
+    """The command line's pins, forbids, node time and upload caps, in place."""
+    T = len(names)
     for j, name in ov.pins:
         t = _node_index(names, name, "--pin")
         _check_block(j, N, "--pin")
-        allowed[:, j - 1] = False
-        allowed[t, j - 1] = True
+        c.allowed[:, j - 1] = False
+        c.allowed[t, j - 1] = True
     for j, name in ov.forbids:
         _check_block(j, N, "--forbid")
-        allowed[_node_index(names, name, "--forbid"), j - 1] = False
+        c.allowed[_node_index(names, name, "--forbid"), j - 1] = False
     for name, seconds in ov.max_node_time:
-        time_cap[_node_index(names, name, "--max-node-time")] = seconds
-    link_cap = np.array([lk.max_bytes_per_inference or INF for lk in net.links], float)
+        c.time_cap[_node_index(names, name, "--max-node-time")] = seconds
     for name, nbytes in ov.max_upload_bytes:
         if name == "*":
             link_cap[:] = np.minimum(link_cap, nbytes)
@@ -123,10 +167,17 @@ def build_problem(net: NetworkConfig, records: Sequence[BenchRecord], model_id: 
             if t >= T - 1:
                 raise PlanError(f"--max-upload-bytes: node {name} has no link after it")
             link_cap[t] = min(link_cap[t], nbytes)
+
+
+def _codec_costs(net: NetworkConfig, recs: list[BenchRecord], codec_names: list[str], N: int,
+                 budget: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(bytes_, loss, enc, dec) of every codec at every boundary (module docstring)."""
+    T, S = len(net.nodes), len(codec_names)
     bytes_ = np.full((N + 1, S), INF)
     loss = np.zeros((N + 1, S))
     enc = np.full((T, N + 1, S), INF)
     dec = np.full((T, N + 1, S), INF)
+    allow_unmeasured = net.constraints.allow_unmeasured_lossy
     for s, spec in enumerate(codec_names):
         for b in range(N + 1):
             found = [(t, m) for t, r in enumerate(recs) if (m := r.codec_at(b, spec))]
@@ -135,7 +186,7 @@ def build_problem(net: NetworkConfig, records: Sequence[BenchRecord], model_id: 
             m0 = found[0][1]
             measured_loss = next((m.accuracy_loss for _t, m in found
                                   if m.accuracy_loss is not None), None)
-            if measured_loss is None and not m0.lossless and not cons.allow_unmeasured_lossy:
+            if measured_loss is None and not m0.lossless and not allow_unmeasured:
                 continue
             if measured_loss is not None and measured_loss > budget:
                 continue
@@ -149,19 +200,7 @@ def build_problem(net: NetworkConfig, records: Sequence[BenchRecord], model_id: 
                 scale = n.time_scale / src_scale
                 enc[t, b, s] = m.encode_s * scale
                 dec[t, b, s] = m.decode_s * scale
-    p = Problem(node_names=names, codec_names=codec_names, comp=comp, mem=mem,
-                allowed=allowed, mem_cap=mem_cap, time_cap=time_cap, power=power,
-                bytes_=bytes_, enc=np.nan_to_num(enc, nan=INF),
-                dec=np.nan_to_num(dec, nan=INF), loss=loss,
-                bw_bps=np.array([lk.bandwidth_mbps * 1e6 for lk in net.links], float),
-                rtt_s=np.array([lk.rtt_ms / 1e3 for lk in net.links], float),
-                link_cap=link_cap, overhead=float(net.mqtt_overhead_bytes), send_s=send_s,
-                node_overhead_s=np.array([n.overhead_s for n in net.nodes], float),
-                min_device_blocks=(cons.min_device_blocks if ov.min_device_blocks is None
-                                   else ov.min_device_blocks))
-    if p.min_device_blocks > N:
-        raise PlanError(f"min_device_blocks {p.min_device_blocks} > {N} blocks")
-    return p, recs
+    return bytes_, loss, enc, dec
 
 
 def _check_block(j: int, n: int, what: str) -> None:

@@ -116,6 +116,21 @@ def _frame(p: Problem, b: int, s: int) -> float:
     return float(p.bytes_[b, s]) + p.overhead
 
 
+def _slice_busy(p: Problem, sl: Slice, cin: Cut | None, cout: Cut | None
+                ) -> tuple[float, bool]:
+    """(busy seconds per input, whether allowed and within memory and time) of a slice."""
+    t = sl.node
+    blocks = range(sl.first, sl.last + 1)
+    busy = sum(float(p.comp[t, j - 1]) for j in blocks) + p.node_cost(t)
+    ok = all(p.allowed[t, j - 1] for j in blocks)
+    ok = ok and sum(float(p.mem[t, j - 1]) for j in blocks) <= p.mem_cap[t]
+    if cin is not None:
+        busy += float(p.dec[t, cin.boundary, cin.codec])
+    if cout is not None:
+        busy += float(p.enc[t, cout.boundary, cout.codec]) + p.send_cost(t)
+    return busy, bool(ok and busy <= p.time_cap[t])
+
+
 def evaluate(p: Problem, plan: Plan) -> Plan:
     """Fill ``metrics`` (latency_s, bottleneck_s, throughput, energy_j, bytes), ``stages``
     and ``link_bytes``; ``metrics['feasible']`` is 0.0 when a constraint is broken."""
@@ -128,19 +143,9 @@ def evaluate(p: Problem, plan: Plan) -> Plan:
     covered = []
     for sl in plan.slices:
         t = sl.node
-        blocks = range(sl.first, sl.last + 1)
-        covered += list(blocks)
-        busy = sum(float(p.comp[t, j - 1]) for j in blocks) + p.node_cost(t)
-        if any(not p.allowed[t, j - 1] for j in blocks):
-            ok = False
-        if sum(float(p.mem[t, j - 1]) for j in blocks) > p.mem_cap[t]:
-            ok = False
-        if (cin := incoming.get(t)) is not None:
-            busy += float(p.dec[t, cin.boundary, cin.codec])
-        if (cout := outgoing.get(t)) is not None:
-            busy += float(p.enc[t, cout.boundary, cout.codec]) + p.send_cost(t)
-        if busy > p.time_cap[t]:
-            ok = False
+        covered += list(range(sl.first, sl.last + 1))
+        busy, fits = _slice_busy(p, sl, incoming.get(t), outgoing.get(t))
+        ok = ok and fits
         stages.append((f"node {p.node_names[t]}", busy))
         latency += busy
         energy += busy * float(p.power[t])
@@ -203,8 +208,13 @@ def _link_tables(p: Problem, objective: Objective) -> np.ndarray:
     return L
 
 
-def solve(p: Problem, objective: Objective = "latency", top: int = 1) -> list[Plan]:
-    """The ``top`` best feasible plans, best first, each evaluated; [] when none exists."""
+def solve(p: Problem, objective: Objective = "latency",  # noqa: C901, PLR0912, PLR0915
+          top: int = 1) -> list[Plan]:
+    """The ``top`` best feasible plans, best first, each evaluated; [] when none exists.
+
+    (One k-best dynamic program over (node, first block, codec) states: its loops share a
+    dozen tables, so it stays one function rather than helpers passing them all around.)
+    """
     if objective == "energy" and not np.all(np.isfinite(p.power)):
         raise ValueError("the energy objective needs power figures for every node "
                          "(power_active_w in the profile or network.toml)")
@@ -271,13 +281,18 @@ def solve(p: Problem, objective: Objective = "latency", top: int = 1) -> list[Pl
                     else:
                         cand = pre + stage[None] + links
                     _merge(val, back, cand, t + 1, sb, flat(t, a, s), k, K)
-    finals.sort(key=lambda f: f[0])
+    return _best_plans(p, back, finals, K)
+
+
+def _best_plans(p: Problem, back: np.ndarray, finals: list[tuple[float, int, int, int, int]],
+                K: int) -> list[Plan]:
+    """The ``K`` best distinct plans of ``solve``'s final states, evaluated, best first."""
     plans: list[Plan] = []
     seen: set[tuple[object, ...]] = set()
-    for value, t, a, s, k in finals:
+    for value, t, a, s, k in sorted(finals, key=lambda f: f[0]):
         if not np.isfinite(value):
             continue
-        plan = _reconstruct(p, back, t, a, s, k, N, S)
+        plan = _reconstruct(p, back, t, a, s, k, p.n_blocks, p.n_codecs)
         if plan.key() in seen:
             continue
         seen.add(plan.key())

