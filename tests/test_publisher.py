@@ -34,7 +34,7 @@ SIZES = [400_000, 900_000, 300_000]  # 2 + 4 + 2 chunks of 256 KiB
 @contextmanager
 def device(broker: Mosquitto, tmp_path: Path, name: str = "cam-1") -> Iterator[Link]:
     settings = LinkSettings(host=broker.host, port=broker.port, reconnect_min_delay=0.05,
-                            reconnect_max_delay=0.5, keepalive=5, connect_timeout=2)
+                            reconnect_max_delay=0.5, keepalive=5, connect_timeout_s=2)
     link = Link(settings, TOPICS, name, Spool(tmp_path / name / "spool", 1 << 20), dict)
     with link:
         assert link.wait_connected(10)
