@@ -44,7 +44,7 @@ JOB = '\n[[jobs]]\nid = "j"\nmodel = "digits"\n'
 @pytest.mark.parametrize(("extra", "message"), [
     ("\n[mqtt]\nprot = 1883\n", "mqtt.prot: unknown key"),
     ("\n[mqtt]\nport = 70000\n", "mqtt.port"),
-    ('\n[mqtt]\npassword = "a"\npassword_file = "b"\n', "password or password_file"),
+    ('\n[mqtt]\npassword = "a"\npassword_file = "b"\n', "only one of password, password_file"),
     (JOB + "interval_s = 60\n" + 'model_typo = 1\n', "jobs.0.model_typo: unknown key"),
     (JOB + "min_new_samples = 5\n", "exactly one of interval_s or cron"),
     (JOB + 'interval_s = 5\ncron = "* * * * *"\n', "exactly one of interval_s or cron"),

@@ -102,56 +102,69 @@ class KnetClient(mqtt.Client):
         self._waiting: set[int] = set()  # mids a subscribe_and_wait waits for
         self._results: dict[int, list[ReasonCode]] = {}
         self._granted: dict[str, ReasonCode] = {}  # filter -> SUBACK reason, this connection
+        self.on_connect = self.on_disconnect = self.on_subscribe = None  # our bookkeeping
 
     # -- paho's callbacks, with our bookkeeping around the caller's ------------------------
+    # The setters wrap what the caller sets; the getters return the wrapper, so a caller
+    # that chains (``previous = client.on_connect``) keeps the bookkeeping, which is
+    # idempotent when a chain runs it twice.
     @property  # type: ignore[override]
     def on_connect(self) -> Any:
-        return self._connect_hook
+        return self._on_connect
 
     @on_connect.setter
     def on_connect(self, func: Any) -> None:
+        def hooked(client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                   props: Any) -> None:
+            try:
+                if func is not None:
+                    func(client, userdata, flags, reason, props)
+            finally:  # after the caller's callback: its subscriptions are already sent
+                if not reason.is_failure:
+                    self.connected.set()
+
         with self._callback_mutex:
-            self._on_connect = func
+            self._on_connect = hooked
 
     @property  # type: ignore[override]
     def on_disconnect(self) -> Any:
-        return self._disconnect_hook
+        return self._on_disconnect
 
     @on_disconnect.setter
     def on_disconnect(self, func: Any) -> None:
+        def hooked(client: mqtt.Client, userdata: Any, flags: Any, reason: Any,
+                   props: Any) -> None:
+            self._forget_subscriptions()
+            if func is not None:
+                func(client, userdata, flags, reason, props)
+
         with self._callback_mutex:
-            self._on_disconnect = func
+            self._on_disconnect = hooked
 
     @property  # type: ignore[override]
     def on_subscribe(self) -> Any:
-        return self._subscribe_hook
+        return self._on_subscribe
 
     @on_subscribe.setter
     def on_subscribe(self, func: Any) -> None:
+        def hooked(client: mqtt.Client, userdata: Any, mid: int, reasons: list[ReasonCode],
+                   props: Any) -> None:
+            self._suback(mid, reasons)
+            if func is not None:
+                func(client, userdata, mid, reasons, props)
+
         with self._callback_mutex:
-            self._on_subscribe = func
+            self._on_subscribe = hooked
 
-    def _connect_hook(self, client: mqtt.Client, userdata: Any, flags: Any,
-                      reason: ReasonCode, props: Any) -> None:
-        try:
-            if self._on_connect is not None:
-                self._on_connect(client, userdata, flags, reason, props)
-        finally:  # set after the caller's callback: its subscriptions are already sent
-            if not reason.is_failure:
-                self.connected.set()
-
-    def _disconnect_hook(self, client: mqtt.Client, userdata: Any, flags: Any,
-                         reason: Any, props: Any) -> None:
+    def _forget_subscriptions(self) -> None:
+        """A disconnect: SUBACKs were for that connection, pending ones will never come."""
         self.connected.clear()
         with self._subs:
             self._granted.clear()
-            self._pending.clear()  # their SUBACKs will never come
+            self._pending.clear()
             self._subs.notify_all()
-        if self._on_disconnect is not None:
-            self._on_disconnect(client, userdata, flags, reason, props)
 
-    def _subscribe_hook(self, client: mqtt.Client, userdata: Any, mid: int,
-                        reasons: list[ReasonCode], props: Any) -> None:
+    def _suback(self, mid: int, reasons: list[ReasonCode]) -> None:
         with self._subs:
             filters = self._pending.pop(mid, None)
             if filters is not None:
@@ -159,8 +172,6 @@ class KnetClient(mqtt.Client):
                 if mid in self._waiting:
                     self._results[mid] = list(reasons)
                 self._subs.notify_all()
-        if self._on_subscribe is not None:
-            self._on_subscribe(client, userdata, mid, reasons, props)
 
     # -- subscriptions ---------------------------------------------------------------------
     def subscribe(self, topic: Any, qos: int = 0, options: Any = None,

@@ -52,11 +52,14 @@ class ControlMessage(BaseModel):
 
     format_version: int = FORMAT_VERSION
 
-    def payload(self) -> bytes:
-        """Compact JSON of the fields the sender set (and the version), nothing else."""
+    def as_dict(self) -> dict[str, Any]:
+        """The fields the sender set (and the version), JSON-ready: what ``payload`` holds."""
         body = self.model_dump(mode="json", exclude_unset=True)
         body["format_version"] = self.format_version
-        return json.dumps(body, separators=(",", ":")).encode()
+        return body
+
+    def payload(self) -> bytes:
+        return json.dumps(self.as_dict(), separators=(",", ":")).encode()
 
     @classmethod
     def parse(cls: type[M], payload: bytes | str) -> M:
