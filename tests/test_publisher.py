@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import queue
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -143,7 +142,7 @@ def test_corrupted_chunk_is_rejected_and_requested_again(mosquitto: Mosquitto,
         fetching, out = in_thread(fetcher.fetch, manifest.variants[0], [1, 2, 3], timeout=20)
         good = files[sha].read_bytes()[: 256 * 1024]
         assert wait_until(lambda: sha in fetcher._subscribed, 5)
-        time.sleep(0.3)  # the SUBACK; the fetcher asks only after 1 s
+        link.wait_subscribed(f"{TOPICS.fleet_root}/model/blob/{sha}/+", 5)  # before a request
         attacker.client.publish(TOPICS.blob(sha, 0), b"X" + good[1:], qos=1).wait_for_publish(5)
         fetching.join(20)
     result = out[0]

@@ -54,9 +54,8 @@ class ControlMessage(BaseModel):
 
     def as_dict(self) -> dict[str, Any]:
         """The fields the sender set (and the version), JSON-ready: what ``payload`` holds."""
-        body = self.model_dump(mode="json", exclude_unset=True)
-        body["format_version"] = self.format_version
-        return body
+        body = self.model_dump(mode="json", exclude_unset=True, exclude={"format_version"})
+        return {"format_version": self.format_version, **body}
 
     def payload(self) -> bytes:
         return json.dumps(self.as_dict(), separators=(",", ":")).encode()
