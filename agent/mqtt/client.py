@@ -36,6 +36,19 @@ from agent.mqtt.endpoint import MqttEndpoint
 
 log = logging.getLogger(__name__)
 
+
+class _BenignPahoNoise(logging.Filter):
+    """paho 2.2 logs "Client is not connected" at ERROR when its loop runs once more after a
+    clean disconnect: nothing is wrong, and an ERROR line at every stop would hide real ones
+    (an exception in a callback, which paho logs here before it re-raises)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
+
+
+PAHO_LOG = logging.getLogger(f"{__name__}.paho")
+PAHO_LOG.addFilter(_BenignPahoNoise())
+
 # What paho's subscribe() takes: a filter, (filter, qos), or a list of (filter, qos).
 TopicArg = Union[str, "tuple[str, Any]", "Sequence[tuple[str, Any]]"]
 
@@ -275,7 +288,7 @@ def make_client(endpoint: MqttEndpoint, *, default_client_id: str = "",
     """
     client = KnetClient(endpoint, endpoint.client_id or default_client_id,
                         manual_ack=manual_ack)
-    client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+    client.enable_logger(PAHO_LOG)
     password = endpoint.resolve_password()
     if endpoint.username is not None:
         client.username_pw_set(endpoint.username,
