@@ -1,5 +1,9 @@
 """The device's MQTT v5 connection: Will/birth/state, reconnects, and spooled publishing.
 
+The client comes from the one factory (``agent.mqtt.client.make_client``) with the device's
+``LinkSettings`` (the agent's ``[mqtt]`` table); birth and state are the typed messages of
+``agent.wire.control``.
+
 Reliable messages (activations) go through the ``Spool`` first, which is the single source
 of truth: one drain thread hands spooled records to paho, at most ``max_inflight`` at a time,
 and acks a record in the spool only when its PUBACK carries a success reason code.
@@ -50,7 +54,6 @@ from agent.wire.control import Birth, DeviceState
 log = logging.getLogger(__name__)
 
 SESSION_FILE = "session"
-__all__ = ["Link", "LinkSettings", "PublishOutcome", "next_session"]
 STAT_KEYS = ("sent", "acked", "publish_refused", "spooled", "dropped", "reconnects",
              "bytes_out", "connect_refused")
 
@@ -575,3 +578,6 @@ class Link:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+__all__ = ["Link", "LinkSettings", "PublishOutcome", "next_session"]
