@@ -27,7 +27,6 @@ from agent.codec import CodecError, decode, encode, get_codec, parse_spec
 from agent.compat import zip_strict
 from agent.errors import KnetAgentError
 from agent.manifest import PartitionManifest, Shape
-from agent.topics import connection_username
 
 log = logging.getLogger(__name__)
 
@@ -319,34 +318,23 @@ def publish_record(cfg: object, record: BenchRecord, timeout: float = 10.0) -> N
     the PUBACK. It logs in as ``<device>.bench`` (provisioned with every device): the broker
     binds a session to its username, so the device's own name would take over the running
     daemon's session. A certificate device uses the ``bench/`` certificate beside its own."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
+    from agent.mqtt.client import make_client
+    from agent.mqtt.endpoint import MqttEndpoint
 
-    from agent.service import link_settings
-
-    s = link_settings(cfg)  # type: ignore[arg-type]
     device = cfg.device.id  # type: ignore[attr-defined]
-    user = connection_username(s.username or device, BENCH_CONNECTION)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=user, protocol=mqtt.MQTTv5)
-    client.username_pw_set(user, s.password.get_secret_value() if s.password else None)
-    if s.tls is not None:
-        cert, key = s.tls.cert_file, s.tls.key_file
-        if cert is not None:  # <bundle>/bench/<same file names>
-            cert = cert.parent / BENCH_CONNECTION / cert.name
-            key = key.parent / BENCH_CONNECTION / key.name if key is not None else None
-        client.tls_set(ca_certs=str(s.tls.ca_file) if s.tls.ca_file else None,
-                       certfile=str(cert) if cert else None, keyfile=str(key) if key else None)
-    client.connect(s.host, s.port, keepalive=s.keepalive)
-    client.loop_start()
+    # A clean, short-lived session (MqttEndpoint's defaults), not the daemon's persistent one.
+    bench = cfg.mqtt.for_connection(BENCH_CONNECTION).derive(MqttEndpoint)  # type: ignore[attr-defined]
+    client = make_client(bench, default_client_id=bench.username or "").start()
     try:
+        if not client.wait_connected(timeout):
+            raise ConnectionError(f"no connection to {bench.describe()} within {timeout:g} s")
         info = client.publish(cfg.topics.bench(device), record.to_json(), qos=1,  # type: ignore[attr-defined]
                               retain=True)
         info.wait_for_publish(timeout)
         if not info.is_published():
             raise TimeoutError(f"no PUBACK for the bench record within {timeout:g} s")
     finally:
-        client.disconnect()
-        client.loop_stop()
+        client.stop()
 
 
 def cli_main(argv: list[str]) -> int:

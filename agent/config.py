@@ -9,7 +9,6 @@ directory can be moved as a whole. Secrets may come from a file or from systemd'
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union
 
@@ -18,7 +17,6 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
-    SecretStr,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -26,6 +24,7 @@ from pydantic import (
 
 from agent.compat import Annotated
 from agent.configfile import ConfigError, load_model, resolve_path
+from agent.mqtt.endpoint import LinkSettings, TlsSettings
 from agent.topics import Topics, validate_id
 
 if TYPE_CHECKING:
@@ -81,78 +80,10 @@ class ModelSection(BaseModel):
     _paths = field_validator("manifest", "profiles_dir")(resolve_path)
 
 
-class TlsSection(BaseModel):
-    model_config = _STRICT
-
-    ca_file: Path
-    cert_file: Path | None = None
-    key_file: Path | None = None
-
-    _paths = field_validator("ca_file", "cert_file", "key_file")(resolve_path)
-
-    @model_validator(mode="after")
-    def _pair(self) -> TlsSection:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together (client certificate auth)")
-        return self
-
-
-class MqttSection(BaseModel):
-    model_config = _STRICT
-
-    host: str = Field("127.0.0.1", min_length=1)
-    port: int = Field(1883, ge=1, le=65535)
-    username: str | None = Field(None, description="default: the device id (the ACL needs it)")
-    password: SecretStr | None = None
-    password_file: Path | None = None
-    password_credential: str | None = Field(
-        None, description="name of a systemd credential in $CREDENTIALS_DIRECTORY")
-    tls: TlsSection | None = None
-    keepalive: int = Field(30, ge=5, le=3600)
-    reconnect_min_delay: float = Field(0.5, gt=0)
-    reconnect_max_delay: float = Field(30.0, gt=0)
-    max_inflight: int = Field(20, ge=1, le=1000)
-    max_uplink_bytes_per_s: float = Field(0.0, ge=0, description="shape spooled traffic "
-                                          "(0: unshaped); see agent/link.py")
-
-    _paths = field_validator("password_file")(resolve_path)
-
-    @model_validator(mode="after")
-    def _one_secret_source(self) -> MqttSection:
-        given = [n for n in ("password", "password_file", "password_credential")
-                 if getattr(self, n) is not None]
-        if len(given) > 1:
-            raise ValueError(f"give only one of password, password_file, password_credential "
-                             f"(got {', '.join(given)})")
-        if self.reconnect_min_delay > self.reconnect_max_delay:
-            raise ValueError(f"reconnect_min_delay {self.reconnect_min_delay} > "
-                             f"reconnect_max_delay {self.reconnect_max_delay}")
-        if self.password_credential is not None and (
-                "/" in self.password_credential or self.password_credential in ("", ".", "..")):
-            raise ValueError("password_credential is a credential name, not a path")
-        return self
-
-    def resolve_password(self) -> SecretStr | None:
-        """Read the secret now; a missing file or credential is a config error."""
-        if self.password is not None:
-            return self.password
-        if self.password_file is not None:
-            return SecretStr(_read_secret(self.password_file, "mqtt.password_file"))
-        if self.password_credential is not None:
-            cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
-            if not cred_dir:
-                raise ConfigError("mqtt.password_credential: $CREDENTIALS_DIRECTORY is not set "
-                                  "(run under systemd with LoadCredential=, or use password_file)")
-            return SecretStr(_read_secret(Path(cred_dir) / self.password_credential,
-                                          "mqtt.password_credential"))
-        return None
-
-
-def _read_secret(path: Path, field: str) -> str:
-    try:
-        return path.read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"{field}: cannot read {path}: {exc.strerror}") from None
+# The [mqtt] table is the device link's endpoint (agent/mqtt/endpoint.py): the same model,
+# defaults and validation as every other knet connection. The names stay for importers.
+TlsSection = TlsSettings
+MqttSection = LinkSettings
 
 
 class NpzSource(BaseModel):

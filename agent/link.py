@@ -1,5 +1,9 @@
 """The device's MQTT v5 connection: Will/birth/state, reconnects, and spooled publishing.
 
+The client comes from the one factory (``agent.mqtt.client.make_client``) with the device's
+``LinkSettings`` (the agent's ``[mqtt]`` table); birth and state are the typed messages of
+``agent.wire.control``.
+
 Reliable messages (activations) go through the ``Spool`` first, which is the single source
 of truth: one drain thread hands spooled records to paho, at most ``max_inflight`` at a time,
 and acks a record in the spool only when its PUBACK carries a success reason code.
@@ -21,7 +25,6 @@ Two paho 2.x behaviours shape this module:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -36,73 +39,23 @@ from types import TracebackType
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from agent.compat import drop_out_messages, zip_strict
+from agent.mqtt.client import KnetClient, SubscribeError, Will, make_client
+from agent.mqtt.endpoint import LinkSettings
 from agent.netmeter import NetMeter
 from agent.spool import Spool
 from agent.topics import Topics, validate_id
+from agent.wire.control import Birth, DeviceState
 
 log = logging.getLogger(__name__)
 
 SESSION_FILE = "session"
 STAT_KEYS = ("sent", "acked", "publish_refused", "spooled", "dropped", "reconnects",
              "bytes_out", "connect_refused")
-
-
-class LinkTls(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-
-    @model_validator(mode="after")
-    def _pair(self) -> LinkTls:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("tls.cert_file and tls.key_file go together")
-        return self
-
-
-class LinkSettings(BaseModel):
-    """How the device reaches its broker; unknown keys are rejected."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    host: str = "127.0.0.1"
-    port: int = Field(1883, ge=1, le=65535)
-    username: str | None = None  # None: the device id (the ACL pattern relies on it)
-    password: SecretStr | None = None
-    tls: LinkTls | None = None
-    keepalive: int = Field(30, ge=5, le=65535)
-    reconnect_min_delay: float = Field(1.0, gt=0)
-    reconnect_max_delay: float = Field(60.0, gt=0)
-    # Broker keeps our subscriptions and QoS 1 messages to us this long while we are away.
-    session_expiry: int = Field(3600, ge=0)
-    max_inflight: int = Field(20, ge=1, le=65000)
-    # Keep at or below the broker's message_size_limit: Mosquitto 2.0 answers a bigger
-    # publish by dropping the connection, and a spooled one would then be re-sent after
-    # every reconnect for ever (a poison message), so we refuse it before it is spooled.
-    max_payload_bytes: int = Field(16 * 1024 * 1024, ge=1)
-    connect_timeout: float = Field(10.0, gt=0)
-    # MQTT v5 manual acks: a subscription made with ``manual_ack=True`` acks through
-    # ``Link.ack`` (a chain stage acks an input once its output is spooled); every other
-    # subscription is still acked as soon as its handler returns.
-    manual_ack: bool = False
-    # Shape the spooled (reliable) traffic to this many payload bytes per second (0: as
-    # fast as the broker acks): a metered link's share, and how tests emulate a slow
-    # uplink. Best-effort publishes (stats, split requests) are not shaped.
-    max_uplink_bytes_per_s: float = Field(0.0, ge=0)
-
-    @model_validator(mode="after")
-    def _delays(self) -> LinkSettings:
-        if self.reconnect_max_delay < self.reconnect_min_delay:
-            raise ValueError("reconnect_max_delay must be >= reconnect_min_delay")
-        return self
 
 
 @dataclass(frozen=True)
@@ -177,6 +130,9 @@ class Link:
     Entering starts the network loop and returns at once (an offline start is normal: messages
     spool); use ``wait_connected()`` to block. Exiting flushes the spool for up to
     ``close_timeout`` seconds, publishes ``stopped`` and disconnects cleanly (so no Will).
+    ``manual_ack``: subscriptions made with ``manual_ack=True`` are acked by ``ack()`` (a
+    chain stage acks an input once its output is spooled); every other one is acked as soon
+    as its handler returns.
     """
 
     def __init__(
@@ -190,8 +146,10 @@ class Link:
         state_dir: Path | None = None,
         on_outcome: Callable[[PublishOutcome], None] | None = None,
         close_timeout: float = 5.0,
+        manual_ack: bool = False,
     ) -> None:
-        self.settings = settings
+        self.settings = settings.model_copy()  # shape() changes it: not the caller's copy
+        self.manual_ack = manual_ack
         self.topics = topics
         self.device_id = validate_id(device_id)
         self.spool = spool
@@ -221,32 +179,16 @@ class Link:
         self._client = self._make_client()
 
     # -- setup ---------------------------------------------------------------------------
-    def _make_client(self) -> mqtt.Client:
+    def _make_client(self) -> KnetClient:
         s = self.settings
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.device_id,
-            protocol=mqtt.MQTTv5,
-            manual_ack=s.manual_ack,
-        )
-        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
-        client.username_pw_set(
-            s.username or self.device_id,
-            s.password.get_secret_value() if s.password else None,
-        )
-        if s.tls is not None:
-            client.tls_set(
-                ca_certs=str(s.tls.ca_file) if s.tls.ca_file else None,
-                certfile=str(s.tls.cert_file) if s.tls.cert_file else None,
-                keyfile=str(s.tls.key_file) if s.tls.key_file else None,
-            )
-        client.reconnect_delay_set(s.reconnect_min_delay, s.reconnect_max_delay)  # type: ignore[arg-type]
-        client.connect_timeout = s.connect_timeout
+        if s.username is None:  # the device id: the broker's ACL pattern relies on it
+            s = s.model_copy(update={"username": self.device_id})
+        client = make_client(s, default_client_id=self.device_id, manual_ack=self.manual_ack,
+                             will=Will(self.topics.state(self.device_id),
+                                       self._state_payload("offline")))
         # Our drain thread bounds the window; paho must never park messages in its own queue.
         client.max_inflight_messages_set(0)
         client.max_queued_messages_set(0)
-        client.will_set(self.topics.state(self.device_id), self._state_payload("offline"),
-                        qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -254,40 +196,48 @@ class Link:
         return client
 
     def _state_payload(self, state: str) -> bytes:
-        body: dict[str, Any] = {"state": state, "session": self.session, "device": self.device_id}
-        if state != "offline":  # the Will is composed once, its time would be misleading
-            body["ts"] = time.time()
-        return json.dumps(body, separators=(",", ":")).encode()
+        if state == "offline":  # the Will is composed once, its time would be misleading
+            return DeviceState(state=state, session=self.session, device=self.device_id
+                               ).payload()
+        return DeviceState(state=state, session=self.session, device=self.device_id,
+                           ts=time.time()).payload()
+
+    def _birth_payload(self) -> bytes:
+        """What ``birth_payload_fn`` says, as a typed ``Birth``; a minimal one if it fails."""
+        try:
+            body = dict(self.birth_payload_fn())
+            body.setdefault("device", self.device_id)
+            body.setdefault("session", self.session)
+            body.setdefault("ts", time.time())
+            return Birth.model_validate(body).payload()
+        except Exception:
+            log.exception("birth_payload_fn failed; publishing a minimal birth")
+            return Birth(device=self.device_id, session=self.session, ts=time.time()).payload()
 
     def start(self) -> Link:
         """Start the network loop and the drain thread; does not wait for the connection."""
         if self._started:
             return self
         self._started = True
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self.settings.session_expiry
         self._drainer = threading.Thread(target=self._drain_loop, name="knet-link-drain",
                                          daemon=True)
         self._drainer.start()
-        self._client.connect_async(self.settings.host, self.settings.port,
-                                   keepalive=self.settings.keepalive, clean_start=False,
-                                   properties=props)
-        self._client.loop_start()
-        log.info("link %s session %d connecting to %s:%d as %s", self.device_id, self.session,
-                 self.settings.host, self.settings.port, self.settings.username or self.device_id)
+        self._client.start()
+        log.info("link %s session %d connecting to %s", self.device_id, self.session,
+                 self._client.endpoint.describe())
         return self
 
     def wait_connected(self, timeout: float | None = None) -> bool:
         return self.connected.wait(timeout)
 
     # -- paho callbacks (network thread) -------------------------------------------------
-    def _on_connect(self, client: mqtt.Client, _userdata: Any, flags: mqtt.ConnectFlags,
+    def _on_connect(self, client: KnetClient, _userdata: Any, flags: mqtt.ConnectFlags,
                     reason: ReasonCode, _props: Properties | None) -> None:
         if reason.is_failure:
             self._count("connect_refused")
-            log.error("broker %s:%d refused the connection: %s (check the device's username, "
+            log.error("broker %s refused the connection: %s (check the device's username, "
                       "password and certificates); retrying with back-off",
-                      self.settings.host, self.settings.port, reason)
+                      client.endpoint.describe(), reason)
             return
         _no_delay(client)
         with self._lock:
@@ -303,16 +253,8 @@ class Link:
                  "from the spool)", self.device_id, flags.session_present, len(dropped))
         for topic_filter, (qos, _handler) in subs:
             client.subscribe(topic_filter, qos)
-        try:
-            birth = dict(self.birth_payload_fn())
-        except Exception:
-            log.exception("birth_payload_fn failed; publishing a minimal birth")
-            birth = {}
-        birth.setdefault("device", self.device_id)
-        birth.setdefault("session", self.session)
-        birth.setdefault("ts", time.time())
-        client.publish(self.topics.birth(self.device_id),
-                       json.dumps(birth, separators=(",", ":")).encode(), qos=1, retain=True)
+        client.publish(self.topics.birth(self.device_id), self._birth_payload(), qos=1,
+                       retain=True)
         client.publish(self.topics.state(self.device_id), self._state_payload("online"),
                        qos=1, retain=True)
         self.connected.set()
@@ -336,7 +278,7 @@ class Link:
     def _on_unhandled_message(self, _client: mqtt.Client, _userdata: Any,
                               msg: mqtt.MQTTMessage) -> None:
         log.debug("no handler for a message on %s", msg.topic)
-        if self.settings.manual_ack:
+        if self.manual_ack:
             self.ack(msg.mid, msg.qos)
 
     # -- drain thread --------------------------------------------------------------------
@@ -504,9 +446,10 @@ class Link:
                   manual_ack: bool = False) -> None:
         """Subscribe now if connected and again on every reconnect; handler runs on paho's
         thread, so it must return quickly (hand work to a queue). ``manual_ack`` (needs
-        ``LinkSettings.manual_ack``): the message is acked only by a later ``ack()``."""
-        if manual_ack and not self.settings.manual_ack:
-            raise ValueError("manual_ack subscriptions need LinkSettings.manual_ack = True")
+        ``Link(manual_ack=True)``): the message is acked only by a later ``ack()``.
+        ``wait_subscribed`` waits for the SUBACK."""
+        if manual_ack and not self.manual_ack:
+            raise ValueError("manual_ack subscriptions need Link(manual_ack=True)")
 
         def _call(_c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
             try:
@@ -514,7 +457,7 @@ class Link:
             except Exception:
                 log.exception("handler for %s failed", topic_filter)
             finally:
-                if self.settings.manual_ack and not manual_ack:
+                if self.manual_ack and not manual_ack:
                     self.ack(msg.mid, msg.qos)
 
         self._client.message_callback_add(topic_filter, _call)
@@ -525,6 +468,18 @@ class Link:
         # SUBSCRIBE is harmless); our own `connected` event is set later and would race.
         if self._client.is_connected():
             self._client.subscribe(topic_filter, qos)
+
+    def wait_subscribed(self, topic_filter: str, timeout: float) -> int:
+        """Wait for the SUBACK of a ``subscribe()``d filter on the current connection (the
+        connection first, if it is down); its granted QoS. ``SubscriptionRefused`` when the
+        broker refused it (outside the ACL), ``SubscribeTimeout`` when it did not come."""
+        with self._lock:
+            if topic_filter not in self._subs:
+                raise SubscribeError(f"{topic_filter!r} was never subscribed on this link")
+        deadline = time.monotonic() + timeout
+        self.connected.wait(timeout)
+        return self._client.wait_subscribed([topic_filter],
+                                            max(0.0, deadline - time.monotonic()))[0]
 
     def ack(self, mid: int, qos: int) -> None:
         """Acknowledge a message of a ``manual_ack`` subscription (PUBACK for QoS 1)."""
@@ -623,3 +578,6 @@ class Link:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+__all__ = ["Link", "LinkSettings", "PublishOutcome", "next_session"]

@@ -40,7 +40,7 @@ from agent.config import (
     load_config,
 )
 from agent.envelope import Envelope
-from agent.link import Link, LinkSettings, LinkTls, PublishOutcome
+from agent.link import Link, PublishOutcome
 from agent.manifest import PartitionManifest
 from agent.metrics import AgentMetrics
 from agent.notify import Notifier, watchdog_interval
@@ -51,6 +51,7 @@ from agent.sources import BadInputs, MqttFrames, Sample, make_source
 from agent.spool import Spool
 from agent.updater import Updater
 from agent.uplink import UplinkPolicy
+from agent.wire.control import Birth, Stats
 
 log = logging.getLogger(__name__)
 _LABEL = re.compile(r"-?[0-9]{1,9}")
@@ -80,18 +81,6 @@ def softmax_top1(logits: np.ndarray) -> tuple[int, float]:
         return z.index(top), 1.0 / sum([math.exp(v - top) for v in z])
     k = int(logits.argmax())
     return k, float(1.0 / np.exp(logits - logits[k]).sum(dtype=np.float64))
-
-
-def link_settings(cfg: AgentConfig) -> LinkSettings:
-    m = cfg.mqtt
-    tls = LinkTls(ca_file=m.tls.ca_file, cert_file=m.tls.cert_file,
-                  key_file=m.tls.key_file) if m.tls else None
-    return LinkSettings(host=m.host, port=m.port, username=m.username or cfg.device.id,
-                        password=m.resolve_password(), tls=tls, keepalive=m.keepalive,
-                        reconnect_min_delay=m.reconnect_min_delay,
-                        reconnect_max_delay=m.reconnect_max_delay, max_inflight=m.max_inflight,
-                        max_uplink_bytes_per_s=m.max_uplink_bytes_per_s,
-                        manual_ack=isinstance(cfg.source, UpstreamSource))  # agent/chain.py
 
 
 def inline_source(cfg: AgentConfig) -> bool:
@@ -149,8 +138,10 @@ class Agent:
         state_dir = config.device.state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
         self.spool = Spool(state_dir / "spool", config.spool.max_bytes, config.spool.policy)
-        self.link = Link(link_settings(config), self.topics, self.device, self.spool,
-                         self.birth, state_dir=state_dir, on_outcome=self._on_outcome)
+        self.link = Link(config.mqtt, self.topics, self.device, self.spool, self.birth,
+                         state_dir=state_dir, on_outcome=self._on_outcome,
+                         manual_ack=isinstance(config.source, UpstreamSource))  # agent/chain.py
+        self._act_topic = self.topics.act(self.device)
         self.source = make_source(config.source, runner.input_shape, self.bad)
         q = config.pipeline.queue_size
         self.chain = chain_stage(config, runner.manifest, self.source, self.next_seq)
@@ -190,9 +181,8 @@ class Agent:
 
     def publish_birth(self) -> bool:
         """Re-announce the device (retained), e.g. after an update swapped its version."""
-        body = {**self.birth(), "device": self.device, "ts": time.time()}
-        return self.link.publish(self.topics.birth(self.device),
-                                 json.dumps(body, separators=(",", ":")).encode(), qos=1,
+        body = Birth.model_validate({**self.birth(), "device": self.device, "ts": time.time()})
+        return self.link.publish(self.topics.birth(self.device), body.payload(), qos=1,
                                  retain=True)
 
     def _on_swap(self, runner: BlockRunner) -> None:
@@ -203,6 +193,10 @@ class Agent:
         """(inputs inferred, inference failures) so far, for the update health watch."""
         stage = self._pipeline.stages[0]
         return stage.processed, stage.errors
+
+    def stats_message(self) -> Stats:
+        """``stats()`` as the typed message the trainer and dashboards parse."""
+        return Stats.model_validate(self.stats())
 
     def stats(self) -> dict[str, Any]:
         snap = self.metrics.snapshot()
@@ -343,7 +337,7 @@ class Agent:
         reliable: list[tuple[str, bytes]] = []
         for messages in batch:
             for topic, payload, props in messages:
-                if topic.endswith("/act"):
+                if topic == self._act_topic:
                     reliable.append((topic, payload))
                 elif props is not None:  # a split request: fails at once when offline
                     if not self.link.publish(topic, payload, qos=1, properties=props):
@@ -430,7 +424,7 @@ class Agent:
                 self.source.close()
             if self.chain is not None:
                 self.chain.close()
-            self.link.publish(self.topics.stats(self.device), json.dumps(self.stats()))
+            self.link.publish(self.topics.stats(self.device), self.stats_message().payload())
         self.spool.close()
         log.info("agent stopped cleanly")
         return 0
@@ -456,7 +450,7 @@ class Agent:
                     self.metrics.queue_depth.labels(stage).set(depth)
                 self.metrics.spool_bytes.set(self.spool.bytes)
                 self.metrics.spool_records.set(len(self.spool))
-                self.link.publish(self.topics.stats(self.device), json.dumps(self.stats()))
+                self.link.publish(self.topics.stats(self.device), self.stats_message().payload())
                 self._expire_split(now)
                 next_stats = now + self.config.metrics.stats_interval_s
             if (self.config.pipeline.exit_when_done and self._pipeline.finished()

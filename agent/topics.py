@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import Enum
 
 from agent.errors import KnetAgentError
 
@@ -19,8 +20,50 @@ DEVICE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 RESERVED_IDS = frozenset({"model", "trainer", "plan", "chain"})
 
 
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_CHUNK_RE = re.compile(r"[0-9]{1,9}")  # not str.isdigit(): "²" passes it and fails int()
+
+
 class TopicError(KnetAgentError, ValueError):
     """A device, fleet or topic name that knet cannot use."""
+
+
+class TopicKind(str, Enum):
+    """What a topic carries: messages are routed on this, never on the topic's spelling."""
+
+    # {fleet}/{device}/{leaf}: the value is the leaf
+    STATE = "state"
+    BIRTH = "birth"
+    ACT = "act"
+    STATS = "stats"
+    UPDATE = "update"
+    INFER = "infer"
+    REPLY = "reply"
+    RESULT = "result"
+    INPUT = "input"
+    BENCH = "bench"
+    CHAIN = "chain"
+    BLOB_REQUEST = "blobreq"
+    # {fleet}/model/...
+    MANIFEST = "manifest"
+    BLOB = "blob"
+    # trainer/{id}/state
+    TRAINER_STATE = "trainer_state"
+
+
+DEVICE_LEAVES = {k.value: k for k in TopicKind
+                 if k not in (TopicKind.MANIFEST, TopicKind.BLOB, TopicKind.TRAINER_STATE)}
+
+
+@dataclass(frozen=True)
+class ParsedTopic:
+    """A topic of this fleet, taken apart; only the fields of its kind are set."""
+
+    kind: TopicKind
+    device: str | None = None
+    trainer: str | None = None
+    sha256: str | None = None
+    chunk: int | None = None
 
 
 def validate_id(value: str, what: str = "device id") -> str:
@@ -127,6 +170,34 @@ class Topics:
     def shared(self, group: str, topic_filter: str) -> str:
         """An MQTT v5 shared subscription: replicas in ``group`` split the messages."""
         return f"$share/{validate_id(group, 'share group')}/{topic_filter}"
+
+    def parse(self, topic: str) -> ParsedTopic:
+        """The kind and the ids of one of this fleet's topics (or a trainer's state topic);
+        TopicError for anything else, an unknown device leaf included."""
+        parts = topic.split("/")
+        root = self.root.split("/")
+        if parts[: len(root)] != root:
+            raise TopicError(f"{topic!r} is not under {self.root!r}")
+        rest = parts[len(root):]
+        if len(rest) == 3 and rest[0] == "trainer" and rest[2] == "state":
+            return ParsedTopic(TopicKind.TRAINER_STATE,
+                               trainer=validate_id(rest[1], "trainer id"))
+        if len(rest) < 3 or rest[0] != self.fleet:
+            raise TopicError(f"{topic!r} is not a topic of fleet {self.fleet!r}")
+        if rest[1] == "model":
+            return self._parse_model(topic, rest[2:])
+        if len(rest) != 3 or rest[2] not in DEVICE_LEAVES:
+            raise TopicError(f"{topic!r} is not a device topic knet uses")
+        return ParsedTopic(DEVICE_LEAVES[rest[2]], device=validate_id(rest[1]))
+
+    @staticmethod
+    def _parse_model(topic: str, rest: list[str]) -> ParsedTopic:
+        if rest == ["manifest"]:
+            return ParsedTopic(TopicKind.MANIFEST)
+        if (len(rest) == 3 and rest[0] == "blob" and _SHA256_RE.fullmatch(rest[1])
+                and _CHUNK_RE.fullmatch(rest[2])):
+            return ParsedTopic(TopicKind.BLOB, sha256=rest[1], chunk=int(rest[2]))
+        raise TopicError(f"{topic!r} is not a model topic knet uses")
 
     def parse_device_topic(self, topic: str) -> tuple[str, str]:
         """``(device, leaf)`` of a device topic of this fleet; TopicError otherwise."""

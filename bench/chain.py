@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.topics import TopicError, TopicKind, Topics
 from bench.report import command_line, console, print_table, write_json
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,28 +47,33 @@ class Watcher:
     """Results and relay messages as they arrive (wall-clock arrival, payload)."""
 
     def __init__(self, port: int) -> None:
-        import paho.mqtt.client as mqtt
-        from paho.mqtt.enums import CallbackAPIVersion
+        from agent.mqtt.client import make_client
+        from agent.mqtt.endpoint import MqttEndpoint
 
         self.results: list[tuple[float, dict[str, Any]]] = []
         self.relay_bytes: dict[str, list[int]] = {}
         self.stats_from: set[str] = set()
         self.cond = threading.Condition()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.topics = Topics(FLEET)
+        self.client = make_client(MqttEndpoint(port=port))
         self.client.on_message = self._on_message
         self.client.on_connect = lambda c, *_: c.subscribe(f"knet/v1/{FLEET}/#", 1)
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
+        self.client.start()
+        self.client.wait_subscribed([f"knet/v1/{FLEET}/#"], 10)
 
     def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
         now = time.time()
-        device, leaf = msg.topic.split("/")[-2:]
+        try:
+            topic = self.topics.parse(msg.topic)
+        except TopicError:
+            return
+        device = str(topic.device)
         with self.cond:
-            if leaf == "result":
+            if topic.kind is TopicKind.RESULT:
                 self.results.append((now, json.loads(msg.payload)))
-            elif leaf == "chain":
+            elif topic.kind is TopicKind.CHAIN:
                 self.relay_bytes.setdefault(device, []).append(len(msg.payload))
-            elif leaf == "stats":
+            elif topic.kind is TopicKind.STATS:
                 self.stats_from.add(device)
             self.cond.notify_all()
 
@@ -82,8 +88,7 @@ class Watcher:
             self.stats_from.clear()
 
     def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.client.stop()
 
 
 def _stage_dirs(full_dir: Path, root: Path, slices: list[tuple[int, int]]) -> list[Path]:
@@ -187,12 +192,12 @@ def run_chain(watcher: Watcher, port: int, full_dir: Path, slices: list[tuple[in
 
 def probe_link(port: int, n: int = 40, size: int = 256 * 1024) -> tuple[float, float]:
     """(RTT seconds of a small message, bytes/s of large ones) through the broker."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
+    from agent.mqtt.client import make_client
+    from agent.mqtt.endpoint import MqttEndpoint
 
     got: list[float] = []
     cond = threading.Condition()
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c = make_client(MqttEndpoint(port=port))
 
     def on_message(_c: Any, _u: Any, _m: Any) -> None:
         with cond:
@@ -200,10 +205,10 @@ def probe_link(port: int, n: int = 40, size: int = 256 * 1024) -> tuple[float, f
             cond.notify_all()
 
     c.on_message = on_message
-    c.connect("127.0.0.1", port)
-    c.loop_start()
-    c.subscribe("probe/#", 1)
-    time.sleep(0.3)
+    c.start()
+    if not c.wait_connected(10):
+        raise ConnectionError(f"no broker on port {port}")
+    c.subscribe_and_wait("probe/#", 10)
     rtts = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -220,8 +225,7 @@ def probe_link(port: int, n: int = 40, size: int = 256 * 1024) -> tuple[float, f
     with cond:
         cond.wait_for(lambda: len(got) >= n, 30)
     bw = n * size / (got[-1] - t0)
-    c.disconnect()
-    c.loop_stop()
+    c.stop()
     return statistics.median(rtts), bw
 
 

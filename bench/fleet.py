@@ -461,20 +461,20 @@ def _signed_update(work: Path, key_path: Path) -> tuple[bytes, Any, int]:
 def _rollout(workers: list[Worker], devices: int, work: Path, key_path: Path, port: int,
              timeout: float, result: dict[str, Any]) -> None:
     """A signed v2 of the digits student, pushed once; every device verifies and fetches."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
+    from agent.mqtt.client import make_client
+    from agent.mqtt.endpoint import MqttEndpoint
     from agent.topics import Topics
     from cloud_trainer.publisher import BlobPublisher
 
     signed, files, size = _signed_update(work, key_path)
     result["update_bytes"] = size
     errors: list[str] = result["errors"]
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-publisher",
-                         protocol=mqtt.MQTTv5)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    publisher = BlobPublisher(client, Topics(FLEET), work / "publisher").start()
+    client = make_client(MqttEndpoint(port=port), default_client_id="bench-publisher")
+    publisher = BlobPublisher(client, Topics(FLEET), work / "publisher")
+    client.start()
+    if not client.wait_connected(30):
+        raise ConnectionError(f"bench publisher: no broker on port {port}")
+    publisher.start()
     try:
         for w in workers:
             w.send(cmd="rollout", timeout_s=timeout)
@@ -485,8 +485,7 @@ def _rollout(workers: list[Worker], devices: int, work: Path, key_path: Path, po
     finally:
         with contextlib.suppress(Exception):
             publisher.close()
-        client.loop_stop()
-        client.disconnect()
+        client.stop()
     done = sorted(t - t0 for _w, ev in reports for t in ev["done"].values())
     failed = {k: v for _w, ev in reports for k, v in ev["errors"].items()}
     result.update({

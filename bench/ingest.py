@@ -44,11 +44,10 @@ def device_ids(devices: int) -> list[str]:
 def _publisher(port: int, messages: int, codec: str, devices: int, shape: tuple[int, ...],
                ready: Any, go: Any, result: Any) -> None:
     """Child process: pre-build every envelope, then publish them all at QoS 1."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
     from agent.codec import encode
     from agent.envelope import Envelope
+    from agent.mqtt.client import make_client
+    from agent.mqtt.endpoint import MqttEndpoint
     from agent.topics import Topics
 
     topics = Topics(FLEET)
@@ -64,12 +63,12 @@ def _publisher(port: int, messages: int, codec: str, devices: int, shape: tuple[
         work.append((i % devices, topics.act(dev), env.pack()))
     clients = []
     for dev in ids:
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{dev}",
-                        protocol=mqtt.MQTTv5)
+        c = make_client(MqttEndpoint(port=port), default_client_id=f"pub-{dev}")
         c.max_inflight_messages_set(100)
         c.max_queued_messages_set(0)
-        c.connect("127.0.0.1", port)
-        c.loop_start()
+        c.start()
+        if not c.wait_connected(30):
+            raise ConnectionError(f"publisher {dev}: no broker on port {port}")
         clients.append(c)
     ready.set()
     go.wait()
@@ -79,8 +78,7 @@ def _publisher(port: int, messages: int, codec: str, devices: int, shape: tuple[
         info.wait_for_publish(120)
     elapsed = time.perf_counter() - t0
     for c in clients:
-        c.disconnect()
-        c.loop_stop()
+        c.stop()
     result.put({"publish_s": elapsed, "envelope_bytes": sum(len(d) for _, _, d in work),
                 "payload_bytes": sum(len(frames[i % len(frames)]) for i in range(messages)),
                 "frame_bytes_mean": float(np.mean([len(f) for f in frames]))})

@@ -32,13 +32,14 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from agent.topics import validate_id
+from broker.errors import KnetBrokerError
 
 FORMATS = (".csv", ".toml")
 CSV_COLUMNS = {"id": "device_id"}  # model field → CSV column, where they differ
 _TOML_TABLE = re.compile(r"^\s*\[\[\s*devices\s*\]\]")
 
 
-class DeviceListError(ValueError):
+class DeviceListError(KnetBrokerError, ValueError):
     """A list file that cannot be used; the message names the file, line and field."""
 
 

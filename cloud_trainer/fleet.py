@@ -4,8 +4,8 @@ Fed by the retained ``state``/``birth`` messages. The agent's session counter gr
 every start, so a message from an older session is history, not news: the classic case is
 a retained Will ``offline`` of the previous run arriving after the new run's ``online`` (or
 a broker delivering them in an odd order after a restart). Those are counted and ignored.
-Unknown extra keys in a birth are kept in ``birth`` untouched, so an agent newer than the
-trainer never breaks it.
+Payloads are parsed by ``agent.wire.control`` (bounded, versioned, typed); unknown extra keys
+in a birth are kept in ``birth`` untouched, so an agent newer than the trainer never breaks it.
 """
 
 from __future__ import annotations
@@ -16,19 +16,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from agent import safejson
-from cloud_trainer.errors import KnetTrainerError
+from agent.wire.control import Birth, ControlMessageError, DeviceState
 
 log = logging.getLogger(__name__)
 
 STATES = ("online", "stopped", "offline")
-# A birth lists blocks, providers and a partition: a few KB. Bounded before parsing, with
-# the nesting depth, because a retained state/birth is re-delivered after every restart.
-MAX_FLEET_MESSAGE_BYTES = 256 * 1024
-
-
-class FleetMessageError(KnetTrainerError, ValueError):
-    """A state or birth payload that is not the JSON object knet agents send."""
+# Refusals are ControlMessageError (agent/wire/control.py: bounded, versioned, typed
+# parsing) with a reason to count; the old name stays for importers.
+FleetMessageError = ControlMessageError
 
 
 @dataclass
@@ -55,25 +50,6 @@ class DeviceInfo:
         return self.state == "online"
 
 
-def _json_object(payload: bytes, what: str) -> dict[str, Any]:
-    try:
-        body = safejson.loads(payload, max_bytes=MAX_FLEET_MESSAGE_BYTES)
-    except safejson.UnsafeJSONError as exc:
-        raise FleetMessageError(f"{what} refused: {exc}") from None
-    if not isinstance(body, dict):
-        raise FleetMessageError(f"{what} must be a JSON object")
-    return body
-
-
-def _session(body: dict[str, Any], what: str) -> int | None:
-    session = body.get("session")
-    if session is None:
-        return None
-    if isinstance(session, bool) or not isinstance(session, int) or session < 0:
-        raise FleetMessageError(f"{what} session must be a non-negative integer")
-    return session
-
-
 class FleetTable:
     """Thread-safe table of ``DeviceInfo`` keyed by device id."""
 
@@ -89,10 +65,10 @@ class FleetTable:
         return info
 
     def update_state(self, device: str, payload: bytes, now: float | None = None) -> bool:
-        """Apply a ``state`` message; False when it was from an older session (ignored).
+        """Apply a ``state`` payload; False when it was from an older session (ignored).
 
         An empty payload (a retained message being cleared) forgets the state.
-        Raises FleetMessageError on a malformed payload.
+        Raises ControlMessageError (reason for counters) on a refused payload.
         """
         now = time.time() if now is None else now
         if not payload:
@@ -100,53 +76,55 @@ class FleetTable:
                 info = self._get(device)
                 info.state, info.state_at = "unknown", now
             return True
-        body = _json_object(payload, "state")
-        state = body.get("state")
-        if state not in STATES:
-            raise FleetMessageError(f"state must be one of {STATES}, got {state!r}")
-        session = _session(body, "state")
+        return self.apply_state(device, DeviceState.parse(payload), now)
+
+    def apply_state(self, device: str, msg: DeviceState, now: float | None = None) -> bool:
+        """Apply a parsed ``state``; False when it was from an older session (ignored)."""
+        now = time.time() if now is None else now
         with self._lock:
             info = self._get(device)
-            if session is not None and info.session is not None and session < info.session:
-                self.stale_ignored += 1
-                log.info("ignoring stale %s of %s: session %d < current %d",
-                         state, device, session, info.session)
+            if self._stale(info, msg.session):
+                log.info("ignoring stale %s of %s: session %s < current %s",
+                         msg.state, device, msg.session, info.session)
                 return False
-            info.state, info.state_at = state, now
-            if session is not None:
-                info.session = session
-            if state == "online":
+            info.state, info.state_at = msg.state, now
+            if msg.session is not None:
+                info.session = msg.session
+            if msg.state == "online":
                 info.last_seen = now
         return True
 
     def update_birth(self, device: str, payload: bytes, now: float | None = None) -> bool:
-        """Apply a ``birth`` message; False when it was from an older session (ignored)."""
-        now = time.time() if now is None else now
+        """Apply a ``birth`` payload; False when empty or from an older session (ignored)."""
         if not payload:
             return False
-        body = _json_object(payload, "birth")
-        session = _session(body, "birth")
+        return self.apply_birth(device, Birth.parse(payload), now)
+
+    def apply_birth(self, device: str, msg: Birth, now: float | None = None) -> bool:
+        """Apply a parsed ``birth``; False when it was from an older session (ignored)."""
+        now = time.time() if now is None else now
         with self._lock:
             info = self._get(device)
-            if session is not None and info.session is not None and session < info.session:
-                self.stale_ignored += 1
+            if self._stale(info, msg.session):
                 return False
-            if session is not None:
-                info.session = session
-            info.birth, info.birth_at, info.last_seen = body, now, now
-            info.agent_version = _str(body.get("agent_version"))
-            info.profile = _str(body.get("profile"))
-            info.model_id = _str(body.get("model_id"))
-            mv = body.get("model_version")
-            info.model_version = mv if isinstance(mv, int) and not isinstance(mv, bool) else None
-            part = body.get("partition")
-            info.partition = part if isinstance(part, dict) else None
-            blocks = body.get("blocks", body.get("block_versions"))
-            info.block_versions = (
-                {str(k): str(v) for k, v in blocks.items()} if isinstance(blocks, dict) else {})
-            eps = body.get("providers", body.get("eps"))
-            info.providers = [str(p) for p in eps] if isinstance(eps, list) else []
+            if msg.session is not None:
+                info.session = msg.session
+            info.birth = msg.as_dict()
+            info.birth_at, info.last_seen = now, now
+            info.agent_version, info.profile = msg.agent_version, msg.profile
+            info.model_id, info.model_version = msg.model_id, msg.model_version
+            info.partition = (msg.partition.model_dump(mode="json")
+                              if msg.partition is not None else None)
+            info.block_versions = dict(msg.blocks)
+            info.providers = list(msg.providers)
         return True
+
+    def _stale(self, info: DeviceInfo, session: int | None) -> bool:
+        """A message of an older session than the one known (the caller holds the lock)."""
+        if session is not None and info.session is not None and session < info.session:
+            self.stale_ignored += 1
+            return True
+        return False
 
     def seen(self, device: str, now: float | None = None) -> None:
         """Record traffic from ``device`` (an activation) as a sign of life."""
@@ -175,6 +153,3 @@ class FleetTable:
         with self._lock:
             return len(self._devices)
 
-
-def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) else None

@@ -43,13 +43,17 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from pydantic import SecretStr
 
 from agent.codec import encode
 from agent.envelope import Envelope, EnvelopeError
-from agent.topics import Topics
+from agent.mqtt.client import make_client
+from agent.mqtt.endpoint import MqttEndpoint
+from agent.topics import TopicKind, Topics
+from agent.update_report import UpdateReport
+from agent.wire.control import Birth, DeviceState, Stats, TrainerState
 from broker.launcher import free_port, wait_for_port
 
 log = logging.getLogger(__name__)
@@ -181,6 +185,12 @@ def _cli(module: str) -> list[str]:
 
 
 # -- the console ----------------------------------------------------------------------------
+def lab_endpoint(host: str, port: int, username: str, password: str) -> MqttEndpoint:
+    """A lab client's endpoint: quick reconnects, as the fault tests restart the broker."""
+    return MqttEndpoint(host=host, port=port, username=username, password=SecretStr(password),
+                        reconnect_min_delay=0.2, reconnect_max_delay=2.0)
+
+
 @dataclass
 class DeviceView:
     """What the console knows about one device."""
@@ -208,16 +218,13 @@ class Console:
         self.blob_chunks = 0
         self.manifests: list[tuple[float, dict[str, Any]]] = []
         self.lock = threading.Lock()
-        self.connected = threading.Event()
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{CONSOLE_ID}-{os.getpid()}",
-                        protocol=mqtt.MQTTv5)
-        c.username_pw_set(CONSOLE_ID, password)
+        c = make_client(lab_endpoint(host, port, CONSOLE_ID, password),
+                        default_client_id=f"{CONSOLE_ID}-{os.getpid()}")
         c.on_connect = self._on_connect
         c.on_message = self._on_message
-        c.reconnect_delay_set(0.2, 2)
         self.client = c
-        c.connect_async(host, port, keepalive=30)
-        c.loop_start()
+        self.connected = c.connected
+        c.start()
 
     def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any,
                     _p: Any = None) -> None:
@@ -229,7 +236,6 @@ class Console:
                           ("state", "birth", "stats", "update", "result", "act")]
                          + [(t.trainer_state(self.trainer_id), 1), (t.manifest, 1),
                             (f"{t.fleet_root}/model/blob/#", 1)])
-        self.connected.set()
 
     def view(self, device: str) -> DeviceView:
         return self.devices.setdefault(device, DeviceView())
@@ -241,61 +247,65 @@ class Console:
             log.debug("console ignored %s: %s", msg.topic, exc)
 
     def _handle(self, msg: mqtt.MQTTMessage) -> None:
-        t = self.topics
-        if msg.topic == t.trainer_state(self.trainer_id):
-            with self.lock:
-                self.trainer = json.loads(msg.payload) if msg.payload else {}
-            return
-        if msg.topic.startswith(f"{t.fleet_root}/model/"):
-            with self.lock:
-                if msg.topic == t.manifest:
-                    if msg.payload:
-                        self.manifests.append((time.time(), json.loads(msg.payload)))
-                else:
-                    self.blob_bytes += len(msg.payload)
-                    self.blob_chunks += 1
-            return
-        device, leaf = t.parse_device_topic(msg.topic)
+        topic = self.topics.parse(msg.topic)
+        kind, payload = topic.kind, bytes(msg.payload)
         with self.lock:
-            v = self.view(device)
-            if leaf == "act":
-                try:
-                    env = Envelope.unpack(msg.payload)
-                except EnvelopeError:
-                    v.act_bad += 1
-                    return
-                key = (env.session, env.seq)
-                if key in v.act_keys:
-                    v.act_duplicates += 1
-                    return
-                v.act_keys.add(key)
-                v.act_bytes += len(msg.payload)
-            elif leaf == "stats":
-                v.stats = json.loads(msg.payload)
-                if v.stats.get("model_version") is not None:
-                    v.version = int(v.stats["model_version"])
-            elif leaf == "result":
-                r = json.loads(msg.payload)
-                v.results.append((int(r["index"]), r.get("prediction"), r.get("label"),
-                                  time.time()))
-            elif leaf == "update":
-                rep = json.loads(msg.payload)
-                rep["received"] = time.time()
-                v.reports.append(rep)
-                if rep.get("status") == "applied":
-                    v.version = int(rep["version"])
-            elif leaf == "birth" and msg.payload:
-                v.version = int(json.loads(msg.payload).get("model_version", 0)) or v.version
-            elif leaf == "state" and msg.payload:
-                v.state = json.loads(msg.payload).get("state", "?")
+            if kind is TopicKind.TRAINER_STATE:
+                if topic.trainer == self.trainer_id:
+                    self.trainer = TrainerState.parse(payload).as_dict() if payload else {}
+            elif kind is TopicKind.MANIFEST:
+                if payload:
+                    self.manifests.append((time.time(), json.loads(payload)))
+            elif kind is TopicKind.BLOB:
+                self.blob_bytes += len(payload)
+                self.blob_chunks += 1
+            elif topic.device is not None:
+                self._device_message(kind, self.view(topic.device), payload)
+
+    def _device_message(self, kind: TopicKind, v: DeviceView, payload: bytes) -> None:
+        """One device's message, routed by its topic's kind (the caller holds the lock)."""
+        if kind is TopicKind.ACT:
+            self._activation(v, payload)
+        elif kind is TopicKind.STATS:
+            stats = Stats.parse(payload)
+            v.stats = stats.as_dict()
+            if stats.model_version is not None:
+                v.version = stats.model_version
+        elif kind is TopicKind.RESULT:
+            r = json.loads(payload)
+            v.results.append((int(r["index"]), r.get("prediction"), r.get("label"),
+                              time.time()))
+        elif kind is TopicKind.UPDATE:
+            rep = UpdateReport.parse(payload).model_dump(mode="json")
+            rep["received"] = time.time()
+            v.reports.append(rep)
+            if rep["status"] == "applied":
+                v.version = int(rep["version"])
+        elif kind is TopicKind.BIRTH and payload:
+            v.version = Birth.parse(payload).model_version or v.version
+        elif kind is TopicKind.STATE and payload:
+            v.state = DeviceState.parse(payload).state
+
+    @staticmethod
+    def _activation(v: DeviceView, payload: bytes) -> None:
+        try:
+            env = Envelope.unpack(payload)
+        except EnvelopeError:
+            v.act_bad += 1
+            return
+        key = (env.session, env.seq)
+        if key in v.act_keys:
+            v.act_duplicates += 1
+            return
+        v.act_keys.add(key)
+        v.act_bytes += len(payload)
 
     def applied(self, device: str) -> list[dict[str, Any]]:
         with self.lock:
             return [r for r in self.view(device).reports if r.get("status") == "applied"]
 
     def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.client.stop()
 
 
 # -- the camera -----------------------------------------------------------------------------
@@ -313,14 +323,12 @@ class Camera:
         self.topic = topics.input(device)
         self.sent: list[tuple[str, int, int | None, float]] = []
         self.lock = threading.Lock()
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"{device}-camera",
-                        protocol=mqtt.MQTTv5)
-        c.username_pw_set(f"{device}.camera", password)  # its own session (broker binds ids)
-        c.reconnect_delay_set(0.2, 2)
+        # Its own account and session (the broker binds a session to its username).
+        c = make_client(lab_endpoint(host, port, device, password).for_connection("camera"),
+                        default_client_id=f"{device}-camera")
         c.max_queued_messages_set(0)
         self.client = c
-        c.connect_async(host, port, keepalive=30)
-        c.loop_start()
+        c.start()
 
     def send(self, x: np.ndarray, label: int, phase: str, version: int | None) -> None:
         props = Properties(PacketTypes.PUBLISH)
@@ -331,8 +339,7 @@ class Camera:
             self.client.publish(self.topic, payload, qos=1, properties=props)
 
     def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.client.stop()
 
 
 # -- the lab --------------------------------------------------------------------------------

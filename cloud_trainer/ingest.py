@@ -58,16 +58,16 @@ from typing import Any, Literal
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import Field
 
 from agent.codec import CodecError, OversizedFrameError, UnknownCodecError, decode
 from agent.codec.frame import parse_frame
 from agent.envelope import Envelope, EnvelopeError, EnvelopeVersionError
-from agent.topics import TopicError, Topics
-from cloud_trainer.fleet import FleetMessageError, FleetTable
+from agent.mqtt.client import KnetClient, SubscribeError, make_client
+from agent.mqtt.endpoint import SESSION_EXPIRY_MAX, MqttEndpoint
+from agent.topics import TopicError, TopicKind, Topics
+from agent.wire.control import ControlMessageError
+from cloud_trainer.fleet import FleetTable
 from cloud_trainer.store import SampleStore
 
 log = logging.getLogger(__name__)
@@ -78,28 +78,22 @@ BAD_REASONS = ("malformed", "oversized", "version", "spoofed", "bad_frame", "wro
 INVALID_DEVICE = "?invalid"  # bad_topic counts go here: the topic's id is not a device id
 
 
-class IngestSettings(BaseModel):
-    """How the trainer reads the fleet's activations; unknown keys are rejected."""
+class IngestSettings(MqttEndpoint):
+    """How the trainer reads the fleet's activations: the trainer's endpoint (derived from its
+    ``[mqtt]``) plus the ingest connection's own session and flow control."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    host: str = "127.0.0.1"
-    port: int = Field(1883, ge=1, le=65535)
-    username: str | None = None
-    password: SecretStr | None = None
     # Stable across restarts (the broker keeps the session under it) and distinct per replica.
-    client_id: str = Field(default_factory=lambda: f"knet-ingest-{socket.gethostname()}")
+    client_id: str | None = Field(default_factory=lambda: f"knet-ingest-{socket.gethostname()}")
+    # A persistent session: what devices publish while the trainer restarts is queued for it.
+    clean_start: bool = False
+    session_expiry: int = Field(24 * 3600, ge=0, le=SESSION_EXPIRY_MAX)
     share_group: str = "trainers"
     # False: a plain subscription, for a single trainer on Mosquitto, which does not restore
     # shared subscriptions from persistence after a restart (measured on 2.0.11: activations
     # published between the restart and the ingestor's re-subscribe had no subscriber and were
     # lost; a plain persistent subscription is restored and queued). docs/deploy.md.
     shared: bool = True
-    keepalive: int = Field(30, ge=5, le=65535)
-    session_expiry: int = Field(24 * 3600, ge=0)
     receive_maximum: int = Field(1000, ge=1, le=65535)
-    reconnect_min_delay: float = Field(0.5, gt=0)
-    reconnect_max_delay: float = Field(30.0, gt=0)
     max_payload: int = Field(4 << 20, ge=1)  # codec frame bytes inside an envelope
     max_decoded_bytes: int = Field(16 << 20, ge=1)  # float32 bytes a frame may declare
     # "decode": every stored sample is known to decode (costs a decompression per message);
@@ -142,6 +136,8 @@ class IngestStats:
     rejected: int = 0
     bad: dict[str, Counter[str]] = field(default_factory=dict)
     rejects: Counter[str] = field(default_factory=Counter)
+    # Refused state/birth messages by "<kind>/<reason>" (agent.wire.control.REJECT_REASONS).
+    control_rejects: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count_bad(self, device: str, reason: str, act: bool = False) -> None:
@@ -150,6 +146,10 @@ class IngestStats:
             if act:
                 self.rejected += 1
                 self.rejects[reason] += 1
+
+    def count_control_reject(self, kind: TopicKind, reason: str) -> None:
+        with self._lock:
+            self.control_rejects[f"{kind.value}/{reason}"] += 1
 
     def bad_snapshot(self) -> dict[str, dict[str, int]]:
         with self._lock:
@@ -162,10 +162,11 @@ class IngestStats:
 
     def as_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in vars(self).items()
-               if not k.startswith("_") and k not in ("bad", "rejects")}
+               if not k.startswith("_") and k not in ("bad", "rejects", "control_rejects")}
         out["bad"] = self.bad_snapshot()
         with self._lock:
             out["rejects"] = dict(self.rejects)
+            out["control_rejects"] = dict(self.control_rejects)
         out["bad_total"] = self.bad_total
         return out
 
@@ -213,11 +214,11 @@ class Ingestor:
                             if settings.shared else topics.all_devices("act"))
         self._filters = [(self._act_filter, 1), (topics.all_devices("state"), 1),
                          (topics.all_devices("birth"), 1)]
+        self._filter_names = [f for f, _qos in self._filters]
         # Twice receive_maximum: the hard bound behind the broker's flow control (module doc).
         self._queue: queue.Queue[_Item] = queue.Queue(maxsize=2 * settings.receive_maximum)
         self._ack_lock = threading.Lock()
         self._generation = 0
-        self._subscribed = threading.Event()
         self._stopping = threading.Event()
         self._writer_stop = threading.Event()
         self._writer: threading.Thread | None = None
@@ -227,14 +228,8 @@ class Ingestor:
         self.client = self._make_client()
 
     # -- lifecycle -------------------------------------------------------------------------
-    def _make_client(self) -> mqtt.Client:
-        s = self.settings
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=s.client_id,
-                             protocol=mqtt.MQTTv5, manual_ack=True)
-        if s.username:
-            client.username_pw_set(s.username,
-                                   s.password.get_secret_value() if s.password else None)
-        client.reconnect_delay_set(s.reconnect_min_delay, s.reconnect_max_delay)  # type: ignore[arg-type]
+    def _make_client(self) -> KnetClient:
+        client = make_client(self.settings, manual_ack=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
@@ -247,19 +242,24 @@ class Ingestor:
         self._writer = threading.Thread(target=self._write_loop, name="ingest-writer",
                                         daemon=True)
         self._writer.start()
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = s.session_expiry
-        props.ReceiveMaximum = s.receive_maximum
-        self.client.connect_async(s.host, s.port, keepalive=s.keepalive, clean_start=False,
-                                  properties=props)
-        self.client.loop_start()
-        if wait and not self._subscribed.wait(s.subscribe_timeout_s):
-            log.warning("ingestor %s: no SUBACK from %s:%d within %.0f s; still trying",
-                        s.client_id, s.host, s.port, s.subscribe_timeout_s)
+        self.client.start(receive_maximum=s.receive_maximum)
+        if wait and not self.wait_subscribed(s.subscribe_timeout_s):
+            log.warning("ingestor %s: not subscribed at %s within %.0f s; still trying",
+                        s.client_id, s.describe(), s.subscribe_timeout_s)
         return self
 
     def wait_subscribed(self, timeout: float) -> bool:
-        return self._subscribed.wait(timeout)
+        """True once the broker granted every subscription on the current connection."""
+        deadline = time.monotonic() + timeout
+        if not self.client.wait_connected(timeout):
+            return False
+        try:
+            self.client.wait_subscribed(self._filter_names,
+                                        max(0.0, deadline - time.monotonic()))
+        except SubscribeError as exc:
+            log.debug("ingestor %s: %s", self.settings.client_id, exc)
+            return False
+        return True
 
     def stop(self, drain_timeout: float = 5.0) -> None:
         """Store and acknowledge what is queued, then disconnect (the session stays)."""
@@ -269,8 +269,7 @@ class Ingestor:
         deadline = time.monotonic() + drain_timeout
         while (self._queue.unfinished_tasks or self._busy) and time.monotonic() < deadline:
             time.sleep(0.01)
-        self.client.disconnect()  # queued after the PUBACKs: they go out first
-        self.client.loop_stop()
+        self.client.stop()  # the DISCONNECT is queued after the PUBACKs: they go out first
         self._writer_stop.set()  # anything left is stored; the broker re-delivers it anyway
         if self._writer is not None:
             self._writer.join(timeout=30)
@@ -313,13 +312,10 @@ class Ingestor:
         bad = [r for r in reasons if r.is_failure]
         if bad:
             log.error("ingestor %s: subscription refused: %s", self.settings.client_id, bad)
-        else:
-            self._subscribed.set()
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         with self._ack_lock:
             self._generation += 1  # nothing received so far may be acked any more
-        self._subscribed.clear()
         if not self._stopping.is_set():
             log.warning("ingestor %s disconnected: %s", self.settings.client_id, reason)
 
@@ -358,22 +354,15 @@ class Ingestor:
         """Validate one message; the envelope when it should be stored, else None."""
         data = msg.payload
         try:
-            device, leaf = self.topics.parse_device_topic(msg.topic)
+            topic = self.topics.parse(msg.topic)
         except (TopicError, UnicodeDecodeError) as exc:
             self._bad(INVALID_DEVICE, "bad_topic", exc, act=False)
             return None
-        now = time.time()
-        if leaf == "state" or leaf == "birth":
-            self.stats.fleet_messages += 1
-            try:
-                if leaf == "state":
-                    self.fleet.update_state(device, data, now)
-                else:
-                    self.fleet.update_birth(device, data, now)
-            except FleetMessageError as exc:
-                self._bad(device, f"bad_{leaf}", exc, act=False)
+        device, now = str(topic.device), time.time()
+        if topic.kind in (TopicKind.STATE, TopicKind.BIRTH):
+            self._fleet_message(topic.kind, device, data, now)
             return None
-        if leaf != "act":
+        if topic.kind is not TopicKind.ACT:
             return None
         self.stats.received += 1
         self.stats.bytes_received += len(data)
@@ -430,6 +419,18 @@ class Ingestor:
             return None
         self.fleet.seen(device, now)
         return env
+
+    def _fleet_message(self, kind: TopicKind, device: str, data: bytes, now: float) -> None:
+        """A device's state or birth into the fleet table; refused ones counted by reason."""
+        self.stats.fleet_messages += 1
+        try:
+            if kind is TopicKind.STATE:
+                self.fleet.update_state(device, data, now)
+            else:
+                self.fleet.update_birth(device, data, now)
+        except ControlMessageError as exc:
+            self.stats.count_control_reject(kind, exc.reason)
+            self._bad(device, f"bad_{kind.value}", exc, act=False)
 
     def _boundaries_of(self, env: Envelope) -> dict[int, tuple[int, ...]] | None:
         """The deployed boundary shapes for the envelope's model; None: not a model here."""

@@ -37,11 +37,12 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from paho.mqtt.enums import MQTTErrorCode
 
 from agent import safejson
 from agent.manifest import PartitionManifest, sha256_file
+from agent.mqtt.client import KnetClient, SubscribeError, make_client
+from agent.mqtt.endpoint import MqttEndpoint
 from agent.topics import TopicError, Topics
 from agent.update_manifest import (
     MAX_CHUNK_SIZE,
@@ -59,16 +60,10 @@ MAX_REQUEST_BYTES = 8192
 ProfileSelector = str | Sequence[str]
 
 
-class PublisherSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PublisherSettings(MqttEndpoint):
+    """A publisher with its own connection (tools, tests); the trainer shares its main one."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(1883, ge=1, le=65535)
-    username: str | None = None
-    password: SecretStr | None = None
-    client_id: str = "knet-publisher"
-    keepalive: int = Field(30, ge=5)
-    connect_timeout: float = Field(10.0, gt=0)
+    client_id: str | None = "knet-publisher"
 
 
 @dataclass(frozen=True)
@@ -217,14 +212,7 @@ class BlobPublisher:
             self.client.on_connect = chained
         else:
             self._settings = client_or_settings
-            self.client = mqtt.Client(CallbackAPIVersion.VERSION2,
-                                      client_id=client_or_settings.client_id,
-                                      protocol=mqtt.MQTTv5)
-            if client_or_settings.username:
-                pw = client_or_settings.password
-                self.client.username_pw_set(client_or_settings.username,
-                                            pw.get_secret_value() if pw else None)
-            self.client.reconnect_delay_set(1, 30)
+            self.client = make_client(client_or_settings)
             self.client.on_connect = self._on_connect
         self.client.message_callback_add(self._req_filter, self._on_request)
 
@@ -235,15 +223,25 @@ class BlobPublisher:
                                             daemon=True)
             self._worker.start()
         if self._settings is not None:
-            s = self._settings
-            self.client.connect(s.host, s.port, keepalive=s.keepalive)
-            self.client.loop_start()
-            if not self.connected.wait(s.connect_timeout):
-                raise ConnectionError(f"publisher: no CONNACK from {s.host}:{s.port}")
+            self._start_own(self._settings)
         elif self.client.is_connected():
             self.client.subscribe(self._req_filter, 1)
             self.connected.set()
         return self
+
+    def _start_own(self, s: PublisherSettings) -> None:
+        """Connect our own client and return once chunk re-requests reach us (SUBACK)."""
+        assert isinstance(self.client, KnetClient)
+        self.client.start()
+        deadline = time.monotonic() + s.connect_timeout_s
+        if not self.client.wait_connected(s.connect_timeout_s):
+            raise ConnectionError(f"publisher: no connection to {s.describe()} within "
+                                  f"{s.connect_timeout_s:g} s")
+        try:
+            self.client.wait_subscribed([self._req_filter],
+                                        max(0.0, deadline - time.monotonic()))
+        except SubscribeError as exc:
+            raise ConnectionError(f"publisher: chunk re-requests not subscribed: {exc}") from None
 
     def close(self) -> None:
         if self._worker is not None:
@@ -252,9 +250,8 @@ class BlobPublisher:
             self._worker.join(5.0)
             self._worker = None
         self.client.message_callback_remove(self._req_filter)
-        if self._settings is not None:
-            self.client.disconnect()
-            self.client.loop_stop()
+        if isinstance(self.client, KnetClient) and self._settings is not None:
+            self.client.stop()
 
     def __enter__(self) -> BlobPublisher:
         return self.start()

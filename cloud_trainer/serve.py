@@ -22,19 +22,21 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
 import torch
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.codec import CodecError, decode
 from agent.envelope import Envelope, EnvelopeError
-from agent.topics import TopicError, Topics
+from agent.mqtt.client import SubscribeError, make_client
+from agent.mqtt.endpoint import MqttEndpoint
+from agent.topics import TopicError, TopicKind, Topics
 from cloud_trainer.blocks import BlockModel
 from cloud_trainer.guard import RateLimitedLog
 
@@ -46,9 +48,8 @@ MAX_CORRELATION_BYTES = 64  # the agent sends an 8-byte sequence number
 class SplitServer:
     """Serves teacher blocks k+1..N for every device of a fleet."""
 
-    def __init__(self, teacher: BlockModel, model_id: str, topics: Topics, host: str,
-                 port: int, *, username: str | None = None, password: str | None = None,
-                 workers: int = 2, max_pending: int = 64, client_id: str = "knet-split",
+    def __init__(self, teacher: BlockModel, model_id: str, topics: Topics,
+                 endpoint: MqttEndpoint, *, workers: int = 2, max_pending: int = 64,
                  max_payload: int = 16 * 2**20) -> None:
         self.teacher = teacher.eval()
         self.model_id = model_id
@@ -59,35 +60,45 @@ class SplitServer:
         self._bad_log = RateLimitedLog(log, 10.0)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="knet-split")
         self._slots = threading.BoundedSemaphore(max_pending)
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                                   protocol=mqtt.MQTTv5)
-        if username:
-            self._client.username_pw_set(username, password)
+        self._filter = topics.all_devices(TopicKind.INFER.value)
+        self._client = make_client(endpoint, default_client_id="knet-split")
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
-        self._host, self._port = host, port
-        self.connected = threading.Event()
 
     def __enter__(self) -> SplitServer:
-        self._client.connect(self._host, self._port, keepalive=30)
-        self._client.loop_start()
+        """Connect in the background (``wait_ready`` blocks until requests reach us)."""
+        self._client.start()
         return self
 
     def __exit__(self, *_: object) -> None:
         self._pool.shutdown(wait=True)
-        self._client.disconnect()
-        self._client.loop_stop()
+        self._client.stop()
 
-    def _on_connect(self, client: mqtt.Client, *_: Any) -> None:
-        client.subscribe(self.topics.all_devices("infer"), qos=1)
-        self.connected.set()
+    def wait_ready(self, timeout: float) -> bool:
+        """True once connected and the broker granted the ``infer`` subscription."""
+        deadline = time.monotonic() + timeout
+        if not self._client.wait_connected(timeout):
+            return False
+        try:
+            self._client.wait_subscribed([self._filter], max(0.0, deadline - time.monotonic()))
+        except SubscribeError as exc:
+            log.error("split server not subscribed: %s", exc)
+            return False
+        return True
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any,
+                    _p: Any = None) -> None:
+        if reason.is_failure:
+            log.error("split server connection refused: %s", reason)
+            return
+        client.subscribe(self._filter, qos=1)
 
     def reply_topic(self, request_topic: str) -> str:
         """Where a request on ``request_topic`` is answered: its device's own reply topic."""
-        device, leaf = self.topics.parse_device_topic(request_topic)
-        if leaf != "infer":
+        topic = self.topics.parse(request_topic)
+        if topic.kind is not TopicKind.INFER or topic.device is None:
             raise TopicError(f"{request_topic!r} is not an infer topic")
-        return self.topics.reply(device)
+        return self.topics.reply(topic.device)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         try:

@@ -40,15 +40,17 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy.exc import SQLAlchemyError
 
+from agent.mqtt.client import KnetClient, Will, make_client
+from agent.mqtt.endpoint import MqttEndpoint
 from agent.signing import SigningError
-from agent.topics import TopicError
+from agent.topics import TopicError, TopicKind
 from agent.update_manifest import SignedManifest
 from agent.update_report import UpdateReport, UpdateReportError
+from agent.wire.control import ControlMessageError, RunSummary, TrainerState
 from cloud_trainer.errors import KnetTrainerError
-from cloud_trainer.fleet import FleetMessageError, FleetTable
+from cloud_trainer.fleet import FleetTable
 from cloud_trainer.guard import RateLimitedLog, ThreadDeathWatch, guard_callback
 from cloud_trainer.keys import load_private_key, secret_share_group
 from cloud_trainer.publisher import BlobPublisher
@@ -135,16 +137,8 @@ def lock_info(path: Path) -> dict[str, Any] | None:
 
 
 # -- MQTT -----------------------------------------------------------------------------------
-def apply_tls(client: mqtt.Client, config: TrainerConfig, connection: str | None = None) -> None:
-    """TLS for one of the trainer's connections; with ``connection_accounts`` an extra
-    connection presents its own certificate from ``<cert dir>/<connection>/``."""
-    tls = config.mqtt.tls
-    if tls is not None:
-        cert, key = tls.cert_file, tls.key_file
-        if connection and config.mqtt.connection_accounts and cert and key:
-            cert, key = cert.parent / connection / cert.name, key.parent / connection / key.name
-        client.tls_set(ca_certs=str(tls.ca_file), certfile=str(cert) if cert else None,
-                       keyfile=str(key) if key else None)
+# The device topics the trainer's own connection reads, each routed by its kind.
+DEVICE_KINDS = (TopicKind.STATE, TopicKind.BIRTH, TopicKind.UPDATE)
 
 
 class _Channel:
@@ -179,9 +173,11 @@ class TrainerService:
         self.ingestor: Any = None
         self.split: Any = None
         self.adapter: Any = None  # cloud_trainer/plan/adaptive.py, with [adapt]
-        self.client: mqtt.Client | None = None
+        self.client: KnetClient | None = None
         self.connected = threading.Event()
         self.stats: dict[str, int] = {"reports": 0, "bad_reports": 0, "fleet_bad": 0}
+        # Refused state/birth by "<kind>/<reason>" (agent.wire.control.REJECT_REASONS).
+        self.control_rejects: Counter[str] = Counter()
         # Messages a callback failed on (dropped), per callback; see cloud_trainer/guard.py.
         self.callback_errors: Counter[str] = Counter()
         self._bad_log = RateLimitedLog(log, 10.0)
@@ -199,7 +195,7 @@ class TrainerService:
         try:
             cfg.trainer.state_dir.mkdir(parents=True, exist_ok=True)
             self.key = load_private_key(cfg.trainer.signing_key_file)
-            self.password = cfg.mqtt.resolve_password()
+            cfg.mqtt.resolve_password()  # a missing secret is a ConfigError now, not later
             self.registry = Registry(cfg.registry_dir)
             self.runs = RunLog(cfg.registry_dir)
             s = cfg.store
@@ -262,8 +258,7 @@ class TrainerService:
                                         retain=True).wait_for_publish(5)
             with contextlib.suppress(Exception):
                 self.publisher.close()
-            self.client.disconnect()
-            self.client.loop_stop()
+            self.client.stop()
             self.client = None
         if getattr(self, "store", None) is not None:
             self.store.close()
@@ -278,41 +273,42 @@ class TrainerService:
     def __exit__(self, *_: object) -> None:
         self.stop()
 
+    def _main_endpoint(self) -> MqttEndpoint:
+        """``[mqtt]`` for the main connection; a run-now beside the daemon gets its own
+        client id and a clean session, so it never takes over the daemon's."""
+        mqtt_cfg = self.config.mqtt
+        if not self.oneshot:
+            return mqtt_cfg
+        main = mqtt_cfg.client_id or f"knet-trainer-{self.config.trainer.id}"
+        return mqtt_cfg.model_copy(update={"client_id": f"{main}-run-now-{os.getpid()}",
+                                           "clean_start": True, "session_expiry": 0})
+
     def _connect(self) -> None:
         cfg = self.config
-        suffix = f"-run-now-{os.getpid()}" if self.oneshot else ""
-        client = mqtt.Client(CallbackAPIVersion.VERSION2,
-                             client_id=f"knet-trainer-{cfg.trainer.id}{suffix}",
-                             protocol=mqtt.MQTTv5)
-        if cfg.mqtt.username:
-            client.username_pw_set(cfg.mqtt.username, self.password)
-        apply_tls(client, cfg)
-        client.reconnect_delay_set(1, 30)
-        if not self.oneshot:
-            client.will_set(self.topics.trainer_state(cfg.trainer.id),
-                            self._state_payload("offline"), qos=1, retain=True)
+        will = None if self.oneshot else Will(self.topics.trainer_state(cfg.trainer.id),
+                                              self._state_payload("offline"))
+        client = make_client(self._main_endpoint(), will=will,
+                             default_client_id=f"knet-trainer-{cfg.trainer.id}")
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
-        for leaf, handler in (("state", self._on_state), ("birth", self._on_birth),
-                              ("update", self._on_report)):
-            client.message_callback_add(self.topics.all_devices(leaf), guard_callback(
-                leaf, handler, self.callback_errors, self._bad_log))
+        for kind in DEVICE_KINDS:
+            client.message_callback_add(self.topics.all_devices(kind.value), guard_callback(
+                kind.value, self._on_device_message, self.callback_errors, self._bad_log))
         self.client = client
         self.publisher = BlobPublisher(client, self.topics, cfg.trainer.state_dir / "blobs")
         self.publisher.start()
-        client.connect_async(cfg.mqtt.host, cfg.mqtt.port, keepalive=cfg.mqtt.keepalive)
-        client.loop_start()
-        if not self.connected.wait(cfg.mqtt.connect_timeout_s):
-            log.warning("trainer: no connection to %s:%d within %.0f s; still trying",
-                        cfg.mqtt.host, cfg.mqtt.port, cfg.mqtt.connect_timeout_s)
+        client.start()
+        timeout = cfg.mqtt.connect_timeout_s
+        if not self.connected.wait(timeout):
+            log.warning("trainer: no connection to %s within %.0f s; still trying",
+                        cfg.mqtt.describe(), timeout)
 
     def _on_connect(self, client: mqtt.Client, _u: Any, _flags: Any, reason: Any,
                     _p: Any = None) -> None:
         if getattr(reason, "is_failure", False):
             log.error("trainer connection refused: %s", reason)
             return
-        client.subscribe([(self.topics.all_devices(leaf), 1)
-                          for leaf in ("state", "birth", "update")])
+        client.subscribe([(self.topics.all_devices(kind.value), 1) for kind in DEVICE_KINDS])
         if self.adapter is not None:
             self.adapter.attach(client, self.topics)
         self.connected.set()
@@ -331,36 +327,37 @@ class TrainerService:
         if not self.stopping.is_set():
             log.warning("trainer disconnected from the broker; reconnecting")
 
-    def _device(self, topic: str) -> str | None:
+    def _on_device_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        """Route a device message by its topic's kind (paho's thread; guarded)."""
         try:
-            return self.topics.parse_device_topic(topic)[0]
-        except TopicError:
-            return None
-
-    def _on_state(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        device = self._device(msg.topic)
-        try:
-            if device is not None:
-                self.fleet.update_state(device, bytes(msg.payload))
-        except FleetMessageError as exc:
+            topic = self.topics.parse(msg.topic)
+        except TopicError as exc:
             self.stats["fleet_bad"] += 1
-            self._bad_log.log(logging.WARNING, ("state", device), "bad state from %s: %s",
-                              device, exc)
+            self._bad_log.log(logging.WARNING, ("topic", ""), "message on %r dropped: %s",
+                              msg.topic, exc)
+            return
+        if topic.device is None:
+            return
+        if topic.kind is TopicKind.UPDATE:
+            self._on_report(topic.device, bytes(msg.payload))
+        elif topic.kind in (TopicKind.STATE, TopicKind.BIRTH):
+            self._on_fleet_message(topic.kind, topic.device, bytes(msg.payload))
 
-    def _on_birth(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        device = self._device(msg.topic)
+    def _on_fleet_message(self, kind: TopicKind, device: str, payload: bytes) -> None:
         try:
-            if device is not None:
-                self.fleet.update_birth(device, bytes(msg.payload))
-        except FleetMessageError as exc:
+            if kind is TopicKind.STATE:
+                self.fleet.update_state(device, payload)
+            else:
+                self.fleet.update_birth(device, payload)
+        except ControlMessageError as exc:
             self.stats["fleet_bad"] += 1
-            self._bad_log.log(logging.WARNING, ("birth", device), "bad birth from %s: %s",
-                              device, exc)
+            self.control_rejects[f"{kind.value}/{exc.reason}"] += 1
+            self._bad_log.log(logging.WARNING, (kind.value, device), "bad %s from %s: %s",
+                              kind.value, device, exc)
 
-    def _on_report(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        device = self._device(msg.topic)
+    def _on_report(self, device: str, payload: bytes) -> None:
         try:
-            report = UpdateReport.parse(bytes(msg.payload))
+            report = UpdateReport.parse(payload)
             if report.device != device:
                 raise UpdateReportError(f"report names {report.device!r} on {device}'s topic")
             self.runs.add_report(report)
@@ -370,10 +367,10 @@ class TrainerService:
         except UpdateReportError as exc:
             self.stats["bad_reports"] += 1
             self._bad_log.log(logging.WARNING, ("update", device),
-                              "bad update report on %s: %s", msg.topic, exc)
+                              "bad update report from %s: %s", device, exc)
         except Exception:  # never kill paho's thread (e.g. a locked database)
             self.stats["bad_reports"] += 1
-            log.exception("storing the update report on %s failed", msg.topic)
+            log.exception("storing the update report from %s failed", device)
 
     def _serve_current(self) -> None:
         """After a restart, answer re-requests for what the retained manifests name."""
@@ -390,14 +387,11 @@ class TrainerService:
         from cloud_trainer.ingest import Ingestor, IngestSettings
 
         cfg, ing = self.config, self.config.ingest
-        settings = IngestSettings(
-            host=cfg.mqtt.host, port=cfg.mqtt.port,
-            username=cfg.mqtt.connection_username("ingest"),
-            password=self.password, client_id=f"knet-ingest-{cfg.trainer.id}",
+        settings = cfg.mqtt.connection("ingest").derive(
+            IngestSettings, client_id=f"knet-ingest-{cfg.trainer.id}",
             # A name only key holders can derive: a device cannot join the group and take
             # activations from it (cloud_trainer/keys.py, docs/broker.md).
             share_group=secret_share_group(ing.share_group, self.key), shared=ing.shared,
-            keepalive=cfg.mqtt.keepalive,
             receive_maximum=ing.receive_maximum, max_payload=ing.max_payload,
             validation=ing.validation,
             # The boundaries the deployed models have (0 = input .. N = logits), each with
@@ -407,7 +401,6 @@ class TrainerService:
                                                   rt.initial_student.boundary_shapes))
                               for mid, rt in self.models.items()})
         self.ingestor = Ingestor(settings, self.topics, self.store, self.fleet)
-        apply_tls(self.ingestor.client, cfg, "ingest")
         self.ingestor.start(wait=False)
 
     def _start_split(self) -> None:
@@ -415,12 +408,10 @@ class TrainerService:
 
         cfg = self.config
         model_id = cfg.split.model or next(iter(cfg.models))
-        srv = SplitServer(self.models[model_id].teacher, model_id, self.topics,
-                          cfg.mqtt.host, cfg.mqtt.port,
-                          username=cfg.mqtt.connection_username("split"),
-                          password=self.password, workers=cfg.split.workers,
-                          client_id=f"knet-split-{cfg.trainer.id}")
-        apply_tls(srv._client, cfg, "split")  # the server owns its client: TLS before connect
+        endpoint = cfg.mqtt.connection("split").derive(
+            MqttEndpoint, client_id=f"knet-split-{cfg.trainer.id}")
+        srv = SplitServer(self.models[model_id].teacher, model_id, self.topics, endpoint,
+                          workers=cfg.split.workers)
         self.split = srv.__enter__()
 
     def _start_adapt(self) -> None:
@@ -522,36 +513,44 @@ class TrainerService:
 
     # --- trainer state
     def _state_payload(self, state: str) -> bytes:
-        body: dict[str, Any] = {"state": state, "trainer": self.config.trainer.id,
-                                "fleet": self.config.trainer.fleet, "pid": os.getpid(),
-                                "started_at": self.started_at, "time": time.time()}
+        fields: dict[str, Any] = {"state": state, "trainer": self.config.trainer.id,
+                                  "fleet": self.config.trainer.fleet, "pid": os.getpid(),
+                                  "started_at": self.started_at, "time": time.time()}
         if state == "online" and hasattr(self, "runs"):
-            runs = self.runs.runs(kind="run", limit=200)
-            body["rounds"] = sum(r.status == "pushed" for r in runs)
-            body["runs"] = {}
-            for r in runs:
-                if r.job_id not in body["runs"]:
-                    body["runs"][r.job_id] = {
-                        "run_id": r.run_id, "status": r.status, "version": r.version,
-                        "reason": r.reason[:200], "started_at": r.started_at.isoformat(),
-                        "finished_at": r.finished_at.isoformat() if r.finished_at else None}
-            body["devices_online"] = len(self.fleet.online())
+            fields.update(self._state_summary())
+        return TrainerState.model_validate(fields).payload()
+
+    def _state_summary(self) -> dict[str, Any]:
+        """What ``online`` tells dashboards: runs per job, devices, dropped, ingest, models."""
+        runs = self.runs.runs(kind="run", limit=200)
+        latest: dict[str, RunSummary] = {}
+        for r in runs:
+            if r.job_id not in latest:
+                latest[r.job_id] = RunSummary(
+                    run_id=r.run_id, status=r.status, version=r.version, reason=r.reason[:200],
+                    started_at=r.started_at.isoformat(),
+                    finished_at=r.finished_at.isoformat() if r.finished_at else None)
+        body: dict[str, Any] = {
+            "rounds": sum(r.status == "pushed" for r in runs), "runs": latest,
+            "devices_online": len(self.fleet.online()),
             # Device messages the trainer's own connection refused or failed on (dropped).
-            body["dropped"] = {"fleet_bad": self.stats["fleet_bad"],
-                               "bad_reports": self.stats["bad_reports"],
-                               "callback_errors": dict(self.callback_errors)}
-            if self.ingestor is not None:
-                m = self.ingestor.metrics()
-                # received == stored + duplicates + rejected + queue_depth (activations);
-                # bad_total adds the refused state/birth messages and bad topics.
-                body["ingest"] = {k: m[k] for k in ("received", "stored", "duplicates",
-                                                    "rejected", "rejects", "bad_total",
-                                                    "queue_depth")}
-            body["models"] = {}
-            for mid in self.models:
-                v = self.registry.deployed(mid)
-                body["models"][mid] = {"deployed": v.version if v else None}
-        return json.dumps(body, separators=(",", ":")).encode()
+            "dropped": {"fleet_bad": self.stats["fleet_bad"],
+                        "bad_reports": self.stats["bad_reports"],
+                        "callback_errors": dict(self.callback_errors),
+                        "control_rejects": dict(self.control_rejects)},
+        }
+        if self.ingestor is not None:
+            m = self.ingestor.metrics()
+            # received == stored + duplicates + rejected + queue_depth (activations);
+            # bad_total adds the refused state/birth messages and bad topics.
+            body["ingest"] = {k: m[k] for k in ("received", "stored", "duplicates",
+                                                "rejected", "rejects", "bad_total",
+                                                "queue_depth", "control_rejects")}
+        body["models"] = {}
+        for mid in self.models:
+            v = self.registry.deployed(mid)
+            body["models"][mid] = {"deployed": v.version if v else None}
+        return body
 
     def publish_state(self) -> None:
         if self.oneshot or self.client is None:

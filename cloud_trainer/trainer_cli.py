@@ -60,17 +60,20 @@ def _models_rollback(args: argparse.Namespace) -> int:
 
 
 def _serve_split(args: argparse.Namespace) -> int:
+    from agent.mqtt.endpoint import MqttEndpoint
     from agent.topics import Topics
     from cloud_trainer.serve import SplitServer
     from cloud_trainer.train import trained_pair
 
     pair = trained_pair(args.model, seed=args.seed)
-    password = Path(args.password_file).read_text().strip() if args.password_file else None
+    endpoint = MqttEndpoint(host=args.host, port=args.port, username=args.username,
+                            password_file=Path(args.password_file) if args.password_file
+                            else None)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    with SplitServer(pair.teacher, args.model, Topics(args.fleet), args.host, args.port,
-                     username=args.username, password=password, workers=args.workers) as srv:
+    with SplitServer(pair.teacher, args.model, Topics(args.fleet), endpoint,
+                     workers=args.workers) as srv:
         console.print(f"serving {args.model} teacher blocks for fleet {args.fleet} on "
                       f"{args.host}:{args.port} (Ctrl-C to stop)")
         stop.wait()

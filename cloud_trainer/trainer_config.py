@@ -2,9 +2,10 @@
 
 Unknown keys are rejected at every level and every error names the file, the field and the
 reason (``agent.configfile.load_model``). Relative paths resolve against the config file's
-directory. The broker password may sit in a file (``password_file``) so the config itself
-holds no secret. Cross-references are checked here too: a job must name a configured model
-and a rollout's canary devices must be valid device ids.
+directory. ``[mqtt]`` is the endpoint model every knet connection uses; the broker password
+may sit in a file (``password_file``) or a systemd credential, so the config holds no
+secret. Cross-references are checked here too: a job must name a configured model and a
+rollout's canary devices must be valid device ids.
 """
 
 from __future__ import annotations
@@ -17,15 +18,14 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    SecretStr,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from agent.config import TlsSection  # one TLS model for devices and trainer
 from agent.configfile import ConfigError, load_model, resolve_path
-from agent.topics import Topics, connection_username, validate_id
+from agent.mqtt.endpoint import MqttEndpoint
+from agent.topics import Topics, validate_id
 
 if TYPE_CHECKING:
     from cloud_trainer.blocks import ModelPair
@@ -60,47 +60,27 @@ class TrainerSection(BaseModel):
     _paths = field_validator("state_dir", "signing_key_file")(resolve_path)
 
 
-class MqttSection(BaseModel):
-    model_config = _STRICT
+class MqttSection(MqttEndpoint):
+    """The trainer account's endpoint (``agent/mqtt/endpoint.py``, shared with the agent);
+    the trainer's connections (main, ingest, split) are each derived from it."""
 
-    host: str = Field("127.0.0.1", min_length=1)
-    port: int = Field(1883, ge=1, le=65535)
-    username: str | None = None
-    password: SecretStr | None = None
-    password_file: Path | None = None
-    tls: TlsSection | None = None
-    keepalive: int = Field(30, ge=5, le=3600)
-    connect_timeout_s: float = Field(10.0, gt=0)
     # True on a broker from `knet broker provision`, which binds each session to its
     # username: the ingest and split connections log in as <username>.ingest/.split (a
     # certificate trainer: <cert dir>/<connection>/<cert name>), never under the main name.
     connection_accounts: bool = False
 
-    _paths = field_validator("password_file")(resolve_path)
+    def connection(self, name: str | None) -> MqttEndpoint:
+        """The endpoint of one of the trainer's connections (None: the main one). Another
+        connection never inherits the main one's client id or session settings."""
+        if name is None:
+            return self
+        if self.connection_accounts:
+            return self.for_connection(name)
+        return self.model_copy(update={"client_id": None})
 
     def connection_username(self, connection: str | None) -> str | None:
         """The username of one of the trainer's connections (None: the main one)."""
-        if self.username is None or not self.connection_accounts:
-            return self.username
-        return connection_username(self.username, connection)
-
-    @model_validator(mode="after")
-    def _one_secret(self) -> MqttSection:
-        if self.password is not None and self.password_file is not None:
-            raise ValueError("give password or password_file, not both")
-        return self
-
-    def resolve_password(self) -> str | None:
-        """The secret, read now; a missing file is a config error."""
-        if self.password is not None:
-            return self.password.get_secret_value()
-        if self.password_file is not None:
-            try:
-                return self.password_file.read_text().strip()
-            except OSError as exc:
-                raise ConfigError(f"mqtt.password_file: cannot read {self.password_file}: "
-                                  f"{exc.strerror}") from None
-        return None
+        return self.connection(connection).username
 
 
 class ModelSection(BaseModel):

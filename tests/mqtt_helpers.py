@@ -267,7 +267,7 @@ def _link_publisher(ns: argparse.Namespace) -> None:
     from agent.topics import Topics
 
     settings = LinkSettings(host="127.0.0.1", port=ns.port, reconnect_min_delay=0.05,
-                            reconnect_max_delay=0.5, keepalive=5, connect_timeout=2)
+                            reconnect_max_delay=0.5, keepalive=5, connect_timeout_s=2)
     topics = Topics(FLEET)
     spool = Spool(Path(ns.dir), 64 << 20)
     link = Link(settings, topics, ns.device, spool, lambda: {"agent": "test"}).start()

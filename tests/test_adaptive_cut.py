@@ -20,6 +20,7 @@ from update_helpers import CHUNK, FLEET, running_agent, write_public_key
 from agent.active import BootChoice, boot_runner, update_paths
 from agent.blockbench import BenchRecord, measure
 from agent.manifest import PartitionManifest
+from agent.mqtt.endpoint import MqttEndpoint
 from agent.profiles import load_profile
 from agent.runtime import BlockRunner
 from agent.topics import Topics
@@ -40,6 +41,10 @@ from cloud_trainer.serve import SplitServer
 from cloud_trainer.zoo import get_pair
 
 T = Topics(FLEET)
+
+
+def endpoint(broker: Mosquitto) -> MqttEndpoint:
+    return MqttEndpoint(host=broker.host, port=broker.port)
 ALL_ON_DEVICE_S = 0.65  # the device's time for all blocks the planner is given
 SLOW, FAST = 2_000.0, 80_000.0  # bytes/s: the shaped uplink, about what is offered
 
@@ -157,9 +162,9 @@ def test_shaped_uplink_moves_the_cut_toward_the_device_and_back(
         assert connected.wait(10)
         publisher.start()
         adapter.start()
-        with SplitServer(teacher, "digits", T, mosquitto.host, mosquitto.port) as server, \
+        with SplitServer(teacher, "digits", T, endpoint(mosquitto)) as server, \
                 running_agent(cfg) as agent:
-            assert server.connected.wait(5)
+            assert server.wait_ready(5)
             session = agent.link.session
             assert wait_until(lambda: agent.split_stats["replies"] >= 50, 30)
             assert agent.slot.current.manifest.last == 1 and not adapter.decisions

@@ -22,9 +22,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from mqtt_helpers import wait_until
 from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
+from agent.mqtt.client import KnetClient, make_client
+from agent.mqtt.endpoint import MqttEndpoint
 from agent.topics import Topics
 from broker import certs as pki
 from broker.launcher import Mosquitto, free_port, wait_for_port
@@ -339,24 +339,17 @@ def test_offline_trainer_session_queues_beyond_mosquittos_default(fleet: Fleet) 
     # Mosquitto's default max_queued_messages (1000) silently dropped QoS 1 messages for an
     # absent subscriber while the publisher got PUBACKs; the fleet config queues them all.
     b, n = fleet.broker, 3000
-    props = Properties(PacketTypes.CONNECT)
-    props.SessionExpiryInterval = 600
 
-    def trainer_session() -> mqtt.Client:
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="trainer-1-ingest",
-                        protocol=mqtt.MQTTv5)
-        c.username_pw_set("trainer-1", fleet.trainer.password)
-        return c
+    def trainer_session() -> KnetClient:
+        return make_client(MqttEndpoint(
+            host=b.host, port=b.port, username="trainer-1",
+            password=fleet.trainer.password, client_id="trainer-1-ingest",
+            clean_start=False, session_expiry=600))
 
-    t = trainer_session()
-    subscribed = threading.Event()
-    t.on_subscribe = lambda *_a: subscribed.set()
-    t.connect(b.host, b.port, clean_start=False, properties=props)
-    t.subscribe(LAB.all_devices("act"), qos=1)
-    t.loop_start()
-    assert subscribed.wait(5), "no SUBACK for the trainer's session"
-    t.disconnect()
-    t.loop_stop()
+    t = trainer_session().start()
+    assert t.wait_connected(5)
+    assert t.subscribe_and_wait(LAB.all_devices("act"), 5) == [1]
+    t.stop()
     a = connect_ok(b, fleet.dev_a)
     try:
         infos = [a.client.publish(LAB.act("dev-a"), i.to_bytes(4, "big"), qos=1)
@@ -369,14 +362,12 @@ def test_offline_trainer_session_queues_beyond_mosquittos_default(fleet: Fleet) 
     got: list[int] = []
     t = trainer_session()
     t.on_message = lambda _c, _u, m: got.append(int.from_bytes(m.payload, "big"))
-    t.connect(b.host, b.port, clean_start=False, properties=props)
-    t.loop_start()
+    t.start()
     try:
         assert wait_until(lambda: len(got) >= n, 20), len(got)
         assert sorted(set(got)) == list(range(n))
     finally:
-        t.disconnect()
-        t.loop_stop()
+        t.stop()
 
 
 def test_tls_listener_trusting_the_fleet_ca(fleet: Fleet, tmp_path: Path) -> None:

@@ -239,7 +239,8 @@ def test_trainer_snippet_is_a_working_trainer_config(tmp_path: Path) -> None:
     cfg = _load_trainer_snippet(cred, tmp_path)
     assert (cfg.trainer.id, cfg.trainer.fleet, cfg.mqtt.username) == \
         ("trainer-1", "lab", "trainer-1")
-    assert cfg.mqtt.resolve_password() == cred.password
+    secret = cfg.mqtt.resolve_password()
+    assert secret is not None and secret.get_secret_value() == cred.password
     assert cfg.mqtt.tls is not None and cfg.mqtt.tls.ca_file == cred.bundle / "ca.crt"
     # One broker username per connection, each in the password file with the same secret.
     assert [cfg.mqtt.connection_username(c) for c in (None, "ingest", "split")] == \

@@ -35,7 +35,7 @@ DEV = "dev-a"
 def settings_for(broker: Mosquitto, **kw: object) -> LinkSettings:
     base: dict[str, object] = dict(host=broker.host, port=broker.port, keepalive=5,
                                    reconnect_min_delay=0.05, reconnect_max_delay=0.5,
-                                   connect_timeout=2)
+                                   connect_timeout_s=2)
     base.update(kw)
     return LinkSettings(**base)  # type: ignore[arg-type]
 
@@ -250,7 +250,7 @@ def test_will_on_kill_and_birth_before_online(mosquitto: Mosquitto, tmp_path: Pa
         assert late.wait_for(lambda m: len(m) == 1, 5)
         _, payload, retained = late.messages[0]
         assert retained and state_of(payload) == {"state": "offline", "session": 1,
-                                                  "device": DEV}
+                                                  "device": DEV, "format_version": 1}
 
 
 @pytest.mark.mqtt

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from mqtt_helpers import Collector, settle_subscriptions, wait_until
+from mqtt_helpers import Collector, wait_until
 from test_update_manifest import FLEET, toy_model
 
 from agent.blobs import BlobCache, BlobFetcher, FetchResult
@@ -33,7 +33,7 @@ SIZES = [400_000, 900_000, 300_000]  # 2 + 4 + 2 chunks of 256 KiB
 @contextmanager
 def device(broker: Mosquitto, tmp_path: Path, name: str = "cam-1") -> Iterator[Link]:
     settings = LinkSettings(host=broker.host, port=broker.port, reconnect_min_delay=0.05,
-                            reconnect_max_delay=0.5, keepalive=5, connect_timeout=2)
+                            reconnect_max_delay=0.5, keepalive=5, connect_timeout_s=2)
     link = Link(settings, TOPICS, name, Spool(tmp_path / name / "spool", 1 << 20), dict)
     with link:
         assert link.wait_connected(10)
@@ -142,7 +142,7 @@ def test_corrupted_chunk_is_rejected_and_requested_again(mosquitto: Mosquitto,
         fetching, out = in_thread(fetcher.fetch, manifest.variants[0], [1, 2, 3], timeout=20)
         good = files[sha].read_bytes()[: 256 * 1024]
         assert wait_until(lambda: sha in fetcher._subscribed, 5)
-        settle_subscriptions(link)  # the broker has the blob subscription; asks come at 2 s
+        link.wait_subscribed(f"{TOPICS.fleet_root}/model/blob/{sha}/+", 5)  # before a request
         attacker.client.publish(TOPICS.blob(sha, 0), b"X" + good[1:], qos=1).wait_for_publish(5)
         fetching.join(20)
     result = out[0]

@@ -19,6 +19,7 @@ from paho.mqtt.properties import Properties
 
 from agent.codec import encode
 from agent.envelope import Envelope
+from agent.mqtt.endpoint import MqttEndpoint
 from agent.topics import Topics
 from broker.launcher import Mosquitto
 from cloud_trainer.export import export_partition
@@ -27,6 +28,10 @@ from cloud_trainer.zoo import get_pair
 
 pytestmark = pytest.mark.mqtt
 T = Topics("lab")
+
+
+def endpoint(broker: Mosquitto) -> MqttEndpoint:
+    return MqttEndpoint(host=broker.host, port=broker.port)
 
 
 def request(port: int, payload: bytes, topic: str, *, listen: str = "dev-1",
@@ -67,8 +72,8 @@ def test_reply_matches_local_teacher_inference_and_errors_are_answered(
         a2 = pair.student.run(x, 1, 2)
         expected = pair.teacher.run(a2, 3).argmax(1).item()
     env = Envelope("dev-1", 1, 1, 0.0, 1, 2, encode(a2.numpy(), "raw"), meta={"model": "digits"})
-    with SplitServer(pair.teacher, "digits", T, mosquitto.host, mosquitto.port) as server:
-        assert server.connected.wait(5)
+    with SplitServer(pair.teacher, "digits", T, endpoint(mosquitto)) as server:
+        assert server.wait_ready(5)
         got = request(mosquitto.port, env.pack(), T.infer("dev-1"))
         assert got["prediction"] == expected and got["corr"] == b"\x00\x07"
         assert 0 < got["confidence"] <= 1
@@ -90,9 +95,9 @@ def test_agent_with_a_partial_partition_gets_its_answers(
     cfg = agent_config(tmp_path, mosquitto.port, tmp_path / "model" / "manifest.json",
                        source={"kind": "npz", "path": tmp_path / "inputs.npz", "rate_hz": 40},
                        split={"enabled": True}, uplink={"enabled": False})
-    with SplitServer(pair.teacher, "digits", T, mosquitto.host, mosquitto.port) as server, \
+    with SplitServer(pair.teacher, "digits", T, endpoint(mosquitto)) as server, \
             Collector(mosquitto.host, mosquitto.port, T.stats("dev-1")) as sub:
-        assert server.connected.wait(5)
+        assert server.wait_ready(5)
         proc = start_agent(cfg, "--exit-when-done")  # waits for every reply or timeout
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out[-2000:]
@@ -115,9 +120,9 @@ def test_reply_goes_only_to_the_requesters_own_topic_whatever_responsetopic_name
     env = Envelope("dev-1", 1, 1, 0.0, 1, 2, encode(a2.numpy(), "raw"), meta={"model": "digits"})
     victims = [T.reply("dev-2"), T.manifest, T.trainer_state("trainer-1"), T.input("dev-2"),
                "elsewhere/#"]
-    with SplitServer(pair.teacher, "digits", T, mosquitto.host, mosquitto.port) as server, \
+    with SplitServer(pair.teacher, "digits", T, endpoint(mosquitto)) as server, \
             Collector(mosquitto.host, mosquitto.port, "#") as everything:
-        assert server.connected.wait(5)
+        assert server.wait_ready(5)
         for i, victim in enumerate(victims):
             got = request(mosquitto.port, env.pack(), T.infer("dev-1"), response_topic=victim,
                           corr=bytes([i]))

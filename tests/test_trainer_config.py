@@ -44,7 +44,7 @@ JOB = '\n[[jobs]]\nid = "j"\nmodel = "digits"\n'
 @pytest.mark.parametrize(("extra", "message"), [
     ("\n[mqtt]\nprot = 1883\n", "mqtt.prot: unknown key"),
     ("\n[mqtt]\nport = 70000\n", "mqtt.port"),
-    ('\n[mqtt]\npassword = "a"\npassword_file = "b"\n', "password or password_file"),
+    ('\n[mqtt]\npassword = "a"\npassword_file = "b"\n', "only one of password, password_file"),
     (JOB + "interval_s = 60\n" + 'model_typo = 1\n', "jobs.0.model_typo: unknown key"),
     (JOB + "min_new_samples = 5\n", "exactly one of interval_s or cron"),
     (JOB + 'interval_s = 5\ncron = "* * * * *"\n', "exactly one of interval_s or cron"),
@@ -75,3 +75,27 @@ def test_missing_and_broken_files(tmp_path: Path) -> None:
     (tmp_path / "t.toml").write_text("[models.digits]\n")
     with pytest.raises(ConfigError, match="trainer: Field required"):
         load_trainer_config(tmp_path / "t.toml")
+
+
+def test_every_trainer_connection_takes_its_settings_from_mqtt(tmp_path: Path) -> None:
+    from agent.mqtt.endpoint import MqttEndpoint
+    from cloud_trainer.ingest import IngestSettings
+
+    path = tmp_path / "trainer.toml"
+    path.write_text(MINIMAL + '\n[mqtt]\nusername = "trainer-1"\npassword = "pw"\n'
+                    'keepalive = 17\nreconnect_min_delay = 0.25\nreconnect_max_delay = 4.0\n'
+                    'connection_accounts = true\nclient_id = "main-1"\n'
+                    '[mqtt.tls]\nca_file = "ca.crt"\ncert_file = "c/t.crt"\n'
+                    'key_file = "c/t.key"\n')
+    m = load_trainer_config(path).mqtt
+    ingest = m.connection("ingest").derive(IngestSettings, client_id="knet-ingest-t")
+    split = m.connection("split").derive(MqttEndpoint)
+    for ep in (ingest, split):
+        assert (ep.keepalive, ep.reconnect_min_delay, ep.reconnect_max_delay) == (17, 0.25, 4.0)
+        assert ep.password is not None and ep.password.get_secret_value() == "pw"
+    assert ingest.username == "trainer-1.ingest" and split.username == "trainer-1.split"
+    assert ingest.tls is not None and ingest.tls.cert_file == tmp_path / "c" / "ingest" / "t.crt"
+    # A connection's own client id and session are never the main connection's.
+    assert split.client_id is None and ingest.client_id == "knet-ingest-t"
+    assert (ingest.clean_start, ingest.session_expiry) == (False, 24 * 3600)
+    assert (m.client_id, m.clean_start, m.session_expiry) == ("main-1", True, 0)

@@ -26,16 +26,16 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from agent import safejson
-from agent.topics import TopicError, Topics
+from agent.topics import TopicError, TopicKind, Topics
 from agent.update_manifest import SignedManifest, SliceAssignment, UpdateManifest
+from agent.wire.control import Stats
 from cloud_trainer.errors import KnetTrainerError
 from cloud_trainer.plan.adapt import Decision, LinkFigures, Replanner, figures_from_stats
 from cloud_trainer.plan.solver import Plan
 
 log = logging.getLogger(__name__)
 
-MAX_STATS_BYTES = 256 * 1024  # a stats message is a few kB; anything far bigger is hostile
+MAX_STATS_BYTES = Stats.MAX_BYTES  # a stats message is a few kB; anything far bigger is hostile
 
 
 def sane(f: LinkFigures) -> LinkFigures:
@@ -114,14 +114,13 @@ class CutAdapter:
     # -- input
     def _on_stats(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         try:
-            device = self.topics.parse_device_topic(msg.topic)[0]
-            if len(msg.payload) > MAX_STATS_BYTES:
-                raise ValueError(f"{len(msg.payload)} bytes > {MAX_STATS_BYTES}")
-            # NaN/Infinity allowed: an agent may send them, figures_from_stats drops them.
-            stats = safejson.loads(msg.payload, max_bytes=MAX_STATS_BYTES, allow_constants=True)
-            if not isinstance(stats, dict):
-                raise ValueError("stats is not a JSON object")
-            self.observe(device, stats)
+            topic = self.topics.parse(msg.topic)
+            if topic.kind is not TopicKind.STATS or topic.device is None:
+                raise TopicError(f"{msg.topic!r} is not a stats topic")
+            # Bounded, versioned, typed (agent/wire/control.py); NaN/Infinity are allowed
+            # there (an agent may send them) and figures_from_stats drops them.
+            stats = Stats.parse(msg.payload)
+            self.observe(topic.device, stats.model_dump(exclude_unset=True))
         except (ValueError, TypeError, AttributeError, UnicodeDecodeError, TopicError) as exc:
             self.stats["bad_stats"] += 1
             log.warning("stats on %s ignored: %s", msg.topic, str(exc)[:200])
