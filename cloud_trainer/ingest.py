@@ -68,6 +68,7 @@ from agent.codec.frame import parse_frame
 from agent.envelope import Envelope, EnvelopeError, EnvelopeVersionError
 from agent.topics import TopicError, Topics
 from cloud_trainer.fleet import FleetMessageError, FleetTable
+from cloud_trainer.partition import DevicePartition
 from cloud_trainer.store import SampleStore
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,10 @@ class IngestSettings(BaseModel):
     # published between the restart and the ingestor's re-subscribe had no subscriber and were
     # lost; a plain persistent subscription is restored and queued). docs/deploy.md.
     shared: bool = True
+    # With plain subscriptions, replicas split the fleet by device hash: this one stores
+    # the devices ``partition`` owns and acks the rest unstored (cloud_trainer/partition.py).
+    partitions: int = Field(1, ge=1)
+    partition: int = Field(0, ge=0)
     keepalive: int = Field(30, ge=5, le=65535)
     session_expiry: int = Field(24 * 3600, ge=0)
     receive_maximum: int = Field(1000, ge=1, le=65535)
@@ -140,6 +145,7 @@ class IngestStats:
     # Activations refused, in total and per reason: received == stored + duplicates +
     # rejected + what is still queued.
     rejected: int = 0
+    other_replica: int = 0  # activations of devices another replica owns (acked, not stored)
     bad: dict[str, Counter[str]] = field(default_factory=dict)
     rejects: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -224,6 +230,7 @@ class Ingestor:
         self._busy = False
         self._bad_log = _RateLimitedLog(settings.log_interval_s)
         self._last_expire = time.monotonic()
+        self._partition = DevicePartition(settings.partitions, settings.partition)
         self.client = self._make_client()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -314,6 +321,7 @@ class Ingestor:
         if bad:
             log.error("ingestor %s: subscription refused: %s", self.settings.client_id, bad)
         else:
+            log.info("ingestor %s subscribed", self.settings.client_id)
             self._subscribed.set()
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
@@ -374,6 +382,9 @@ class Ingestor:
                 self._bad(device, f"bad_{leaf}", exc, act=False)
             return None
         if leaf != "act":
+            return None
+        if not self._partition.owns(device):
+            self.stats.other_replica += 1
             return None
         self.stats.received += 1
         self.stats.bytes_received += len(data)

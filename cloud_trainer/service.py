@@ -449,6 +449,7 @@ class TrainerService:
             # A name only key holders can derive: a device cannot join the group and take
             # activations from it (cloud_trainer/keys.py, docs/broker.md).
             share_group=secret_share_group(ing.share_group, self.key), shared=ing.shared,
+            partitions=ing.replicas, partition=ing.replica,
             keepalive=cfg.mqtt.keepalive,
             receive_maximum=ing.receive_maximum, max_payload=ing.max_payload,
             validation=ing.validation,

@@ -218,8 +218,13 @@ class IngestSection(BaseModel):
 
     enabled: bool = True
     share_group: str = "trainers"
-    shared: bool = Field(True, description="false: a plain subscription (one trainer on "
-                                           "Mosquitto survives broker restarts; docs/deploy.md)")
+    # Lossless by default: a plain persistent subscription, restored by the broker after a
+    # restart; replicas split the fleet by device hash (cloud_trainer/partition.py). true:
+    # the broker's shared subscription, only on a broker that keeps shared sessions across
+    # restarts (not Mosquitto 2.0: 579 of 900 lost, docs/deploy.md).
+    shared: bool = Field(False, description="true: $share group (see docs/deploy.md first)")
+    replicas: int = Field(1, ge=1, le=1024, description="trainer replicas splitting the fleet")
+    replica: int = Field(0, ge=0, description="this replica's index, 0 .. replicas-1")
     receive_maximum: int = Field(1000, ge=1, le=65535)
     max_payload: int = Field(4 << 20, ge=1)
     validation: Literal["decode", "header"] = "decode"
@@ -228,6 +233,15 @@ class IngestSection(BaseModel):
     @classmethod
     def _group(cls, v: str) -> str:
         return validate_id(v, "share group")
+
+    @model_validator(mode="after")
+    def _split(self) -> IngestSection:
+        if self.replica >= self.replicas:
+            raise ValueError(f"replica {self.replica}: must be below replicas "
+                             f"({self.replicas}), counting from 0")
+        if self.shared and self.replicas > 1:
+            raise ValueError("shared = true and replicas > 1 both split the stream: pick one")
+        return self
 
 
 class GateSection(BaseModel):
