@@ -146,6 +146,8 @@ class IngestStats:
     # rejected + what is still queued.
     rejected: int = 0
     other_replica: int = 0  # activations of devices another replica owns (acked, not stored)
+    lag_s: float | None = None  # last commit's time minus its newest envelope's timestamp
+    last_commit: float = 0.0
     bad: dict[str, Counter[str]] = field(default_factory=dict)
     rejects: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -490,6 +492,9 @@ class Ingestor:
                       len(envs), exc)
             return False
         st = self.stats
+        if envs:
+            st.last_commit = time.time()
+            st.lag_s = st.last_commit - max(e.timestamp for e in envs)
         st.batches += 1
         st.stored += inserted
         st.duplicates += len(envs) - inserted

@@ -214,6 +214,16 @@ class RunLog:
                 q = q.limit(limit)
             return [_run(r) for r in s.scalars(q)]
 
+    def status_counts(self) -> dict[tuple[str, str], int]:
+        """(job, status) -> number of runs (kind ``run``), for metrics."""
+        from sqlalchemy import func
+
+        with Session(self.engine) as s:
+            rows = s.execute(select(RunRow.job_id, RunRow.status, func.count())
+                             .where(RunRow.kind == "run")
+                             .group_by(RunRow.job_id, RunRow.status)).all()
+        return {(job, status): int(n) for job, status, n in rows}
+
     def record_event(self, job_id: str, status: str, reason: str,
                      scheduled_at: datetime | None = None) -> Run:
         """A scheduler event (missed run, failed job) as a finished row of kind ``event``."""

@@ -185,6 +185,8 @@ class TrainerService:
         self.adapter: Any = None  # cloud_trainer/plan/adaptive.py, with [adapt]
         self.engine: Any = None  # SQLAlchemy engine on [database] (None: SQLite files)
         self.leader: Any = None  # storage/leader.py's LeaderLock, with [database]
+        self._metrics_server: Any = None  # cloud_trainer/metrics.py, with [metrics]
+        self.metrics_port: int | None = None
         self.client: mqtt.Client | None = None
         self.connected = threading.Event()
         self.stats: dict[str, int] = {"reports": 0, "bad_reports": 0, "fleet_bad": 0}
@@ -225,6 +227,11 @@ class TrainerService:
                 if cfg.adapt.enabled:
                     self._start_adapt()
                 _ACTIVE = self
+                if cfg.metrics.prometheus_port is not None:
+                    from cloud_trainer.metrics import serve
+
+                    self._metrics_server, self.metrics_port = serve(
+                        self, cfg.metrics.prometheus_port, cfg.metrics.prometheus_bind)
                 if cfg.database.enabled:
                     self._stand_for_leader()
                 else:
@@ -242,6 +249,10 @@ class TrainerService:
         self.stopping.set()
         if self.leader is not None:
             self.leader.stop()  # a standby stops trying; a leader's lock goes with its session
+        if self._metrics_server is not None:
+            with contextlib.suppress(Exception):
+                self._metrics_server.shutdown()
+            self._metrics_server = None
         if self.adapter is not None:
             self.adapter.stop()
         if self.scheduler is not None:

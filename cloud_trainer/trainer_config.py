@@ -387,6 +387,15 @@ class AdaptSection(BaseModel):
         return self
 
 
+class TrainerMetricsSection(BaseModel):
+    """The Prometheus endpoint (``cloud_trainer/metrics.py``); no port: none is served."""
+
+    model_config = _STRICT
+
+    prometheus_port: int | None = Field(None, ge=0, le=65535, description="0: any free port")
+    prometheus_bind: str = "127.0.0.1"
+
+
 class TrainerConfig(BaseModel):
     model_config = _STRICT
 
@@ -401,6 +410,7 @@ class TrainerConfig(BaseModel):
     adapt: AdaptSection = AdaptSection()
     # PostgreSQL for the store, registry, run log and job store (none: SQLite in state_dir).
     database: DatabaseSection = DatabaseSection()
+    metrics: TrainerMetricsSection = TrainerMetricsSection()
 
     @field_validator("models")
     @classmethod

@@ -203,6 +203,11 @@ class PostgresSampleStore(SampleStore):
         return {(d, _from_i64(s), _from_i64(q)) for d, s, q in
                 self._db.execute("SELECT device, session, seq FROM samples")}
 
+    def totals(self) -> tuple[int, int]:
+        row = self._db.execute("SELECT COALESCE(SUM(count), 0), COALESCE(SUM(bytes), 0) "
+                               "FROM device_totals").fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
     def stats(self) -> dict[str, Any]:
         db = self._db
         devices = {d: {"count": int(c), "bytes": int(b)} for d, c, b in db.execute(
