@@ -219,7 +219,8 @@ def _acl_text(reg: dict[str, Any]) -> str:
                  if e.get("upstream") in devices}  # a revoked upstream loses the link
     connections = {a: list(e.get("connections", ()))
                    for kind in ("devices", "trainers") for a, e in reg[kind].items()}
-    return render_acl(devices, trainers, reg["prefix"], upstreams, connections)
+    sites = {s: e["fleets"] for s, e in reg.get("sites", {}).items()}
+    return render_acl(devices, trainers, reg["prefix"], upstreams, connections, sites)
 
 
 def _write_acl(lay: FleetLayout, reg: dict[str, Any]) -> None:
@@ -722,8 +723,11 @@ def fleet_settings(
         raise ProvisionError(f"{lay.root} is not a fleet directory: provision a device first")
     if (tls_port or mtls_port) and not (lay.certs / "server.crt").exists():
         raise ProvisionError(f"no server certificate in {lay.certs}: run `knet broker certs`")
-    return settings_for_layout(lay, port, tls_port, mtls_port, bind_address=bind_address,
-                               tls_bind_address=tls_bind_address)
+    settings = settings_for_layout(lay, port, tls_port, mtls_port, bind_address=bind_address,
+                                   tls_bind_address=tls_bind_address)
+    from broker.site import site_bridge_settings
+
+    return site_bridge_settings(lay.root, settings)  # a site directory adds its bridge
 
 
 def reload_broker(directory: Path | str) -> bool:

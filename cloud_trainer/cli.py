@@ -133,6 +133,8 @@ def _broker(args: argparse.Namespace) -> int:
         return _broker_provision_list(args) if args.list_file else _broker_provision(args)
     if args.broker == "revoke":
         return _broker_revoke(args)
+    if args.broker == "provision-site":
+        return _broker_provision_site(args)
     if args.broker == "certs":
         from broker.certs import DEFAULT_SERVER_NAMES
 
@@ -143,6 +145,26 @@ def _broker(args: argparse.Namespace) -> int:
         return 0
     return provision.run_foreground(args.dir, args.port, args.tls_port, args.mtls_port,
                                     bind_address=args.bind)
+
+
+def _broker_provision_site(args: argparse.Namespace) -> int:
+    from broker.provision import ProvisionError
+    from broker.site import provision_site
+
+    try:
+        made = provision_site(args.dir, args.site, args.fleet, args.site_dir,
+                              cloud_host=args.cloud_host, cloud_port=args.cloud_port,
+                              tls=args.tls, outage_hours=args.outage_hours,
+                              rate_msgs_s=args.rate, avg_msg_bytes=args.msg_bytes)
+    except (ProvisionError, ValueError) as exc:
+        return _usage_error("provision-site", str(exc))
+    print(f"site {made.site} of fleet(s) {', '.join(made.fleets)}: bridge to {made.address}")
+    print(f"site broker directory: {made.site_dir} (provision its devices there; run it with "
+          f"`knet broker run --dir {made.site_dir}`)")
+    print(f"outage absorbed: {made.outage_hours:g} h = {made.max_queued_messages} messages, "
+          f"{made.max_queued_bytes / 2**20:.0f} MiB queued on the site broker (in memory)")
+    print(f"if `knet broker run --dir {args.dir}` runs, the cloud broker reloads its ACL now")
+    return 0
 
 
 def _usage_error(command: str, message: str) -> int:
@@ -440,6 +462,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--list", type=Path, dest="list_file", metavar="FILE",
                    help="the devices of a list file (as for provision --list)")
     b.add_argument("--dir", type=Path, required=True)
+    b = brsub.add_parser("provision-site", help="a site broker bridged to this (cloud) "
+                                                "broker: its account here, its bridge config")
+    b.add_argument("site", help="site id (the bridge's username on the cloud broker)")
+    b.add_argument("--fleet", nargs="+", required=True)
+    b.add_argument("--dir", type=Path, required=True, help="the cloud broker's directory")
+    b.add_argument("--site-dir", type=Path, required=True, help="the site broker's directory")
+    b.add_argument("--cloud-host", required=True, help="what the site broker dials")
+    b.add_argument("--cloud-port", type=int, default=None, help="default 8883 (TLS)")
+    b.add_argument("--tls", action=argparse.BooleanOptionalAction, default=True)
+    b.add_argument("--outage-hours", type=float, default=8.0,
+                   help="cloud outage the site queue must absorb (default 8)")
+    b.add_argument("--rate", type=float, default=10.0, help="site uplink messages/s")
+    b.add_argument("--msg-bytes", type=int, default=2048, help="average message size")
     b = brsub.add_parser("certs", help="development CA, CRL and server certificate")
     b.add_argument("--dir", type=Path, required=True)
     b.add_argument("--name", action="append", default=None, metavar="HOST",
