@@ -78,10 +78,31 @@ def _bench_fleet(args: argparse.Namespace) -> int:
     return 0 if all(r["held"] for r in results) else 1
 
 
+def _bench_ingest_scale(args: argparse.Namespace) -> int:
+    from bench.ingest_scale import run_scale_bench
+    from bench.report import command_line, print_table, write_json
+
+    rows = [run_scale_bench(store, n, messages=args.messages, devices=args.devices,
+                            validation=args.validation[0], payload_codec=args.codec)
+            for store in (args.store or ["sqlite"]) for n in (args.replicas or [1])]
+    print_table(f"ingest: {args.messages} messages from {args.devices} devices, "
+                f"{args.codec}, validation {args.validation[0]}, {rows[0]['cores']} cores",
+                ["store", "replicas", "stored msg/s", "lost", "replica CPU us/msg",
+                 "postgres CPU us/msg", "broker CPU us/msg", "stored per replica"],
+                [(r["store"], r["replicas"], r["messages_per_s"], r["lost"],
+                  r["replica_cpu_us_per_msg"], r["postgres_cpu_us_per_msg"],
+                  r["broker_cpu_us_per_msg"], "/".join(map(str, r["stored_per_replica"])))
+                 for r in rows])
+    write_json(args.json, "ingest", command_line(), rows)
+    return 0
+
+
 def _bench_ingest(args: argparse.Namespace) -> int:
     from bench.ingest import run_ingest_bench
     from bench.report import command_line, print_table, write_json
 
+    if args.store or args.replicas:
+        return _bench_ingest_scale(args)
     rows = []
     for validation in args.validation:
         r = run_ingest_bench(messages=args.messages, payload_codec=args.codec,
@@ -385,6 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--devices", type=int, default=4)
     b.add_argument("--codec", default="uint8+lz4")
     b.add_argument("--validation", nargs="+", default=["decode", "header"])
+    b.add_argument("--store", nargs="+", choices=["sqlite", "postgresql"], default=None,
+                   help="replica processes on this store (with --replicas; validation: the "
+                        "first --validation)")
+    b.add_argument("--replicas", nargs="+", type=int, default=None,
+                   help="ingest replica processes splitting the fleet by device hash")
     b.add_argument("--json", type=Path, default=None)
     b.set_defaults(func=_bench_ingest)
 
