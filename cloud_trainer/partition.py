@@ -5,7 +5,7 @@ tests/test_fleet_faults.py and docs/deploy.md) does not restore an offline clien
 subscription from persistence after a restart, so activations published meanwhile were
 acknowledged to devices and dropped (579 of 900). A *plain* persistent subscription is
 restored and queued. So each replica keeps its own plain persistent session on every
-device's ``act`` topic, stores the devices whose ``crc32(device) % replicas == replica`` and
+device's ``act`` topic, stores the devices whose ``sha256(device) % replicas == replica`` and
 acknowledges the others unstored (their owner's session holds them too).
 
 What that guarantees, and costs:
@@ -16,12 +16,12 @@ What that guarantees, and costs:
   replica and change ``replicas``: replicas that disagree on ``replicas`` could each
   believe a device is another's and acknowledge it unstored;
 * the broker sends every activation to every replica (N times the fan-out; each copy not
-  ours costs a topic parse and a CRC-32, no decode and no database write).
+  ours costs a topic parse and a hash, no decode and no database write).
 """
 
 from __future__ import annotations
 
-import zlib
+import hashlib
 from dataclasses import dataclass
 
 
@@ -38,7 +38,10 @@ class DevicePartition:
                              "replicas")
 
     def owner(self, device: str) -> int:
-        return zlib.crc32(device.encode()) % self.count
+        # SHA-256, not CRC-32: CRC is linear, so ids that differ only in a counter
+        # ("cam-000", "cam-002", ...) can share their low bits and all land on one replica.
+        digest = hashlib.sha256(device.encode()).digest()
+        return int.from_bytes(digest[:8], "big") % self.count
 
     def owns(self, device: str) -> bool:
         return self.count == 1 or self.owner(device) == self.index
