@@ -41,6 +41,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -210,8 +211,9 @@ class TrainerService:
             self.password = cfg.mqtt.resolve_password()
             self._open_storage()
             self.models = {mid: ModelRuntime.load(mid, sec) for mid, sec in cfg.models.items()}
-            for rt in self.models.values():
-                ensure_initial_version(self.registry, rt)
+            with self._registry_startup_lock():
+                for rt in self.models.values():
+                    ensure_initial_version(self.registry, rt)
             self._connect()
             self.retrainer = Retrainer(cfg, self.registry, self.store, self.runs, self.fleet,
                                        _Channel(self.client, self.publisher,
@@ -317,6 +319,18 @@ class TrainerService:
         self.runs = RunLog(cfg.registry_dir, engine=self.engine, owner=cfg.trainer.id)
         self.store = PostgresSampleStore(db.conninfo(), limits, where=db.display())
         log.info("trainer state in %s", db.display())
+
+    @contextlib.contextmanager
+    def _registry_startup_lock(self) -> Iterator[None]:
+        """Replicas starting at once on an empty registry: one registers v1, the others
+        wait and then find it (without it two registered v1/v2, or one saw a version not
+        yet pushed and refused to start)."""
+        if self.engine is None:
+            yield
+            return
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7259002)")  # released at end
+            yield
 
     def _stand_for_leader(self) -> None:
         from cloud_trainer.storage.leader import LeaderLock

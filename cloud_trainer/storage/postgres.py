@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -182,7 +183,8 @@ class PostgresSampleStore(SampleStore):
             sql += " LIMIT %s"
             args = (*args, int(limit))
         db = self._db
-        with db.transaction(), db.cursor(name=f"knet_q_{threading.get_ident()}") as cur:
+        # A unique name: two readers may interleave on one thread's connection.
+        with db.transaction(), db.cursor(name=f"knet_q_{uuid.uuid4().hex}") as cur:
             cur.itersize = 2000
             cur.execute(sql, args)
             for row in cur:
