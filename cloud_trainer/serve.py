@@ -49,11 +49,13 @@ class SplitServer:
     def __init__(self, teacher: BlockModel, model_id: str, topics: Topics, host: str,
                  port: int, *, username: str | None = None, password: str | None = None,
                  workers: int = 2, max_pending: int = 64, client_id: str = "knet-split",
-                 max_payload: int = 16 * 2**20) -> None:
+                 max_payload: int = 16 * 2**20, share_group: str | None = None) -> None:
         self.teacher = teacher.eval()
         self.model_id = model_id
         self.topics = topics
         self.max_payload = max_payload
+        # Replicas: one $share group, so each request is answered once, by any of them.
+        self.share_group = share_group
         self.stats = {"requests": 0, "replies": 0, "errors": 0, "busy": 0, "bad_topic": 0,
                       "foreign_response_topic": 0, "internal": 0}
         self._bad_log = RateLimitedLog(log, 10.0)
@@ -79,7 +81,9 @@ class SplitServer:
         self._client.loop_stop()
 
     def _on_connect(self, client: mqtt.Client, *_: Any) -> None:
-        client.subscribe(self.topics.all_devices("infer"), qos=1)
+        infer = self.topics.all_devices("infer")
+        client.subscribe(self.topics.shared(self.share_group, infer) if self.share_group
+                         else infer, qos=1)
         self.connected.set()
 
     def reply_topic(self, request_topic: str) -> str:

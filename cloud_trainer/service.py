@@ -497,7 +497,12 @@ class TrainerService:
                           cfg.mqtt.host, cfg.mqtt.port,
                           username=cfg.mqtt.connection_username("split"),
                           password=self.password, workers=cfg.split.workers,
-                          client_id=f"knet-split-{cfg.trainer.id}")
+                          client_id=f"knet-split-{cfg.trainer.id}",
+                          # replicas answer each request once (a lost request times out
+                          # on the device, which falls back; nothing to keep durable)
+                          share_group=secret_share_group(f"{cfg.ingest.share_group}-split",
+                                                         self.key)
+                          if cfg.ingest.replicas > 1 or cfg.database.enabled else None)
         apply_tls(srv._client, cfg, "split")  # the server owns its client: TLS before connect
         self.split = srv.__enter__()
 

@@ -37,7 +37,8 @@ from cloud_trainer.partition import DevicePartition
 from cloud_trainer.storage.config import DatabaseSection
 from cloud_trainer.storage.launcher import PostgresServer
 
-pytestmark = [pytest.mark.slow, pytest.mark.mqtt]
+# Three torch processes start per test: on a loaded 2-core machine that alone takes minutes.
+pytestmark = [pytest.mark.slow, pytest.mark.mqtt, pytest.mark.timeout(900)]
 MakeDb = Callable[..., DatabaseSection]
 
 
