@@ -572,6 +572,8 @@ class TrainerService:
         with self._run_lock:
             if self.stopping.is_set() and trigger == "schedule":
                 raise RuntimeError("the trainer is stopping")
+            if trigger == "schedule" and not self.is_leader:  # lost the lock meanwhile
+                raise RuntimeError("this replica no longer leads the scheduler")
             return self.retrainer.run(job_id, trigger)
 
     def run_now_requests(self) -> None:
