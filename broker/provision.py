@@ -622,8 +622,8 @@ def revoke_accounts(directory: Path | str, accounts: Iterable[str], *,
 def _check_revocable(lay: FleetLayout, reg: dict[str, Any], accounts: list[str],
                      fleets: dict[str, str]) -> None:
     gone = {r["id"] for r in reg["revoked"]}
-    unknown = [a for a in accounts
-               if a not in reg["devices"] and a not in reg["trainers"] and a not in gone]
+    unknown = [a for a in accounts if a not in reg["devices"] and a not in reg["trainers"]
+               and a not in reg.get("sites", {}) and a not in gone]
     if unknown:
         raise UnknownAccountError(f"no account {', '.join(map(repr, unknown))} in "
                                   f"{lay.root}: nothing revoked")
@@ -637,8 +637,9 @@ def _check_revocable(lay: FleetLayout, reg: dict[str, Any], accounts: list[str],
 def _drop_account(reg: dict[str, Any], entries: dict[str, str], serials: set[int],
                   account: str) -> Revocation:
     """Take ``account`` out of the registry and the password entries (in memory)."""
-    kind = "devices" if account in reg["devices"] else "trainers"
-    entry = reg[kind].pop(account, None)
+    kind = next((k for k in ("devices", "trainers", "sites") if account in reg.get(k, {})),
+                "trainers")
+    entry = reg.setdefault(kind, {}).pop(account, None)
     if entry is None:
         last = [r for r in reg["revoked"] if r["id"] == account][-1]
         return Revocation(account, last["kind"], revoked=False)

@@ -22,7 +22,14 @@ from agent.link import Link, LinkSettings
 from agent.spool import Spool
 from agent.topics import Topics
 from broker.launcher import Mosquitto, free_port
-from broker.provision import fleet_settings, load_registry, provision_device, provision_trainer
+from broker.provision import (
+    fleet_settings,
+    load_registry,
+    provision_device,
+    provision_trainer,
+    revoke_accounts,
+)
+from broker.site import provision_site
 from cloud_trainer.cli import main as knet_main
 from cloud_trainer.ingest import Ingestor, IngestSettings
 from cloud_trainer.store import SQLiteSampleStore
@@ -139,3 +146,15 @@ def test_site_bridge_survives_a_cloud_outage_and_carries_updates_down(tmp_path: 
         ingestor.stop()
         store.close()
         cloud.stop()
+
+
+def test_a_site_account_can_be_revoked(tmp_path: Path) -> None:
+    cloud_dir = tmp_path / "cloud"
+    provision_site(cloud_dir, "site-b", FLEET, tmp_path / "site", cloud_host="127.0.0.1",
+                   reload=False)
+    assert "user site-b" in (cloud_dir / "knet.acl").read_text()
+    done = revoke_accounts(cloud_dir, ["site-b"], reload=False)
+    assert [(r.account, r.kind, r.revoked) for r in done] == [("site-b", "site", True)]
+    assert "site-b" not in load_registry(cloud_dir)["sites"]
+    assert "site-b" not in (cloud_dir / "knet.acl").read_text()
+    assert "site-b" not in (cloud_dir / "passwd").read_text()
