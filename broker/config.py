@@ -52,6 +52,54 @@ class TlsListener(BaseModel):
         ]
 
 
+class BridgeSettings(BaseModel):
+    """A site broker's MQTT v5 bridge to the cloud broker (``broker/site.py``).
+
+    Device uplink leaves go ``out``, the fleet's model topics and each device's downlink
+    leaves come ``in``; QoS 1 both ways. ``cleansession false`` on both ends: the cloud keeps
+    the bridge's session (what it subscribed for the site) and the site keeps the bridge's
+    local session, whose queue holds the uplink while the cloud is unreachable; its size is
+    the site broker's ``max_queued_messages``/``bytes``, sized by ``provision-site``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    address: str  # host:port of the cloud broker's TLS listener
+    remote_username: str
+    remote_password: str
+    cafile: Path | None = None  # None: no TLS (tests on loopback only)
+    out_topics: list[str]
+    in_topics: list[str]
+    keepalive: int = Field(30, ge=5)
+    restart_timeout: tuple[int, int] = (1, 30)  # reconnect back-off, seconds
+
+    def render(self) -> list[str]:
+        lines = [
+            f"connection {self.name}",
+            f"address {self.address}",
+            "bridge_protocol_version mqttv50",
+            f"remote_clientid {self.remote_username}",
+            f"remote_username {self.remote_username}",
+            f"remote_password {self.remote_password}",
+            f"local_clientid {self.name}",
+            "cleansession false",
+            "local_cleansession false",
+            "start_type automatic",
+            f"restart_timeout {self.restart_timeout[0]} {self.restart_timeout[1]}",
+            f"keepalive_interval {self.keepalive}",
+            # Connection notices stay local: the site's account may not write $SYS.
+            "notifications true",
+            "notifications_local_only true",
+        ]
+        if self.cafile is not None:
+            lines += [f"bridge_cafile {self.cafile}", "bridge_insecure false",
+                      "bridge_tls_version tlsv1.2"]
+        lines += [f"topic {t} out 1" for t in self.out_topics]
+        lines += [f"topic {t} in 1" for t in self.in_topics]
+        return lines
+
+
 class BrokerSettings(BaseModel):
     """Everything knet sets in a mosquitto.conf; unknown keys are rejected."""
 
@@ -91,6 +139,8 @@ class BrokerSettings(BaseModel):
     # account that needs several connections gets one username per connection
     # (``<account>.<connection>``, broker/provision.py). Anonymous clients are refused.
     username_as_clientid: bool = False
+    # A site broker's bridge to the cloud (broker/site.py); None on the cloud broker itself.
+    bridge: BridgeSettings | None = None
 
     @field_validator("persistent_client_expiration")
     @classmethod
@@ -144,6 +194,8 @@ class BrokerSettings(BaseModel):
         for listener in (self.tls, self.mtls):
             if listener:
                 lines += ["", *listener.render(), *bind]
+        if self.bridge is not None:
+            lines += ["", *self.bridge.render()]
         return "\n".join(lines) + "\n"
 
 

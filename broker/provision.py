@@ -220,7 +220,8 @@ def _acl_text(reg: dict[str, Any]) -> str:
                  if e.get("upstream") in devices}  # a revoked upstream loses the link
     connections = {a: list(e.get("connections", ()))
                    for kind in ("devices", "trainers") for a, e in reg[kind].items()}
-    return render_acl(devices, trainers, reg["prefix"], upstreams, connections)
+    sites = {s: e["fleets"] for s, e in reg.get("sites", {}).items()}
+    return render_acl(devices, trainers, reg["prefix"], upstreams, connections, sites)
 
 
 def _write_acl(lay: FleetLayout, reg: dict[str, Any]) -> None:
@@ -622,8 +623,8 @@ def revoke_accounts(directory: Path | str, accounts: Iterable[str], *,
 def _check_revocable(lay: FleetLayout, reg: dict[str, Any], accounts: list[str],
                      fleets: dict[str, str]) -> None:
     gone = {r["id"] for r in reg["revoked"]}
-    unknown = [a for a in accounts
-               if a not in reg["devices"] and a not in reg["trainers"] and a not in gone]
+    unknown = [a for a in accounts if a not in reg["devices"] and a not in reg["trainers"]
+               and a not in reg.get("sites", {}) and a not in gone]
     if unknown:
         raise UnknownAccountError(f"no account {', '.join(map(repr, unknown))} in "
                                   f"{lay.root}: nothing revoked")
@@ -637,8 +638,9 @@ def _check_revocable(lay: FleetLayout, reg: dict[str, Any], accounts: list[str],
 def _drop_account(reg: dict[str, Any], entries: dict[str, str], serials: set[int],
                   account: str) -> Revocation:
     """Take ``account`` out of the registry and the password entries (in memory)."""
-    kind = "devices" if account in reg["devices"] else "trainers"
-    entry = reg[kind].pop(account, None)
+    kind = next((k for k in ("devices", "trainers", "sites") if account in reg.get(k, {})),
+                "trainers")
+    entry = reg.setdefault(kind, {}).pop(account, None)
     if entry is None:
         last = [r for r in reg["revoked"] if r["id"] == account][-1]
         return Revocation(account, last["kind"], revoked=False)
@@ -723,8 +725,11 @@ def fleet_settings(
         raise ProvisionError(f"{lay.root} is not a fleet directory: provision a device first")
     if (tls_port or mtls_port) and not (lay.certs / "server.crt").exists():
         raise ProvisionError(f"no server certificate in {lay.certs}: run `knet broker certs`")
-    return settings_for_layout(lay, port, tls_port, mtls_port, bind_address=bind_address,
-                               tls_bind_address=tls_bind_address)
+    settings = settings_for_layout(lay, port, tls_port, mtls_port, bind_address=bind_address,
+                                   tls_bind_address=tls_bind_address)
+    from broker.site import site_bridge_settings
+
+    return site_bridge_settings(lay.root, settings)  # a site directory adds its bridge
 
 
 def reload_broker(directory: Path | str) -> bool:

@@ -79,10 +79,31 @@ def _bench_fleet(args: argparse.Namespace) -> int:
     return 0 if all(r["held"] for r in results) else 1
 
 
+def _bench_ingest_scale(args: argparse.Namespace) -> int:
+    from bench.ingest_scale import run_scale_bench
+    from bench.report import command_line, print_table, write_json
+
+    rows = [run_scale_bench(store, n, messages=args.messages, devices=args.devices,
+                            validation=args.validation[0], payload_codec=args.codec)
+            for store in (args.store or ["sqlite"]) for n in (args.replicas or [1])]
+    print_table(f"ingest: {args.messages} messages from {args.devices} devices, "
+                f"{args.codec}, validation {args.validation[0]}, {rows[0]['cores']} cores",
+                ["store", "replicas", "stored msg/s", "lost", "replica CPU us/msg",
+                 "postgres CPU us/msg", "broker CPU us/msg", "stored per replica"],
+                [(r["store"], r["replicas"], r["messages_per_s"], r["lost"],
+                  r["replica_cpu_us_per_msg"], r["postgres_cpu_us_per_msg"],
+                  r["broker_cpu_us_per_msg"], "/".join(map(str, r["stored_per_replica"])))
+                 for r in rows])
+    write_json(args.json, "ingest", command_line(), rows)
+    return 0
+
+
 def _bench_ingest(args: argparse.Namespace) -> int:
     from bench.ingest import run_ingest_bench
     from bench.report import command_line, print_table, write_json
 
+    if args.store or args.replicas:
+        return _bench_ingest_scale(args)
     rows = []
     for validation in args.validation:
         r = run_ingest_bench(messages=args.messages, payload_codec=args.codec,
@@ -134,6 +155,8 @@ def _broker(args: argparse.Namespace) -> int:
         return _broker_provision_list(args) if args.list_file else _broker_provision(args)
     if args.broker == "revoke":
         return _broker_revoke(args)
+    if args.broker == "provision-site":
+        return _broker_provision_site(args)
     if args.broker == "certs":
         from broker.certs import DEFAULT_SERVER_NAMES
 
@@ -144,6 +167,26 @@ def _broker(args: argparse.Namespace) -> int:
         return 0
     return provision.run_foreground(args.dir, args.port, args.tls_port, args.mtls_port,
                                     bind_address=args.bind)
+
+
+def _broker_provision_site(args: argparse.Namespace) -> int:
+    from broker.provision import ProvisionError
+    from broker.site import provision_site
+
+    try:
+        made = provision_site(args.dir, args.site, args.fleet, args.site_dir,
+                              cloud_host=args.cloud_host, cloud_port=args.cloud_port,
+                              tls=args.tls, outage_hours=args.outage_hours,
+                              rate_msgs_s=args.rate, avg_msg_bytes=args.msg_bytes)
+    except (ProvisionError, ValueError) as exc:
+        return _usage_error("provision-site", str(exc))
+    print(f"site {made.site} of fleet(s) {', '.join(made.fleets)}: bridge to {made.address}")
+    print(f"site broker directory: {made.site_dir} (provision its devices there; run it with "
+          f"`knet broker run --dir {made.site_dir}`)")
+    print(f"outage absorbed: {made.outage_hours:g} h = {made.max_queued_messages} messages, "
+          f"{made.max_queued_bytes / 2**20:.0f} MiB queued on the site broker (in memory)")
+    print(f"if `knet broker run --dir {args.dir}` runs, the cloud broker reloads its ACL now")
+    return 0
 
 
 def _usage_error(command: str, message: str) -> int:
@@ -388,6 +431,11 @@ def _add_system_benches(bsub: Any) -> None:
     b.add_argument("--devices", type=int, default=4)
     b.add_argument("--codec", default="uint8+lz4")
     b.add_argument("--validation", nargs="+", default=["decode", "header"])
+    b.add_argument("--store", nargs="+", choices=["sqlite", "postgresql"], default=None,
+                   help="replica processes on this store (with --replicas; validation: the "
+                        "first --validation)")
+    b.add_argument("--replicas", nargs="+", type=int, default=None,
+                   help="ingest replica processes splitting the fleet by device hash")
     b.add_argument("--json", type=Path, default=None)
     b.set_defaults(func=_bench_ingest)
     b = bsub.add_parser("fleet", help="N simulated devices against one trainer (bench/fleet.py)")
@@ -470,6 +518,19 @@ def _add_broker_commands(sub: Any) -> None:
     b.add_argument("--list", type=Path, dest="list_file", metavar="FILE",
                    help="the devices of a list file (as for provision --list)")
     b.add_argument("--dir", type=Path, required=True)
+    b = brsub.add_parser("provision-site", help="a site broker bridged to this (cloud) "
+                                                "broker: its account here, its bridge config")
+    b.add_argument("site", help="site id (the bridge's username on the cloud broker)")
+    b.add_argument("--fleet", nargs="+", required=True)
+    b.add_argument("--dir", type=Path, required=True, help="the cloud broker's directory")
+    b.add_argument("--site-dir", type=Path, required=True, help="the site broker's directory")
+    b.add_argument("--cloud-host", required=True, help="what the site broker dials")
+    b.add_argument("--cloud-port", type=int, default=None, help="default 8883 (TLS)")
+    b.add_argument("--tls", action=argparse.BooleanOptionalAction, default=True)
+    b.add_argument("--outage-hours", type=float, default=8.0,
+                   help="cloud outage the site queue must absorb (default 8)")
+    b.add_argument("--rate", type=float, default=10.0, help="site uplink messages/s")
+    b.add_argument("--msg-bytes", type=int, default=2048, help="average message size")
     b = brsub.add_parser("certs", help="development CA, CRL and server certificate")
     b.add_argument("--dir", type=Path, required=True)
     b.add_argument("--name", action="append", default=None, metavar="HOST",

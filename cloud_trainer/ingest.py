@@ -68,6 +68,7 @@ from agent.mqtt.endpoint import SESSION_EXPIRY_MAX, MqttEndpoint
 from agent.topics import TopicError, TopicKind, Topics
 from agent.wire.control import ControlMessageError
 from cloud_trainer.fleet import FleetTable
+from cloud_trainer.partition import DevicePartition
 from cloud_trainer.store import SampleStore
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,10 @@ class IngestSettings(MqttEndpoint):
     # published between the restart and the ingestor's re-subscribe had no subscriber and were
     # lost; a plain persistent subscription is restored and queued). docs/deploy.md.
     shared: bool = True
+    # With plain subscriptions, replicas split the fleet by device hash: this one stores
+    # the devices ``partition`` owns and acks the rest unstored (cloud_trainer/partition.py).
+    partitions: int = Field(1, ge=1)
+    partition: int = Field(0, ge=0)
     receive_maximum: int = Field(1000, ge=1, le=65535)
     max_payload: int = Field(4 << 20, ge=1)  # codec frame bytes inside an envelope
     max_decoded_bytes: int = Field(16 << 20, ge=1)  # float32 bytes a frame may declare
@@ -134,6 +139,9 @@ class IngestStats:
     # Activations refused, in total and per reason: received == stored + duplicates +
     # rejected + what is still queued.
     rejected: int = 0
+    other_replica: int = 0  # activations of devices another replica owns (acked, not stored)
+    lag_s: float | None = None  # last commit's time minus its newest envelope's timestamp
+    last_commit: float = 0.0
     bad: dict[str, Counter[str]] = field(default_factory=dict)
     rejects: Counter[str] = field(default_factory=Counter)
     # Refused state/birth messages by "<kind>/<reason>" (agent.wire.control.REJECT_REASONS).
@@ -225,6 +233,7 @@ class Ingestor:
         self._busy = False
         self._bad_log = _RateLimitedLog(settings.log_interval_s)
         self._last_expire = time.monotonic()
+        self._partition = DevicePartition(settings.partitions, settings.partition)
         self.client = self._make_client()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -312,6 +321,8 @@ class Ingestor:
         bad = [r for r in reasons if r.is_failure]
         if bad:
             log.error("ingestor %s: subscription refused: %s", self.settings.client_id, bad)
+        else:  # the replica tests and operators read this line after every (re)connect
+            log.info("ingestor %s subscribed", self.settings.client_id)
 
     def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         with self._ack_lock:
@@ -363,6 +374,9 @@ class Ingestor:
             self._fleet_message(topic.kind, device, data, now)
             return None
         if topic.kind is not TopicKind.ACT:
+            return None
+        if not self._partition.owns(device):
+            self.stats.other_replica += 1
             return None
         self.stats.received += 1
         self.stats.bytes_received += len(data)
@@ -480,6 +494,9 @@ class Ingestor:
                       len(envs), exc)
             return False
         st = self.stats
+        if envs:
+            st.last_commit = time.time()
+            st.lag_s = st.last_commit - max(e.timestamp for e in envs)
         st.batches += 1
         st.stored += inserted
         st.duplicates += len(envs) - inserted

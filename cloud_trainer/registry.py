@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,6 +24,7 @@ import torch
 from sqlalchemy import (
     JSON,
     DateTime,
+    Engine,
     ForeignKey,
     Integer,
     String,
@@ -30,6 +32,7 @@ from sqlalchemy import (
     create_engine,
     event,
     select,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
@@ -112,27 +115,41 @@ def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
 
 
 class Registry:
-    """Versions in SQLite (via SQLAlchemy), block weights as files under ``root/blocks``."""
+    """Versions in SQLite (via SQLAlchemy), block weights as files under ``root/blocks``.
 
-    def __init__(self, root: Path | str) -> None:
+    With ``engine`` (PostgreSQL, ``[database]``) the versions live there and so do the block
+    weights (``block_weights``, bytea): whichever replica leads next must load them, and one
+    database backup then holds versions and weights consistently; ``root/blocks`` is only a
+    local cache. The schema is Alembic's (``cloud_trainer/storage/migrations``).
+    """
+
+    def __init__(self, root: Path | str, engine: Engine | None = None) -> None:
         self.root = Path(root)
         self.blocks_dir = self.root / "blocks"
         self.blocks_dir.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(f"sqlite:///{self.root / 'registry.sqlite3'}")
-        event.listen(self.engine, "connect", _sqlite_pragmas)
-        _Base.metadata.create_all(self.engine)
+        self.shared = engine is not None
+        if engine is None:
+            engine = create_engine(f"sqlite:///{self.root / 'registry.sqlite3'}")
+            event.listen(engine, "connect", _sqlite_pragmas)
+            _Base.metadata.create_all(engine)
+        self.engine = engine
 
     # --- writing
     def put_block(self, state: Mapping[str, torch.Tensor]) -> str:
         """Store one block's weights (idempotent); returns their sha256."""
         digest = weights_digest(state)
         path = self.blocks_dir / f"{digest}.pt"
-        if not path.exists():
+        if not path.exists() or self.shared:
             buf = io.BytesIO()
             torch.save({k: v.detach().cpu() for k, v in state.items()}, buf)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(buf.getvalue())
-            tmp.replace(path)
+            if self.shared:
+                with self.engine.begin() as conn:
+                    conn.execute(text(
+                        "INSERT INTO block_weights (sha256, size, data) VALUES (:s, :n, :d) "
+                        "ON CONFLICT (sha256) DO NOTHING"),
+                        {"s": digest, "n": buf.tell(), "d": buf.getvalue()})
+            if not path.exists():
+                _write_atomic(path, buf.getvalue())
         return digest
 
     def add_version(self, model_id: str, block_states: Sequence[Mapping[str, torch.Tensor]], *,
@@ -199,6 +216,12 @@ class Registry:
 
     def load_block(self, sha256: str) -> dict[str, torch.Tensor]:
         path = self.blocks_dir / f"{sha256}.pt"
+        if not path.exists() and self.shared:
+            with self.engine.connect() as conn:
+                data = conn.scalar(text("SELECT data FROM block_weights WHERE sha256 = :s"),
+                                   {"s": sha256})
+            if data is not None:
+                _write_atomic(path, bytes(data))  # the local cache
         if not path.exists():
             raise RegistryError(f"block weights {sha256[:12]}… missing from {self.blocks_dir}")
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -219,6 +242,12 @@ class Registry:
         if row is None:
             raise RegistryError(f"{model_id} v{version} is not in the registry")
         return row
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 def _to_version(row: VersionRow) -> ModelVersion:

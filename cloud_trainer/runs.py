@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     DateTime,
+    Engine,
     Float,
     Integer,
     String,
@@ -125,17 +126,23 @@ def _run(row: RunRow) -> Run:
 class RunLog:
     """Runs, scheduler events and update reports (SQLAlchemy on the registry's SQLite)."""
 
-    def __init__(self, registry_dir: Path | str) -> None:
+    def __init__(self, registry_dir: Path | str, engine: Engine | None = None,
+                 owner: str | None = None) -> None:
+        """``engine``: the shared PostgreSQL (``[database]``), whose schema is Alembic's;
+        ``owner``: the trainer id recorded in each run's detail (which replica ran it)."""
+        self.owner = owner
         root = Path(registry_dir)
         root.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(f"sqlite:///{root / 'registry.sqlite3'}")
-        event.listen(self.engine, "connect", _sqlite_pragmas)
-        try:
-            _Base.metadata.create_all(self.engine)
-        except OperationalError as exc:  # another process created them between check and DDL
-            if "already exists" not in str(exc):
-                raise
-            _Base.metadata.create_all(self.engine)
+        if engine is None:
+            engine = create_engine(f"sqlite:///{root / 'registry.sqlite3'}")
+            event.listen(engine, "connect", _sqlite_pragmas)
+            try:
+                _Base.metadata.create_all(engine)
+            except OperationalError as exc:  # another process created them meanwhile
+                if "already exists" not in str(exc):
+                    raise
+                _Base.metadata.create_all(engine)
+        self.engine = engine
         self.reports_changed = threading.Condition()
 
     # --- runs
@@ -145,7 +152,8 @@ class RunLog:
             row = RunRow(run_id=uuid.uuid4().hex, job_id=job_id, model_id=model_id,
                          trigger=trigger, status="running", step="start",
                          started_at=datetime.now(UTC), since=since, until=until,
-                         deployed_version=deployed_version, detail={})
+                         deployed_version=deployed_version,
+                         detail={"trainer": self.owner} if self.owner else {})
             s.add(row)
             s.flush()
             return _run(row)
@@ -205,6 +213,16 @@ class RunLog:
             if limit:
                 q = q.limit(limit)
             return [_run(r) for r in s.scalars(q)]
+
+    def status_counts(self) -> dict[tuple[str, str], int]:
+        """(job, status) -> number of runs (kind ``run``), for metrics."""
+        from sqlalchemy import func
+
+        with Session(self.engine) as s:
+            rows = s.execute(select(RunRow.job_id, RunRow.status, func.count())
+                             .where(RunRow.kind == "run")
+                             .group_by(RunRow.job_id, RunRow.status)).all()
+        return {(job, status): int(n) for job, status, n in rows}
 
     def record_event(self, job_id: str, status: str, reason: str,
                      scheduled_at: datetime | None = None) -> Run:

@@ -50,17 +50,21 @@ class SplitServer:
 
     def __init__(self, teacher: BlockModel, model_id: str, topics: Topics,
                  endpoint: MqttEndpoint, *, workers: int = 2, max_pending: int = 64,
-                 max_payload: int = 16 * 2**20) -> None:
+                 max_payload: int = 16 * 2**20,
+                 share_group: str | None = None) -> None:
         self.teacher = teacher.eval()
         self.model_id = model_id
         self.topics = topics
         self.max_payload = max_payload
+        # Replicas: one $share group, so each request is answered once, by any of them.
+        self.share_group = share_group
         self.stats = {"requests": 0, "replies": 0, "errors": 0, "busy": 0, "bad_topic": 0,
                       "foreign_response_topic": 0, "internal": 0}
         self._bad_log = RateLimitedLog(log, 10.0)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="knet-split")
         self._slots = threading.BoundedSemaphore(max_pending)
-        self._filter = topics.all_devices(TopicKind.INFER.value)
+        infer = topics.all_devices(TopicKind.INFER.value)
+        self._filter = topics.shared(share_group, infer) if share_group else infer
         self._client = make_client(endpoint, default_client_id="knet-split")
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message

@@ -19,6 +19,12 @@ even after SIGKILL. ``knet-trainer jobs run-now`` either asks the running daemon
 file + SIGUSR1; the daemon moves the job's next run time to now) or, when no daemon holds
 the lock, takes the lock and runs the job in-process without any scheduler.
 
+With ``[database]`` (PostgreSQL) the store, registry, run log and job store are shared by
+every replica, the schema revision is checked before anything starts, and the scheduler
+runs only in the replica holding the fleet's advisory lock (``storage/leader.py``); the
+others ingest, serve and stand by, and one of them takes over within about a second when
+the leader dies.
+
 Job functions are module-level (APScheduler stores a reference): ``scheduled_run(job_id)``
 finds the process's active service.
 """
@@ -35,6 +41,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -173,6 +180,10 @@ class TrainerService:
         self.ingestor: Any = None
         self.split: Any = None
         self.adapter: Any = None  # cloud_trainer/plan/adaptive.py, with [adapt]
+        self.engine: Any = None  # SQLAlchemy engine on [database] (None: SQLite files)
+        self.leader: Any = None  # storage/leader.py's LeaderLock, with [database]
+        self._metrics_server: Any = None  # cloud_trainer/metrics.py, with [metrics]
+        self.metrics_port: int | None = None
         self.client: KnetClient | None = None
         self.connected = threading.Event()
         self.stats: dict[str, int] = {"reports": 0, "bad_reports": 0, "fleet_bad": 0}
@@ -196,15 +207,11 @@ class TrainerService:
             cfg.trainer.state_dir.mkdir(parents=True, exist_ok=True)
             self.key = load_private_key(cfg.trainer.signing_key_file)
             cfg.mqtt.resolve_password()  # a missing secret is a ConfigError now, not later
-            self.registry = Registry(cfg.registry_dir)
-            self.runs = RunLog(cfg.registry_dir)
-            s = cfg.store
-            self.store = SQLiteSampleStore(cfg.store_dir, StoreLimits(
-                max_age_s=s.max_age_s, max_bytes=s.max_bytes,
-                device_max_bytes=s.device_max_bytes, device_max_count=s.device_max_count))
+            self._open_storage()
             self.models = {mid: ModelRuntime.load(mid, sec) for mid, sec in cfg.models.items()}
-            for rt in self.models.values():
-                ensure_initial_version(self.registry, rt)
+            with self._registry_startup_lock():
+                for rt in self.models.values():
+                    ensure_initial_version(self.registry, rt)
             self._connect()
             self.retrainer = Retrainer(cfg, self.registry, self.store, self.runs, self.fleet,
                                        _Channel(self.client, self.publisher,
@@ -220,7 +227,15 @@ class TrainerService:
                 if cfg.adapt.enabled:
                     self._start_adapt()
                 _ACTIVE = self
-                self._start_scheduler()
+                if cfg.metrics.prometheus_port is not None:
+                    from cloud_trainer.metrics import serve
+
+                    self._metrics_server, self.metrics_port = serve(
+                        self, cfg.metrics.prometheus_port, cfg.metrics.prometheus_bind)
+                if cfg.database.enabled:
+                    self._stand_for_leader()
+                else:
+                    self._start_scheduler()
         except BaseException:  # a half-started service releases what it took; re-raised
             self.stop()
             raise
@@ -232,6 +247,7 @@ class TrainerService:
         """Stop scheduling, let a running job finish (bounded), say offline, disconnect."""
         global _ACTIVE
         self.stopping.set()
+        self._stop_leader_and_metrics()
         if self.adapter is not None:
             self.adapter.stop()
         # Shutting down, each suppress(Exception) below lets the next step run whatever this
@@ -262,10 +278,20 @@ class TrainerService:
             self.client = None
         if getattr(self, "store", None) is not None:
             self.store.close()
+        if self.engine is not None:
+            self.engine.dispose()
         self._death_watch.uninstall()
         if _ACTIVE is self:
             _ACTIVE = None
         self.lock.release()
+
+    def _stop_leader_and_metrics(self) -> None:
+        if self.leader is not None:
+            self.leader.stop()  # a standby stops trying; a leader's lock goes with its session
+        if self._metrics_server is not None:
+            with contextlib.suppress(Exception):  # shutting down: the next steps must run
+                self._metrics_server.shutdown()
+            self._metrics_server = None
 
     def __enter__(self) -> TrainerService:
         return self.start()
@@ -282,6 +308,62 @@ class TrainerService:
         main = mqtt_cfg.client_id or f"knet-trainer-{self.config.trainer.id}"
         return mqtt_cfg.model_copy(update={"client_id": f"{main}-run-now-{os.getpid()}",
                                            "clean_start": True, "session_expiry": 0})
+
+    def _open_storage(self) -> None:
+        """SQLite files in the state directory, or the shared PostgreSQL (schema checked)."""
+        cfg, s = self.config, self.config.store
+        limits = StoreLimits(max_age_s=s.max_age_s, max_bytes=s.max_bytes,
+                             device_max_bytes=s.device_max_bytes,
+                             device_max_count=s.device_max_count)
+        if not cfg.database.enabled:
+            self.registry = Registry(cfg.registry_dir)
+            self.runs = RunLog(cfg.registry_dir)
+            self.store = SQLiteSampleStore(cfg.store_dir, limits)
+            return
+        from cloud_trainer.storage import migrate
+        from cloud_trainer.storage.engine import make_engine
+        from cloud_trainer.storage.postgres import PostgresSampleStore
+
+        db = cfg.database
+        self.engine = make_engine(db)
+        migrate.check(self.engine, db.display())  # SchemaError names the upgrade command
+        self.registry = Registry(cfg.registry_dir, engine=self.engine)
+        self.runs = RunLog(cfg.registry_dir, engine=self.engine, owner=cfg.trainer.id)
+        self.store = PostgresSampleStore(db.conninfo(), limits, where=db.display())
+        log.info("trainer state in %s", db.display())
+
+    @contextlib.contextmanager
+    def _registry_startup_lock(self) -> Iterator[None]:
+        """Replicas starting at once on an empty registry: one registers v1, the others
+        wait and then find it (without it two registered v1/v2, or one saw a version not
+        yet pushed and refused to start)."""
+        if self.engine is None:
+            yield
+            return
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7259002)")  # released at end
+            yield
+
+    def _stand_for_leader(self) -> None:
+        from cloud_trainer.storage.leader import LeaderLock
+
+        db = self.config.database
+        self.leader = LeaderLock(db.conninfo(), self.config.trainer.fleet,
+                                 on_elected=self._start_scheduler,
+                                 on_lost=self._on_leadership_lost,
+                                 poll_s=db.leader_poll_s).start()
+
+    def _on_leadership_lost(self, why: str) -> None:
+        """Stop scheduling at once and exit non-zero: restarted, this replica stands again."""
+        if self.scheduler is not None:
+            with contextlib.suppress(Exception):
+                self.scheduler.shutdown(wait=False)
+        self._on_thread_death(f"leader-lock ({why})", None)
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this process runs the scheduler (always, without [database])."""
+        return self.leader is None or bool(self.leader.is_leader)
 
     def _connect(self) -> None:
         cfg = self.config
@@ -356,6 +438,8 @@ class TrainerService:
                               kind.value, device, exc)
 
     def _on_report(self, device: str, payload: bytes) -> None:
+        if not self.is_leader:
+            return  # every replica hears it; the leader (whose rollout waits on it) stores it
         try:
             report = UpdateReport.parse(payload)
             if report.device != device:
@@ -392,6 +476,7 @@ class TrainerService:
             # A name only key holders can derive: a device cannot join the group and take
             # activations from it (cloud_trainer/keys.py, docs/broker.md).
             share_group=secret_share_group(ing.share_group, self.key), shared=ing.shared,
+            partitions=ing.replicas, partition=ing.replica,
             receive_maximum=ing.receive_maximum, max_payload=ing.max_payload,
             validation=ing.validation,
             # The boundaries the deployed models have (0 = input .. N = logits), each with
@@ -411,7 +496,12 @@ class TrainerService:
         endpoint = cfg.mqtt.connection("split").derive(
             MqttEndpoint, client_id=f"knet-split-{cfg.trainer.id}")
         srv = SplitServer(self.models[model_id].teacher, model_id, self.topics, endpoint,
-                          workers=cfg.split.workers)
+                          workers=cfg.split.workers,
+                          # replicas answer each request once (a lost request times out
+                          # on the device, which falls back; nothing to keep durable)
+                          share_group=secret_share_group(f"{cfg.ingest.share_group}-split",
+                                                         self.key)
+                          if cfg.ingest.replicas > 1 or cfg.database.enabled else None)
         self.split = srv.__enter__()
 
     def _start_adapt(self) -> None:
@@ -428,8 +518,10 @@ class TrainerService:
         from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
         from apscheduler.schedulers.background import BackgroundScheduler
 
+        store = (SQLAlchemyJobStore(engine=self.engine) if self.engine is not None
+                 else SQLAlchemyJobStore(url=f"sqlite:///{self.config.jobs_db}"))
         sched = BackgroundScheduler(
-            jobstores={"default": SQLAlchemyJobStore(url=f"sqlite:///{self.config.jobs_db}")},
+            jobstores={"default": store},
             executors={"default": ThreadPoolExecutor(1)},
             job_defaults={"coalesce": True, "max_instances": 1}, timezone=UTC)
         sched.add_listener(self._on_event,
@@ -478,11 +570,17 @@ class TrainerService:
         with self._run_lock:
             if self.stopping.is_set() and trigger == "schedule":
                 raise RuntimeError("the trainer is stopping")
+            if trigger == "schedule" and not self.is_leader:  # lost the lock meanwhile
+                raise RuntimeError("this replica no longer leads the scheduler")
             return self.retrainer.run(job_id, trigger)
 
     def run_now_requests(self) -> None:
         """Apply ``jobs run-now`` request files: move each job's next run to now."""
         folder = requests_dir(self.config)
+        if self.scheduler is None:
+            if folder.is_dir() and any(folder.glob("*.json")):
+                log.warning("run-now requests wait: this replica does not lead the scheduler")
+            return
         for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
             try:
                 job_id = json.loads(path.read_text())["job"]
@@ -515,7 +613,8 @@ class TrainerService:
     def _state_payload(self, state: str) -> bytes:
         fields: dict[str, Any] = {"state": state, "trainer": self.config.trainer.id,
                                   "fleet": self.config.trainer.fleet, "pid": os.getpid(),
-                                  "started_at": self.started_at, "time": time.time()}
+                                  "started_at": self.started_at, "time": time.time(),
+                                  "leader": self.is_leader}
         if state == "online" and hasattr(self, "runs"):
             fields.update(self._state_summary())
         return TrainerState.model_validate(fields).payload()
@@ -597,12 +696,21 @@ def list_jobs(config: TrainerConfig) -> list[dict[str, Any]]:
     from apscheduler.schedulers.background import BackgroundScheduler
 
     stored: dict[str, Any] = {}
-    if config.jobs_db.exists():
-        store = SQLAlchemyJobStore(url=f"sqlite:///{config.jobs_db}")
+    engine = None
+    runs: RunLog | None = None
+    if config.database.enabled:
+        from cloud_trainer.storage.engine import make_engine
+
+        engine = make_engine(config.database, pool_size=1)
+        runs = RunLog(config.registry_dir, engine=engine)
+    elif config.registry_dir.exists():
+        runs = RunLog(config.registry_dir)
+    if engine is not None or config.jobs_db.exists():
+        store = (SQLAlchemyJobStore(engine=engine) if engine is not None
+                 else SQLAlchemyJobStore(url=f"sqlite:///{config.jobs_db}"))
         store.start(BackgroundScheduler(timezone=UTC), "default")  # reading only, never run
         stored = {j.id: j for j in store.get_all_jobs()}
         store.shutdown()
-    runs = RunLog(config.registry_dir) if config.registry_dir.exists() else None
     out = []
     for job in config.jobs:
         j = stored.get(job.id)

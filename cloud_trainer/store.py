@@ -185,6 +185,11 @@ class SampleStore(ABC):
     @abstractmethod
     def stats(self) -> dict[str, Any]: ...
 
+    def totals(self) -> tuple[int, int]:
+        """(samples, payload bytes), cheap: from the per-device totals, for metrics."""
+        st = self.stats()
+        return int(st["samples"]), int(st["bytes"])
+
     @abstractmethod
     def close(self) -> None: ...
 
@@ -432,6 +437,11 @@ class SQLiteSampleStore(SampleStore):
     def sample_keys(self) -> set[tuple[str, int, int]]:
         return {(d, _from_i64(s), _from_i64(q))
                 for d, s, q in self._db.execute("SELECT device, session, seq FROM samples")}
+
+    def totals(self) -> tuple[int, int]:
+        n, b = self._db.execute("SELECT COALESCE(SUM(count), 0), COALESCE(SUM(bytes), 0) "
+                                "FROM device_totals").fetchone()
+        return int(n), int(b)
 
     def stats(self) -> dict[str, Any]:
         db = self._db

@@ -198,6 +198,30 @@ def _jobs_run_now(args: argparse.Namespace) -> int:
         return 3
 
 
+def _db(args: argparse.Namespace) -> int:
+    """``db upgrade|check``: the PostgreSQL schema of ``[database]`` (Alembic)."""
+    from cloud_trainer.storage import migrate
+    from cloud_trainer.storage.engine import make_engine
+
+    config = _load_config(args)
+    db = config.database
+    if not db.enabled:
+        print("knet-trainer: trainer.toml has no [database] url: the state is SQLite in "
+              f"{config.trainer.state_dir}, which needs no migration", file=sys.stderr)
+        return 2
+    engine = make_engine(db, pool_size=1)
+    try:
+        if args.action == "upgrade":
+            before, after = migrate.upgrade(engine)
+            console.print(f"{db.display()}: schema {before or 'none'} -> {after}")
+        else:
+            console.print(f"{db.display()}: schema {migrate.check(engine, db.display())} "
+                          "(current)")
+    finally:
+        engine.dispose()
+    return 0
+
+
 def _print_run(run) -> int:  # type: ignore[no-untyped-def]
     console.print(f"run {run.run_id} of {run.job_id}: {run.status}"
                   + (f" (v{run.version})" if run.version else "")
@@ -228,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--timeout", type=float, default=1800.0)
     j.add_argument("--no-wait", action="store_true")
     j.set_defaults(func=_jobs_run_now)
+    d = sub.add_parser("db", help="the PostgreSQL schema of [database] (Alembic)")
+    dsub = d.add_subparsers(dest="action", required=True)
+    for name, text in (("upgrade", "migrate the schema to this build's revision"),
+                       ("check", "exit 2 unless the schema is this build's revision")):
+        dsub.add_parser(name, parents=[cfg], help=text).set_defaults(func=_db)
     models = sub.add_parser("models", help="inspect and roll back trained versions")
     msub = models.add_subparsers(dest="action", required=True)
     m = msub.add_parser("list")
@@ -267,10 +296,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from agent.configfile import ConfigError
     from cloud_trainer.registry import RegistryError
     from cloud_trainer.service import SchedulerLocked
+    from cloud_trainer.storage.migrate import SchemaError
+    from cloud_trainer.store import StoreError
 
     try:
         return int(args.func(args))
-    except (RegistryError, ConfigError, SchedulerLocked) as exc:
+    except (RegistryError, ConfigError, SchedulerLocked, SchemaError, StoreError) as exc:
         print(f"knet-trainer: {exc}", file=sys.stderr)
         return 2
 

@@ -26,6 +26,7 @@ from pydantic import (
 from agent.configfile import ConfigError, load_model, resolve_path
 from agent.mqtt.endpoint import MqttEndpoint
 from agent.topics import Topics, validate_id
+from cloud_trainer.storage.config import DatabaseSection
 
 if TYPE_CHECKING:
     from cloud_trainer.blocks import ModelPair
@@ -197,8 +198,13 @@ class IngestSection(BaseModel):
 
     enabled: bool = True
     share_group: str = "trainers"
-    shared: bool = Field(True, description="false: a plain subscription (one trainer on "
-                                           "Mosquitto survives broker restarts; docs/deploy.md)")
+    # Lossless by default: a plain persistent subscription, restored by the broker after a
+    # restart; replicas split the fleet by device hash (cloud_trainer/partition.py). true:
+    # the broker's shared subscription, only on a broker that keeps shared sessions across
+    # restarts (not Mosquitto 2.0: 579 of 900 lost, docs/deploy.md).
+    shared: bool = Field(False, description="true: $share group (see docs/deploy.md first)")
+    replicas: int = Field(1, ge=1, le=1024, description="trainer replicas splitting the fleet")
+    replica: int = Field(0, ge=0, description="this replica's index, 0 .. replicas-1")
     receive_maximum: int = Field(1000, ge=1, le=65535)
     max_payload: int = Field(4 << 20, ge=1)
     validation: Literal["decode", "header"] = "decode"
@@ -207,6 +213,15 @@ class IngestSection(BaseModel):
     @classmethod
     def _group(cls, v: str) -> str:
         return validate_id(v, "share group")
+
+    @model_validator(mode="after")
+    def _split(self) -> IngestSection:
+        if self.replica >= self.replicas:
+            raise ValueError(f"replica {self.replica}: must be below replicas "
+                             f"({self.replicas}), counting from 0")
+        if self.shared and self.replicas > 1:
+            raise ValueError("shared = true and replicas > 1 both split the stream: pick one")
+        return self
 
 
 class GateSection(BaseModel):
@@ -352,6 +367,15 @@ class AdaptSection(BaseModel):
         return self
 
 
+class TrainerMetricsSection(BaseModel):
+    """The Prometheus endpoint (``cloud_trainer/metrics.py``); no port: none is served."""
+
+    model_config = _STRICT
+
+    prometheus_port: int | None = Field(None, ge=0, le=65535, description="0: any free port")
+    prometheus_bind: str = "127.0.0.1"
+
+
 class TrainerConfig(BaseModel):
     model_config = _STRICT
 
@@ -364,6 +388,9 @@ class TrainerConfig(BaseModel):
     rollout: RolloutSection = RolloutSection()
     split: SplitSection = SplitSection()
     adapt: AdaptSection = AdaptSection()
+    # PostgreSQL for the store, registry, run log and job store (none: SQLite in state_dir).
+    database: DatabaseSection = DatabaseSection()
+    metrics: TrainerMetricsSection = TrainerMetricsSection()
 
     @field_validator("models")
     @classmethod

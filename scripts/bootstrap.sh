@@ -51,6 +51,22 @@ if ! command -v systemd-analyze >/dev/null 2>&1 && command -v apt-get >/dev/null
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends systemd >/dev/null
 fi
 
+# --- PostgreSQL: tests/pg_helpers.py starts a private server (initdb + postgres in a temp
+# folder, as the postgres user when run as root) for the PostgreSQL store, registry and
+# replica tests; `knet bench ingest --store postgresql` does the same. Debian keeps the
+# server programs in /usr/lib/postgresql/<version>/bin, off PATH.
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+    && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  log "installing postgresql (Debian package; no cluster of its own is used)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+  # The package may start a system cluster: knet's tests never use it.
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet postgresql 2>/dev/null; then
+    $SUDO systemctl disable --now postgresql >/dev/null 2>&1 || true
+  fi
+fi
+
 # --- The virtual environment.
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating $VENV with $PYTHON"

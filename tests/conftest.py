@@ -11,6 +11,9 @@ import pytest
 
 from broker.launcher import Mosquitto
 
+# PostgreSQL fixtures (`postgres`, `pg_database`): tests/pg_helpers.py.
+pytest_plugins = ["pg_helpers"]
+
 REPO = Path(__file__).resolve().parent.parent
 
 

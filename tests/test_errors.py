@@ -21,6 +21,8 @@ def defined_exceptions(package: str) -> list[type[BaseException]]:
     pkg = importlib.import_module(package)
     found = []
     for info in pkgutil.walk_packages(pkg.__path__, f"{package}."):
+        if ".migrations" in info.name:  # Alembic scripts run only inside Alembic
+            continue
         module = importlib.import_module(info.name)
         found += [obj for _name, obj in inspect.getmembers(module, inspect.isclass)
                   if issubclass(obj, BaseException) and obj.__module__ == info.name]

@@ -137,3 +137,42 @@ def test_reply_goes_only_to_the_requesters_own_topic_whatever_responsetopic_name
     assert topics == {T.infer("dev-1"), T.reply("dev-1")}, topics
     assert server.stats["foreign_response_topic"] == len(victims)
     assert server.stats["internal"] == 0
+
+
+def test_replicas_in_one_share_group_answer_each_request_once(mosquitto: Mosquitto) -> None:
+    """Split inference served by any replica: two servers, every request answered once."""
+    pair = get_pair("digits", seed=2)
+    pair.student.eval()
+    x = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a2 = pair.student.run(x, 1, 2)
+    replies: list[bytes] = []
+    got_all = threading.Event()
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.on_message = lambda _c, _u, m: (replies.append(m.properties.CorrelationData),
+                                      len(replies) >= 40 and got_all.set())
+    subscribed = threading.Event()
+    c.on_subscribe = lambda *_: subscribed.set()
+    c.connect("127.0.0.1", mosquitto.port)
+    c.subscribe(T.reply("dev-1"), 1)
+    c.loop_start()
+    servers = [SplitServer(pair.teacher, "digits", T,
+                           MqttEndpoint(host=mosquitto.host, port=mosquitto.port,
+                                        client_id=f"split-{i}"),
+                           share_group="trainers-split")
+               for i in range(2)]
+    with servers[0], servers[1]:
+        assert subscribed.wait(10) and all(s.wait_ready(10) for s in servers)
+        for n in range(40):
+            env = Envelope("dev-1", 1, n, 0.0, 1, 2, encode(a2.numpy(), "raw"),
+                           meta={"model": "digits"})
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = T.reply("dev-1")
+            props.CorrelationData = n.to_bytes(2, "big")
+            c.publish(T.device("dev-1", "infer"), env.pack(), qos=1, properties=props)
+        assert got_all.wait(30), len(replies)
+    c.disconnect()
+    c.loop_stop()
+    assert sorted(replies) == [n.to_bytes(2, "big") for n in range(40)]  # once each
+    assert sum(s.stats["replies"] for s in servers) == 40
+    assert all(s.stats["replies"] > 0 for s in servers), [s.stats for s in servers]

@@ -1,8 +1,10 @@
-"""The sample store: dedup, retention, quotas, reopen, and a reader beside a writer (WAL)."""
+"""The sample store, on SQLite and on PostgreSQL: dedup, retention, quotas, reopen, and a
+reader beside a writer. Every test runs against both backends (``kind``)."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,9 @@ from mqtt_helpers import eventually
 
 from agent.codec import encode
 from agent.envelope import Envelope
-from cloud_trainer.store import SQLiteSampleStore, StoreError, StoreLimits
+from cloud_trainer.storage.config import DatabaseSection
+from cloud_trainer.storage.postgres import PostgresSampleStore
+from cloud_trainer.store import SampleStore, SQLiteSampleStore, StoreError, StoreLimits
 
 RNG = np.random.default_rng(0)
 FRAME = encode(np.maximum(RNG.standard_normal((1, 4, 3, 3)), 0).astype(np.float32), "uint8+lz4")
@@ -23,8 +27,25 @@ def env(device: str = "dev-a", session: int = 1, seq: int = 0, boundary: int = 1
                     model_version=model_version, boundary=boundary, payload=payload, **kw)
 
 
-def test_dedup_and_fields(tmp_path: Path) -> None:
-    with SQLiteSampleStore(tmp_path) as store:
+OpenStore = Callable[..., SampleStore]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> OpenStore:
+    """``open_store(name="a", limits=None)``: the same name opens the same store again."""
+    kind = request.param
+
+    def open_(name: str = "a", limits: StoreLimits | None = None) -> SampleStore:
+        if kind == "sqlite":
+            return SQLiteSampleStore(tmp_path / name, limits)
+        db: DatabaseSection = request.getfixturevalue("pg_database")(name)
+        return PostgresSampleStore(db.conninfo(), limits)
+
+    return open_
+
+
+def test_dedup_and_fields(open_store: OpenStore) -> None:
+    with open_store() as store:
         e = env(label=3, prediction=4, confidence=0.5, meta={"model": "digits", "index": 7})
         assert store.add(e) is True
         assert store.add(e) is False
@@ -42,8 +63,8 @@ def test_dedup_and_fields(tmp_path: Path) -> None:
         assert {("dev-a", big, big), ("dev-a", big, big - 1)} <= store.sample_keys()
 
 
-def test_query_filters_and_load_arrays(tmp_path: Path) -> None:
-    with SQLiteSampleStore(tmp_path) as store:
+def test_query_filters_and_load_arrays(open_store: OpenStore) -> None:
+    with open_store() as store:
         store.add_many([env(seq=i, boundary=1, model_version=1) for i in range(3)], 100.0)
         store.add_many([env(seq=10 + i, boundary=1, model_version=2) for i in range(4)], 200.0)
         store.add_many([env(device="dev-b", seq=i, boundary=2) for i in range(2)], 300.0)
@@ -60,15 +81,15 @@ def test_query_filters_and_load_arrays(tmp_path: Path) -> None:
         assert stats["bytes"] == 9 * len(FRAME)
 
 
-def test_retention_by_age_and_bytes(tmp_path: Path) -> None:
+def test_retention_by_age_and_bytes(open_store: OpenStore) -> None:
     limits = StoreLimits(max_age_s=100.0)
-    with SQLiteSampleStore(tmp_path, limits) as store:
+    with open_store("a", limits) as store:
         store.add_many([env(seq=i) for i in range(5)], received_at=1000.0)
         store.add_many([env(seq=10 + i) for i in range(3)], received_at=1090.0)
         assert store.expire(now=1150.0) == 5
         assert sorted(k[2] for k in store.sample_keys()) == [10, 11, 12]
     size = len(FRAME)
-    with SQLiteSampleStore(tmp_path / "b", StoreLimits(max_bytes=10 * size)) as store:
+    with open_store("b", StoreLimits(max_bytes=10 * size)) as store:
         store.add_many([env(device="dev-a", seq=i) for i in range(6)])
         store.add_many([env(device="dev-b", seq=i) for i in range(6)])  # 12 > 10: evict 2
         assert store.count() == 10 and store.stats()["bytes"] <= 10 * size
@@ -76,38 +97,39 @@ def test_retention_by_age_and_bytes(tmp_path: Path) -> None:
         assert store.count(device="dev-b") == 6  # the oldest overall went, not the newest
 
 
-def test_per_device_quotas(tmp_path: Path) -> None:
+def test_per_device_quotas(open_store: OpenStore) -> None:
     size = len(FRAME)
     limits = StoreLimits(device_max_count=4, device_max_bytes=3 * size)
-    with SQLiteSampleStore(tmp_path, limits) as store:
+    with open_store("a", limits) as store:
         store.add_many([env(device="noisy", seq=i) for i in range(20)])
         store.add_many([env(device="quiet", seq=i) for i in range(2)])
         assert store.count(device="noisy") == 3  # the byte quota is the tighter one here
         assert sorted(k[2] for k in store.sample_keys() if k[0] == "noisy") == [17, 18, 19]
         assert store.count(device="quiet") == 2
-    with SQLiteSampleStore(tmp_path / "c", StoreLimits(device_max_count=2)) as store:
+    with open_store("c", StoreLimits(device_max_count=2)) as store:
         for i in range(5):
             store.add(env(seq=i))
         assert [s.seq for s in store.query()] == [3, 4]
         assert store.evicted == 3
 
 
-def test_survives_reopen(tmp_path: Path) -> None:
-    store = SQLiteSampleStore(tmp_path)
+def test_survives_reopen(open_store: OpenStore) -> None:
+    store = open_store()
     store.add_many([env(seq=i) for i in range(10)])
     store.close()
     with pytest.raises(StoreError):
         store.count()
-    with SQLiteSampleStore(tmp_path) as again:
+    with open_store() as again:
         assert again.count() == 10
         assert again.add_many([env(seq=i) for i in range(12)]) == 2  # dedup across restarts
         assert again.stats()["devices"]["dev-a"] == {"count": 12, "bytes": 12 * len(FRAME)}
 
 
-def test_concurrent_reader_while_writer_writes(tmp_path: Path) -> None:
-    """WAL: a reader (own connection, other thread and other store object) never blocks."""
-    writer = SQLiteSampleStore(tmp_path)
-    reader = SQLiteSampleStore(tmp_path)
+def test_concurrent_reader_while_writer_writes(open_store: OpenStore) -> None:
+    """A reader (own connection, other thread and other store object) never blocks the
+    writer and sees whole batches only (SQLite: WAL snapshots; PostgreSQL: MVCC)."""
+    writer = open_store()
+    reader = open_store()
     stop = threading.Event()
     counts: list[int] = []
     errors: list[BaseException] = []

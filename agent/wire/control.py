@@ -195,6 +195,7 @@ class TrainerState(ControlMessage):
     pid: int = Field(ge=0)
     started_at: float
     time: float
+    leader: bool = True  # runs the scheduler (replicas on PostgreSQL: one of them)
     rounds: int | None = Field(None, ge=0)
     runs: dict[str, RunSummary] | None = None
     devices_online: int | None = Field(None, ge=0)
