@@ -233,34 +233,42 @@ def _terminate(proc: subprocess.Popen[bytes]) -> None:
             continue
 
 
-_ROOT_CAUSE = re.compile(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
+_FAILURE = re.compile(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
 
 
 def describe_failure(job: Path, rs: list[tuple[int, int]], code: int) -> WorkerFailed:
-    """Which worker failed and how: its error file, else torchrun's root cause."""
+    """Which worker failed and how, from torchrun's failure report and the error files.
+
+    A rank killed by a signal is the cause even when torchrun saw another first: the others
+    then fail on their broken links, or get torchrun's own SIGTERM as it stops them.
+    """
     def blocks(rank: int) -> str:
         a, b = rs[rank] if 0 <= rank < len(rs) else (0, 0)
         return f"block {a}" if a == b else f"blocks {a}-{b}"
 
-    text = (job / "torchrun.log").read_text(errors="replace") if (
-        job / "torchrun.log").is_file() else ""
-    cause = text[text.rfind("Root Cause"):] if "Root Cause" in text else text
-    m = _ROOT_CAUSE.search(cause)
-    if m:
-        rank, exitcode = int(m.group(1)), int(m.group(2))
-        if exitcode < 0:
-            try:
-                how = f"killed by {signal.Signals(-exitcode).name}"
-            except ValueError:
-                how = f"killed by signal {-exitcode}"
-            return WorkerFailed(f"worker rank {rank} ({blocks(rank)}) was {how}; the run "
-                                f"is abandoned", rank, exitcode)
-        err = job / f"rank-{rank}.error"
-        last = err.read_text().strip().splitlines()[-1] if err.is_file() else ""
-        return WorkerFailed(f"worker rank {rank} ({blocks(rank)}) failed with exit code "
-                            f"{exitcode}{': ' + last if last else ''}", rank, exitcode)
-    tail = " | ".join(text.strip().splitlines()[-5:])
-    return WorkerFailed(f"torchrun exited with {code}: {tail}", None, code)
+    log_file = job / "torchrun.log"
+    text = log_file.read_text(errors="replace") if log_file.is_file() else ""
+    report = text[text.rfind("Failures:"):] if "Failures:" in text else ""
+    found = [(int(r), int(c)) for r, c in _FAILURE.findall(report)]
+    root = text[text.rfind("Root Cause"):] if "Root Cause" in text else ""
+    m = _FAILURE.search(root)
+    killed = [(r, c) for r, c in found if c < 0 and c != -signal.SIGTERM]
+    pick = killed[0] if killed else ((int(m.group(1)), int(m.group(2))) if m else None)
+    if pick is None:
+        tail = " | ".join(text.strip().splitlines()[-5:])
+        return WorkerFailed(f"torchrun exited with {code}: {tail}", None, code)
+    rank, exitcode = pick
+    if exitcode < 0:
+        try:
+            how = f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            how = f"killed by signal {-exitcode}"
+        return WorkerFailed(f"worker rank {rank} ({blocks(rank)}) was {how}; the run is "
+                            "abandoned", rank, exitcode)
+    err = job / f"rank-{rank}.error"
+    last = err.read_text().strip().splitlines()[-1] if err.is_file() else ""
+    return WorkerFailed(f"worker rank {rank} ({blocks(rank)}) failed with exit code "
+                        f"{exitcode}{': ' + last if last else ''}", rank, exitcode)
 
 
 def _assemble(model: BlockModel, spec: TrainSpec, rs: list[tuple[int, int]],
