@@ -44,7 +44,7 @@ class TrainSpec:
     optimizer: Literal["adam", "sgd"] = "adam"
     clip: float | None = None
     trust: bool = True
-    m_lr: float = 1e-3
+    m_lr: float = 3e-3
     seed: int = 0
     shift: int = 0
     microbatches: int = 4
