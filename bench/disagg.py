@@ -9,9 +9,12 @@ number of optimiser steps per block, the same batches, Adam + one-cycle at the s
 * end-to-end backprop in one process (the reference);
 * pipelined backprop on 2 ``torchrun`` workers (GPipe, 4 micro-batches, true gradients);
 * synthetic gradients (DNI) on 2 workers: the M block on the cut predicts the gradient,
-  conditioned on the label, and, for the measurement of conditioning, without it;
-* a control: backprop with the blocks below the cut frozen at their initialisation — what
-  the blocks below the cut would score if they learnt nothing at all.
+  conditioned on the label; on the split that balances the workers' costs (the one the
+  throughput rows use) and on the split after block 2, where the M block sits on the conv
+  features (and there also without the label, to measure conditioning, and without the
+  trust scaling of ``TrainSpec.trust``, knet's addition to DNI);
+* controls: backprop with the blocks below each split frozen at their initialisation —
+  what those blocks would score if the synthetic gradient taught them nothing at all.
 
 Then throughput with 1, 2 and 4 worker processes (first seed): each multi-worker run
 against one process running the same blocks and M blocks in sequence (the same
@@ -44,10 +47,14 @@ if TYPE_CHECKING:
 MODEL = "digits"
 STEPS, BATCH, LR, SHIFT = 600, 64, 3e-3, 1
 CHECKPOINTS = 10
-ROWS = {"bp": "backprop, 1 process", "pp": "pipelined backprop, 2 workers",
-        "sg": "synthetic gradients, 2 workers (label-conditioned M)",
-        "sg_uncond": "synthetic gradients, 2 workers (M without the label)",
-        "frozen": "control: backprop, blocks below the cut frozen"}
+ROWS = {"bp": "backprop, 1 process",
+        "pp": "pipelined backprop, 2 workers (balanced split)",
+        "sg": "synthetic gradients, 2 workers (balanced split)",
+        "frozen": "control: blocks below the balanced split frozen",
+        "sg2": "synthetic gradients, 2 workers (split after block 2)",
+        "sg2_uncond": "synthetic gradients, 2 workers (split after block 2, M without label)",
+        "sg2_notrust": "synthetic gradients, 2 workers (split after block 2, no trust scaling)",
+        "frozen2": "control: blocks 1-2 frozen"}
 
 
 def _spec(mode: str, workers: int, seed: int, steps: int, **kw: Any) -> TrainSpec:
@@ -169,16 +176,21 @@ def run_disagg_bench(seeds: Sequence[int] = (0, 1, 2), steps: int = STEPS,
     four, _ = resolve(get_pair(MODEL, 0).student, _spec("synthetic-gradients", 4, 0, steps))
     cut = tuple(two.boundaries or ())
     per_seed: dict[str, list[dict[str, Any]]] = {k: [] for k in ROWS}
+    after2 = (1, 3)  # blocks 1-2 | 3-4: the M block sits on the conv features
     for seed in seeds:
-        per_seed["bp"].append(run("bp", seed, _spec("backprop", 1, seed, steps)))
-        per_seed["pp"].append(run("pp", seed, _spec("pipelined", 2, seed, steps,
-                                                    partition=two.partition)))
-        per_seed["sg"].append(run("sg", seed, _spec("synthetic-gradients", 2, seed, steps,
-                                                    partition=two.partition)))
-        per_seed["sg_uncond"].append(run("sg_uncond", seed, _spec(
-            "synthetic-gradients", 2, seed, steps, partition=two.partition, conditioned=False)))
-        per_seed["frozen"].append(run("frozen", seed, _spec(
-            "backprop", 1, seed, steps, frozen=tuple(range(1, cut[0] + 1)))))
+        specs = {
+            "bp": _spec("backprop", 1, seed, steps),
+            "pp": _spec("pipelined", 2, seed, steps, partition=two.partition),
+            "sg": _spec("synthetic-gradients", 2, seed, steps, partition=two.partition),
+            "frozen": _spec("backprop", 1, seed, steps, frozen=tuple(range(1, cut[0] + 1))),
+            "sg2": _spec("synthetic-gradients", 2, seed, steps, partition=after2),
+            "sg2_uncond": _spec("synthetic-gradients", 2, seed, steps, partition=after2,
+                                conditioned=False),
+            "sg2_notrust": _spec("synthetic-gradients", 2, seed, steps, partition=after2,
+                                 trust=False),
+            "frozen2": _spec("backprop", 1, seed, steps, frozen=(1, 2))}
+        for key, spec in specs.items():
+            per_seed[key].append(run(key, seed, spec))
     bp = np.array([r["accuracy"] for r in per_seed["bp"]])
     rows = []
     for key, name in ROWS.items():
@@ -196,8 +208,8 @@ def run_disagg_bench(seeds: Sequence[int] = (0, 1, 2), steps: int = STEPS,
                      "loop_s_mean": float(np.mean([r["loop_s"] for r in per_seed[key]]))})
     print_table(
         f"{MODEL}: training from all labels with blocks on worker processes, {len(seeds)} seeds, "
-        f"{steps} optimiser steps of batch {BATCH} per block; workers at blocks "
-        f"{list(two.partition or ())}, M block on boundary {list(cut)}",
+        f"{steps} optimiser steps of batch {BATCH} per block; balanced split: workers at "
+        f"blocks {list(two.partition or ())}, M block on boundary {list(cut)}",
         ["mode", "test accuracy %", "± std", "Δ vs backprop", "per seed", "M cos (online)",
          "M cos (true grad)", "loop s"],
         [(r["row"], r["accuracy_mean"], r["accuracy_std"], r["delta_vs_backprop"],
@@ -222,6 +234,10 @@ def run_disagg_bench(seeds: Sequence[int] = (0, 1, 2), steps: int = STEPS,
     scale_row("pipelined", 2, per_seed["pp"][0], pp1, "")
     scale_row("synthetic-gradients", 1, sg1_two, None, "2-worker blocks in sequence")
     scale_row("synthetic-gradients", 2, per_seed["sg"][0], sg1_two, "")
+    sg1_after2 = run("sg1x2", seed, _spec("synthetic-gradients", 1, seed, steps,
+                                          boundaries=(2,)))
+    scale_row("synthetic-gradients", 1, sg1_after2, None, "blocks 1-2 | 3-4 in sequence")
+    scale_row("synthetic-gradients", 2, per_seed["sg2"][0], sg1_after2, "split after 2")
     if 4 in workers:
         every = tuple(four.boundaries or ())
         sg1_four = run("sg1x4", seed, _spec("synthetic-gradients", 1, seed, steps,
@@ -244,16 +260,17 @@ def run_disagg_bench(seeds: Sequence[int] = (0, 1, 2), steps: int = STEPS,
           or "-", r["accuracy"], r["loop_s"], r["samples_per_s"], r["speedup"],
           f"{r['bytes_per_step']:,.0f}", " ".join(f"{c:.1f}" for c in r["cpu_ms_per_step"]),
           r["predicted"]["overlapped"], sum(r["backward_waits"])) for r in scaling])
-    sg = per_seed["sg"][0]
-    print_table("M block on the cut (seed 0): cosine with the gradient that came back, in "
-                "tenths of the run (online), and with the true gradient at checkpoints",
-                ["boundary", "online, by tenth", "true gradient, by checkpoint"],
-                [(b, " ".join(f"{c:.2f}" for c in sg["online_cosine"][b]),
-                  " ".join(f"{c:.2f}" for _, c in sg["true_cosine"].get(b, [])))
-                 for b in sg["online_cosine"]])
+    print_table(f"M block on the cut (seed {seed}): cosine with the gradient that came back, "
+                "in tenths of the run (online), and with the true gradient at checkpoints",
+                ["run", "boundary", "online, by tenth", "true gradient, by checkpoint"],
+                [(key, b, " ".join(f"{c:.2f}" for c in per_seed[key][0]["online_cosine"][b]),
+                  " ".join(f"{c:.2f}" for _, c in per_seed[key][0]["true_cosine"].get(b, [])))
+                 for key in ("sg", "sg2", "sg2_uncond", "sg2_notrust")
+                 for b in per_seed[key][0]["online_cosine"]])
     by = {r["key"]: r for r in rows}
     two_w = next(r for r in scaling if r["mode"] == "synthetic-gradients" and r["workers"] == 2)
     goals = {"sg_within_0.7_points_of_backprop": by["sg"]["delta_vs_backprop"] >= -0.7,
+             "sg_split_after_2_within_0.7_points": by["sg2"]["delta_vs_backprop"] >= -0.7,
              "sg_2_workers_at_least_1.6x_one_worker": two_w["speedup"] >= 1.6}
     console.print("goals: " + ", ".join(f"{k} {'[green]yes[/]' if v else '[red]no[/]'}"
                                         for k, v in goals.items()))
@@ -281,15 +298,16 @@ def plot(per_seed: dict[str, list[dict[str, Any]]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax, cx) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, style in (("bp", "-"), ("pp", "--"), ("sg", "-"), ("sg_uncond", ":"),
-                       ("frozen", "-.")):
+    for key, style in (("bp", "-"), ("pp", "--"), ("sg", "-"), ("frozen", "-."),
+                       ("sg2", "-"), ("sg2_uncond", ":"), ("sg2_notrust", ":"),
+                       ("frozen2", "-.")):
         runs = per_seed[key]
         steps = [s for s, _ in runs[0]["curve"]]
         acc = np.array([[a for _, a in r["curve"]] for r in runs])
         mean, std = acc.mean(0), acc.std(0)
         ax.plot(steps, mean, style, label=ROWS[key])
         ax.fill_between(steps, mean - std, mean + std, alpha=0.15)
-        if key == "sg":
+        if key in ("sg", "sg2"):
             for b in runs[0]["true_cosine"]:
                 cos = np.array([[c for _, c in r["true_cosine"][b]] for r in runs])
                 cx.plot([s for s, _ in runs[0]["true_cosine"][b]], cos.mean(0),
