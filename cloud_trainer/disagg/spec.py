@@ -29,6 +29,8 @@ class TrainSpec:
     given, names them explicitly (the launcher resolves ``decouple`` into it, so a one-worker
     run can repeat a many-worker run's computation).
     ``partition``: the first block of every worker (None: balanced by measured cost).
+    ``optimizer``/``clip``: Adam (the measured default) or SGD with Nesterov momentum, and an
+    optional gradient-norm clip per block; ``m_hidden``/``m_layers`` size the M blocks.
     ``delay_s``: extra seconds per step on some ranks (simulates a slow worker in tests).
     ``trust``: scale a block's learning rate by its M block's running cosine similarity
     (``SyntheticGradientTrainer.trust``): a block moves as fast as the gradients it gets
