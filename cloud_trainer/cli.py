@@ -59,6 +59,14 @@ def _bench_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_disagg(args: argparse.Namespace) -> int:
+    from bench.disagg import run_disagg_bench
+
+    run_disagg_bench(seeds=tuple(args.seeds), steps=args.steps, workers=tuple(args.workers),
+                     json_path=args.json, plot_path=args.plot)
+    return 0
+
+
 def _bench_fleet(args: argparse.Namespace) -> int:
     from bench.fleet import COLUMNS, main_rows, run_fleet_bench
     from bench.report import command_line, print_table, write_json
@@ -425,7 +433,17 @@ def _add_bench_commands(sub: Any) -> None:
 
 
 def _add_system_benches(bsub: Any) -> None:
-    """``knet bench ingest|fleet|update|chain``: the trainer, the fleet and the chain."""
+    """``knet bench disagg|ingest|fleet|update|chain``: training on workers, the trainer, the
+    fleet and the chain."""
+    b = bsub.add_parser("disagg", help="blocks on worker processes: backprop, pipelined, "
+                                       "synthetic gradients (digits, from labels)")
+    b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    b.add_argument("--steps", type=int, default=600, help="optimiser steps per block")
+    b.add_argument("--workers", type=int, nargs="+", choices=[1, 2, 4], default=[1, 2, 4])
+    b.add_argument("--json", type=Path, default=None)
+    b.add_argument("--plot", type=Path, default=None, help="accuracy-vs-steps PNG")
+    b.set_defaults(func=_bench_disagg)
+
     b = bsub.add_parser("ingest", help="trainer ingest rate from a loopback publisher")
     b.add_argument("--messages", type=int, default=20_000)
     b.add_argument("--devices", type=int, default=4)

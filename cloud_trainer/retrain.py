@@ -17,7 +17,9 @@ the next run of the job and the registry stays consistent:
 * a run interrupted ``MAX_ATTEMPTS`` times, or failing with an error, ends ``failed`` (its
   version too), so a poisonous run cannot crash-loop the trainer.
 
-Supervision is label-free (KnowledgeNet block-wise KT, ``cloud_trainer/distill.py``):
+Supervision is label-free (KnowledgeNet block-wise KT, ``cloud_trainer/distill.py``) unless
+``training.mode`` asks for training from operator labels (``Sample.label``; backprop,
+pipelined or synthetic gradients across worker processes, ``cloud_trainer/disagg``):
 
 * with raw inputs (boundary 0): ``train_student_blockwise_from_inputs`` on them, every block;
 * with only boundaries ≥ 1: let ``b`` be the lowest uplinked boundary. Blocks ``1..b`` stay
@@ -182,6 +184,7 @@ class Selection:
     devices: list[str]
     bad: int = 0
     holdout_devices: np.ndarray | None = None  # (len(holdout),) device of each held-out row
+    train_labels: np.ndarray | None = None  # (len(train),) operator labels, -1 where none
 
     def summary(self) -> dict[str, Any]:
         return {"boundary": self.boundary, "train": len(self.train),
@@ -264,6 +267,7 @@ def split_samples(samples: list[Sample], rt: ModelRuntime, job: JobSection,
     b = min(counts)
     shape = rt.teacher.boundary_shapes[b]
     train, hold, labels, hold_devices = [], [], [], []
+    train_labels: list[np.ndarray] = []
     bad = 0
     chosen = [s for s in samples if s.boundary == b]
     for s in chosen:
@@ -281,16 +285,20 @@ def split_samples(samples: list[Sample], rt: ModelRuntime, job: JobSection,
             hold_devices += [s.device] * len(a)
         else:
             train.append(a)
+            train_labels.append(np.full(len(a), -1 if s.label is None else s.label, np.int64))
     if not hold and len(train) > 1:  # tiny windows: keep one in five out of training
         hold, train = train[::5], [a for i, a in enumerate(train) if i % 5]
         labels, hold_devices = [-1] * len(hold), []
+        train_labels = [y for i, y in enumerate(train_labels) if i % 5]
     empty = np.empty((0, *shape), np.float32)
     lab = np.asarray(labels, np.int64)
     holdout = np.concatenate(hold) if hold else empty
+    train_lab = np.concatenate(train_labels) if train_labels else np.empty(0, np.int64)
     return Selection(b, np.concatenate(train) if train else empty, holdout,
                      lab if len(lab) and (lab >= 0).all() else None, counts,
                      sorted({s.device for s in chosen}), bad,
-                     np.asarray(hold_devices) if len(hold_devices) == len(holdout) else None)
+                     np.asarray(hold_devices) if len(hold_devices) == len(holdout) else None,
+                     train_lab if (train_lab >= 0).any() else None)
 
 
 # -- training -------------------------------------------------------------------------------
@@ -301,20 +309,29 @@ class Trained:
     frozen: dict[int, str] = field(default_factory=dict)
     loss_before: dict[int, float] = field(default_factory=dict)
     loss_after: dict[int, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # what a training mode reports
 
     def to_dict(self) -> dict[str, Any]:
         return {"trained": self.trained, "frozen": {str(k): v for k, v in self.frozen.items()},
                 "loss_before": {str(k): v for k, v in self.loss_before.items()},
-                "loss_after": {str(k): v for k, v in self.loss_after.items()}}
+                "loss_after": {str(k): v for k, v in self.loss_after.items()}, **self.extra}
 
 
 def train_candidate(teacher: BlockModel, deployed: BlockModel, sel: Selection,
                     job: JobSection,
                     progress: Callable[[str, int, int, float], None] | None = None,
                     stop: Callable[[], bool] | None = None) -> Trained:
-    """Label-free block-wise KT from the selected boundary (module doc); ``stop`` is polled
+    """Label-free block-wise KT from the selected boundary (module doc), or with
+    ``training.mode`` from operator labels (``cloud_trainer/disagg``); ``stop`` is polled
     between optimiser steps and raises ``TrainingInterrupted``."""
     t = job.training
+    if t.mode != "blockwise-kt":  # from operator labels, blocks on worker processes
+        from cloud_trainer.disagg.candidate import train_from_labels
+
+        res = train_from_labels(deployed, sel.train, sel.train_labels, sel.boundary, t,
+                                progress, stop)
+        return Trained(res.model, res.trained, res.frozen, res.loss_before, res.loss_after,
+                       res.info)
     allowed = set(t.blocks) if t.blocks is not None else set(range(1, deployed.num_blocks + 1))
     n = deployed.num_blocks
     if sel.boundary == 0:

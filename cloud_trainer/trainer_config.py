@@ -268,6 +268,21 @@ class TrainingSection(BaseModel):
                              "rest trains (pretrained-derived students, small correlated "
                              "batches from a few cameras)")
     seed: int = 0
+    mode: Literal["blockwise-kt", "backprop", "pipelined", "synthetic-gradients"] = Field(
+        "blockwise-kt", description="'blockwise-kt': label-free, from the teacher (the "
+                                    "default); the others train from operator labels "
+                                    "(docs/training.md): end-to-end backprop in one process, "
+                                    "or the blocks on `workers` torchrun processes, pipelined "
+                                    "(GPipe) or decoupled by synthetic gradients")
+    workers: int = Field(1, ge=1, le=64, description="worker processes (pipelined, "
+                                                     "synthetic-gradients)")
+
+    @model_validator(mode="after")
+    def _workers(self) -> TrainingSection:
+        if self.workers > 1 and self.mode not in ("pipelined", "synthetic-gradients"):
+            raise ValueError(f"workers = {self.workers}: only for mode = pipelined or "
+                             "synthetic-gradients")
+        return self
 
 
 class JobSection(BaseModel):
