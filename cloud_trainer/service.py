@@ -179,6 +179,7 @@ class TrainerService:
         self.ingestor: Any = None
         self.split: Any = None
         self.adapter: Any = None  # cloud_trainer/plan/adaptive.py, with [adapt]
+        self.console: Any = None  # cloud_trainer/console/, with [console]
         self.client: mqtt.Client | None = None
         self.connected = threading.Event()
         self.stats: dict[str, int] = {"reports": 0, "bad_reports": 0, "fleet_bad": 0}
@@ -223,6 +224,8 @@ class TrainerService:
                     self._start_split()
                 if cfg.adapt.enabled:
                     self._start_adapt()
+                if cfg.console.enabled:
+                    self._start_console()
                 _ACTIVE = self
                 self._start_scheduler()
         except BaseException:  # a half-started service releases what it took; re-raised
@@ -236,6 +239,9 @@ class TrainerService:
         """Stop scheduling, let a running job finish (bounded), say offline, disconnect."""
         global _ACTIVE
         self.stopping.set()
+        if self.console is not None:
+            self.console.stop()
+            self.console = None
         if self.adapter is not None:
             self.adapter.stop()
         # Shutting down, each suppress(Exception) below lets the next step run whatever this
@@ -315,6 +321,8 @@ class TrainerService:
                           for leaf in ("state", "birth", "update")])
         if self.adapter is not None:
             self.adapter.attach(client, self.topics)
+        if self.console is not None:
+            self.console.attach(client, self.topics)
         self.connected.set()
         if not self.oneshot:
             self.publish_state()
@@ -429,6 +437,13 @@ class TrainerService:
         self.adapter = for_service(self).start()
         if self.client is not None and self.client.is_connected():
             self.adapter.attach(self.client, self.topics)
+
+    def _start_console(self) -> None:
+        from cloud_trainer.console.server import ConsoleServer
+
+        self.console = ConsoleServer(self, self.config.console).start()
+        if self.client is not None and self.client.is_connected():
+            self.console.attach(self.client, self.topics)
 
     # --- scheduler
     def _start_scheduler(self) -> None:

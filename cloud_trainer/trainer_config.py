@@ -26,6 +26,7 @@ from pydantic import (
 from agent.config import TlsSection  # one TLS model for devices and trainer
 from agent.configfile import ConfigError, load_model, resolve_path
 from agent.topics import Topics, connection_username, validate_id
+from cloud_trainer.console.config import ConsoleSection
 
 if TYPE_CHECKING:
     from cloud_trainer.blocks import ModelPair
@@ -384,6 +385,7 @@ class TrainerConfig(BaseModel):
     rollout: RolloutSection = RolloutSection()
     split: SplitSection = SplitSection()
     adapt: AdaptSection = AdaptSection()
+    console: ConsoleSection = ConsoleSection()  # the web console (docs/console.md)
 
     @field_validator("models")
     @classmethod
