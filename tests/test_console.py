@@ -151,12 +151,15 @@ def test_garbage_gets_a_4xx_with_a_reason(client: TestClient, method: str, path:
         data = {"csrf": csrf}
     elif isinstance(form, dict):
         data = {"csrf": csrf, **form}
-    r = client.request(method, path, data=data)
-    if path.startswith("/fleet?"):
-        assert r.status_code == 200
-        return
-    assert 400 <= r.status_code < 500, (path, r.status_code, r.text[:200])
-    assert "Traceback" not in r.text
+    for accept in ("application/json", "text/html"):  # the API's and the browser's answer
+        r = client.request(method, path, data=data, headers={"accept": accept})
+        if path.startswith("/fleet?"):
+            assert r.status_code == 200
+            continue
+        assert 400 <= r.status_code < 500, (path, r.status_code, r.text[:200])
+        assert "Traceback" not in r.text
+        if accept == "text/html" and r.status_code != 405 and "/api/" not in path:
+            assert 'id="reason"' in r.text, r.text[:300]
 
 
 def test_bodies_that_are_not_forms_are_refused(client: TestClient) -> None:

@@ -101,12 +101,12 @@ class Console:
             raise HTTPException(403, f"{s.name} has the read-only role")
         return form
 
-    def page(self, request: Request, name: str, status: int = 200, **ctx: Any) -> HTMLResponse:
+    def page(self, request: Request, name: str, status_code: int = 200, **ctx: Any) -> HTMLResponse:
         s = self.auth.session(request.cookies.get(COOKIE))
         html = self.env.get_template(name).render(
             session=s, csrf=s.csrf if s else "", fleet_name=self.svc.config.trainer.fleet,
             trainer=self.svc.config.trainer.id, path=request.url.path, **ctx)
-        return HTMLResponse(html, status_code=status)
+        return HTMLResponse(html, status_code=status_code)
 
 
 def _ts(t: float | str | None) -> str:
@@ -226,9 +226,10 @@ def build_app(console: Console) -> Starlette:  # noqa: C901, PLR0915  one closur
             t0 = row["t"][-1] if row["t"] else 0.0
             xs = [t - t0 for t in row["t"]]
             row["charts"] = [Markup(line_chart(f"{row['device']}: accuracy / agreement", xs,
-                                               row["accuracy"], unit="0..1")),
-                             Markup(line_chart(f"{row['device']}: confidence", xs,
-                                               row["confidence"], unit="0..1"))]
+                                               row["accuracy"], unit="0..1"))]
+            if any(v is not None for v in row["confidence"]):  # only agents that report it
+                row["charts"].append(Markup(line_chart(f"{row['device']}: confidence", xs,
+                                                       row["confidence"], unit="0..1")))
         return c.page(r, "drift.html", rows=rows)
 
     # --- login
@@ -315,10 +316,12 @@ def build_app(console: Console) -> Starlette:  # noqa: C901, PLR0915  one closur
 
     async def http_error(r: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        detail = str(exc.detail)
+        detail = str(exc.detail)[:300]
         if r.url.path.startswith("/api/") or "text/html" not in r.headers.get("accept", ""):
             return JSONResponse({"error": detail}, status_code=exc.status_code)
-        return c.page(r, "error.html", exc.status_code, status=exc.status_code, reason=detail)
+        back = r.url.path if r.method == "GET" else "/fleet"  # an action's URL is POST-only
+        return c.page(r, "error.html", exc.status_code, status=exc.status_code, reason=detail,
+                      login_next=_safe_next(back))
 
     async def server_error(_r: Request, exc: Exception) -> Response:
         log.error("console: request failed: %r", exc, exc_info=exc)
