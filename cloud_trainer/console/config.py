@@ -34,8 +34,8 @@ def is_loopback(host: str) -> bool:
 class ConsoleSection(BaseModel):
     """Where the console listens and who may use it.
 
-    ``tokens_file`` holds one ``role name scrypt$...`` line per token (``knet-trainer
-    console hash-token`` writes them): the file never holds a token itself. ``read_anonymous``
+    ``tokens_file`` holds one ``role name scrypt$...`` line per token (``knet console
+    token`` writes them): the file never holds a token itself. ``read_anonymous``
     lets pages be read without a login (loopback only); actions always need an operator.
     """
 

@@ -1,0 +1,88 @@
+"""``knet fleet list|show|watch`` and ``knet console token`` against a running console."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from console_helpers import READER_TOKEN, fake_service
+
+from cloud_trainer.cli import main
+from cloud_trainer.console.auth import load_tokens
+from cloud_trainer.console.server import ConsoleServer
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Any, ConsoleServer]]:
+    svc = fake_service(tmp_path)
+    svc.fleet.update_state("cam-1", b'{"state": "online", "session": 1}')
+    svc.fleet.update_birth("cam-1", b'{"session": 1, "profile": "rpi4", "model_id": "digits",'
+                                    b' "model_version": 3}')
+    svc.fleet.update_state("cam-2", b'{"state": "stopped", "session": 4}')
+    server = ConsoleServer(svc, svc.config.console).start()
+    try:
+        yield svc, server
+    finally:
+        server.stop()
+        assert server._thread is None
+
+
+def test_fleet_list_show_watch(served: tuple[Any, ConsoleServer], tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str],
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    import cloud_trainer.console.cli as fleet_cli
+
+    monkeypatch.setattr(fleet_cli, "out", Console(width=200))  # a wide terminal: no wrapping
+    _svc, server = served
+    token = tmp_path / "token"
+    token.write_text(READER_TOKEN + "\n")
+    base = ["--url", server.url, "--token-file", str(token)]
+    assert main(["fleet", "list", *base, "--json"]) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert {d["device"]: d["state"] for d in body["devices"]} == {"cam-1": "online",
+                                                                 "cam-2": "stopped"}
+    assert main(["fleet", "list", *base]) == 0
+    table = capsys.readouterr().out
+    assert "cam-1" in table and "online" in table and "rpi4" in table and "v3" in table
+    assert main(["fleet", "show", "cam-1", *base, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["profile"] == "rpi4"
+    assert main(["fleet", "show", "cam-1", *base]) == 0
+    assert "rpi4" in capsys.readouterr().out
+    assert main(["fleet", "watch", *base, "--json", "--count", "2", "--interval", "0.1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and json.loads(lines[1])["fleet"] == "lab"
+
+
+def test_fleet_says_why_it_failed(served: tuple[Any, ConsoleServer], tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str],
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    _svc, server = served
+    monkeypatch.delenv("KNET_CONSOLE_TOKEN", raising=False)
+    assert main(["fleet", "list", "--url", server.url]) == 1
+    assert "401" in capsys.readouterr().out
+    monkeypatch.setenv("KNET_CONSOLE_TOKEN", READER_TOKEN)
+    assert main(["fleet", "show", "no-such", "--url", server.url]) == 1
+    assert "404" in capsys.readouterr().out
+    assert main(["fleet", "show", "../../etc", "--url", server.url]) == 1
+    assert "404" in capsys.readouterr().out
+    assert main(["fleet", "list", "--url", "http://127.0.0.1:9", "--timeout", "2"]) == 1
+    assert "knet fleet" in capsys.readouterr().out
+
+
+def test_console_token_appends_a_hash(tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "tokens"
+    assert main(["console", "token", "--tokens-file", str(path), "--role", "operator",
+                 "--name", "carol"]) == 0
+    token = capsys.readouterr().out.strip().splitlines()[-1]
+    assert token not in path.read_text()
+    (acc,) = load_tokens(path)
+    from cloud_trainer.console.auth import check_token
+
+    assert acc.role == "operator" and acc.name == "carol" and check_token(token, acc.stored)
+    assert path.stat().st_mode & 0o077 == 0
