@@ -79,7 +79,7 @@ def test_config_requires_tls_and_tokens_beyond_loopback(tmp_path: Path) -> None:
 
     from cloud_trainer.trainer_config import load_trainer_config
 
-    with pytest.raises(ConfigError, match="console.*unknown key"):
+    with pytest.raises(ConfigError, match=r"console.*unknown key"):
         load_trainer_config(trainer_toml(tmp_path, 1883, console={"enabled": True,
                                                                    "colour": "red"}))
 
