@@ -86,3 +86,26 @@ def test_console_token_appends_a_hash(tmp_path: Path,
 
     assert acc.role == "operator" and acc.name == "carol" and check_token(token, acc.stored)
     assert path.stat().st_mode & 0o077 == 0
+
+
+def test_the_demo_lab_configures_the_console(tmp_path: Path) -> None:
+    """`knet demo` (fleet_lab) writes a valid [console] section and an operator token."""
+    from cloud_trainer.console.auth import Auth
+    from cloud_trainer.fleet_lab import Lab, LabSettings
+    from cloud_trainer.keys import generate_keypair
+    from cloud_trainer.trainer_config import load_trainer_config
+
+    lab = Lab(LabSettings(root=tmp_path, console_port=18650))
+    lab.root.mkdir(parents=True, exist_ok=True)
+    generate_keypair(tmp_path / "keys")
+    lab.private_key = tmp_path / "keys" / "knet-update.key"
+    lab._write_trainer_config()
+    cfg = load_trainer_config(lab.trainer_toml)
+    assert cfg.console.enabled and cfg.console.port == 18650 and cfg.console.bind == "127.0.0.1"
+    assert lab.console_url == "http://127.0.0.1:18650"
+    token = lab.console_token_file.read_text().strip()
+    assert token not in cfg.console.tokens_file.read_text()
+    acc = Auth.from_file(cfg.console.tokens_file, 60).account(token)
+    assert acc is not None and acc.role == "operator"
+    assert lab.console_token_file.stat().st_mode & 0o077 == 0
+    assert Lab(LabSettings(root=tmp_path / "off")).console_url is None
