@@ -180,10 +180,11 @@ def test_rollback_from_the_models_page(client: TestClient, svc: Any) -> None:
     import torch
 
     svc.registry.add_version("digits", [{"w": torch.ones(2)}], status="pushed")
-    svc.registry.add_version("digits", [{"w": torch.zeros(2)}], parent=1, status="pushed")
+    svc.registry.add_version("digits", [{"w": torch.zeros(2)}], parent=1, status="approved")
+    svc.registry.set_status("digits", 2, "pushed")  # v1 superseded: the one to go back to
     csrf = login(client, OPERATOR_TOKEN)
     page = client.get("/models")
-    assert "roll back to v1" in page.text
+    assert "roll back to v1" in page.text and "roll back to v2" not in page.text
     r = client.post("/models/digits/rollback", data={"csrf": csrf, "version": "1"},
                     follow_redirects=False)
     assert r.status_code == 303 and "v3" in r.headers["location"]

@@ -109,3 +109,29 @@ def test_the_demo_lab_configures_the_console(tmp_path: Path) -> None:
     assert acc is not None and acc.role == "operator"
     assert lab.console_token_file.stat().st_mode & 0o077 == 0
     assert Lab(LabSettings(root=tmp_path / "off")).console_url is None
+
+
+def test_the_console_stops_within_its_timeout_with_a_live_stream_open(
+        served: tuple[Any, ConsoleServer]) -> None:
+    import threading
+    import time
+    import urllib.request
+
+    svc, server = served
+    req = urllib.request.Request(server.url + "/events/fleet",
+                                 headers={"Authorization": f"Bearer {READER_TOKEN}"})
+    first = threading.Event()
+
+    def listen() -> None:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            while resp.readline():
+                first.set()
+
+    reader = threading.Thread(target=listen, daemon=True)
+    reader.start()
+    assert first.wait(10), "no server-sent event"
+    t0 = time.monotonic()
+    server.stop()
+    assert time.monotonic() - t0 < svc.config.console.stop_timeout_s
+    reader.join(10)
+    assert not reader.is_alive(), "the stream stayed open after the stop"

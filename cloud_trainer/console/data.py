@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from cloud_trainer.service import TrainerService
 
 TREND_POINTS = 60
+STALE_STATS_S = 30.0  # stats older than this are not a current rate
 
 
 def ago(t: float | None, now: float) -> str:
@@ -63,6 +64,8 @@ def fleet(svc: TrainerService, history: StatsHistory,
     for info in svc.fleet.devices():
         pts = history.points(info.device)[-TREND_POINTS:]
         last = pts[-1] if pts else None
+        # Rates describe a running device: a stopped one's last stats are history.
+        live = last if last and info.online and now - last.t < STALE_STATS_S else None
         part = info.partition or {}
         rows.append({
             "device": info.device, "state": info.state, "state_at": info.state_at,
@@ -72,8 +75,8 @@ def fleet(svc: TrainerService, history: StatsHistory,
             "partition": (f"blocks {part.get('first')}–{part.get('last')} of "
                           f"{part.get('num_blocks')}") if part else None,
             "blocks": {k: v[:10] for k, v in sorted(info.block_versions.items())},
-            "fps": last.fps if last else None,
-            "bytes_out_per_s": last.bytes_out_per_s if last else None,
+            "fps": live.fps if live else None,
+            "bytes_out_per_s": live.bytes_out_per_s if live else None,
             "spool_records": last.spool_records if last else None,
             "stats_at": last.t if last else None,
             "last_update": outcomes.get(info.device),
