@@ -135,3 +135,42 @@ def test_the_console_stops_within_its_timeout_with_a_live_stream_open(
     assert time.monotonic() - t0 < svc.config.console.stop_timeout_s
     reader.join(10)
     assert not reader.is_alive(), "the stream stayed open after the stop"
+
+
+@pytest.mark.mqtt
+def test_the_daemon_serves_the_console_and_stops_promptly(tmp_path: Path,
+                                                          mosquitto: Any) -> None:
+    """`knet-trainer --config` with [console]: listening once started, answering the API,
+    and gone with the process on SIGTERM (exit 0)."""
+    import signal
+    import time
+    import urllib.request
+
+    from console_helpers import console_section
+    from mqtt_helpers import read_until
+    from trainer_helpers import start_trainer, trainer_toml
+
+    from broker.launcher import free_port
+
+    port = free_port()
+    config = trainer_toml(tmp_path, mosquitto.port, ingest={"enabled": False},
+                          console=console_section(tmp_path, port=port))
+    proc = start_trainer(config)
+    try:
+        read_until(proc, lambda line: "console listening on" in line, timeout=120)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/fleet",
+                                     headers={"Authorization": f"Bearer {READER_TOKEN}"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert json.loads(resp.read())["fleet"] == "lab"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert time.monotonic() - t0 < 20
+        with pytest.raises(OSError):
+            urllib.request.urlopen(req, timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
