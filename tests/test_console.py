@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 from console_helpers import OPERATOR_TOKEN, READER_TOKEN, fake_service, write_tokens
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from agent.configfile import ConfigError
@@ -190,3 +192,40 @@ def test_rollback_from_the_models_page(client: TestClient, svc: Any) -> None:
     assert r.status_code == 303 and "v3" in r.headers["location"]
     v3 = svc.registry.get("digits", 3)
     assert v3.status == "approved" and v3.info["rollback_of"] == 1
+
+
+def test_an_unexpected_error_is_a_bare_500_without_traceback(
+        client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloud_trainer.console import data
+
+    def broken(*_a: Any) -> None:
+        raise RuntimeError("secret internals /etc/knet")
+
+    monkeypatch.setattr(data, "fleet", broken)
+    r = client.get("/api/fleet", headers={"Authorization": f"Bearer {READER_TOKEN}"})
+    assert r.status_code == 500
+    assert "Traceback" not in r.text and "secret" not in r.text and "see the trainer" in r.text
+
+
+segment = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1,
+                  max_size=80)
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seg=segment, field=segment, value=segment)
+def test_fuzzed_paths_and_forms_never_get_a_5xx(client: TestClient, seg: str, field: str,
+                                                value: str) -> None:
+    from urllib.parse import quote
+
+    q = quote(seg, safe="")
+    headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+    for path in (f"/devices/{q}", f"/api/devices/{q}", f"/{q}", f"/static/{q}",
+                 f"/fleet?sort={q}", f"/login?next={q}"):
+        r = client.get(path, headers=headers)
+        assert r.status_code < 500, (path, r.status_code)
+    for path in (f"/runs/{q}/run", f"/models/{q}/rollback", "/models/digits/rollback",
+                 "/login", "/logout"):
+        r = client.post(path, data={field: value, "version": value}, headers=headers)
+        assert r.status_code < 500, (path, r.status_code)
+        assert "Traceback" not in r.text
