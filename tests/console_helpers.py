@@ -38,5 +38,9 @@ def fake_service(tmp: Path, **console: Any) -> Any:
         tmp, 1883, jobs=[{"id": "retrain", "model": "digits", "interval_s": 3600}],
         console=console_section(tmp, **console)))
     reg_dir = cfg.registry_dir
+    from cloud_trainer.rollout import RolloutPause
+
     return SimpleNamespace(config=cfg, fleet=FleetTable(), registry=Registry(reg_dir),
-                           runs=RunLog(reg_dir), scheduler=None, _run_lock=threading.Lock())
+                           runs=RunLog(reg_dir), scheduler=None, _run_lock=threading.Lock(),
+                           retrainer=SimpleNamespace(
+                               pause=RolloutPause(cfg.trainer.state_dir / "rollout.paused")))

@@ -229,3 +229,19 @@ def test_fuzzed_paths_and_forms_never_get_a_5xx(client: TestClient, seg: str, fi
         r = client.post(path, data={field: value, "version": value}, headers=headers)
         assert r.status_code < 500, (path, r.status_code)
         assert "Traceback" not in r.text
+
+
+def test_pause_and_resume_rollout(client: TestClient, svc: Any) -> None:
+    pause = svc.retrainer.pause
+    csrf = login(client, READER_TOKEN)
+    assert client.post("/rollout/pause", data={"csrf": csrf}).status_code == 403
+    assert not pause.is_set()
+    client.cookies.clear()
+    csrf = login(client, OPERATOR_TOKEN)
+    assert client.post("/rollout/pause", data={"other": "1"}).status_code == 403  # no CSRF
+    r = client.post("/rollout/pause", data={"csrf": csrf})
+    assert r.status_code == 200 and pause.is_set() and pause.info()["by"] == "alice"
+    assert "paused" in r.text and 'id="resume-rollout"' in r.text
+    assert client.get("/api/runs").json()["paused"]["by"] == "alice"
+    r = client.post("/rollout/resume", data={"csrf": csrf})
+    assert r.status_code == 200 and not pause.is_set() and 'id="pause-rollout"' in r.text

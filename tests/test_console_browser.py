@@ -3,8 +3,9 @@ agents, and headless Chromium (the Debian ``chromium`` + ``chromium-driver``, dr
 Selenium; Selenium Manager off, so nothing is downloaded).
 
 Walks through: both devices online on the Fleet page; one agent stopped and the page shows it
-without a reload; an action without a login refused; a retraining run started from the Runs
-page completes and the new version appears on the Device page. Screenshots of every page go
+without a reload; an action without a login refused; rollouts paused, a retraining run
+started from the Runs page holds before its canary, resumed, completes, and the new version
+appears on the Device page. Screenshots of every page go
 to out/console/.
 """
 
@@ -141,9 +142,23 @@ def test_console_in_a_browser(tmp_path: Path, mosquitto: Mosquitto, browser: obj
         shot(d, "login")
         d.find_element(By.ID, "token").send_keys(OPERATOR_TOKEN)
         d.find_element(By.ID, "login").click()
-        wait.until(ec.presence_of_element_located((By.ID, "run-retrain"))).click()
+        # Pause rollouts first: the run trains and gates, then holds before its canary.
+        wait.until(ec.presence_of_element_located((By.ID, "pause-rollout"))).click()
+        wait.until(ec.presence_of_element_located((By.ID, "resume-rollout")))
+        d.find_element(By.ID, "run-retrain").click()
         assert "run requested" in wait.until(
             ec.presence_of_element_located((By.ID, "msg"))).text
+
+        def holding(drv: object) -> bool:
+            drv.get(f"{url}/runs")  # type: ignore[attr-defined]
+            return "waiting to publish" in drv.find_element(  # type: ignore[attr-defined]
+                By.ID, "rollout-state").text
+
+        WebDriverWait(d, 240, poll_frequency=1).until(holding)
+        assert svc.fleet.get("cam-1").model_version == 1, "published while paused"
+        shot(d, "runs-paused")
+        d.find_element(By.ID, "resume-rollout").click()
+        wait.until(ec.presence_of_element_located((By.ID, "pause-rollout")))
 
         def pushed(drv: object) -> bool:
             drv.refresh()  # type: ignore[attr-defined]

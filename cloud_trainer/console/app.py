@@ -287,6 +287,19 @@ def build_app(console: Console) -> Starlette:  # noqa: C901, PLR0915  one closur
         return RedirectResponse(f"/runs?msg={model} v{v.version} approved with the blocks "
                                 f"of v{version}: it goes out with the next run", 303)
 
+    async def pause_rollout(r: Request) -> Response:
+        await c.operator(r)
+        s = c.auth.session(r.cookies.get(COOKIE))
+        await run_in_threadpool(c.svc.retrainer.pause.set, s.name if s else "?")
+        return RedirectResponse("/runs?msg=rollouts paused: no stage is published until "
+                                "resumed", 303)
+
+    async def resume_rollout(r: Request) -> Response:
+        await c.operator(r)
+        s = c.auth.session(r.cookies.get(COOKIE))
+        await run_in_threadpool(c.svc.retrainer.pause.clear, s.name if s else "?")
+        return RedirectResponse("/runs?msg=rollouts resumed", 303)
+
     # --- JSON API (knet fleet)
     async def api_fleet(r: Request) -> Response:
         c.may_read(r)
@@ -335,6 +348,8 @@ def build_app(console: Console) -> Starlette:  # noqa: C901, PLR0915  one closur
         Route("/logout", logout, methods=["POST"]),
         Route("/runs/{job}/run", run_now, methods=["POST"]),
         Route("/models/{model}/rollback", rollback, methods=["POST"]),
+        Route("/rollout/pause", pause_rollout, methods=["POST"]),
+        Route("/rollout/resume", resume_rollout, methods=["POST"]),
         Route("/api/fleet", api_fleet), Route("/api/devices/{device}", api_device),
         Route("/api/models", api_models), Route("/api/runs", api_runs),
         Route("/api/drift", api_drift),

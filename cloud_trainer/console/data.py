@@ -161,7 +161,9 @@ def runs(svc: TrainerService) -> dict[str, Any]:
                "finished_at": _iso(r.finished_at),
                "rollout": _rollout(svc, r.model_id, r.version)}
               for r in history[:30]]
-    return {"jobs": jobs, "runs": recent}
+    pause = svc.retrainer.pause
+    return {"jobs": jobs, "runs": recent, "paused": pause.info(),
+            "holding": pause.holding.is_set()}
 
 
 def _rollout(svc: TrainerService, model_id: str, version: int | None) -> dict[str, Any] | None:
