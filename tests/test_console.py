@@ -95,6 +95,9 @@ def test_reading_needs_a_login_unless_anonymous(client: TestClient) -> None:
     login(client, READER_TOKEN)
     page = client.get("/fleet")
     assert page.status_code == 200 and "cam-1" in page.text and "online" in page.text
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert page.headers["x-frame-options"] == "DENY"
+    assert client.get("/nope").headers["x-content-type-options"] == "nosniff"
     for path in ("/devices/cam-1", "/models", "/runs", "/drift", "/fleet/rows",
                  "/api/devices/cam-1", "/api/models", "/api/runs", "/api/drift"):
         assert client.get(path).status_code == 200, path
