@@ -43,14 +43,21 @@ SHOTS = REPO / "out" / "console"
 
 
 @pytest.fixture
-def browser() -> Iterator[object]:
+def browser(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
     # A missing browser is a failure with the reason, never a silent skip: CI must run this.
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
     assert not missing, (f"{', '.join(missing)} missing: run scripts/bootstrap.sh (apt-get "
                          "install chromium chromium-driver)")
-    os.environ["SE_AVOID_STATS"] = "true"
+    monkeypatch.setenv("SE_AVOID_STATS", "true")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.selenium_manager import SeleniumManager
+
+    def no_manager(*_a: object, **_k: object) -> dict:
+        raise AssertionError("Selenium Manager was asked for a browser or driver: "
+                             "nothing may be downloaded")
+
+    monkeypatch.setattr(SeleniumManager, "binary_paths", no_manager)  # Selenium Manager off
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
