@@ -1,4 +1,4 @@
-"""`knet`: the operator's command line (benchmarks, broker, keys, export, demo).
+"""`knet`: the operator's command line (benchmarks, broker, keys, export, demo, fleet).
 
 Heavy imports (torch, onnxruntime) happen inside each command so that `knet broker ...`
 starts fast and works on a machine without the trainer extras.
@@ -376,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     from cloud_trainer.plan.cli import add_parser as add_plan_parser
 
     add_plan_parser(sub)  # knet plan [bench] (cloud_trainer/plan/cli.py)
+
+    from cloud_trainer.console.cli import add_parser as add_fleet_parser
+
+    add_fleet_parser(sub)  # knet fleet list|show|watch (cloud_trainer/console/cli.py)
 
     d = sub.add_parser("demo", help="a fleet drifts and recovers, end to end on this machine")
     from cloud_trainer.demo import add_arguments as add_demo_arguments

@@ -45,6 +45,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from broker.launcher import free_port
 from cloud_trainer.fleet_lab import Lab, LabSettings, device_specs
 from cloud_trainer.modelref import zoo_name
 
@@ -657,7 +658,10 @@ def run_demo(args: argparse.Namespace) -> int:
                for d in device_specs(args.devices)]
     profiles = {d.device: d.profile for d in devices}
     lab = Lab(LabSettings(root=out, model=args.model, devices=devices, seed=args.seed,
-                          interval_s=args.interval, **LAB_TUNING.get(args.model, {})))
+                          interval_s=args.interval,
+                          console_port=None if args.no_console else
+                          (args.console_port or free_port()),
+                          **LAB_TUNING.get(args.model, {})))
     signal.signal(signal.SIGTERM, _interrupt)
     started = time.time()
     sc: Scenario | None = None
@@ -685,6 +689,7 @@ def run_demo(args: argparse.Namespace) -> int:
                 return 1
         console.print(f"fleet online: broker 127.0.0.1:{lab.port}, trainer, "
                       f"{len(devices)} agents; configs in {out}")
+        _announce_console(lab)
         rate = args.rate if args.rate is not None else DEFAULT_RATE.get(args.model, 40.0)
         sc = Scenario(lab, feeds, rate_hz=rate, rounds=args.rounds,
                       duration_s=args.duration, tolerance=args.tolerance / 100)
@@ -708,6 +713,13 @@ def run_demo(args: argparse.Namespace) -> int:
         bad = {k: v for k, v in codes.items() if v not in (0, None)}
         if bad:
             console.print(f"[yellow]exit codes: {bad}[/yellow]")
+
+
+def _announce_console(lab: Lab) -> None:
+    if lab.console_url:
+        console.print(f"console: {lab.console_url} (operator token for its actions in "
+                      f"{lab.console_token_file}; `knet fleet list --url {lab.console_url} "
+                      f"--token-file {lab.console_token_file}`)")
 
 
 def add_arguments(d: argparse.ArgumentParser) -> None:
@@ -734,5 +746,8 @@ def add_arguments(d: argparse.ArgumentParser) -> None:
                    help="points below the teacher that count as recovered")
     d.add_argument("--out", type=Path, default=Path("out/demo"))
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--console-port", type=int, default=None,
+                   help="port of the trainer's web console (default: a free one)")
+    d.add_argument("--no-console", action="store_true", help="run without the web console")
     d.add_argument("--keep-running", action="store_true",
                    help="after the summary, keep the fleet running until Ctrl-C")

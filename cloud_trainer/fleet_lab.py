@@ -359,6 +359,7 @@ class LabSettings:
     min_improvement: float = 2.0  # points a candidate must gain on the holdout to be pushed
     success_timeout_s: float = 90.0
     stats_interval_s: float = 1.0
+    console_port: int | None = None  # the trainer's web console ([console]); None: off
     trainer_extra: dict[str, Any] = field(default_factory=dict)
     agent_extra: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -379,6 +380,7 @@ class Lab:
         self.broker_dir = self.root / "broker"
         self.trainer_dir = self.root / "trainer"
         self.trainer_toml = self.root / "trainer.toml"
+        self.console_token_file = self.root / "console.token"  # the demo operator's token
         self._pids: list[dict[str, Any]] = []
         self._mosquitto: set[int] = set()
 
@@ -481,12 +483,35 @@ class Lab:
                         "success_timeout_s": s.success_timeout_s,
                         "required_success_ratio": 1.0},
         }
+        if s.console_port is not None:
+            doc["console"] = self._console_section(s.console_port)
         for section, values in s.trainer_extra.items():
             if isinstance(doc.get(section), dict):
                 doc[section].update(values)
             else:
                 doc[section] = values
         self.trainer_toml.write_text(toml_text(doc))
+
+    def _console_section(self, port: int) -> dict[str, Any]:
+        """Loopback, readable without a login; one operator token for the actions, kept
+        in ``console.token`` (0600) and stored hashed in ``console.tokens``."""
+        import secrets
+
+        from cloud_trainer.console.auth import token_line
+
+        token = secrets.token_urlsafe(24)
+        tokens = self.root / "console.tokens"
+        tokens.write_text(token_line("operator", "demo", token) + "\n")
+        fd = os.open(self.console_token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        return {"enabled": True, "bind": "127.0.0.1", "port": port, "tokens_file": tokens,
+                "read_anonymous": True}
+
+    @property
+    def console_url(self) -> str | None:
+        port = self.s.console_port
+        return None if port is None else f"http://127.0.0.1:{port}"
 
     def agent_toml(self, device: str) -> Path:
         return self.root / "agents" / f"{device}.toml"

@@ -72,7 +72,12 @@ from cloud_trainer.gate import DeviceGroups, GateResult, evaluate_candidate
 from cloud_trainer.keys import sign_manifest
 from cloud_trainer.publisher import make_update
 from cloud_trainer.registry import ModelVersion, Registry, weights_digest
-from cloud_trainer.rollout import RolloutInterrupted, RolloutResult, staged_rollout
+from cloud_trainer.rollout import (
+    RolloutInterrupted,
+    RolloutPause,
+    RolloutResult,
+    staged_rollout,
+)
 from cloud_trainer.runs import MAX_ATTEMPTS, Run, RunLog
 from cloud_trainer.store import Sample, SampleStore
 from cloud_trainer.trainer_config import JobSection, ModelSection, TrainerConfig
@@ -476,6 +481,8 @@ class Retrainer:
         self.progress = progress or ProgressSink()
         self.stop, self.on_change = stop, on_change
         self.state_dir = config.trainer.state_dir
+        # The operator's pause (console "pause rollout"): a file, so every process sees it.
+        self.pause = RolloutPause(self.state_dir / "rollout.paused")
         self.exports = ExportCache(self.state_dir / "exports")
         self.manifests = self.state_dir / "manifests"
 
@@ -714,7 +721,7 @@ class Retrainer:
                 self.channel.clear_manifest()
 
         return staged_rollout(self.config.rollout, job, self.fleet, self.runs, rt.model_id,
-                              version, publish, restore, self.stop)
+                              version, publish, restore, self.stop, pause=self.pause)
 
 
 def _targets_key(targets: Targets) -> str:

@@ -11,16 +11,22 @@ otherwise the rollout stops, the previously published manifest is restored as th
 one (devices that joined later must not pick up the failed version) and the reason, naming
 the devices and their report reasons, goes into the registry.
 
+An operator can pause rollouts (``RolloutPause``, the console's Runs page): each stage then
+waits for a resume before it publishes.
+
 Only changed blocks are pushed: the manifest names every block by sha256, the publisher
 pushes the shas its last manifest did not have, and devices fetch only what they lack.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from agent.update_manifest import Targets
@@ -37,6 +43,65 @@ class RolloutInterrupted(KnetTrainerError):
 
 
 Publish = Callable[[Targets, str], None]  # (targets, stage) -> publish the signed manifest
+PAUSE_POLL_S = 1.0  # a pause set by another process (a file) is noticed this fast
+
+
+class RolloutPause:
+    """The operator's pause: while set, no rollout publishes its next stage.
+
+    A file (``<state_dir>/rollout.paused``, JSON with who and when) so that it survives a
+    trainer restart and a run resumed after one holds too. A rollout waiting on it keeps its
+    run ``running`` at step ``publish``; stopping the trainer meanwhile interrupts the run,
+    which is resumed (and holds again) later. Set in-process, it wakes the waiting rollout
+    at once; set by another process, within ``PAUSE_POLL_S``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._changed = threading.Event()
+        self.holding = threading.Event()  # a rollout is waiting on the pause right now
+
+    def set(self, by: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"by": by, "since": time.time()}))
+        tmp.replace(self.path)
+        self._changed.set()
+        log.warning("rollouts paused by %s", by)
+
+    def clear(self, by: str = "") -> None:
+        self.path.unlink(missing_ok=True)
+        self._changed.set()
+        log.warning("rollouts resumed%s", f" by {by}" if by else "")
+
+    def is_set(self) -> bool:
+        return self.path.exists()
+
+    def info(self) -> dict[str, Any] | None:
+        """Who paused and since when; None when not paused."""
+        try:
+            body = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {"by": "?", "since": None}
+        return body if isinstance(body, dict) else {"by": "?", "since": None}
+
+    def hold(self, what: str, stop: Callable[[], bool]) -> None:
+        """Return once not paused; RolloutInterrupted when ``stop`` says so meanwhile."""
+        if not self.is_set():
+            return
+        log.warning("rollout paused before %s: waiting for a resume", what)
+        self.holding.set()
+        try:
+            while self.is_set():
+                if stop():
+                    raise RolloutInterrupted
+                self._changed.wait(PAUSE_POLL_S)
+                self._changed.clear()
+        finally:
+            self.holding.clear()
+        log.info("rollout resumed: %s", what)
 
 
 @dataclass
@@ -124,19 +189,28 @@ def _outcomes(runs: RunLog, fleet: FleetTable, model_id: str, version: int,
 def staged_rollout(settings: RolloutSection, job: JobSection, fleet: FleetTable,
                    runs: RunLog, model_id: str, version: int, publish: Publish,
                    restore: Callable[[], None],
-                   stop: Callable[[], bool] = lambda: False) -> RolloutResult:
-    """Canary → wait → everyone; ``restore`` puts the previous manifest back on failure."""
+                   stop: Callable[[], bool] = lambda: False,
+                   pause: RolloutPause | None = None) -> RolloutResult:
+    """Canary → wait → everyone; ``restore`` puts the previous manifest back on failure.
+    With ``pause`` set, each stage waits for a resume before it publishes."""
+
+    def hold(what: str) -> None:
+        if pause is not None:
+            pause.hold(f"{model_id} v{version} {what}", stop)
+
     t0 = time.monotonic()
     final = group_targets(job)
     eligible = eligible_devices(fleet, job, model_id)
     if not settings.enabled or (not eligible and not settings.canary_devices):
         why = "rollout disabled" if not settings.enabled else "no device of the group online"
+        hold("to the group")
         publish(final, "all")
         log.info("%s v%d published to the whole group (%s: no canary stage)", model_id,
                  version, why)
         return RolloutResult(ok=True, canary=[], stages=["all"], reason=why,
                              seconds=round(time.monotonic() - t0, 3))
     canary = pick_canary(settings, eligible)
+    hold("to the canary")
     publish(Targets(devices=canary), "canary")
     log.info("%s v%d: canary %s, waiting up to %.0f s for their reports", model_id, version,
              canary, settings.success_timeout_s)
@@ -155,6 +229,7 @@ def staged_rollout(settings: RolloutSection, job: JobSection, fleet: FleetTable,
                          "; ".join(f"{d}: {why}" for d, why in sorted(bad.items())))
         log.warning("%s v%d: %s", model_id, version, result.reason)
     else:
+        hold("to the group")
         publish(final, "all")
         result.ok = True
         result.stages.append("all")

@@ -185,6 +185,7 @@ class TrainerService:
         self._metrics_server: Any = None  # cloud_trainer/metrics.py, with [metrics]
         self.metrics_port: int | None = None
         self.client: KnetClient | None = None
+        self.console: Any = None  # cloud_trainer/console/, with [console]
         self.connected = threading.Event()
         self.stats: dict[str, int] = {"reports": 0, "bad_reports": 0, "fleet_bad": 0}
         # Refused state/birth by "<kind>/<reason>" (agent.wire.control.REJECT_REASONS).
@@ -226,6 +227,8 @@ class TrainerService:
                     self._start_split()
                 if cfg.adapt.enabled:
                     self._start_adapt()
+                if cfg.console.enabled:
+                    self._start_console()
                 _ACTIVE = self
                 if cfg.metrics.prometheus_port is not None:
                     from cloud_trainer.metrics import serve
@@ -248,6 +251,9 @@ class TrainerService:
         global _ACTIVE
         self.stopping.set()
         self._stop_leader_and_metrics()
+        if self.console is not None:
+            self.console.stop()
+            self.console = None
         if self.adapter is not None:
             self.adapter.stop()
         # Shutting down, each suppress(Exception) below lets the next step run whatever this
@@ -393,6 +399,8 @@ class TrainerService:
         client.subscribe([(self.topics.all_devices(kind.value), 1) for kind in DEVICE_KINDS])
         if self.adapter is not None:
             self.adapter.attach(client, self.topics)
+        if self.console is not None:
+            self.console.attach(client, self.topics)
         self.connected.set()
         if not self.oneshot:
             self.publish_state()
@@ -510,6 +518,13 @@ class TrainerService:
         self.adapter = for_service(self).start()
         if self.client is not None and self.client.is_connected():
             self.adapter.attach(self.client, self.topics)
+
+    def _start_console(self) -> None:
+        from cloud_trainer.console.server import ConsoleServer
+
+        self.console = ConsoleServer(self, self.config.console).start()
+        if self.client is not None and self.client.is_connected():
+            self.console.attach(self.client, self.topics)
 
     # --- scheduler
     def _start_scheduler(self) -> None:

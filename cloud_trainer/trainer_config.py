@@ -26,6 +26,7 @@ from pydantic import (
 from agent.configfile import ConfigError, load_model, resolve_path
 from agent.mqtt.endpoint import MqttEndpoint
 from agent.topics import Topics, validate_id
+from cloud_trainer.console.config import ConsoleSection
 from cloud_trainer.storage.config import DatabaseSection
 
 if TYPE_CHECKING:
@@ -406,6 +407,7 @@ class TrainerConfig(BaseModel):
     # PostgreSQL for the store, registry, run log and job store (none: SQLite in state_dir).
     database: DatabaseSection = DatabaseSection()
     metrics: TrainerMetricsSection = TrainerMetricsSection()
+    console: ConsoleSection = ConsoleSection()  # the web console (docs/console.md)
 
     @field_validator("models")
     @classmethod

@@ -67,6 +67,16 @@ if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb 
   fi
 fi
 
+# --- Chromium + chromedriver: tests/test_console_browser.py drives the console in headless
+# Chromium through Selenium, pointed at these Debian binaries (no browser download ever).
+if { ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; } \
+    && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  log "installing chromium and chromium-driver (Debian packages, for the console's browser tests)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+fi
+
 # --- The virtual environment.
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating $VENV with $PYTHON"

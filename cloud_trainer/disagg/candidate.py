@@ -25,6 +25,7 @@ from torch import nn
 from cloud_trainer.blocks import BlockModel
 from cloud_trainer.disagg.launch import train_disaggregated
 from cloud_trainer.disagg.spec import TrainSpec
+from cloud_trainer.errors import KnetTrainerError
 
 if TYPE_CHECKING:
     from cloud_trainer.trainer_config import TrainingSection
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class MissingLabels(ValueError):
+class MissingLabels(KnetTrainerError, ValueError):
     """A from-labels training mode, and no labelled training sample in the run's window."""
 
 

@@ -23,11 +23,12 @@ import torch
 import torch.distributed as dist
 
 from cloud_trainer.disagg.spec import RankStats
+from cloud_trainer.errors import KnetTrainerError
 
 log = logging.getLogger(__name__)
 
 
-class PeerLost(RuntimeError):
+class PeerLost(KnetTrainerError, RuntimeError):
     """A neighbouring worker went away in the middle of a run (its link failed)."""
 
 

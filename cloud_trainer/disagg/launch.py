@@ -41,6 +41,7 @@ from cloud_trainer.disagg.partition import (
     step_costs,
 )
 from cloud_trainer.disagg.spec import TrainSpec
+from cloud_trainer.errors import KnetTrainerError
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int, float], None]
@@ -48,7 +49,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 POLL_S = 0.1
 
 
-class WorkerFailed(RuntimeError):
+class WorkerFailed(KnetTrainerError, RuntimeError):
     """A worker process of a disaggregated run failed or was killed; nothing was trained."""
 
     def __init__(self, message: str, rank: int | None = None,
