@@ -623,17 +623,18 @@ class Lab:
         self.start_clients()
 
     def wait_ingest(self, timeout: float = 90.0) -> None:
-        """Until the trainer is online and its ingest client connected (broker log)."""
-        log_file = self.broker_dir / "broker" / "mosquitto.log"
-        marker = f"as {TRAINER_ID}.ingest "  # the broker names a session by its username
+        """Until the trainer is online and its ingestor's subscription was granted (the
+        ingestor logs ``subscribed`` on the SUBACK): activations sent from then on are
+        queued for it, whatever happens to the trainer later."""
+        log_file = self.procs["trainer"].log_path
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError):
                 assert self.console is not None
                 with self.console.lock:
                     online = self.console.trainer.get("state") == "online"
-                if online and marker in log_file.read_text(errors="replace"):
-                    time.sleep(0.5)  # its SUBSCRIBE follows the CONNACK
+                if online and any("ingestor knet-ingest-" in line and " subscribed" in line
+                                  for line in log_file.read_text(errors="replace").splitlines()):
                     return
             if not self.procs["trainer"].running():
                 raise RuntimeError(f"the trainer exited; see {self.procs['trainer'].log_path}")
