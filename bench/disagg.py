@@ -152,45 +152,42 @@ def _predicted(rec: dict[str, Any], link_bytes_per_s: float) -> dict[str, float]
                                       for c, b in zip(cpu, sent, strict=True))}
 
 
-def run_disagg_bench(seeds: Sequence[int] = (0, 1, 2), steps: int = STEPS,
-                     workers: Sequence[int] = (1, 2, 4), json_path: Path | str | None = None,
-                     plot_path: Path | str | None = None) -> dict[str, Any]:
-    from cloud_trainer.data import digits_splits
-    from cloud_trainer.disagg import train_disaggregated
-    from cloud_trainer.disagg.launch import resolve
-    from cloud_trainer.zoo import get_pair
+class _Runner:
+    """Trains one spec from the zoo student's initialisation on the training split and
+    records it against the test split."""
 
-    t_start = time.perf_counter()
-    load_before = os.getloadavg()
-    s = digits_splits()
-    x, y, xt, yt = s.x_train, s.y_train, s.x_test, s.y_test
+    def __init__(self, x: np.ndarray, y: np.ndarray, xt: np.ndarray, yt: np.ndarray) -> None:
+        self.x, self.y, self.xt, self.yt = x, y, xt, yt
 
-    def run(key: str, seed: int, spec: TrainSpec) -> dict[str, Any]:
+    def __call__(self, key: str, seed: int, spec: TrainSpec) -> dict[str, Any]:
+        from cloud_trainer.disagg import train_disaggregated
+        from cloud_trainer.zoo import get_pair
+
         init = get_pair(MODEL, seed).student
         console.print(f"[dim]{key} seed {seed}: {spec.mode}, {spec.workers} worker(s)[/dim]")
-        r = train_disaggregated(init, x, y, spec)
-        return _record(init, r, xt, yt)
+        r = train_disaggregated(init, self.x, self.y, spec)
+        return _record(init, r, self.xt, self.yt)
 
-    # one split for every seed: the cost-balanced one for 2 workers (and its cut)
-    two, _ = resolve(get_pair(MODEL, 0).student, _spec("synthetic-gradients", 2, 0, steps))
-    four, _ = resolve(get_pair(MODEL, 0).student, _spec("synthetic-gradients", 4, 0, steps))
+
+def _seed_specs(seed: int, steps: int, two: TrainSpec) -> dict[str, TrainSpec]:
+    """One spec per row of ``ROWS`` for ``seed`` (``two``: the resolved 2-worker split)."""
     cut = tuple(two.boundaries or ())
-    per_seed: dict[str, list[dict[str, Any]]] = {k: [] for k in ROWS}
     after2 = (1, 3)  # blocks 1-2 | 3-4: the M block sits on the conv features
-    for seed in seeds:
-        specs = {
-            "bp": _spec("backprop", 1, seed, steps),
-            "pp": _spec("pipelined", 2, seed, steps, partition=two.partition),
-            "sg": _spec("synthetic-gradients", 2, seed, steps, partition=two.partition),
-            "frozen": _spec("backprop", 1, seed, steps, frozen=tuple(range(1, cut[0] + 1))),
-            "sg2": _spec("synthetic-gradients", 2, seed, steps, partition=after2),
-            "sg2_uncond": _spec("synthetic-gradients", 2, seed, steps, partition=after2,
-                                conditioned=False),
-            "sg2_notrust": _spec("synthetic-gradients", 2, seed, steps, partition=after2,
-                                 trust=False),
-            "frozen2": _spec("backprop", 1, seed, steps, frozen=(1, 2))}
-        for key, spec in specs.items():
-            per_seed[key].append(run(key, seed, spec))
+    return {
+        "bp": _spec("backprop", 1, seed, steps),
+        "pp": _spec("pipelined", 2, seed, steps, partition=two.partition),
+        "sg": _spec("synthetic-gradients", 2, seed, steps, partition=two.partition),
+        "frozen": _spec("backprop", 1, seed, steps, frozen=tuple(range(1, cut[0] + 1))),
+        "sg2": _spec("synthetic-gradients", 2, seed, steps, partition=after2),
+        "sg2_uncond": _spec("synthetic-gradients", 2, seed, steps, partition=after2,
+                            conditioned=False),
+        "sg2_notrust": _spec("synthetic-gradients", 2, seed, steps, partition=after2,
+                             trust=False),
+        "frozen2": _spec("backprop", 1, seed, steps, frozen=(1, 2))}
+
+
+def _accuracy_rows(per_seed: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per mode: accuracy over seeds, against backprop, and the M blocks' cosines."""
     bp = np.array([r["accuracy"] for r in per_seed["bp"]])
     rows = []
     for key, name in ROWS.items():
@@ -206,38 +203,48 @@ def run_disagg_bench(seeds: Sequence[int] = (0, 1, 2), steps: int = STEPS,
                      "m_cosine_true_final": float(np.mean([c[b][-1][1] for c in true for b in c]))
                      if any(true) else float("nan"),
                      "loop_s_mean": float(np.mean([r["loop_s"] for r in per_seed[key]]))})
+    return rows
+
+
+def _print_accuracy(rows: list[dict[str, Any]], seeds: Sequence[int], steps: int,
+                    two: TrainSpec) -> None:
     print_table(
         f"{MODEL}: training from all labels with blocks on worker processes, {len(seeds)} seeds, "
         f"{steps} optimiser steps of batch {BATCH} per block; balanced split: workers at "
-        f"blocks {list(two.partition or ())}, M block on boundary {list(cut)}",
+        f"blocks {list(two.partition or ())}, M block on boundary {list(two.boundaries or ())}",
         ["mode", "test accuracy %", "± std", "Δ vs backprop", "per seed", "M cos (online)",
          "M cos (true grad)", "loop s"],
         [(r["row"], r["accuracy_mean"], r["accuracy_std"], r["delta_vs_backprop"],
           " ".join(f"{a:.2f}" for a in r["accuracy_per_seed"]), r["m_cosine_online_last"],
           r["m_cosine_true_final"], r["loop_s_mean"]) for r in rows])
 
-    # throughput: the first seed, 1 / 2 / 4 workers, each against its own 1-worker sequence
-    seed = seeds[0]
-    scaling: list[dict[str, Any]] = []
 
-    def scale_row(mode: str, n: int, rec: dict[str, Any], base: dict[str, Any] | None,
-                  what: str) -> None:
-        rec = {**rec, "mode": mode, "what": what,
-               "speedup": rec["samples_per_s"] / base["samples_per_s"] if base else 1.0,
-               "predicted": _predicted(rec, 125e6)}
-        scaling.append(rec)
+def _scale_row(mode: str, rec: dict[str, Any], base: dict[str, Any] | None,
+               what: str) -> dict[str, Any]:
+    return {**rec, "mode": mode, "what": what,
+            "speedup": rec["samples_per_s"] / base["samples_per_s"] if base else 1.0,
+            "predicted": _predicted(rec, 125e6)}
 
+
+def _scaling(run: _Runner, seed: int, steps: int, workers: Sequence[int],
+             per_seed: dict[str, list[dict[str, Any]]], two: TrainSpec,
+             four: TrainSpec) -> list[dict[str, Any]]:
+    """Throughput rows for ``seed``: 1 / 2 / 4 workers, each against the same blocks and M
+    blocks run in sequence by one process."""
+    cut = tuple(two.boundaries or ())
     sg1_two = run("sg1", seed, _spec("synthetic-gradients", 1, seed, steps, boundaries=cut))
     pp1 = run("pp1", seed, _spec("pipelined", 1, seed, steps))
-    scale_row("backprop", 1, per_seed["bp"][0], None, "reference")
-    scale_row("pipelined", 1, pp1, None, "same micro-batches, one process")
-    scale_row("pipelined", 2, per_seed["pp"][0], pp1, "")
-    scale_row("synthetic-gradients", 1, sg1_two, None, "2-worker blocks in sequence")
-    scale_row("synthetic-gradients", 2, per_seed["sg"][0], sg1_two, "")
+    scaling = [
+        _scale_row("backprop", per_seed["bp"][0], None, "reference"),
+        _scale_row("pipelined", pp1, None, "same micro-batches, one process"),
+        _scale_row("pipelined", per_seed["pp"][0], pp1, ""),
+        _scale_row("synthetic-gradients", sg1_two, None, "2-worker blocks in sequence"),
+        _scale_row("synthetic-gradients", per_seed["sg"][0], sg1_two, "")]
     sg1_after2 = run("sg1x2", seed, _spec("synthetic-gradients", 1, seed, steps,
                                           boundaries=(2,)))
-    scale_row("synthetic-gradients", 1, sg1_after2, None, "blocks 1-2 | 3-4 in sequence")
-    scale_row("synthetic-gradients", 2, per_seed["sg2"][0], sg1_after2, "split after 2")
+    scaling += [
+        _scale_row("synthetic-gradients", sg1_after2, None, "blocks 1-2 | 3-4 in sequence"),
+        _scale_row("synthetic-gradients", per_seed["sg2"][0], sg1_after2, "split after 2")]
     if 4 in workers:
         every = tuple(four.boundaries or ())
         sg1_four = run("sg1x4", seed, _spec("synthetic-gradients", 1, seed, steps,
@@ -245,9 +252,15 @@ def run_disagg_bench(seeds: Sequence[int] = (0, 1, 2), steps: int = STEPS,
         pp4 = run("pp4", seed, _spec("pipelined", 4, seed, steps, partition=four.partition))
         sg4 = run("sg4", seed, _spec("synthetic-gradients", 4, seed, steps,
                                      partition=four.partition))
-        scale_row("pipelined", 4, pp4, pp1, "")
-        scale_row("synthetic-gradients", 1, sg1_four, None, "4-worker blocks in sequence")
-        scale_row("synthetic-gradients", 4, sg4, sg1_four, "")
+        scaling += [
+            _scale_row("pipelined", pp4, pp1, ""),
+            _scale_row("synthetic-gradients", sg1_four, None, "4-worker blocks in sequence"),
+            _scale_row("synthetic-gradients", sg4, sg1_four, "")]
+    return scaling
+
+
+def _print_scaling(scaling: list[dict[str, Any]], seed: int, load_before: Sequence[float],
+                   per_seed: dict[str, list[dict[str, Any]]]) -> None:
     print_table(
         f"throughput, seed {seed}, {os.cpu_count()} cores (load average {load_before[0]:.1f} "
         "at the start); speed-up against the same blocks in one process; predicted = batch / "
@@ -267,6 +280,9 @@ def run_disagg_bench(seeds: Sequence[int] = (0, 1, 2), steps: int = STEPS,
                   " ".join(f"{c:.2f}" for _, c in per_seed[key][0]["true_cosine"].get(b, [])))
                  for key in ("sg", "sg2", "sg2_uncond", "sg2_notrust")
                  for b in per_seed[key][0]["online_cosine"]])
+
+
+def _goals(rows: list[dict[str, Any]], scaling: list[dict[str, Any]]) -> dict[str, bool]:
     by = {r["key"]: r for r in rows}
     two_w = next(r for r in scaling if r["mode"] == "synthetic-gradients" and r["workers"] == 2)
     goals = {"sg_within_0.7_points_of_backprop": by["sg"]["delta_vs_backprop"] >= -0.7,
@@ -274,6 +290,35 @@ def run_disagg_bench(seeds: Sequence[int] = (0, 1, 2), steps: int = STEPS,
              "sg_2_workers_at_least_1.6x_one_worker": two_w["speedup"] >= 1.6}
     console.print("goals: " + ", ".join(f"{k} {'[green]yes[/]' if v else '[red]no[/]'}"
                                         for k, v in goals.items()))
+    return goals
+
+
+def run_disagg_bench(seeds: Sequence[int] = (0, 1, 2), steps: int = STEPS,
+                     workers: Sequence[int] = (1, 2, 4), json_path: Path | str | None = None,
+                     plot_path: Path | str | None = None) -> dict[str, Any]:
+    from cloud_trainer.data import digits_splits
+    from cloud_trainer.disagg.launch import resolve
+    from cloud_trainer.zoo import get_pair
+
+    t_start = time.perf_counter()
+    load_before = os.getloadavg()
+    s = digits_splits()
+    run = _Runner(s.x_train, s.y_train, s.x_test, s.y_test)
+
+    # one split for every seed: the cost-balanced one for 2 workers (and its cut)
+    two, _ = resolve(get_pair(MODEL, 0).student, _spec("synthetic-gradients", 2, 0, steps))
+    four, _ = resolve(get_pair(MODEL, 0).student, _spec("synthetic-gradients", 4, 0, steps))
+    per_seed: dict[str, list[dict[str, Any]]] = {k: [] for k in ROWS}
+    for seed in seeds:
+        for key, spec in _seed_specs(seed, steps, two).items():
+            per_seed[key].append(run(key, seed, spec))
+    rows = _accuracy_rows(per_seed)
+    _print_accuracy(rows, seeds, steps, two)
+
+    # throughput: the first seed, 1 / 2 / 4 workers, each against its own 1-worker sequence
+    scaling = _scaling(run, seeds[0], steps, workers, per_seed, two, four)
+    _print_scaling(scaling, seeds[0], load_before, per_seed)
+    goals = _goals(rows, scaling)
     result = {"model": MODEL, "data": "scikit-learn load_digits (8x8), 1,257 train / 540 test",
               "seeds": list(seeds), "steps": steps,
               "settings": {"batch_size": BATCH, "lr": LR, "shift": SHIFT,
@@ -281,7 +326,7 @@ def run_disagg_bench(seeds: Sequence[int] = (0, 1, 2), steps: int = STEPS,
                            "m_lr": two.m_lr, "microbatches": two.microbatches,
                            "partition_2": list(two.partition or ()),
                            "partition_4": list(four.partition or ()),
-                           "m_boundaries_2": list(cut)},
+                           "m_boundaries_2": list(two.boundaries or ())},
               "rows": rows, "per_seed": per_seed, "scaling": scaling, "goals": goals,
               "load_average": {"start": load_before, "end": os.getloadavg()},
               "seconds": round(time.perf_counter() - t_start, 1)}

@@ -221,116 +221,186 @@ def _after_step(t: int, stage: Stage, spec: TrainSpec, stats: RankStats, result:
 def _sg_loop(stage: Stage, data: Data, spec: TrainSpec, links: Links | None, stats: RankStats,
              result: RankResult, on_step: StepHook | None,
              stop: Callable[[], bool] | None) -> None:
-    a, b, n = stage.first, stage.last, stage.n
-    shapes = stage.model.boundary_shapes
-    bsz = data.batch_size
-    remote = links is not None and links.next is not None and b in stage.sg
-    waiting: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # step -> (h_b, y)
-    if remote:
-        assert links is not None
-        links.start_gradient_receiver(spec.steps, (bsz, *shapes[b]))
-    if links is not None and links.prev is not None:
-        links.expect_forward(spec.steps)
+    _SyntheticGradientLoop(stage, data, spec, links, stats, result).run(on_step, stop)
 
-    def learn_remote(items: list[tuple[int, torch.Tensor]], now: int) -> None:
-        for s, grad in items:
-            h_s, y_s = waiting.pop(s)
-            stage.sg[b].learn(h_s, y_s, grad)
-            stats.gradient_lag.append(now - s)
 
-    for t in range(spec.steps):
-        y = data.labels(t)
-        if remote:
-            stats.pending_at_forward.append(len(waiting))
+class _SyntheticGradientLoop:
+    """One worker's synthetic-gradient loop: its state between steps is the activations
+    ``h_b`` (with their labels) sent up whose gradient has not come back yet."""
+
+    def __init__(self, stage: Stage, data: Data, spec: TrainSpec, links: Links | None,
+                 stats: RankStats, result: RankResult) -> None:
+        self.stage, self.data, self.spec = stage, data, spec
+        self.links, self.stats, self.result = links, stats, result
+        self.shapes = stage.model.boundary_shapes
+        self.sends_up = links is not None and links.next is not None
+        # the M block on this worker's top boundary learns from gradients sent back later
+        self.remote = self.sends_up and stage.last in stage.sg
+        self.waiting: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # step -> (h_b, y)
+
+    def _links(self) -> Links:
+        assert self.links is not None
+        return self.links
+
+    def run(self, on_step: StepHook | None, stop: Callable[[], bool] | None) -> None:
+        steps, b = self.spec.steps, self.stage.last
+        if self.remote:
+            self._links().start_gradient_receiver(steps, (self.data.batch_size,
+                                                          *self.shapes[b]))
+        if self.links is not None and self.links.prev is not None:
+            self.links.expect_forward(steps)
+        for t in range(steps):
+            self._step(t)
+            if self.remote:
+                self._learn_remote(self._links().arrived_gradients(), t)
+            _after_step(t, self.stage, self.spec, self.stats, self.result, on_step, stop)
+        if self.remote:
+            self._learn_remote(self._links().drain_gradients(steps), steps)
+
+    def _step(self, t: int) -> None:
+        """Step ``t``: every segment forward, then at once its update and its input's
+        gradient (to the M block below, or sent down)."""
+        y = self.data.labels(t)
+        if self.remote:
+            self.stats.pending_at_forward.append(len(self.waiting))
+        h = self._input(t)
+        for s, e in self.stage.segments:
+            h = self._segment(t, s, e, h, y)
+
+    def _input(self, t: int) -> torch.Tensor:
+        a = self.stage.first
         if a == 1:
-            h = data.inputs(t)
+            return self.data.inputs(t)
+        return self._links().recv_forward((self.data.batch_size, *self.shapes[a - 1]))
+
+    def _segment(self, t: int, s: int, e: int, h: torch.Tensor,
+                 y: torch.Tensor) -> torch.Tensor:
+        """Blocks ``s..e`` on ``h``: forward, backward, step; returns their output."""
+        stage = self.stage
+        inp = h.detach().requires_grad_(stage.needs_input_grad(s))
+        out = stage.model.run(inp, s, e)
+        trust = 1.0
+        if e < stage.n:
+            h = out.detach()
+            trust = self._boundary(t, e, out, h, y)
         else:
-            assert links is not None
-            h = links.recv_forward((bsz, *shapes[a - 1]))
-        for s, e in stage.segments:
-            inp = h.detach().requires_grad_(stage.needs_input_grad(s))
-            out = stage.model.run(inp, s, e)
-            trust = 1.0
-            if e < n:
-                h = out.detach()
-                if e == b and links is not None and links.next is not None:
-                    links.send_forward(h)
-                if e in stage.sg:
-                    out.backward(stage.sg[e].synthetic(h, y))
-                    trust = stage.sg[e].trust if spec.trust else 1.0
-                    if e == b and remote:
-                        waiting[t] = (h, y)
-            else:
-                loss = nn.functional.cross_entropy(out, y)
-                loss.backward()
-                result.losses.append(float(loss.detach()))
-            for i in range(s, e + 1):
-                stage.step(i, trust)
-            if inp.requires_grad:
-                assert inp.grad is not None
-                if s > a:  # the boundary below is on this worker: its M learns now
-                    stage.sg[s - 1].learn(inp.detach(), y, inp.grad)
-                else:
-                    assert links is not None
-                    links.send_backward(inp.grad)
-        if remote:
-            assert links is not None
-            learn_remote(links.arrived_gradients(), t)
-        _after_step(t, stage, spec, stats, result, on_step, stop)
-    if remote:
-        assert links is not None
-        learn_remote(links.drain_gradients(spec.steps), spec.steps)
+            loss = nn.functional.cross_entropy(out, y)
+            loss.backward()
+            self.result.losses.append(float(loss.detach()))
+        for i in range(s, e + 1):
+            stage.step(i, trust)
+        if inp.requires_grad:
+            self._input_gradient(s, inp, y)
+        return h
+
+    def _boundary(self, t: int, e: int, out: torch.Tensor, h: torch.Tensor,
+                  y: torch.Tensor) -> float:
+        """Output ``h`` of block ``e`` (not the last): sent up if this worker ends there,
+        backpropagated from its M block's prediction if it has one; returns the trust
+        scaling the segment's learning rate."""
+        stage, top = self.stage, e == self.stage.last
+        if top and self.sends_up:
+            self._links().send_forward(h)
+        if e not in stage.sg:
+            return 1.0
+        out.backward(stage.sg[e].synthetic(h, y))
+        trust = stage.sg[e].trust if self.spec.trust else 1.0
+        if top and self.remote:
+            self.waiting[t] = (h, y)
+        return trust
+
+    def _input_gradient(self, s: int, inp: torch.Tensor, y: torch.Tensor) -> None:
+        assert inp.grad is not None
+        if s > self.stage.first:  # the boundary below is on this worker: its M learns now
+            self.stage.sg[s - 1].learn(inp.detach(), y, inp.grad)
+        else:
+            self._links().send_backward(inp.grad)
+
+    def _learn_remote(self, items: list[tuple[int, torch.Tensor]], now: int) -> None:
+        """The top M block learns from the gradients that came back for steps ``s``."""
+        for s, grad in items:
+            h_s, y_s = self.waiting.pop(s)
+            self.stage.sg[self.stage.last].learn(h_s, y_s, grad)
+            self.stats.gradient_lag.append(now - s)
 
 
 def _pipelined_loop(stage: Stage, data: Data, spec: TrainSpec, links: Links | None,
                     stats: RankStats, result: RankResult, on_step: StepHook | None,
                     stop: Callable[[], bool] | None) -> None:
-    a, b, n = stage.first, stage.last, stage.n
-    shapes = stage.model.boundary_shapes
-    bsz = data.batch_size
-    need_in = stage.needs_input_grad(a)
-    need_out = b < n and stage.below[b]
-    parts = data.micro(0)
-    if links is not None and links.prev is not None:
-        links.expect_forward(spec.steps * len(parts))
-    for t in range(spec.steps):
-        y = data.labels(t)
-        x = data.inputs(t) if a == 1 else None
+    _PipelinedLoop(stage, data, links, result).run(spec, stats, on_step, stop)
+
+
+class _PipelinedLoop:
+    """One worker's GPipe loop: every micro-batch forward, then every one backward, then one
+    optimiser step per block."""
+
+    def __init__(self, stage: Stage, data: Data, links: Links | None,
+                 result: RankResult) -> None:
+        self.stage, self.data, self.links, self.result = stage, data, links, result
+        self.shapes = stage.model.boundary_shapes
+        self.last = stage.last == stage.n
+        self.need_in = stage.needs_input_grad(stage.first)
+        self.need_out = stage.last < stage.n and stage.below[stage.last]
+        self.parts = data.micro(0)
+
+    def _links(self) -> Links:
+        assert self.links is not None
+        return self.links
+
+    def run(self, spec: TrainSpec, stats: RankStats, on_step: StepHook | None,
+            stop: Callable[[], bool] | None) -> None:
+        if self.links is not None and self.links.prev is not None:
+            self.links.expect_forward(spec.steps * len(self.parts))
+        for t in range(spec.steps):
+            ins, outs, total = self._forward(t)
+            self._backward(ins, outs)
+            for i in range(self.stage.first, self.stage.last + 1):
+                self.stage.step(i)
+            if self.last:
+                self.result.losses.append(total)
+            _after_step(t, self.stage, spec, stats, self.result, on_step, stop)
+
+    def _forward(self, t: int) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
+        """Every micro-batch of step ``t`` forward: their inputs, their outputs (the loss
+        on the last worker) and the batch's loss."""
+        a, b = self.stage.first, self.stage.last
+        y = self.data.labels(t)
+        x = self.data.inputs(t) if a == 1 else None
         ins: list[torch.Tensor] = []
         outs: list[torch.Tensor] = []
         total = 0.0
-        for part in parts:
+        for part in self.parts:
+            size = part.stop - part.start
             if x is not None:
                 h = x[part]
             else:
-                assert links is not None
-                h = links.recv_forward((part.stop - part.start, *shapes[a - 1]))
-            inp = h.detach().requires_grad_(need_in)
-            out = stage.model.run(inp, a, b)
-            if b < n:
-                assert links is not None
-                links.send_forward(out)
+                h = self._links().recv_forward((size, *self.shapes[a - 1]))
+            inp = h.detach().requires_grad_(self.need_in)
+            out = self.stage.model.run(inp, a, b)
+            if not self.last:
+                self._links().send_forward(out)
                 outs.append(out)
             else:
-                loss = nn.functional.cross_entropy(out, y[part]) * (
-                    (part.stop - part.start) / bsz)
+                loss = nn.functional.cross_entropy(out, y[part]) * (size / self.data.batch_size)
                 total += float(loss.detach())
                 outs.append(loss)
             ins.append(inp)
-        for part, inp, out in zip(reversed(parts), reversed(ins), reversed(outs), strict=True):
-            if b == n:
+        return ins, outs, total
+
+    def _backward(self, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
+        """The micro-batches backward, last first: gradients from above (or the loss) in,
+        their input gradients sent down."""
+        b = self.stage.last
+        for part, inp, out in zip(reversed(self.parts), reversed(ins), reversed(outs),
+                                  strict=True):
+            if self.last:
                 out.backward()
-            elif need_out:
-                assert links is not None
-                out.backward(links.recv_backward((part.stop - part.start, *shapes[b])))
-            if need_in:
-                assert links is not None and inp.grad is not None
-                links.send_backward(inp.grad)
-        for i in range(a, b + 1):
-            stage.step(i)
-        if b == n:
-            result.losses.append(total)
-        _after_step(t, stage, spec, stats, result, on_step, stop)
+            elif self.need_out:
+                out.backward(self._links().recv_backward((part.stop - part.start,
+                                                          *self.shapes[b])))
+            if self.need_in:
+                assert inp.grad is not None
+                self._links().send_backward(inp.grad)
 
 
 def train_local(model: BlockModel, x: np.ndarray, y: np.ndarray, spec: TrainSpec,
