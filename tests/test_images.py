@@ -6,6 +6,7 @@ test suite's) environment runs."""
 from __future__ import annotations
 
 import fnmatch
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,15 @@ def test_dependencies_come_before_the_source_and_a_healthcheck_exists() -> None:
     assert constraints < first_source
     assert any(ln.startswith("HEALTHCHECK") for ln in lines)
     assert any("--no-deps ." in ln for ln in lines[first_source:])
+
+
+def test_every_base_image_is_pinned_by_digest() -> None:
+    """A tag moves; a rebuild from a digest gets the same OS and Python."""
+    bases = [ln.split()[1] for ln in (REPO / "Dockerfile").read_text().splitlines()
+             if ln.startswith("FROM ")]
+    assert bases
+    for base in bases:
+        assert re.fullmatch(r"[\w./:-]+@sha256:[0-9a-f]{64}", base), base
 
 
 def test_build_context_excludes_venvs_and_outputs() -> None:
