@@ -21,6 +21,46 @@ from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
+# Every family the trainer exports: name -> (type, help, labels). One table, so that the
+# Grafana dashboard's test (tests/test_grafana.py) checks its queries against what a scrape
+# can return, and the scrape test checks that nothing is exported outside it.
+FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "knet_trainer_ingest_messages": (
+        "counter", "Activations received, by what became of them", ("outcome",)),
+    "knet_trainer_ingest_rejected": (
+        "counter", "Device messages refused, by reason", ("reason",)),
+    "knet_trainer_ingest_bytes": ("counter", "Activation bytes committed", ()),
+    "knet_trainer_ingest_store_errors": (
+        "counter", "Store writes that failed (retried, nothing acked)", ()),
+    "knet_trainer_ingest_queue_depth": (
+        "gauge", "Received messages waiting for their commit", ()),
+    "knet_trainer_ingest_lag_seconds": (
+        "gauge", "Commit time minus the newest envelope's device timestamp, last batch "
+        "(device clock skew included)", ()),
+    "knet_trainer_ingest_last_commit_age_seconds": (
+        "gauge", "Seconds since the last stored batch", ()),
+    "knet_trainer_store_rows": ("gauge", "Samples in the store", ()),
+    "knet_trainer_store_bytes": ("gauge", "Payload bytes in the store", ()),
+    "knet_trainer_runs": ("counter", "Retraining runs by outcome", ("job", "status")),
+    "knet_trainer_gate_score": (
+        "gauge", "Last gated version's scores (points, 0..100)", ("model", "version", "which")),
+    "knet_trainer_deployed_version": ("gauge", "Version pushed to the fleet", ("model",)),
+    "knet_trainer_rollout_devices": (
+        "gauge", "Devices' last update report for the deployed version",
+        ("model", "version", "status")),
+    "knet_trainer_leader": ("gauge", "1 when this replica runs the scheduler", ()),
+    "knet_trainer_devices_online": ("gauge", "Devices whose state is online", ()),
+}
+
+
+def family(name: str, value: float | None = None) -> CounterMetricFamily | GaugeMetricFamily:
+    """A family from ``FAMILIES``: labelled when it has labels, else with ``value``."""
+    kind, doc, labels = FAMILIES[name]
+    cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+    if labels:
+        return cls(name, doc, labels=list(labels))
+    return cls(name, doc, value=value)
+
 
 class TrainerCollector(Collector):
     """Everything a dashboard needs from one ``TrainerService``; a failing part is skipped
@@ -41,57 +81,42 @@ class TrainerCollector(Collector):
         if ing is None:
             return
         st = ing.stats
-        msgs = CounterMetricFamily("knet_trainer_ingest_messages",
-                                   "Activations received, by what became of them",
-                                   labels=["outcome"])
+        msgs = family("knet_trainer_ingest_messages")
         for outcome, value in (("stored", st.stored), ("duplicate", st.duplicates),
                                ("rejected", st.rejected),
                                ("other_replica", getattr(st, "other_replica", 0))):
             msgs.add_metric([outcome], value)
         yield msgs
-        rejected = CounterMetricFamily("knet_trainer_ingest_rejected",
-                                       "Device messages refused, by reason", labels=["reason"])
+        rejected = family("knet_trainer_ingest_rejected")
         by_reason: Tally[str] = Tally()
         for reasons in st.bad_snapshot().values():
             by_reason.update(reasons)
         for reason, n in sorted(by_reason.items()):
             rejected.add_metric([reason], n)
         yield rejected
-        yield CounterMetricFamily("knet_trainer_ingest_bytes", "Activation bytes committed",
-                                  value=st.bytes_committed)
-        yield CounterMetricFamily("knet_trainer_ingest_store_errors",
-                                  "Store writes that failed (retried, nothing acked)",
-                                  value=st.store_errors)
-        yield GaugeMetricFamily("knet_trainer_ingest_queue_depth",
-                                "Received messages waiting for their commit",
-                                value=ing.queue_depth)
+        yield family("knet_trainer_ingest_bytes", st.bytes_committed)
+        yield family("knet_trainer_ingest_store_errors", st.store_errors)
+        yield family("knet_trainer_ingest_queue_depth", ing.queue_depth)
         lag = getattr(st, "lag_s", None)
         if lag is not None:
-            yield GaugeMetricFamily("knet_trainer_ingest_lag_seconds",
-                                    "Commit time minus the newest envelope's device "
-                                    "timestamp, last batch (device clock skew included)",
-                                    value=lag)
+            yield family("knet_trainer_ingest_lag_seconds", lag)
         last = getattr(st, "last_commit", 0.0)
         if last:
-            yield GaugeMetricFamily("knet_trainer_ingest_last_commit_age_seconds",
-                                    "Seconds since the last stored batch",
-                                    value=time.time() - last)
+            yield family("knet_trainer_ingest_last_commit_age_seconds", time.time() - last)
 
     def _store(self) -> Iterator[Metric]:
         store = getattr(self.service, "store", None)
         if store is None:
             return
         rows, size = store.totals()
-        yield GaugeMetricFamily("knet_trainer_store_rows", "Samples in the store", value=rows)
-        yield GaugeMetricFamily("knet_trainer_store_bytes", "Payload bytes in the store",
-                                value=size)
+        yield family("knet_trainer_store_rows", rows)
+        yield family("knet_trainer_store_bytes", size)
 
     def _runs(self) -> Iterator[Metric]:
         runs = getattr(self.service, "runs", None)
         if runs is None:
             return
-        fam = CounterMetricFamily("knet_trainer_runs", "Retraining runs by outcome",
-                                  labels=["job", "status"])
+        fam = family("knet_trainer_runs")
         for (job, status), n in sorted(runs.status_counts().items()):
             fam.add_metric([job, status], n)
         yield fam
@@ -100,14 +125,9 @@ class TrainerCollector(Collector):
         registry = getattr(self.service, "registry", None)
         if registry is None:
             return
-        gate = GaugeMetricFamily("knet_trainer_gate_score",
-                                 "Last gated version's scores (points, 0..100)",
-                                 labels=["model", "version", "which"])
-        deployed = GaugeMetricFamily("knet_trainer_deployed_version",
-                                     "Version pushed to the fleet", labels=["model"])
-        reports = GaugeMetricFamily("knet_trainer_rollout_devices",
-                                    "Devices' last update report for the deployed version",
-                                    labels=["model", "version", "status"])
+        gate = family("knet_trainer_gate_score")
+        deployed = family("knet_trainer_deployed_version")
+        reports = family("knet_trainer_rollout_devices")
         for model_id in self.service.models:
             gated = [v for v in registry.versions(model_id) if "gate" in v.scores]
             if gated:
@@ -129,11 +149,8 @@ class TrainerCollector(Collector):
         yield reports
 
     def _process(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily("knet_trainer_leader",
-                                "1 when this replica runs the scheduler",
-                                value=1.0 if self.service.is_leader else 0.0)
-        yield GaugeMetricFamily("knet_trainer_devices_online", "Devices whose state is online",
-                                value=len(self.service.fleet.online()))
+        yield family("knet_trainer_leader", 1.0 if self.service.is_leader else 0.0)
+        yield family("knet_trainer_devices_online", len(self.service.fleet.online()))
 
 
 def serve(service: Any, port: int, bind: str) -> tuple[Any, int]:

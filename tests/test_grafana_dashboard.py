@@ -1,5 +1,6 @@
-"""deploy/grafana/knet.json queries only metrics the code exports (agent/metrics.py; the
-trainer exports none yet), and deploy/prometheus/prometheus.yml scrapes the job it names."""
+"""deploy/grafana/knet.json queries only metrics the code exports (agent/metrics.py and the
+trainer's table, cloud_trainer/metrics.py FAMILIES, which tests/test_trainer_metrics.py holds
+to a real scrape), and deploy/prometheus/prometheus.yml scrapes every job it names."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 from pathlib import Path
 
 from agent.metrics import AgentMetrics
+from cloud_trainer.metrics import FAMILIES
 
 REPO = Path(__file__).resolve().parent.parent
 PROMETHEUS_BUILTINS = {"up"}
@@ -21,6 +23,8 @@ def exported() -> set[str]:
     names = set()
     for family in AgentMetrics().registry.collect():
         names |= {family.name + s for s in SUFFIXES.get(family.type, ("",))}
+    for name, (kind, _help, _labels) in FAMILIES.items():
+        names |= {name + s for s in SUFFIXES[kind] if s != "_created"}
     return names
 
 
@@ -39,6 +43,7 @@ def test_every_queried_metric_is_exported() -> None:
     dashboard = json.loads((REPO / "deploy" / "grafana" / "knet.json").read_text())
     names = queried(dashboard)
     assert len(names) >= 10
+    assert any(n.startswith("knet_trainer_") for n in names)
     missing = names - exported() - PROMETHEUS_BUILTINS
     assert not missing, f"the dashboard queries metrics nobody exports: {sorted(missing)}"
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
@@ -48,13 +53,19 @@ def test_the_scrape_config_feeds_the_dashboard() -> None:
     # Plain text checks (no YAML parser among the dependencies): the job the dashboard
     # selects is scraped, and every static target carries the device label it groups by.
     text = (REPO / "deploy" / "prometheus" / "prometheus.yml").read_text()
-    assert re.search(r"^\s*- job_name: knet-agent$", text, re.M)
-    targets = re.findall(r"^\s*- targets: .*$", text, re.M)
-    labels = re.findall(r"^\s*labels: \{device: [a-z0-9-]+", text, re.M)
+    jobs = set(re.findall(r"^\s*- job_name: ([a-z-]+)$", text, re.M))
+    assert jobs == {"knet-agent", "knet-trainer"}
+    agents = text.split("job_name: knet-agent")[1].split("job_name:")[0]
+    targets = re.findall(r"^\s*- targets: .*$", agents, re.M)
+    labels = re.findall(r"^\s*labels: \{device: [a-z0-9-]+", agents, re.M)
     assert targets and len(labels) == len(targets)
     dashboard = json.loads((REPO / "deploy" / "grafana" / "knet.json").read_text())
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
-    assert all('job="knet-agent"' in e for e in exprs)
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    for expr in exprs:
+        selected = set(re.findall(r'job="([a-z-]+)"', expr))
+        assert selected and selected <= jobs, expr
+        trainer = [n.startswith("knet_trainer_") for n in re.findall(r"\bknet_[a-z0-9_]+", expr)]
+        assert all(trainer) if selected == {"knet-trainer"} else not any(trainer), expr
 
 
 def test_the_check_sees_metric_names_in_expressions() -> None:

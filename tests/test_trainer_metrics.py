@@ -16,19 +16,23 @@ from trainer_helpers import trainer_cli
 from broker.launcher import Mosquitto, free_port
 from cloud_trainer.fleet_lab import toml_text
 from cloud_trainer.keys import generate_keypair
+from cloud_trainer.metrics import FAMILIES
 
 pytestmark = [pytest.mark.slow, pytest.mark.mqtt]
 
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample as {(name, sorted labels): value}; {} while nothing listens."""
+def exposition(port: int) -> str:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            text = r.read().decode()
+            return r.read().decode()
     except OSError:
-        return {}
+        return ""
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample as {(name, sorted labels): value}; {} while nothing listens."""
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
+            for fam in text_string_to_metric_families(exposition(port)) for s in fam.samples}
 
 
 def test_trainer_metrics_endpoint(tmp_path: Path) -> None:
@@ -68,8 +72,11 @@ def test_trainer_metrics_endpoint(tmp_path: Path) -> None:
             done = trainer_cli(config, "jobs", "run-now", "tick")
             assert done.returncode == 0, done.stdout + done.stderr
             m = scrape(mport)
+            families = {f.name for f in text_string_to_metric_families(exposition(mport))}
         finally:
             replica.stop()
+    # The table the dashboard's test reads is what a scrape returns, no more, no less.
+    assert families == set(FAMILIES)
     assert m[("knet_trainer_store_rows", ())] == sent
     assert m[("knet_trainer_store_bytes", ())] > 0
     assert m[("knet_trainer_runs_total", (("job", "tick"), ("status", "skipped")))] == 1
