@@ -525,7 +525,10 @@ class Link:
         """Flush what we can, publish ``stopped``, disconnect cleanly (so no Will)."""
         if not self._started or self._stopping:
             return
-        if self.connected.is_set():
+        # A process that ends right after it starts (an empty source, a quick job) may close
+        # before its CONNACK: wait for it (bounded), or the broker, which already has the
+        # CONNECT and its Will, reports the device `offline` instead of `stopped`.
+        if self.connected.wait(self.close_timeout):
             if not self.flush(self.close_timeout):
                 log.warning("closing with %d messages still spooled; they go on next start",
                             len(self.spool))

@@ -458,6 +458,16 @@ def provision_device(
     return _finish(lay, device, (fleet,), "device", snippet, secret, reload)
 
 
+def fleet_ids(fleets: str | Iterable[str], who: str) -> list[str]:
+    """One fleet id or several, sorted and deduplicated; each a valid id, at least one."""
+    fleet_list = sorted({fleets} if isinstance(fleets, str) else set(fleets))
+    if not fleet_list:
+        raise ProvisionError(f"{who} needs at least one fleet")
+    for fleet in fleet_list:
+        validate_id(fleet, "fleet id")
+    return fleet_list
+
+
 def provision_trainer(
     directory: Path | str,
     trainer_id: str,
@@ -478,11 +488,7 @@ def provision_trainer(
     ``{prefix}/v1/trainer/<id>/state``. Provisioning it again replaces its fleet list.
     """
     validate_id(trainer_id, "trainer id")
-    fleet_list = sorted({fleets} if isinstance(fleets, str) else set(fleets))
-    if not fleet_list:
-        raise ProvisionError("a trainer needs at least one fleet")
-    for fleet in fleet_list:
-        validate_id(fleet, "fleet id")
+    fleet_list = fleet_ids(fleets, "a trainer")
     use_tls = cert if tls is None else (tls or cert)
     lay = init_fleet_dir(directory)
     with _locked(lay):

@@ -39,6 +39,7 @@ from broker.provision import (
     _now,
     _save_registry,
     _write_acl,
+    fleet_ids,
     init_fleet_dir,
     layout,
     reload_broker,
@@ -72,11 +73,7 @@ def provision_site(cloud_dir: Path | str, site: str, fleets: str | Iterable[str]
     file: size the site host for ``max_queued_bytes``).
     """
     validate_id(site, "site id")
-    fleet_list = sorted({fleets} if isinstance(fleets, str) else set(fleets))
-    if not fleet_list:
-        raise ProvisionError("a site needs at least one fleet")
-    for fleet in fleet_list:
-        validate_id(fleet, "fleet id")
+    fleet_list = fleet_ids(fleets, "a site")
     if outage_hours <= 0 or rate_msgs_s <= 0 or avg_msg_bytes <= 0:
         raise ProvisionError("outage hours, rate and message size must be positive")
     lay = init_fleet_dir(cloud_dir)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,19 +20,12 @@ import pytest
 from agent_helpers import write_inputs
 from console_helpers import OPERATOR_TOKEN, console_section
 from mqtt_helpers import wait_until
-from trainer_helpers import REPO, degraded_student, job, register_deployed, trainer_toml
+from trainer_helpers import REPO, deploy_damaged_digits, job, trainer_toml
 from update_helpers import agent_toml, running_agent
 
-from agent.profiles import load_profile
 from broker.launcher import Mosquitto
-from cloud_trainer.data import digits_splits
-from cloud_trainer.distill import train_student_blockwise_from_inputs
-from cloud_trainer.export import target_for_ort
-from cloud_trainer.retrain import ExportCache
 from cloud_trainer.service import TrainerService
-from cloud_trainer.train import trained_pair
 from cloud_trainer.trainer_config import load_trainer_config
-from cloud_trainer.zoo import get_pair
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
 
@@ -86,19 +78,7 @@ def test_console_in_a_browser(tmp_path: Path, mosquitto: Mosquitto, browser: obj
     d = browser
     wait = WebDriverWait(d, 30)
 
-    # A deployment whose student is damaged, so a retraining run improves it (as in
-    # tests/test_trainer_agent.py).
-    pair = trained_pair("digits")
-    kt = train_student_blockwise_from_inputs(pair.teacher, get_pair("digits", 0).student,
-                                             digits_splits().x_train,
-                                             inputs="student+boundary", epochs=10).student
-    deployed = degraded_student(kt, block=3, scale=6.0)
-    state = tmp_path / "state"
-    register_deployed(state, deployed)
-    ort = load_profile("x86-dev").onnxruntime
-    _part, src = ExportCache(state / "exports").partition(deployed, "digits", 1,
-                                                          target_for_ort(ort), ort)
-    shutil.copytree(src, tmp_path / "model")
+    deploy_damaged_digits(tmp_path)  # a damaged v1, so a retraining run improves it
     config = load_trainer_config(trainer_toml(
         tmp_path, mosquitto.port, ingest={"enabled": True},
         jobs=[job("retrain", min_new_samples=300, boundaries=[0], training={"epochs": 8})],

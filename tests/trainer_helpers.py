@@ -103,6 +103,34 @@ def register_deployed(state_dir: Path, student: BlockModel, model_id: str = "dig
                     status="pushed", reason="test deployment")
 
 
+def deploy_damaged_digits(tmp: Path) -> BlockModel:
+    """A fleet that runs a damaged digits student (block 3 scaled noise) as v1, so that a
+    retraining run improves it: registered in ``tmp/state`` and exported for the x86-dev
+    profile into ``tmp/model`` (the agent's model directory). Returns the deployed student."""
+    import shutil
+
+    from agent.profiles import load_profile
+    from cloud_trainer.data import digits_splits
+    from cloud_trainer.distill import train_student_blockwise_from_inputs
+    from cloud_trainer.export import target_for_ort
+    from cloud_trainer.retrain import ExportCache
+    from cloud_trainer.train import trained_pair
+    from cloud_trainer.zoo import get_pair
+
+    pair = trained_pair("digits")
+    kt = train_student_blockwise_from_inputs(pair.teacher, get_pair("digits", 0).student,
+                                             digits_splits().x_train,
+                                             inputs="student+boundary", epochs=10).student
+    deployed = degraded_student(kt, block=3, scale=6.0)
+    state = tmp / "state"
+    register_deployed(state, deployed)
+    ort = load_profile("x86-dev").onnxruntime
+    _part, src = ExportCache(state / "exports").partition(deployed, "digits", 1,
+                                                          target_for_ort(ort), ort)
+    shutil.copytree(src, tmp / "model")
+    return deployed
+
+
 def boundary_envelopes(student: BlockModel, x: np.ndarray, boundary: int, *,
                        device: str = "cam-1", session: int = 1, start: int = 0,
                        version: int = 1) -> list[Envelope]:

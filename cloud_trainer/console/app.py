@@ -193,12 +193,16 @@ def build_app(console: Console) -> Starlette:  # noqa: C901, PLR0915  one closur
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store"})
 
-    async def device_page(r: Request) -> Response:
+    async def device_info(r: Request) -> dict[str, Any]:
         c.may_read(r)
         dev = _device_id(r.path_params["device"])
         info = await run_in_threadpool(data.device, c.svc, c.history, dev)
         if info is None:
             raise HTTPException(404, f"no device {dev!r} in the fleet table")
+        return info
+
+    async def device_page(r: Request) -> Response:
+        info = await device_info(r)
         h = info["history"]
         t0 = h[-1]["t"] if h else 0.0
         xs = [p["t"] - t0 for p in h]
@@ -307,12 +311,7 @@ def build_app(console: Console) -> Starlette:  # noqa: C901, PLR0915  one closur
                              "devices": await run_in_threadpool(data.fleet, c.svc, c.history)})
 
     async def api_device(r: Request) -> Response:
-        c.may_read(r)
-        dev = _device_id(r.path_params["device"])
-        info = await run_in_threadpool(data.device, c.svc, c.history, dev)
-        if info is None:
-            raise HTTPException(404, f"no device {dev!r} in the fleet table")
-        return JSONResponse(info)
+        return JSONResponse(await device_info(r))
 
     async def api_models(r: Request) -> Response:
         c.may_read(r)
