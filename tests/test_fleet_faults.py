@@ -149,7 +149,7 @@ def test_broker_killed_and_restarted_during_streaming_loses_nothing(tmp_path: Pa
         lab.start_broker()
         assert wait_until(lambda: stats(lab, "cam-0").get("frames") == n
                           and stats(lab, "cam-0").get("spool_records") == 0, 60)
-        assert wait_until(lambda: count_stored(lab, "cam-0") >= n, 30), count_stored(lab, "cam-0")
+        assert wait_until(lambda: count_stored(lab, "cam-0") >= n, 90), count_stored(lab, "cam-0")
         assert_contiguous(lab, "cam-0", n)
         assert stats(lab, "cam-0")["link"]["reconnects"] >= 1
         procs = dict(lab.procs)
