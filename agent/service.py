@@ -321,7 +321,7 @@ class Agent:
             if key == "label" and _LABEL.fullmatch(value):  # not isdigit(): "²" passes it
                 label = int(value)
         assert isinstance(self.source, MqttFrames)
-        self.source.offer(msg.payload, label, timeout=5.0)
+        self.source.offer(bytes(msg.payload), label, timeout=5.0)
 
     # --- lifecycle
     def request_stop(self, *_: Any) -> None:

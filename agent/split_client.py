@@ -68,7 +68,7 @@ class SplitClient:
                 ) -> tuple[str, bytes, Properties]:
         """Register request ``seq`` (an envelope of the last boundary); returns the message
         to publish: topic, payload and the v5 properties that route the reply back."""
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = self.reply_topic
         props.CorrelationData = seq.to_bytes(8, "big")
         props.MessageExpiryInterval = max(1, int(self.timeout_s))
@@ -79,7 +79,7 @@ class SplitClient:
 
     def unsent(self, props: Properties) -> None:
         """The request carrying ``props`` could not be published (offline): it is over."""
-        seq = int.from_bytes(props.CorrelationData, "big")
+        seq = int.from_bytes(getattr(props, "CorrelationData", b""), "big")
         with self._lock:
             if self._pending.pop(seq, None) is not None:
                 self._counts["offline"] += 1
@@ -92,7 +92,7 @@ class SplitClient:
             pending = self._pending.pop(seq, None)
         if pending is None:
             return  # late or unknown: it already timed out
-        error, prediction = parse_reply(msg.payload)
+        error, prediction = parse_reply(bytes(msg.payload))  # paho's bytes: not a copy
         with self._lock:
             self._counts["errors" if error is not None else "replies"] += 1
         if error is not None:
