@@ -74,3 +74,12 @@ def test_a_failing_run_is_recorded_as_failed(tmp_path: Path) -> None:
     events = runs.runs("bad", kind="event")
     assert [(e.status, e.reason) for e in events] == [
         ("failed", "job raised RuntimeError('bad broke')")]
+
+
+def test_job_stores_written_before_this_module_still_resolve_their_function() -> None:
+    """Older job stores reference ``cloud_trainer.service:scheduled_run``."""
+    from apscheduler.util import ref_to_obj
+
+    from cloud_trainer import scheduler
+
+    assert ref_to_obj("cloud_trainer.service:scheduled_run") is scheduler.scheduled_run
