@@ -37,10 +37,12 @@ COPY constraints/trainer.txt ./constraints/trainer.txt
 RUN grep -v '^torch==' constraints/trainer.txt > /tmp/deps.txt \
  && pip install --no-cache-dir -r /tmp/deps.txt && rm /tmp/deps.txt
 COPY pyproject.toml README.md ./
+# The daemon, the device side it shares, the broker tools and the operator CLI (`knet`);
+# not the lab (knet_lab: the demo and fleet harness) nor the benchmarks (bench).
 COPY agent ./agent
 COPY cloud_trainer ./cloud_trainer
 COPY broker ./broker
-COPY bench ./bench
+COPY knet_cli ./knet_cli
 COPY firmware_profiles ./firmware_profiles
 RUN pip install --no-cache-dir --no-deps . && pip check
 

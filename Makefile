@@ -20,6 +20,7 @@ test: bootstrap
 lint: bootstrap
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/mypy
 
 bench: bootstrap
 	$(VENV)/bin/knet bench codec --json out/bench-codec.json

@@ -372,22 +372,22 @@ class BlobFetcher:
             except queue.Empty:
                 continue
             self.stats["received"] += 1
-            w = wants.get(sha)
-            if w is None or n not in w.missing:
+            want = wants.get(sha)
+            if want is None or n not in want.missing:
                 self.stats["duplicate"] += 1
                 continue
-            if not self.cache.put_chunk(sha, n, data, w.info, w.block.size):
+            if not self.cache.put_chunk(sha, n, data, want.info, want.block.size):
                 self.stats["corrupt"] += 1
                 outstanding.pop((sha, n), None)  # ask again at the next request
                 log.warning("dropped a bad chunk %d of block %s", n, sha[:12])
                 continue
             self.stats["stored"] += 1
             self.stats["bytes"] += len(data)
-            w.missing.discard(n)
+            want.missing.discard(n)
             if outstanding.pop((sha, n), None) is None:
                 last_unsolicited = time.monotonic()
-            if not w.missing:
-                self._assemble(sha, w, wants, result)
+            if not want.missing:
+                self._assemble(sha, want, wants, result)
 
     def _assemble(self, sha: str, w: _Want, wants: dict[str, _Want],
                   result: FetchResult) -> None:

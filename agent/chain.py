@@ -172,7 +172,7 @@ class UpstreamFrames(MqttFrames):
 
     def offer_message(self, msg: mqtt.MQTTMessage) -> None:
         try:
-            env, origin, x = self.parse(msg.payload)
+            env, origin, x = self.parse(bytes(msg.payload))  # paho's bytes: not a copy
         except (EnvelopeError, CodecError, FrameError, ChainError) as exc:
             self.bad.add("chain", f"{msg.topic}: {exc}")
             self.ack(msg.mid, msg.qos)
@@ -225,7 +225,7 @@ class ChainStage:
         """Subscribe to the previous stage (manual acks) once the link exists."""
         self.link = link
         if self.upstream is not None:
-            topic = self.upstream.cfg.topic or self.topics.chain(self.upstream.upstream)  # type: ignore[attr-defined]
+            topic = self.upstream.cfg.topic or self.topics.chain(self.upstream.upstream)
             link.subscribe(topic, 1, self.upstream.offer_message, manual_ack=True)
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ Every message names the file, the field and the reason, e.g.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -13,10 +14,10 @@ from pydantic import BaseModel, ValidationError, ValidationInfo
 
 from agent.errors import KnetAgentError
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib  # novermin (tomli below on older Pythons)
-except ModuleNotFoundError:  # Python < 3.11 (JetPack 5 and 6): the same parser, from PyPI
-    import tomli as tomllib  # type: ignore[no-redef]
+else:  # Python < 3.11 (JetPack 5 and 6): the same parser, from PyPI
+    import tomli as tomllib
 
 M = TypeVar("M", bound=BaseModel)
 

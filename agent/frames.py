@@ -104,16 +104,16 @@ def decode_image(data: bytes | Path, input_shape: tuple[int, ...], *,
         raise FrameError(f"images need a (1|3, H, W) input, this partition takes {input_shape}")
     channels, height, width = input_shape
     try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
-            if img.width * img.height > MAX_IMAGE_PIXELS:  # header only: nothing decoded yet
-                raise FrameError(f"image of {img.width}x{img.height} pixels exceeds "
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as src:
+            if src.width * src.height > MAX_IMAGE_PIXELS:  # header only: nothing decoded yet
+                raise FrameError(f"image of {src.width}x{src.height} pixels exceeds "
                                  f"{MAX_IMAGE_PIXELS} (a decompression bomb on a 4 GB device)")
-            img = img.convert("L" if channels == 1 else "RGB")
+            img = src.convert("L" if channels == 1 else "RGB")
             if img.size != (width, height):
                 if not resize:
                     raise FrameError(f"image is {img.size[0]}x{img.size[1]}, the input "
                                      f"{width}x{height} (source.resize = false)")
-                img = img.resize((width, height), Image.BILINEAR)
+                img = img.resize((width, height), Image.Resampling.BILINEAR)
             arr = np.asarray(img, dtype=np.float32) / 255.0
     except FrameError:
         raise

@@ -59,4 +59,5 @@ def fuse_blocks(paths: list[Path]) -> bytes:
                 outputs=outputs)
         except ValueError as exc:  # different IR versions or opsets, name clashes
             raise FuseError(str(exc)) from None
-    return fused.SerializeToString()
+    out: bytes = fused.SerializeToString()
+    return out

@@ -118,9 +118,12 @@ def _no_delay(client: mqtt.Client) -> None:
     sock = client.socket()
     if sock is None:
         return
+    if not isinstance(sock, socket.socket):  # a websocket proxy
+        log.debug("TCP_NODELAY not set: %s is not a socket", type(sock).__name__)
+        return
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError) as exc:  # not TCP (a unix socket, a websocket proxy)
+    except OSError as exc:  # not TCP (a unix socket)
         log.debug("TCP_NODELAY not set: %s", exc)
 
 
@@ -195,7 +198,7 @@ class Link:
         client.on_message = self._on_unhandled_message
         return client
 
-    def _state_payload(self, state: str) -> bytes:
+    def _state_payload(self, state: Literal["online", "stopped", "offline"]) -> bytes:
         if state == "offline":  # the Will is composed once, its time would be misleading
             return DeviceState(state=state, session=self.session, device=self.device_id
                                ).payload()

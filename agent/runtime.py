@@ -301,7 +301,8 @@ class BlockRunner:
                              f"({self.manifest.first}..{self.manifest.last})")
         block = self._blocks[index - self.manifest.first]
         x = self.check_input(x, block.input_shape)
-        return block.session.run(None, {block.input_name: x})[0]
+        out: np.ndarray = block.session.run(None, {block.input_name: x})[0]
+        return out
 
     def warmup(self, repeats: int = 1) -> float:
         """Run dummy inputs so the first real input does not pay for lazy initialisation."""

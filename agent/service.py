@@ -22,11 +22,9 @@ from typing import Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 import agent
-from agent import safejson
 from agent.active import BootChoice, boot_runner, update_paths
 from agent.canary import CanaryRecorder
 from agent.chain import chain_stage
@@ -48,7 +46,9 @@ from agent.pipeline import Pipeline, RunnerSlot, Stage
 from agent.profiles import FirmwareProfile, load_profile
 from agent.runtime import BlockRunner
 from agent.sources import BadInputs, MqttFrames, Sample, make_source
+from agent.split_client import SplitClient
 from agent.spool import Spool
+from agent.stats_reporter import StatsReporter, StatsSources
 from agent.updater import Updater
 from agent.uplink import UplinkPolicy
 from agent.wire.control import Birth, Stats
@@ -131,9 +131,8 @@ class Agent:
         self._reload = threading.Event()
         self._seq = 0
         self._seq_lock = threading.Lock()
-        self._pending_split: dict[int, tuple[int | None, float]] = {}
-        self.split_stats = {"requests": 0, "replies": 0, "errors": 0, "timeouts": 0,
-                            "offline": 0}
+        self.split = SplitClient(self.topics, self.device, config.split.timeout_s,
+                                 on_result=self.metrics.observe_result)
         self.notifier = Notifier()
         state_dir = config.device.state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -151,6 +150,10 @@ class Agent:
                                                       batch=q),
                                                 Stage("publish", self._publish, q, batch=q)],
                                   inline_source=inline_source(config))
+        self.reporter = StatsReporter(StatsSources(
+            metrics=self.metrics, slot=self.slot, link=self.link, spool=self.spool,
+            pipeline=self._pipeline, bad_inputs=self.bad, split=self.split, chain=self.chain,
+            uplink_counts=lambda: self.policy.counts), self.topics.stats(self.device))
         self.updater: Updater | None = None
         self._boot_note = boot.note if boot is not None else None
         if upd.enabled:
@@ -195,25 +198,11 @@ class Agent:
         return stage.processed, stage.errors
 
     def stats_message(self) -> Stats:
-        """``stats()`` as the typed message the trainer and dashboards parse."""
-        return Stats.model_validate(self.stats())
+        """The ``stats`` message as it would be published now (agent/stats_reporter.py)."""
+        return self.reporter.message()
 
     def stats(self) -> dict[str, Any]:
-        snap = self.metrics.snapshot()
-        snap.update({
-            "model_version": self.slot.current.version,
-            "session": self.link.session,
-            "queue_depth": self._pipeline.depths(),
-            "spool_bytes": self.spool.bytes, "spool_records": len(self.spool),
-            "spool_dropped": self.spool.dropped_oldest + self.spool.dropped_newest,
-            "link": dict(self.link.stats), "bad_inputs": dict(self.bad.counts),
-            "uplink": dict(self.policy.counts),
-            "split": {**self.split_stats, "pending": len(self._pending_split)},
-            **({"chain": dict(self.chain.stats)} if self.chain is not None else {}),
-            "network": self.link.meter.snapshot(),  # agent/netmeter.py
-            "time": time.time(),
-        })
-        return snap
+        return self.reporter.snapshot()
 
     # --- pipeline stages
     def _infer(self, sample: Sample) -> Inference | None:
@@ -302,34 +291,7 @@ class Agent:
                        timestamp=time.time(), model_version=m.model_version, boundary=m.last,
                        payload=encode(inf.acts[-1], "raw"), label=inf.sample.label,
                        meta={"model": m.model_id, "index": inf.sample.index}).pack()
-        props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = self.topics.reply(self.device)
-        props.CorrelationData = seq.to_bytes(8, "big")
-        props.MessageExpiryInterval = max(1, int(self.config.split.timeout_s))
-        self._pending_split[seq] = (inf.sample.label, time.monotonic())
-        self.split_stats["requests"] += 1
-        return self.topics.infer(self.device), env, props
-
-    def _on_split_reply(self, msg: mqtt.MQTTMessage) -> None:
-        corr = getattr(msg.properties, "CorrelationData", None)
-        seq = int.from_bytes(corr, "big") if corr else -1
-        pending = self._pending_split.pop(seq, None)
-        if pending is None:
-            return  # late or unknown: it already timed out
-        try:
-            reply = safejson.loads(msg.payload, max_bytes=64 * 1024)
-        except safejson.UnsafeJSONError:
-            reply = {"error": "undecodable reply"}
-        if not isinstance(reply, dict):
-            reply = {"error": "the reply is not a JSON object"}
-        if "error" in reply:
-            self.split_stats["errors"] += 1
-            log.warning("split inference refused: %s", reply["error"])
-            return
-        self.split_stats["replies"] += 1
-        label, _t_sent = pending
-        if label is not None:
-            self.metrics.observe_result(reply.get("prediction") == label)
+        return self.split.request(seq, env, inf.sample.label)
 
     def _publish(self, batch: list[list[tuple[str, bytes, Properties | None]]]) -> None:
         """The messages of every batch waiting from the encode stage: all their activations
@@ -341,9 +303,7 @@ class Agent:
                     reliable.append((topic, payload))
                 elif props is not None:  # a split request: fails at once when offline
                     if not self.link.publish(topic, payload, qos=1, properties=props):
-                        seq = int.from_bytes(props.CorrelationData, "big")
-                        if self._pending_split.pop(seq, None) is not None:
-                            self.split_stats["offline"] += 1
+                        self.split.unsent(props)
                 else:
                     self.link.publish(topic, payload)
         if reliable:
@@ -361,7 +321,7 @@ class Agent:
             if key == "label" and _LABEL.fullmatch(value):  # not isdigit(): "²" passes it
                 label = int(value)
         assert isinstance(self.source, MqttFrames)
-        self.source.offer(msg.payload, label, timeout=5.0)
+        self.source.offer(bytes(msg.payload), label, timeout=5.0)
 
     # --- lifecycle
     def request_stop(self, *_: Any) -> None:
@@ -405,7 +365,7 @@ class Agent:
                 self.link.subscribe(cfg.source.topic or self.topics.input(self.device),
                                     cfg.source.qos, self._on_frame)
             if cfg.split.enabled:
-                self.link.subscribe(self.topics.reply(self.device), 1, self._on_split_reply)
+                self.link.subscribe(self.split.reply_topic, 1, self.split.on_reply)
             if self.chain is not None:
                 self.chain.attach(self.link)  # subscribes a later stage to its upstream
             if hasattr(self.source, "prepare"):
@@ -424,7 +384,7 @@ class Agent:
                 self.source.close()
             if self.chain is not None:
                 self.chain.close()
-            self.link.publish(self.topics.stats(self.device), self.stats_message().payload())
+            self.reporter.publish()
         self.spool.close()
         log.info("agent stopped cleanly")
         return 0
@@ -432,7 +392,7 @@ class Agent:
     def _supervise(self) -> None:
         """The main thread: watchdog, stats, reloads, and the end of a finite source."""
         wd = watchdog_interval() if self.config.watchdog.enabled else None
-        next_wd = next_stats = time.monotonic()
+        next_wd = time.monotonic()
         exit_when_done = self.config.pipeline.exit_when_done
         while not self._wait_tick(exit_when_done):
             now = time.monotonic()
@@ -445,17 +405,12 @@ class Agent:
                     log.error("unhealthy (pipeline or MQTT loop stalled): withholding the "
                               "watchdog ping so systemd restarts the agent")
                 next_wd = now + wd
-            if now >= next_stats:
-                for stage, depth in self._pipeline.depths().items():
-                    self.metrics.queue_depth.labels(stage).set(depth)
-                self.metrics.spool_bytes.set(self.spool.bytes)
-                self.metrics.spool_records.set(len(self.spool))
-                self.link.publish(self.topics.stats(self.device), self.stats_message().payload())
-                self._expire_split(now)
-                next_stats = now + self.config.metrics.stats_interval_s
+            if self.reporter.due(now, self.config.metrics.stats_interval_s):
+                self.reporter.publish()
+                self.split.expire(now)
             if (self.config.pipeline.exit_when_done and self._pipeline.finished()
                     and len(self.spool) == 0 and self.link.inflight == 0
-                    and not self._pending_split):
+                    and not self.split.pending):
                 log.info("source finished and every message acknowledged; exiting")
                 return
 
@@ -471,10 +426,3 @@ class Agent:
             source_done.wait(0.1)
             return self._stop.is_set()
         return self._stop.wait(0.005 if exit_when_done else 0.1)
-
-    def _expire_split(self, now: float) -> None:
-        timeout = self.config.split.timeout_s
-        for seq, (_label, t) in list(self._pending_split.items()):
-            if now - t > timeout:
-                self._pending_split.pop(seq, None)
-                self.split_stats["timeouts"] += 1

@@ -100,7 +100,8 @@ def _stored_data_offset(fh: IO[bytes], info: zipfile.ZipInfo) -> int:
     magic, name_len, extra_len = _ZIP_LOCAL_HEADER.unpack(raw)
     if magic != b"PK\x03\x04":
         raise ValueError("bad zip local header")
-    return info.header_offset + _ZIP_LOCAL_HEADER.size + name_len + extra_len
+    offset: int = info.header_offset + _ZIP_LOCAL_HEADER.size + name_len + extra_len
+    return offset
 
 
 class _NpyRows:
@@ -229,7 +230,7 @@ class NpzReplay:
             with np.load(self.cfg.path, allow_pickle=False) as data:
                 if self.cfg.y_key not in data.files:
                     return None
-                y = data[self.cfg.y_key]
+                y: np.ndarray = data[self.cfg.y_key]
         except UNTRUSTED_PARSE_ERRORS as exc:
             self.bad.add("npz_labels", f"{self.cfg.y_key!r}: {exc}; labels ignored")
             return None

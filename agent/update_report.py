@@ -13,6 +13,7 @@ and is one of :data:`RejectReason` (machine-readable; ``detail`` is for people).
 
 from __future__ import annotations
 
+import builtins
 import json
 import time
 from typing import Literal
@@ -67,11 +68,11 @@ class UpdateReport(BaseModel):
     def succeeded(self) -> bool:
         return self.status == "applied"
 
-    def payload(self) -> bytes:
+    def payload(self) -> builtins.bytes:  # `bytes` is a field here
         return json.dumps(self.model_dump(mode="json"), separators=(",", ":")).encode()
 
     @classmethod
-    def parse(cls, payload: bytes) -> UpdateReport:
+    def parse(cls, payload: builtins.bytes) -> UpdateReport:
         if len(payload) > MAX_REPORT_BYTES:
             raise UpdateReportError(f"report of {len(payload)} bytes > {MAX_REPORT_BYTES}")
         try:

@@ -108,9 +108,9 @@ def _payloads(work: Path, codec: str, n: int = 64) -> tuple[list[bytes], Path]:
     from agent.codec import encode
     from agent.profiles import load_profile
     from agent.runtime import BlockRunner
-    from cloud_trainer.deployed import deployed_student
     from cloud_trainer.export import export_partition
     from cloud_trainer.train import eval_set
+    from knet_lab.deployed import deployed_student
 
     model_dir = work / "model-v1"
     student = deployed_student("digits")
@@ -126,7 +126,7 @@ def _payloads(work: Path, codec: str, n: int = 64) -> tuple[list[bytes], Path]:
 
 
 def _trainer_config(work: Path, port: int, key: Path) -> Path:
-    from cloud_trainer.fleet_lab import toml_text
+    from knet_lab.fleet import toml_text
 
     doc = {"trainer": {"id": "bench-trainer", "fleet": FLEET, "state_dir": work / "trainer",
                        "signing_key_file": key, "log_format": "json"},

@@ -4,6 +4,7 @@
 pip installs every console script of a distribution: without this guard ``knet`` and
 ``knet-trainer`` would die with a bare ``ModuleNotFoundError``. A device should install the
 ``knet-agent`` distribution instead (device/pyproject.toml), which has only ``knet-agent``.
+``knet`` itself starts in knet_cli/entry.py (the operator CLI's package) with this guard.
 """
 
 from __future__ import annotations
@@ -19,26 +20,17 @@ def missing(prog: str) -> list[str]:
     return [m for m in NEEDS[prog] if importlib.util.find_spec(m) is None]
 
 
-def _refuse(prog: str, absent: list[str]) -> int:
+def refuse(prog: str, absent: list[str]) -> int:
     print(f"{prog}: this environment lacks {', '.join(absent)}: the operator and trainer "
           f"commands need pip install 'knet[trainer]'. On a device use knet-agent (the "
           f"knet-agent distribution).", file=sys.stderr)
     return 2
 
 
-def knet() -> int:
-    absent = missing("knet")
-    if absent:
-        return _refuse("knet", absent)
-    from cloud_trainer.cli import main
-
-    return main()
-
-
 def knet_trainer() -> int:
     absent = missing("knet-trainer")
     if absent:
-        return _refuse("knet-trainer", absent)
+        return refuse("knet-trainer", absent)
     from cloud_trainer.trainer_cli import main
 
     return main()

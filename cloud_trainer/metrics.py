@@ -153,6 +153,25 @@ class TrainerCollector(Collector):
         yield family("knet_trainer_devices_online", len(self.service.fleet.online()))
 
 
+class MetricsEndpoint:
+    """The ``/metrics`` endpoint as a part of the daemon (start/stop: a Subsystem)."""
+
+    def __init__(self, service: Any, port: int, bind: str) -> None:
+        self.service, self.bind = service, bind
+        self.port: int | None = None  # the port bound, once started (0 asks for any)
+        self._requested = port
+        self._server: Any = None
+
+    def start(self) -> MetricsEndpoint:
+        self._server, self.port = serve(self.service, self._requested, self.bind)
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+
+
 def serve(service: Any, port: int, bind: str) -> tuple[Any, int]:
     """Start the endpoint on its own thread; returns (server, the port actually bound)."""
     registry = CollectorRegistry()

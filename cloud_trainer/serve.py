@@ -69,14 +69,21 @@ class SplitServer:
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
 
-    def __enter__(self) -> SplitServer:
+    def start(self) -> SplitServer:
         """Connect in the background (``wait_ready`` blocks until requests reach us)."""
         self._client.start()
         return self
 
-    def __exit__(self, *_: object) -> None:
+    def stop(self) -> None:
+        """Finish the requests being computed, then disconnect."""
         self._pool.shutdown(wait=True)
         self._client.stop()
+
+    def __enter__(self) -> SplitServer:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
 
     def wait_ready(self, timeout: float) -> bool:
         """True once connected and the broker granted the ``infer`` subscription."""

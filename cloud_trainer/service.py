@@ -8,9 +8,11 @@ One process holds:
   that publishes signed updates and serves chunk re-requests;
 * the ``Ingestor`` (its own persistent session, shared subscription) into the sample store;
 * optionally the ``SplitServer`` (teacher blocks k+1..N);
-* an APScheduler 3.x ``BackgroundScheduler`` whose jobs live in an ``SQLAlchemyJobStore`` on
-  SQLite in the state directory, one thread, ``coalesce``/``max_instances=1``/per-job
-  ``misfire_grace_time``; listeners record missed and failed runs in the run log.
+* the ``JobScheduler`` (cloud_trainer/scheduler.py: APScheduler 3.x on an
+  ``SQLAlchemyJobStore`` in the state directory or the database).
+
+Each part with threads or connections of its own is a ``Subsystem``
+(cloud_trainer/subsystem.py): started once, stopped in reverse order.
 
 Exactly one scheduler per job store: the process takes an exclusive ``flock`` on
 ``scheduler.lock`` before touching the store and refuses to start when another holds it
@@ -25,8 +27,8 @@ runs only in the replica holding the fleet's advisory lock (``storage/leader.py`
 others ingest, serve and stand by, and one of them takes over within about a second when
 the leader dies.
 
-Job functions are module-level (APScheduler stores a reference): ``scheduled_run(job_id)``
-finds the process's active service.
+The job function is module-level (APScheduler stores a reference); the service is handed
+to each run by the scheduler's executor, never found through a global (scheduler.py).
 """
 
 from __future__ import annotations
@@ -42,12 +44,12 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
-from sqlalchemy.exc import SQLAlchemyError
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.mqtt.client import KnetClient, Will, make_client
 from agent.mqtt.endpoint import MqttEndpoint
@@ -64,25 +66,31 @@ from cloud_trainer.publisher import BlobPublisher
 from cloud_trainer.registry import Registry
 from cloud_trainer.retrain import ModelRuntime, ProgressSink, Retrainer, ensure_initial_version
 from cloud_trainer.runs import Run, RunLog
-from cloud_trainer.store import SQLiteSampleStore, StoreLimits
+
+# scheduled_run stays importable from here: job stores written before scheduler.py
+# existed reference it as cloud_trainer.service:scheduled_run.
+from cloud_trainer.scheduler import JobScheduler, make_trigger, scheduled_run
+from cloud_trainer.store import SampleStore, SQLiteSampleStore, StoreLimits
+from cloud_trainer.subsystem import Managed, Subsystems
 from cloud_trainer.trainer_config import TrainerConfig
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+    from cloud_trainer.console.server import ConsoleServer
+    from cloud_trainer.ingest import Ingestor
+    from cloud_trainer.metrics import MetricsEndpoint
+    from cloud_trainer.plan.adaptive import CutAdapter
+    from cloud_trainer.serve import SplitServer
+    from cloud_trainer.storage.leader import LeaderLock
 
 log = logging.getLogger(__name__)
 
-_ACTIVE: TrainerService | None = None  # the process's service, for scheduled_run
 STATE_INTERVAL_S = 10.0  # the retained trainer state is refreshed this often (and per run)
 
 
 class SchedulerLocked(KnetTrainerError, RuntimeError):
     """Another knet-trainer process owns this state directory's job store."""
-
-
-def scheduled_run(job_id: str) -> None:
-    """The APScheduler job function (module-level so the job store can reference it)."""
-    service = _ACTIVE
-    if service is None:
-        raise RuntimeError(f"job {job_id}: no trainer service is running in this process")
-    service.run_job(job_id, trigger="schedule")
 
 
 # -- the lock -------------------------------------------------------------------------------
@@ -176,16 +184,25 @@ class TrainerService:
         self._run_lock = threading.Lock()
         self._requests_event = threading.Event()
         self.started_at = time.time()
-        self.scheduler: Any = None
-        self.ingestor: Any = None
-        self.split: Any = None
-        self.adapter: Any = None  # cloud_trainer/plan/adaptive.py, with [adapt]
-        self.engine: Any = None  # SQLAlchemy engine on [database] (None: SQLite files)
-        self.leader: Any = None  # storage/leader.py's LeaderLock, with [database]
-        self._metrics_server: Any = None  # cloud_trainer/metrics.py, with [metrics]
-        self.metrics_port: int | None = None
+        # Set by start(), in this order; None before (and after a failed start).
+        self.key: Ed25519PrivateKey | None = None
+        self.engine: Engine | None = None  # SQLAlchemy engine on [database] (None: SQLite)
+        self.registry: Registry | None = None
+        self.runs: RunLog | None = None
+        self.store: SampleStore | None = None
+        self.models: dict[str, ModelRuntime] = {}
         self.client: KnetClient | None = None
-        self.console: Any = None  # cloud_trainer/console/, with [console]
+        self.publisher: BlobPublisher | None = None
+        self.retrainer: Retrainer | None = None
+        # The subsystems (cloud_trainer/subsystem.py), each set when started.
+        self.parts = Subsystems()
+        self.ingestor: Ingestor | None = None  # [ingest]
+        self.split: SplitServer | None = None  # [split]
+        self.adapter: CutAdapter | None = None  # cloud_trainer/plan/adaptive.py, [adapt]
+        self.console: ConsoleServer | None = None  # cloud_trainer/console/, [console]
+        self.metrics_endpoint: MetricsEndpoint | None = None  # metrics.py, [metrics]
+        self.leader: LeaderLock | None = None  # storage/leader.py, with [database]
+        self.scheduler: JobScheduler | None = None  # in the leader only, with [database]
         self.connected = threading.Event()
         self.stats: dict[str, int] = {"reports": 0, "bad_reports": 0, "fleet_bad": 0}
         # Refused state/birth by "<kind>/<reason>" (agent.wire.control.REJECT_REASONS).
@@ -199,7 +216,6 @@ class TrainerService:
 
     # --- lifecycle
     def start(self) -> TrainerService:
-        global _ACTIVE
         cfg = self.config
         self.lock.acquire("run-now" if self.oneshot else "daemon")
         if not self.oneshot:
@@ -221,24 +237,7 @@ class TrainerService:
                                        stop=self.stopping.is_set, on_change=self.publish_state)
             self._serve_current()
             if not self.oneshot:
-                if cfg.ingest.enabled:
-                    self._start_ingest()
-                if cfg.split.enabled:
-                    self._start_split()
-                if cfg.adapt.enabled:
-                    self._start_adapt()
-                if cfg.console.enabled:
-                    self._start_console()
-                _ACTIVE = self
-                if cfg.metrics.prometheus_port is not None:
-                    from cloud_trainer.metrics import serve
-
-                    self._metrics_server, self.metrics_port = serve(
-                        self, cfg.metrics.prometheus_port, cfg.metrics.prometheus_bind)
-                if cfg.database.enabled:
-                    self._stand_for_leader()
-                else:
-                    self._start_scheduler()
+                self._start_parts()
         except BaseException:  # a half-started service releases what it took; re-raised
             self.stop()
             raise
@@ -246,58 +245,62 @@ class TrainerService:
                  "run-now" if self.oneshot else f"jobs: {', '.join(cfg.job_ids) or 'none'}")
         return self
 
+    def _start_parts(self) -> None:
+        """The daemon's subsystems, each per its section; the scheduler last (directly,
+        or through the leader lock when elected)."""
+        cfg = self.config
+        if cfg.ingest.enabled:
+            self._start_ingest()
+        if cfg.split.enabled:
+            self._start_split()
+        if cfg.adapt.enabled:
+            self._start_adapt()
+        if cfg.console.enabled:
+            self._start_console()
+        if cfg.metrics.prometheus_port is not None:
+            from cloud_trainer.metrics import MetricsEndpoint
+
+            self.metrics_endpoint = MetricsEndpoint(self, cfg.metrics.prometheus_port,
+                                                    cfg.metrics.prometheus_bind)
+            self.parts.start("metrics", self.metrics_endpoint)
+        if cfg.database.enabled:
+            self._stand_for_leader()
+        else:
+            self._start_scheduler()
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port the metrics endpoint bound (``prometheus_port = 0``: any free one)."""
+        return self.metrics_endpoint.port if self.metrics_endpoint is not None else None
+
     def stop(self, timeout: float = 60.0) -> None:
-        """Stop scheduling, let a running job finish (bounded), say offline, disconnect."""
-        global _ACTIVE
+        """Stop the subsystems (the scheduler first), let a running job finish (bounded),
+        say offline, disconnect."""
         self.stopping.set()
-        self._stop_leader_and_metrics()
-        if self.console is not None:
-            self.console.stop()
-            self.console = None
-        if self.adapter is not None:
-            self.adapter.stop()
-        # Shutting down, each suppress(Exception) below lets the next step run whatever this
-        # one raised: the lock must be released and the process must end either way.
-        if self.scheduler is not None:
-            with contextlib.suppress(Exception):
-                self.scheduler.shutdown(wait=False)
+        self.parts.stop_all()  # the last started first: scheduler, leader ... ingest
         if self._run_lock.acquire(timeout=timeout):
             self._run_lock.release()
         else:
             log.warning("a run is still going after %.0f s; it will be resumed", timeout)
-        if self.split is not None:
-            with contextlib.suppress(Exception):
-                self.split.__exit__(None, None, None)
-            self.split = None
-        if self.ingestor is not None:
-            self.ingestor.stop()
-            self.ingestor = None
+        # Shutting down, each suppress(Exception) below lets the next step run whatever this
+        # one raised: the lock must be released and the process must end either way.
         if self.client is not None:
             if not self.oneshot and self.connected.is_set():
                 with contextlib.suppress(Exception):
                     self.client.publish(self.topics.trainer_state(self.config.trainer.id),
                                         self._state_payload("offline"), qos=1,
                                         retain=True).wait_for_publish(5)
-            with contextlib.suppress(Exception):
-                self.publisher.close()
+            if self.publisher is not None:
+                with contextlib.suppress(Exception):
+                    self.publisher.close()
             self.client.stop()
             self.client = None
-        if getattr(self, "store", None) is not None:
+        if self.store is not None:
             self.store.close()
         if self.engine is not None:
             self.engine.dispose()
         self._death_watch.uninstall()
-        if _ACTIVE is self:
-            _ACTIVE = None
         self.lock.release()
-
-    def _stop_leader_and_metrics(self) -> None:
-        if self.leader is not None:
-            self.leader.stop()  # a standby stops trying; a leader's lock goes with its session
-        if self._metrics_server is not None:
-            with contextlib.suppress(Exception):  # shutting down: the next steps must run
-                self._metrics_server.shutdown()
-            self._metrics_server = None
 
     def __enter__(self) -> TrainerService:
         return self.start()
@@ -354,16 +357,17 @@ class TrainerService:
         from cloud_trainer.storage.leader import LeaderLock
 
         db = self.config.database
+        # a standby stops trying; a leader's lock goes with its session
         self.leader = LeaderLock(db.conninfo(), self.config.trainer.fleet,
                                  on_elected=self._start_scheduler,
                                  on_lost=self._on_leadership_lost,
-                                 poll_s=db.leader_poll_s).start()
+                                 poll_s=db.leader_poll_s)
+        self.parts.start("leader", self.leader)
 
     def _on_leadership_lost(self, why: str) -> None:
         """Stop scheduling at once and exit non-zero: restarted, this replica stands again."""
         if self.scheduler is not None:
-            with contextlib.suppress(Exception):
-                self.scheduler.shutdown(wait=False)
+            self.scheduler.stop()
         self._on_thread_death(f"leader-lock ({why})", None)
 
     @property
@@ -493,8 +497,9 @@ class TrainerService:
             model_boundaries={mid: dict(enumerate(tuple(s) for s in
                                                   rt.initial_student.boundary_shapes))
                               for mid, rt in self.models.items()})
-        self.ingestor = Ingestor(settings, self.topics, self.store, self.fleet)
-        self.ingestor.start(wait=False)
+        ingestor = self.ingestor = Ingestor(settings, self.topics, self.store, self.fleet)
+        # no wait for the SUBACK: the daemon goes on starting; the broker keeps the session
+        self.parts.start("ingest", Managed(lambda: ingestor.start(wait=False), ingestor.stop))
 
     def _start_split(self) -> None:
         from cloud_trainer.serve import SplitServer
@@ -503,81 +508,37 @@ class TrainerService:
         model_id = cfg.split.model or next(iter(cfg.models))
         endpoint = cfg.mqtt.connection("split").derive(
             MqttEndpoint, client_id=f"knet-split-{cfg.trainer.id}")
-        srv = SplitServer(self.models[model_id].teacher, model_id, self.topics, endpoint,
+        self.split = SplitServer(self.models[model_id].teacher, model_id, self.topics, endpoint,
                           workers=cfg.split.workers,
                           # replicas answer each request once (a lost request times out
                           # on the device, which falls back; nothing to keep durable)
                           share_group=secret_share_group(f"{cfg.ingest.share_group}-split",
                                                          self.key)
                           if cfg.ingest.replicas > 1 or cfg.database.enabled else None)
-        self.split = srv.__enter__()
+        self.parts.start("split", self.split)
 
     def _start_adapt(self) -> None:
         from cloud_trainer.plan.adaptive import for_service
 
-        self.adapter = for_service(self).start()
+        self.adapter = for_service(self)
+        self.parts.start("adapt", self.adapter)
         if self.client is not None and self.client.is_connected():
             self.adapter.attach(self.client, self.topics)
 
     def _start_console(self) -> None:
         from cloud_trainer.console.server import ConsoleServer
 
-        self.console = ConsoleServer(self, self.config.console).start()
+        self.console = ConsoleServer(self, self.config.console)
+        self.parts.start("console", self.console)
         if self.client is not None and self.client.is_connected():
             self.console.attach(self.client, self.topics)
 
     # --- scheduler
     def _start_scheduler(self) -> None:
-        from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED
-        from apscheduler.executors.pool import ThreadPoolExecutor
-        from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
-        from apscheduler.schedulers.background import BackgroundScheduler
-
-        store = (SQLAlchemyJobStore(engine=self.engine) if self.engine is not None
-                 else SQLAlchemyJobStore(url=f"sqlite:///{self.config.jobs_db}"))
-        sched = BackgroundScheduler(
-            jobstores={"default": store},
-            executors={"default": ThreadPoolExecutor(1)},
-            job_defaults={"coalesce": True, "max_instances": 1}, timezone=UTC)
-        sched.add_listener(self._on_event,
-                           EVENT_JOB_MISSED | EVENT_JOB_ERROR | EVENT_JOB_MAX_INSTANCES)
-        sched.start(paused=True)  # read the stored jobs before anything can fire
-        self.scheduler = sched
-        wanted = set(self.config.job_ids)
-        for stored in sched.get_jobs():
-            if stored.id not in wanted:
-                log.info("job %s is no longer configured: removed from the job store",
-                         stored.id)
-                sched.remove_job(stored.id)
-        for job in self.config.jobs:
-            trigger = make_trigger(job)
-            stored = sched.get_job(job.id)
-            kwargs: dict[str, Any] = {}
-            if stored is not None and str(stored.trigger) == str(trigger) and \
-                    stored.next_run_time is not None:
-                kwargs["next_run_time"] = stored.next_run_time  # keep its place in time
-            sched.add_job(scheduled_run, trigger, args=[job.id], id=job.id,
-                          name=f"retrain {job.model}", replace_existing=True,
-                          misfire_grace_time=job.misfire_grace_s, coalesce=True,
-                          max_instances=1, **kwargs)
-        sched.resume()
-        for j in sched.get_jobs():
-            log.info("job %s: %s, next run %s", j.id, j.trigger, j.next_run_time)
-
-    def _on_event(self, event: Any) -> None:
-        from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_MISSED
-
-        when = getattr(event, "scheduled_run_time", None)
-        if event.code == EVENT_JOB_MISSED:
-            status, reason = "missed", f"run due at {when} missed its grace time"
-        elif event.code == EVENT_JOB_ERROR:
-            status, reason = "failed", f"job raised {event.exception!r}"
-        else:
-            status, reason = "skipped", "the previous run was still going (max_instances=1)"
-        log.warning("job %s: %s", event.job_id, reason)
-        with contextlib.suppress(SQLAlchemyError):  # e.g. locked: the warning above stays
-            self.runs.record_event(event.job_id, status, reason,
-                                   when if isinstance(when, datetime) else None)
+        """Without [database] at start; with it, on the leader lock's thread when elected."""
+        assert self.runs is not None  # opened by start() before any subsystem
+        self.scheduler = JobScheduler(self.config, self.runs, self, engine=self.engine)
+        self.parts.start("scheduler", self.scheduler)
 
     # --- runs
     def run_job(self, job_id: str, trigger: str = "manual") -> Run:
@@ -600,7 +561,7 @@ class TrainerService:
             try:
                 job_id = json.loads(path.read_text())["job"]
                 self.config.job(job_id)
-                self.scheduler.modify_job(job_id, next_run_time=datetime.now(UTC))
+                self.scheduler.run_now(job_id)
                 log.info("job %s: run-now requested", job_id)
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 # unreadable or not {"job": <configured id>} (ConfigError is a ValueError,
@@ -630,7 +591,7 @@ class TrainerService:
                                   "fleet": self.config.trainer.fleet, "pid": os.getpid(),
                                   "started_at": self.started_at, "time": time.time(),
                                   "leader": self.is_leader}
-        if state == "online" and hasattr(self, "runs"):
+        if state == "online" and self.runs is not None:
             fields.update(self._state_summary())
         return TrainerState.model_validate(fields).payload()
 
@@ -674,15 +635,6 @@ class TrainerService:
                                 self._state_payload("online"), qos=1, retain=True)
         except Exception:  # called from runs and paho's thread: a state must never end either
             log.exception("publishing the trainer state failed")
-
-
-def make_trigger(job: Any) -> Any:
-    from apscheduler.triggers.cron import CronTrigger
-    from apscheduler.triggers.interval import IntervalTrigger
-
-    if job.cron is not None:
-        return CronTrigger.from_crontab(job.cron, timezone=UTC)
-    return IntervalTrigger(seconds=job.interval_s, timezone=UTC)
 
 
 def requests_dir(config: TrainerConfig) -> Path:

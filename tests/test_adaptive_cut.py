@@ -166,7 +166,7 @@ def test_shaped_uplink_moves_the_cut_toward_the_device_and_back(
                 running_agent(cfg) as agent:
             assert server.wait_ready(5)
             session = agent.link.session
-            assert wait_until(lambda: agent.split_stats["replies"] >= 50, 30)
+            assert wait_until(lambda: agent.split.counts().replies >= 50, 30)
             assert agent.slot.current.manifest.last == 1 and not adapter.decisions
 
             agent.link.shape(SLOW)  # the uplink slows down
@@ -183,10 +183,10 @@ def test_shaped_uplink_moves_the_cut_toward_the_device_and_back(
 
             assert wait_until(lambda: bool(applied()), 10)  # reported just after the swap
             assert applied()[-1].version == 1 and applied()[-1].from_version == 1
-            replies = agent.split_stats["replies"]
+            replies = agent.split.counts().replies
             # still serving on the new cut: blocks 1..last here, the rest in the cloud
             if last < 4:
-                assert wait_until(lambda: agent.split_stats["replies"] > replies + 20, 30)
+                assert wait_until(lambda: agent.split.counts().replies > replies + 20, 30)
             else:
                 count = agent._infer_counts()[0]
                 assert wait_until(lambda: agent._infer_counts()[0] > count + 50, 30)
@@ -203,8 +203,8 @@ def test_shaped_uplink_moves_the_cut_toward_the_device_and_back(
             assert wait_until(lambda: agent.slot.current.manifest.last == 1, 90), \
                 (adapter.stats, agent.stats()["network"], list(agent.updater.reports)[-3:])
             assert adapter.decisions[-1][1].plan.slices[0].last == 1
-            replies = agent.split_stats["replies"]
-            assert wait_until(lambda: agent.split_stats["replies"] > replies + 20, 30)
+            replies = agent.split.counts().replies
+            assert wait_until(lambda: agent.split.counts().replies > replies + 20, 30)
             assert agent.link.session == session  # the same agent process throughout
         assert adapter.stats["switches"] == 2 and adapter.stats["published"] >= 2
         assert adapter.stats["bad_stats"] == 0
@@ -326,7 +326,7 @@ def test_the_trainer_daemon_moves_a_live_agents_cut_with_adapt_enabled(
         **{"update.health": {"watch_s": 0}})
     with TrainerService(config) as svc, running_agent(cfg) as agent:
         session = agent.link.session
-        assert wait_until(lambda: agent.split_stats["replies"] >= 50, 30)
+        assert wait_until(lambda: agent.split.counts().replies >= 50, 30)
         agent.link.shape(SLOW)
         assert wait_until(lambda: agent.slot.current.manifest.last > 1, 90), \
             (svc.adapter.stats, agent.stats()["network"], list(agent.updater.reports)[-3:])
@@ -335,8 +335,8 @@ def test_the_trainer_daemon_moves_a_live_agents_cut_with_adapt_enabled(
         agent.link.shape(0)
         assert wait_until(lambda: agent.slot.current.manifest.last == 1, 90), \
             (svc.adapter.stats, agent.stats()["network"], list(agent.updater.reports)[-3:])
-        replies = agent.split_stats["replies"]
-        assert wait_until(lambda: agent.split_stats["replies"] > replies + 20, 30)
+        replies = agent.split.counts().replies
+        assert wait_until(lambda: agent.split.counts().replies > replies + 20, 30)
         assert agent.link.session == session
         assert svc.adapter.stats["switches"] == 2 and svc.adapter.stats["bad_stats"] == 0
         assert svc.split.stats["errors"] == 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_trainer.cli import main
+from knet_cli.main import main
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
 

@@ -28,8 +28,8 @@ from broker.provision import (
     provision_trainer,
     revoke_accounts,
 )
-from cloud_trainer.cli import main
 from cloud_trainer.keys import generate_keypair
+from knet_cli.main import main
 
 REPO = Path(__file__).resolve().parent.parent
 THREE = "device_id,fleet,profile\ncam-01,lab,rpi4\ncam-02,lab,rpi5\ngate-01,yard,jetson-nano\n"

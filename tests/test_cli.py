@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import DeviceSection, MqttSection
-from cloud_trainer.cli import main
+from knet_cli.main import main
 
 
 def test_broker_provision_prints_a_valid_agent_snippet_and_revoke_removes_it(
@@ -73,3 +73,21 @@ def test_broker_provision_extra_connection_gets_its_own_username(tmp_path: Path)
     assert "user cam-1.camera" in (d / "knet.acl").read_text()
     assert main(["broker", "revoke", "cam-1", "--dir", str(d)]) == 0
     assert "cam-1" not in (d / "passwd").read_text()
+
+
+def test_without_the_lab_and_the_benchmarks_knet_says_what_is_missing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The trainer image ships knet_cli but neither knet_lab nor bench (Dockerfile): the
+    other commands still work, and those two name what is missing in one line."""
+    import sys
+
+    for name in ("knet_lab", "knet_lab.demo", "bench", "bench.codec"):
+        monkeypatch.setitem(sys.modules, name, None)  # an import of it now fails
+    assert main(["demo"]) == 2
+    assert main(["bench", "codec"]) == 2
+    err = capsys.readouterr().err
+    assert "knet demo: this installation lacks knet_lab, the lab" in err
+    assert "knet bench: this installation lacks bench, the benchmarks" in err
+    assert "Traceback" not in err
+    assert main(["keys", "gen", "--dir", str(tmp_path)]) == 0

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from console_helpers import READER_TOKEN, fake_service
 
-from cloud_trainer.cli import main
 from cloud_trainer.console.auth import load_tokens
 from cloud_trainer.console.server import ConsoleServer
+from knet_cli.main import main
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def test_fleet_list_show_watch(served: tuple[Any, ConsoleServer], tmp_path: Path
                                monkeypatch: pytest.MonkeyPatch) -> None:
     from rich.console import Console
 
-    import cloud_trainer.console.cli as fleet_cli
+    import knet_cli.fleet as fleet_cli
 
     monkeypatch.setattr(fleet_cli, "out", Console(width=200))  # a wide terminal: no wrapping
     _svc, server = served
@@ -91,9 +91,9 @@ def test_console_token_appends_a_hash(tmp_path: Path,
 def test_the_demo_lab_configures_the_console(tmp_path: Path) -> None:
     """`knet demo` (fleet_lab) writes a valid [console] section and an operator token."""
     from cloud_trainer.console.auth import Auth
-    from cloud_trainer.fleet_lab import Lab, LabSettings
     from cloud_trainer.keys import generate_keypair
     from cloud_trainer.trainer_config import load_trainer_config
+    from knet_lab.fleet import Lab, LabSettings
 
     lab = Lab(LabSettings(root=tmp_path, console_port=18650))
     lab.root.mkdir(parents=True, exist_ok=True)

@@ -301,7 +301,7 @@ def test_trainer_runtime_from_a_factory(byo: Path) -> None:
 
 
 def test_knet_cuts_cli_writes_table_json_and_plot(byo: Path, capsys) -> None:
-    from cloud_trainer.cli import main
+    from knet_cli.main import main
 
     out_json, out_png = byo / "cuts.json", byo / "cuts.png"
     rc = main(["cuts", "--model", "byo_models:plain", "--input-shape", "3,6,6",
@@ -345,8 +345,8 @@ def test_plan_bench_and_plan_on_traced_cuts_of_a_residual_model(byo: Path, capsy
     """EfficientNet-Lite at 32 px, cut into 3 blocks at traced candidates, measured here and
     ranked: the planner's blocks are the traced cuts, not a Sequential's layers."""
     from agent.blockbench import BenchRecord
-    from cloud_trainer.cli import main
     from cloud_trainer.cuts import analyse, select_cuts
+    from knet_cli.main import main
 
     (byo / "lite.py").write_text(
         "from cloud_trainer.zoo.efficientnet_lite import EfficientNetLite\n"
@@ -382,7 +382,7 @@ def test_plan_bench_and_plan_on_traced_cuts_of_a_residual_model(byo: Path, capsy
 
 def test_knet_export_a_factory_model_and_refusals(byo: Path, capsys) -> None:
     from agent.manifest import PartitionManifest
-    from cloud_trainer.cli import build_parser, main
+    from knet_cli.main import build_parser, main
 
     out = byo / "export"
     assert main(["export", "--model", "byo_models:plain_with_shape", "--cuts", "modules",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mqtt_helpers import REPO, wait_until
 
-from cloud_trainer.fleet_lab import pids_alive
+from knet_lab.fleet import pids_alive
 
 pytestmark = [pytest.mark.slow]
 
@@ -25,7 +25,7 @@ def _pids(out: Path) -> list[dict[str, object]]:
 
 def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    demo = subprocess.Popen([sys.executable, "-m", "cloud_trainer.cli", "demo", "--devices",
+    demo = subprocess.Popen([sys.executable, "-m", "knet_cli.main", "demo", "--devices",
                              "1", "--duration", "120", "--out", str(out)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -51,7 +51,7 @@ def test_a_drift_that_defeats_the_teacher_is_refused_at_the_start(tmp_path: Path
     half of the frames: label-free retraining cannot recover that, so the demo says so and
     exits non-zero before it starts a single process."""
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "cloud_trainer.cli", "demo", "--model",
+    r = subprocess.run([sys.executable, "-m", "knet_cli.main", "demo", "--model",
                         "effnet-lite0", "--drift", "noise", "--devices", "2", "--out",
                         str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stdout + r.stderr

@@ -100,11 +100,12 @@ def test_operator_commands_refuse_clearly_without_the_trainer_side(
     import importlib.util
 
     from cloud_trainer import entry
+    from knet_cli.entry import knet
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name in ("rich", "torch") else real(name, *a))
-    assert entry.knet() == 2 and entry.knet_trainer() == 2
+    assert knet() == 2 and entry.knet_trainer() == 2
     err = capsys.readouterr().err
     assert "knet: this environment lacks rich" in err and "knet[trainer]" in err
     assert "knet-trainer: this environment lacks rich, torch" in err

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cloud_trainer.data import digits_splits, vision_frames
-from cloud_trainer.drift import DEFAULT_SEVERITY, DRIFTS, DriftSpec, apply_drift, default_spec
+from knet_lab.drift import DEFAULT_SEVERITY, DRIFTS, DriftSpec, apply_drift, default_spec
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +86,10 @@ def test_default_digits_drift_hurts_the_student_and_the_teacher_still_supervises
 
 
 def test_deployed_student_agrees_with_the_teacher_at_its_boundaries() -> None:
-    """Why the fleet starts from the block-wise distilled student (cloud_trainer.deployed)."""
-    from cloud_trainer.deployed import deployed_student
+    """Why the fleet starts from the block-wise distilled student (knet_lab.deployed)."""
     from cloud_trainer.distill import boundary_mse
     from cloud_trainer.train import evaluate, trained_pair
+    from knet_lab.deployed import deployed_student
 
     pair = trained_pair("digits")
     s = digits_splits()

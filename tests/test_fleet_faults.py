@@ -1,5 +1,5 @@
 """Faults on a real fleet: real processes (knet broker run, knet-trainer, knet-agent) on a
-provisioned, ACL'd Mosquitto on loopback (``cloud_trainer.fleet_lab``).
+provisioned, ACL'd Mosquitto on loopback (``knet_lab.fleet``).
 
 Loss is judged from the agent's own numbering: with ``every_n = 1`` and one uplinked
 boundary every inferred frame becomes exactly one envelope, and the envelopes of one
@@ -29,7 +29,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.codec import encode
 from agent.envelope import Envelope
-from cloud_trainer.fleet_lab import Camera, DeviceSpec, Lab, LabSettings, pids_alive
+from knet_lab.fleet import Camera, DeviceSpec, Lab, LabSettings, pids_alive
 
 pytestmark = [pytest.mark.slow]
 
@@ -92,7 +92,7 @@ def wait_saved(lab: Lab, timeout: float = 15.0) -> None:
     Mosquitto persists sessions and queues only every ``autosave_interval`` (5 s here), so a
     SIGKILL sooner would forget the ingest session, and activations the restarted broker
     accepts before the ingestor re-subscribes would have no subscriber (module doc of
-    ``cloud_trainer.fleet_lab``; docs/deploy.md).
+    ``knet_lab.fleet``; docs/deploy.md).
     """
     broker = lab.broker_dir / "broker"
     log_file, db = broker / "mosquitto.log", broker / "data" / "mosquitto.db"
@@ -283,8 +283,8 @@ def test_drift_and_recover_with_broker_killed_during_rollout(tmp_path: Path) -> 
     and the rollout completes although the broker dies as the manifest goes out."""
     import threading
 
-    from cloud_trainer.demo import Scenario, build_feeds, wait_drained, wait_stored
-    from cloud_trainer.drift import default_spec
+    from knet_lab.demo import Scenario, build_feeds, wait_drained, wait_stored
+    from knet_lab.drift import default_spec
 
     lab = lab_for(tmp_path, 2, interval_s=8.0, min_new_samples=300, epochs=12)
     with lab:
@@ -365,11 +365,11 @@ def test_trainer_and_agents_sigkilled_mid_update(tmp_path: Path) -> None:
     reaches the store once."""
     import threading
 
-    from cloud_trainer.demo import wait_stored
-    from cloud_trainer.drift import apply_drift, default_spec
     from cloud_trainer.registry import Registry
     from cloud_trainer.runs import RunLog
     from cloud_trainer.train import eval_set
+    from knet_lab.demo import wait_stored
+    from knet_lab.drift import apply_drift, default_spec
 
     lab = lab_for(tmp_path, 2, interval_s=8.0, min_new_samples=300, epochs=12)
     with lab:

@@ -1,7 +1,9 @@
 """The package contracts in pyproject.toml's ``[tool.importlinter]``, checked by
 ``lint-imports`` on every ``make test`` (so in CI): ``agent``, the device side, imports no
-``cloud_trainer``, ``bench`` or ``torch`` (imports inside functions count), and ``agent``'s
-modules import one another without a cycle."""
+``cloud_trainer``, ``bench``, ``knet_cli``, ``knet_lab`` or ``torch`` (imports inside
+functions count); ``cloud_trainer`` imports neither the operator CLI (``knet_cli``), the lab
+(``knet_lab``) nor ``bench``, which only ``knet_cli`` imports; and ``agent``'s modules import
+one another without a cycle."""
 
 from __future__ import annotations
 

@@ -159,7 +159,7 @@ def planned(tmp_path_factory: pytest.TempPathFactory):
 def _plan(root, *extra: str) -> tuple[int, dict]:
     import json
 
-    from cloud_trainer.cli import main
+    from knet_cli.main import main
 
     out = root / "plan.json"
     out.unlink(missing_ok=True)

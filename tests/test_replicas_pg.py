@@ -31,11 +31,11 @@ from mqtt_helpers import REPO, wait_until
 
 from bench.fleet import SimDevice, _payloads
 from broker.launcher import Mosquitto
-from cloud_trainer.fleet_lab import toml_text
 from cloud_trainer.keys import generate_keypair
 from cloud_trainer.partition import DevicePartition
 from cloud_trainer.storage.config import DatabaseSection
 from cloud_trainer.storage.launcher import PostgresServer
+from knet_lab.fleet import toml_text
 
 # Three torch processes start per test: on a loaded 2-core machine that alone takes minutes.
 pytestmark = [pytest.mark.slow, pytest.mark.mqtt, pytest.mark.timeout(900)]

@@ -30,9 +30,9 @@ from broker.provision import (
     revoke_accounts,
 )
 from broker.site import provision_site
-from cloud_trainer.cli import main as knet_main
 from cloud_trainer.ingest import Ingestor, IngestSettings
 from cloud_trainer.store import SQLiteSampleStore
+from knet_cli.main import main as knet_main
 
 pytestmark = [pytest.mark.slow, pytest.mark.mqtt]
 FLEET = "lab"

@@ -28,7 +28,7 @@ class RawCodec(Codec):
     lossless = True
 
     def encode_payload(self, a: np.ndarray, spec: CodecSpec) -> memoryview:
-        return memoryview(a.astype("<f4", copy=False).reshape(-1)).cast("B")
+        return a.astype("<f4", copy=False).reshape(-1).data.cast("B")
 
     def decode_payload(
         self, payload: bytes | memoryview, shape: tuple[int, ...], spec: CodecSpec

@@ -51,7 +51,8 @@ class RawFrame:
 
 
 def pack_frame(
-    codec_id: int, flags: int, shape: tuple[int, ...], params: bytes, payload: bytes
+    codec_id: int, flags: int, shape: tuple[int, ...], params: bytes,
+    payload: bytes | memoryview,
 ) -> bytes:
     if len(shape) > MAX_NDIM:
         raise CorruptFrameError(f"ndim {len(shape)} exceeds {MAX_NDIM}")

@@ -19,14 +19,15 @@ from .errors import CorruptFrameError, TruncatedFrameError
 
 
 def compress(data: bytes | memoryview, *, store_size: bool = False) -> bytes:
-    return lz4.frame.compress(data, store_size=store_size)
+    out: bytes = lz4.frame.compress(data, store_size=store_size)
+    return out
 
 
 def decompress_bounded(data: bytes | memoryview, max_len: int) -> bytes:
     """Decompress one complete LZ4 frame whose content is at most ``max_len`` bytes."""
     dec = lz4.frame.LZ4FrameDecompressor()
     try:
-        out = dec.decompress(data, max_length=max_len + 1)
+        out: bytes = dec.decompress(data, max_length=max_len + 1)
     except RuntimeError as exc:  # python-lz4 reports corrupt input as RuntimeError
         raise CorruptFrameError(f"lz4 payload is corrupt: {exc}") from exc
     if len(out) > max_len:

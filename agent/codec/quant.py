@@ -59,7 +59,7 @@ class _QuantCodec(Codec):
         return (("per_channel", 1),) if str(value) == "1" else ()
 
     def pack_params(self, spec: CodecSpec) -> bytes:
-        return bytes([int(spec.param("per_channel", 0))])
+        return bytes([int(spec.param("per_channel", 0) or 0)])
 
     def unpack_params(self, data: bytes) -> tuple[tuple[str, ParamValue], ...]:
         if data not in (b"\x00", b"\x01"):
@@ -120,7 +120,7 @@ class Uint8Codec(_QuantCodec):
         top = np.abs(lo.astype(np.float64)) + 255.0 * scale.astype(np.float64)
         dt = np.float32 if float(top.max()) < 1e38 else np.float64
         b = _bshape(shape, k)
-        out = q.astype(dt)
+        out: np.ndarray = q.astype(dt)
         out *= scale.astype(dt).reshape(b)
         out += lo.astype(dt).reshape(b)
         if dt is np.float64:
@@ -156,7 +156,8 @@ class Int8Codec(_QuantCodec):
         t = np.multiply(a, inv.reshape(_bshape(a.shape, k)), dtype=dt)
         np.rint(t, out=t)
         np.clip(t, -127, 127, out=t)
-        return scale.astype("<f4").tobytes() + t.astype(np.int8).tobytes()
+        out: bytes = scale.astype("<f4").tobytes() + t.astype(np.int8).tobytes()
+        return out
 
     def decode_payload(
         self, payload: bytes | memoryview, shape: tuple[int, ...], spec: CodecSpec
@@ -170,7 +171,7 @@ class Int8Codec(_QuantCodec):
             raise CorruptFrameError("int8: non-finite or negative scale")
         q = np.frombuffer(payload, dtype=np.int8, count=n, offset=4 * k).reshape(shape)
         dt = np.float32 if float(scale.max()) * 127.0 < 1e38 else np.float64
-        out = q.astype(dt)
+        out: np.ndarray = q.astype(dt)
         out *= scale.astype(dt).reshape(_bshape(shape, k))
         if dt is np.float64:
             out = np.clip(out, -3.4028235e38, 3.4028235e38).astype(np.float32)

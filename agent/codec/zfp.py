@@ -26,7 +26,7 @@ will allocate from against the frame's validated shape.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import zfpy
@@ -50,8 +50,8 @@ def _stream_bound(view_shape: tuple[int, ...]) -> int:
     2*4^d + 1 bits (value bits plus group tests), plus the exponent and precision header.
     """
     d = len(view_shape)
-    blocks = math.prod(-(-s // 4) for s in view_shape)
-    bits = blocks * (32 * (2 * 4**d + 1) + 64)
+    blocks: int = math.prod(-(-s // 4) for s in view_shape)
+    bits: int = blocks * (32 * (2 * 4**d + 1) + 64)  # int ** int is Any to mypy
     return _ZFP_HEADER_MAX + (bits + 63) // 64 * 8 + 8
 
 
@@ -83,7 +83,7 @@ def _zfp_decode(payload: bytes | memoryview, view_shape: tuple[int, ...]) -> np.
     want = (*reversed(view_shape), 0, 0, 0)[:4]
     if dims != want or head.get("type") is not np.float32:
         raise CorruptFrameError(f"zfp header {dims} {head.get('type')} != frame {view_shape}")
-    out = zfpy.decompress_numpy(buf)
+    out: np.ndarray = zfpy.decompress_numpy(buf)
     if out.shape != view_shape or out.dtype != np.float32:
         raise CorruptFrameError(f"zfp decoded {out.dtype}{out.shape}, expected {view_shape}")
     return out
@@ -111,11 +111,12 @@ class ZfpCodec(Codec):
             value: ParamValue = int(str(raw)) if key == "precision" else float(str(raw))
         except ValueError:
             raise SpecError(f"zfp: {key}={raw!r} is not a number") from None
-        ok = {
+        in_range: dict[str, Callable[[float], bool]] = {
             "accuracy": lambda v: math.isfinite(v) and v > 0,
             "rate": lambda v: MIN_RATE <= v <= 32,
             "precision": lambda v: 1 <= v <= 32,
-        }[key](value)
+        }
+        ok = in_range[key](value)
         if not ok:
             raise SpecError(f"zfp: {key}={format_value(value)} out of range")
         return ((key, value),)
@@ -150,7 +151,9 @@ class ZfpCodec(Codec):
         if mode != "reversible":
             _check_finite(a, self.name)
         kw = {"accuracy": "tolerance"}.get(mode, mode)
-        return zfpy.compress_numpy(a.reshape(-1), **({} if value is None else {kw: value}))
+        out: bytes = zfpy.compress_numpy(a.reshape(-1),
+                                         **({} if value is None else {kw: value}))
+        return out
 
     def decode_payload(
         self, payload: bytes | memoryview, shape: tuple[int, ...], spec: CodecSpec
@@ -169,7 +172,7 @@ class ZfpCodec(Codec):
         mode, value = self._mode(parse_spec(spec))
         if mode == "reversible":
             return 0.0
-        if mode == "accuracy":
+        if mode == "accuracy" and value is not None:
             mag = np.float32(max_abs(np.asarray(array, dtype=np.float32)))
             return float(value) + 8.0 * float(np.spacing(mag))
         return None

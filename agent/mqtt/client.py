@@ -122,7 +122,7 @@ class KnetClient(mqtt.Client):
     # The setters wrap what the caller sets; the getters return the wrapper, so a caller
     # that chains (``previous = client.on_connect``) keeps the bookkeeping, which is
     # idempotent when a chain runs it twice.
-    @property  # type: ignore[override]
+    @property
     def on_connect(self) -> Any:
         return self._on_connect
 
@@ -140,7 +140,7 @@ class KnetClient(mqtt.Client):
         with self._callback_mutex:
             self._on_connect = hooked
 
-    @property  # type: ignore[override]
+    @property
     def on_disconnect(self) -> Any:
         return self._on_disconnect
 
@@ -155,7 +155,7 @@ class KnetClient(mqtt.Client):
         with self._callback_mutex:
             self._on_disconnect = hooked
 
-    @property  # type: ignore[override]
+    @property
     def on_subscribe(self) -> Any:
         return self._on_subscribe
 

@@ -398,7 +398,7 @@ def _run_now(svc: TrainerService, job_id: str) -> str:
     running = svc.runs.interrupted(job_id)
     if running is not None and svc._run_lock.locked():
         raise HTTPException(409, f"job {job_id} is already running (run {running.run_id[:8]})")
-    svc.scheduler.modify_job(job_id, next_run_time=datetime.now(UTC))
+    svc.scheduler.run_now(job_id)
     return f"job {job_id}: run requested"
 
 

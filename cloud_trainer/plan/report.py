@@ -39,21 +39,6 @@ def placement(p: Problem, plan: Plan) -> str:
     return " → ".join(parts)
 
 
-def print_plans(p: Problem, plans: list[Plan], objective: str) -> None:
-    from bench.report import print_table
-
-    rows = []
-    for rank, plan in enumerate(plans, 1):
-        m = plan.metrics
-        codecs = ", ".join(f"b{c.boundary}:{p.codec_names[c.codec]}" for c in plan.cuts) or "-"
-        rows.append((rank, placement(p, plan), codecs, m["latency_s"] * 1e3,
-                     m["throughput"], m["bytes"], m["energy_j"] * 1e3, m["loss"]))
-    print_table(f"best plans by {objective}", ["#", "placement", "codec per cut",
-                                               "latency ms", "throughput /s",
-                                               "bytes/inference", "energy mJ",
-                                               "Σ accuracy loss"], rows)
-
-
 def plot_plan(p: Problem, plans: list[Plan], path: Path) -> Path:
     """Per-block time on every node (lines), the chosen placement and cuts of each plan."""
     import matplotlib

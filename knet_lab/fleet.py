@@ -20,7 +20,7 @@ Two kinds of in-process clients stand in for the world around the fleet:
   wire (to count bytes and, later, losses), the trainer's retained state and the update
   chunks the trainer pushes.
 
-The fleet's first deployment is the block-wise distilled student (``cloud_trainer.deployed``),
+The fleet's first deployment is the block-wise distilled student (``knet_lab.deployed``),
 registered as version 1 in the trainer's registry before the trainer starts.
 """
 
@@ -420,10 +420,10 @@ class Lab:
         """
         from agent.manifest import PartitionManifest
         from agent.profiles import load_profile
-        from cloud_trainer.deployed import deployed_student
         from cloud_trainer.export import target_for_ort
         from cloud_trainer.retrain import ExportCache
         from cloud_trainer.train import trained_pair
+        from knet_lab.deployed import deployed_student
 
         self.pair = trained_pair(self.s.model, seed=self.s.seed)
         self.student = deployed_student(self.s.model, self.s.seed, pair=self.pair)
@@ -449,7 +449,7 @@ class Lab:
             reg.add_version(self.s.model, states, status="pushed",
                             reason="initial deployment: the block-wise distilled student",
                             info={"initial": True, "zoo": self.s.model, "seed": self.s.seed,
-                                  "deployed": "cloud_trainer.deployed"})
+                                  "deployed": "knet_lab.deployed"})
 
     def password_file(self, account: str) -> Path:
         return self.broker_dir / "credentials" / account / "mqtt.password"
@@ -557,7 +557,7 @@ class Lab:
         return proc
 
     def start_broker(self, timeout: float = 15.0) -> Proc:
-        proc = self._start("broker", [*_cli("cloud_trainer.cli"), "broker", "run", "--dir",
+        proc = self._start("broker", [*_cli("knet_cli.main"), "broker", "run", "--dir",
                                       str(self.broker_dir), "--port", str(self.port)])
         if not wait_for_port("127.0.0.1", self.port, timeout):
             raise RuntimeError(f"the broker did not listen on port {self.port}; see "

@@ -7,8 +7,12 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cloud_trainer.modelref import model_ref
+
+if TYPE_CHECKING:
+    from cloud_trainer.plan.solver import Plan, Problem
 
 
 def _pair(text: str, kind: type = str) -> tuple[object, object]:
@@ -113,7 +117,7 @@ def run_plan(args: argparse.Namespace) -> int:
     from agent.configfile import ConfigError
     from cloud_trainer.plan.costs import Overrides, PlanError, build_problem
     from cloud_trainer.plan.network import load_network
-    from cloud_trainer.plan.report import plot_plan, print_plans, write_json
+    from cloud_trainer.plan.report import plot_plan, write_json
     from cloud_trainer.plan.solver import solve
 
     if args.network is None:
@@ -190,3 +194,20 @@ def deploy(problem: object, plans: list, net: object, args: argparse.Namespace
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def print_plans(p: Problem, plans: list[Plan], objective: str) -> None:
+    """The ranked plans as a table (bench/report.py's, like every ``knet`` table)."""
+    from bench.report import print_table
+    from cloud_trainer.plan.report import placement
+
+    rows = []
+    for rank, plan in enumerate(plans, 1):
+        m = plan.metrics
+        codecs = ", ".join(f"b{c.boundary}:{p.codec_names[c.codec]}" for c in plan.cuts) or "-"
+        rows.append((rank, placement(p, plan), codecs, m["latency_s"] * 1e3,
+                     m["throughput"], m["bytes"], m["energy_j"] * 1e3, m["loss"]))
+    print_table(f"best plans by {objective}", ["#", "placement", "codec per cut",
+                                               "latency ms", "throughput /s",
+                                               "bytes/inference", "energy mJ",
+                                               "Σ accuracy loss"], rows)

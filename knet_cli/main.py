@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud_trainer.modelref import model_ref, zoo_name
-from cloud_trainer.plan.cli import model_source_args
+from knet_cli.plan import model_source_args
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -357,7 +357,7 @@ def _cuts(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from cloud_trainer.demo import run_demo
+    from knet_lab.demo import run_demo
 
     return run_demo(args)
 
@@ -373,20 +373,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_keys_commands(sub)
     _add_model_commands(sub)
 
-    from cloud_trainer.plan.cli import add_parser as add_plan_parser
+    from knet_cli.plan import add_parser as add_plan_parser
 
-    add_plan_parser(sub)  # knet plan [bench] (cloud_trainer/plan/cli.py)
+    add_plan_parser(sub)  # knet plan [bench] (knet_cli/plan.py)
 
-    from cloud_trainer.console.cli import add_parser as add_fleet_parser
+    from knet_cli.fleet import add_parser as add_fleet_parser
 
-    add_fleet_parser(sub)  # knet fleet list|show|watch (cloud_trainer/console/cli.py)
+    add_fleet_parser(sub)  # knet fleet list|show|watch (knet_cli/fleet.py)
 
     d = sub.add_parser("demo", help="a fleet drifts and recovers, end to end on this machine")
-    from cloud_trainer.demo import add_arguments as add_demo_arguments
-
-    add_demo_arguments(d)
     d.set_defaults(func=_demo)
+    try:
+        from knet_lab.demo import add_arguments as add_demo_arguments
+    except ModuleNotFoundError as exc:  # no lab here: `knet demo` says so (main)
+        if _top(exc) not in OPTIONAL_PACKAGES:
+            raise
+    else:
+        add_demo_arguments(d)
     return p
+
+
+# Packages an installation may lack: the trainer image ships neither (Dockerfile).
+OPTIONAL_PACKAGES = {"knet_lab": "the lab that `knet demo` runs",
+                     "bench": "the benchmarks that `knet bench` runs"}
+
+
+def _top(exc: ModuleNotFoundError) -> str:
+    return (exc.name or "").split(".")[0]
 
 
 def _add_bench_commands(sub: Any) -> None:
@@ -618,6 +631,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as exc:
+        if _top(exc) not in OPTIONAL_PACKAGES:
+            raise
+        print(f"knet {args.command}: this installation lacks {_top(exc)}, "
+              f"{OPTIONAL_PACKAGES[_top(exc)]} (e.g. the trainer image ships only the "
+              f"daemon and the operator commands)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

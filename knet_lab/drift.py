@@ -12,7 +12,7 @@ Default severities (``DEFAULT_SEVERITY``) are where the teacher stays accurate w
 deployed student drops — the situation a fleet recovers from with the teacher's label-free
 supervision. Measured on the digits test split (cached zoo pair, seed 0, the two-conv
 student of 8e1db6b; the deployed student is the zoo student distilled block-wise,
-``cloud_trainer.deployed``), teacher / deployed student accuracy: clean 99.1 / 99.1;
+``knet_lab.deployed``), teacher / deployed student accuracy: clean 99.1 / 99.1;
 contrast 0.5: 92.6 / 85.2 (0.55: 86.3 / 78.0); brightness 0.5: 85.2 / 83.1; noise 0.4:
 91.1 / 91.7; blur 0.4: 92.8 / 89.3; rotation 0.3: 90.7 / 90.0. Only contrast loss opens a
 clear gap at a severity the teacher still handles, hence the digits default; retraining on

@@ -1,12 +1,12 @@
 """`knet demo`: a fleet whose cameras drift, retrained by the cloud teacher, recovering live.
 
-What runs (``cloud_trainer.fleet_lab``): a private, ACL-protected Mosquitto with per-device
+What runs (``knet_lab.fleet``): a private, ACL-protected Mosquitto with per-device
 credentials (``knet broker run``), ``knet-trainer --config trainer.toml`` with a short
 retraining schedule, and ``--devices`` ``knet-agent`` processes on different firmware
 profiles, each with its own credentials and config file — all on loopback, all as the
 README documents them. Each device's camera streams the digits test split onto its input
 topic: one clean pass (the warm-up), then the same frames under a camera drift
-(``cloud_trainer.drift``). The students' accuracy drops; the agents keep uplinking raw
+(``knet_lab.drift``). The students' accuracy drops; the agents keep uplinking raw
 inputs (boundary 0, ``allow_raw_upload``) under their policies; the scheduled job retrains
 the student label-free, block by block against the teacher, passes the gate, signs and
 pushes the changed blocks; the agents verify, self-test and swap them live.
@@ -46,8 +46,8 @@ from rich.table import Table
 from rich.text import Text
 
 from broker.launcher import free_port
-from cloud_trainer.fleet_lab import Lab, LabSettings, device_specs
 from cloud_trainer.modelref import zoo_name
+from knet_lab.fleet import Lab, LabSettings, device_specs
 
 console = RichConsole(width=None if sys.stdout.isatty() else 140)
 LAB_DIRS = ("broker", "trainer", "agents", "models", "keys", "logs")
@@ -490,10 +490,10 @@ def held_out(lab: Lab, spec: object, versions: set[int]) -> dict[str, dict[str, 
     on the drifted test frames, which the trainer also trained on, label-free)."""
     import copy
 
-    from cloud_trainer.drift import DriftSpec, apply_drift
     from cloud_trainer.registry import Registry
     from cloud_trainer.train import evaluate, train_data
     from cloud_trainer.zoo import zoo_entry
+    from knet_lab.drift import DriftSpec, apply_drift
 
     assert isinstance(spec, DriftSpec)
     x, y = (a[:HELD_OUT_MAX] for a in train_data(lab.s.model, lab.s.seed))
@@ -514,7 +514,7 @@ def _interrupt(*_: Any) -> None:
     raise KeyboardInterrupt
 
 
-# Per model: how the demo's trainer retrains (cloud_trainer.fleet_lab.LabSettings). A round
+# Per model: how the demo's trainer retrains (knet_lab.fleet.LabSettings). A round
 # on effnet-lite0 costs ~1.5 s per batch of 64 on the 2-core VM (teacher targets + student
 # step), so it trains on fewer, newer samples than digits does. Each camera sees its own
 # scene: samples are shared fairly between devices and every device is gated on its own
@@ -556,10 +556,10 @@ def build_feeds(model: str, devices: Sequence[str], spec: object, teacher: Any,
     camera ``i`` looks at its own scene (``DEMO_SCENES``), fresh frames never trained on,
     labelled with the teacher's top-1 on the undrifted frame — the truth a user cares about.
     """
-    from cloud_trainer.drift import DriftSpec, apply_drift
     from cloud_trainer.scenes import scene_frames
     from cloud_trainer.train import eval_set, evaluate, teacher_top1
     from cloud_trainer.zoo import zoo_entry
+    from knet_lab.drift import DriftSpec, apply_drift
 
     assert isinstance(spec, DriftSpec)
     norm = not zoo_entry(model).pixel_input
@@ -644,9 +644,9 @@ def _report(lab: Lab, sc: Scenario, spec: Any, summary: dict[str, Any], out: Pat
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from cloud_trainer.drift import default_spec
     from cloud_trainer.train import trained_pair
     from cloud_trainer.zoo import get_pair, zoo_entry
+    from knet_lab.drift import default_spec
 
     out: Path = args.out.resolve()
     for name in LAB_DIRS:  # a fresh fleet every run; other files in --out stay
@@ -723,9 +723,9 @@ def _announce_console(lab: Lab) -> None:
 
 
 def add_arguments(d: argparse.ArgumentParser) -> None:
-    """The `knet demo` options (cloud_trainer/cli.py registers the subcommand)."""
-    from cloud_trainer.drift import DRIFTS
+    """The `knet demo` options (knet_cli/main.py registers the subcommand)."""
     from cloud_trainer.zoo import zoo_names
+    from knet_lab.drift import DRIFTS
 
     d.add_argument("--model", type=zoo_name, default="digits",
                    help=f"a zoo model ({', '.join(zoo_names())}): the cameras stream its data")
