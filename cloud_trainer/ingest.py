@@ -3,10 +3,16 @@
 Data path::
 
     paho network thread (on_message)            writer thread
-    ─ parse topic, Envelope.unpack,    bounded   ─ drain the queue (a batch)
-      codec frame check, shape check ─ queue ──▶ ─ store.add_many (one transaction)
-    ─ bad: count per device/reason,              ─ then PUBACK every message of the batch,
-      ack token only                               in the order they arrived
+    ─ parse topic, Envelope.unpack,    bounded   ─ take a batch (group commit: batch_size,
+      codec frame check, shape check ─ queue ──▶   or batch_wait_s after its oldest message)
+    ─ bad: count per device/reason,              ─ store.add_many (one transaction)
+      ack token only                             ─ then PUBACK every message of the batch,
+                                                   in the order they arrived, in one write
+
+Per-message cost is what limits one process (docs/benchmarks.md, "Ingest"): the connection
+is an ``agent.mqtt.highrate.HighRateClient`` (paho's PUBLISH parsing, reads and PUBACKs made
+cheap), the queue wakes the writer once per batch (``cloud_trainer/batchqueue.py``), and the
+frame shape read by the validation goes to the store instead of being parsed again.
 
 Guarantees and why:
 
