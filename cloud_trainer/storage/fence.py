@@ -59,7 +59,7 @@ def install(engine: Engine, fleet: str, epoch: Callable[[], int | None]) -> None
 
     @event.listens_for(engine, "handle_error")
     def _fenced(context: Any) -> None:
-        orig = getattr(context, "original_exception", None)
+        orig = context.original_exception
         if getattr(orig, "sqlstate", None) == FENCED_SQLSTATE:
             raise FencedError(orig.diag.message_primary or str(orig)) from orig
 
