@@ -28,6 +28,7 @@ from agent.errors import KnetAgentError
 MAGIC = b"KNAE"
 VERSION = 1
 _FIXED = struct.Struct("<4sBBBBQQdIiif")
+_U8, _U16, _U32 = struct.Struct("<B"), struct.Struct("<H"), struct.Struct("<I")
 _FLAG_LABEL, _FLAG_PRED, _FLAG_CONF = 1, 2, 4
 MAX_META_BYTES = 4096
 DEFAULT_MAX_PAYLOAD = 16 * 1024 * 1024
@@ -99,18 +100,21 @@ class Envelope:
             raise EnvelopeError(f"bad magic {bytes(magic)!r}: not a knet activation envelope")
         if version != VERSION:
             raise EnvelopeVersionError(f"envelope version {version}; this build reads {VERSION}")
-        (crc,) = struct.unpack_from("<I", view, len(view) - 4)
+        (crc,) = _U32.unpack_from(view, len(view) - 4)
         if zlib.crc32(view[:-4]) != crc:
             raise EnvelopeError("CRC mismatch: the message was corrupted")
+        end = len(view) - 4
         pos = _FIXED.size
-        device, pos = _take(view, pos, "<B", "device")
-        meta_raw, pos = _take(view, pos, "<H", "meta")
-        (payload_len,) = _unpack(view, pos, "<I", "payload length")
+        device, pos = _take(view, pos, end, _U8, "device")
+        meta_raw, pos = _take(view, pos, end, _U16, "meta")
+        if pos + 4 > end:
+            raise EnvelopeError("truncated in the payload length")
+        (payload_len,) = _U32.unpack_from(view, pos)
         if payload_len > max_payload:
             raise EnvelopeError(f"payload of {payload_len} bytes exceeds the {max_payload} limit")
-        payload, pos = _take(view, pos, "<I", "payload")
-        if pos != len(view) - 4:
-            raise EnvelopeError(f"{len(view) - 4 - pos} stray bytes after the payload")
+        payload, pos = _take(view, pos, end, _U32, "payload")
+        if pos != end:
+            raise EnvelopeError(f"{end - pos} stray bytes after the payload")
         try:
             device_id = bytes(device).decode()
             # Bounded depth and integers: a device's meta must not crash the trainer.
@@ -131,17 +135,14 @@ class Envelope:
         )
 
 
-def _unpack(view: memoryview, pos: int, fmt: str, what: str) -> tuple[Any, ...]:
-    size = struct.calcsize(fmt)
-    if pos + size > len(view) - 4:
+def _take(view: memoryview, pos: int, end: int, length: struct.Struct,
+          what: str) -> tuple[memoryview, int]:
+    """The ``length``-prefixed field at ``pos``; ``end`` is where the CRC starts."""
+    start = pos + length.size
+    if start > end:
         raise EnvelopeError(f"truncated in the {what}")
-    return struct.unpack_from(fmt, view, pos)
-
-
-def _take(view: memoryview, pos: int, fmt: str, what: str) -> tuple[memoryview, int]:
-    (length,) = _unpack(view, pos, fmt, what)
-    start = pos + struct.calcsize(fmt)
-    end = start + length
-    if end > len(view) - 4:
-        raise EnvelopeError(f"truncated in the {what}: {length} bytes declared")
-    return view[start:end], end
+    (n,) = length.unpack_from(view, pos)
+    stop = start + n
+    if stop > end:
+        raise EnvelopeError(f"truncated in the {what}: {n} bytes declared")
+    return view[start:stop], stop

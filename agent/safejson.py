@@ -47,9 +47,14 @@ def nesting_depth(data: bytes) -> int:
 def check_bounds(data: bytes | str, *, max_bytes: int = DEFAULT_MAX_BYTES,
                  max_depth: int = DEFAULT_MAX_DEPTH) -> bytes:
     """Size and depth of ``data`` within bounds; the bytes, for a parser to use next."""
-    raw = data.encode() if isinstance(data, str) else bytes(data)
+    raw = data if type(data) is bytes else (
+        data.encode() if isinstance(data, str) else bytes(data))
     if len(raw) > max_bytes:
         raise UnsafeJSONError(f"JSON document of {len(raw)} bytes exceeds {max_bytes}")
+    # The depth is at most the number of opening brackets: when those are few (every small
+    # document, e.g. an envelope's meta), the scan that skips string literals is not needed.
+    if raw.count(b"[") + raw.count(b"{") <= max_depth:
+        return raw
     depth = nesting_depth(raw)
     if depth > max_depth:
         raise UnsafeJSONError(f"JSON nesting depth {depth} exceeds {max_depth}")
@@ -61,23 +66,41 @@ def loads(data: bytes | str, *, max_bytes: int = DEFAULT_MAX_BYTES,
           allow_constants: bool = False) -> Any:
     """``json.loads`` for untrusted input; raises ``UnsafeJSONError`` on anything refused."""
     raw = check_bounds(data, max_bytes=max_bytes, max_depth=max_depth)
-
-    def parse_int(text: str) -> int:
-        if len(text.lstrip("-")) > max_int_digits:
-            raise UnsafeJSONError(f"integer of {len(text)} digits exceeds {max_int_digits}")
-        return int(text)
-
-    def parse_constant(name: str) -> float:
-        if not allow_constants:
-            raise UnsafeJSONError(f"{name} is not a JSON number")
-        return float(name)
-
     try:
-        return json.loads(raw, parse_int=parse_int, parse_constant=parse_constant)
+        # What json.loads does with bytes, with a decoder built once per set of limits.
+        text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+        return _decoder(max_int_digits, allow_constants).decode(text)
     except UnsafeJSONError:
         raise
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, ...
         raise UnsafeJSONError(f"not valid JSON: {exc}") from None
+
+
+_DECODERS: dict[tuple[int, bool], json.JSONDecoder] = {}
+
+
+def _decoder(max_int_digits: int, allow_constants: bool) -> json.JSONDecoder:
+    """A decoder whose hooks refuse over-long integers and (unless allowed) NaN/Infinity.
+
+    Built once per pair of limits: constructing one costs more than parsing a small document.
+    A decoder keeps no state between ``decode`` calls, so threads may share it.
+    """
+    key = (max_int_digits, allow_constants)
+    decoder = _DECODERS.get(key)
+    if decoder is None:
+        def parse_int(text: str) -> int:
+            if len(text) > max_int_digits and len(text.lstrip("-")) > max_int_digits:
+                raise UnsafeJSONError(f"integer of {len(text)} digits exceeds {max_int_digits}")
+            return int(text)
+
+        def parse_constant(name: str) -> float:
+            if not allow_constants:
+                raise UnsafeJSONError(f"{name} is not a JSON number")
+            return float(name)
+
+        decoder = json.JSONDecoder(parse_int=parse_int, parse_constant=parse_constant)
+        _DECODERS[key] = decoder
+    return decoder
 
 
 __all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_DEPTH", "UnsafeJSONError", "check_bounds",

@@ -59,7 +59,8 @@ def _publisher(port: int, messages: int, codec: str, devices: int, shape: tuple[
         dev = ids[i % devices]
         env = Envelope(device=dev, session=1, seq=i, timestamp=time.time(), model_version=1,
                        boundary=1, payload=frames[i % len(frames)], label=i % 10,
-                       prediction=i % 10, confidence=0.9, meta={"model": "bench"})
+                       prediction=i % 10, confidence=0.9,
+                       meta={"model": "bench", "index": i})  # as agent/service.py sends
         work.append((i % devices, topics.act(dev), env.pack()))
     clients = []
     for dev in ids:

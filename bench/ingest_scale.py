@@ -119,8 +119,8 @@ def run_scale_bench(store_kind: str, replicas: int, messages: int = 20_000, devi
             if not pub_ready.wait(120):
                 raise RuntimeError("the publisher process did not start")
             reader = _open_store(spec)
-            pids = {"broker": broker.pid, **{f"replica-{i}": p.pid
-                                             for i, p in enumerate(procs)}}
+            pids = {"broker": broker.pid, "publisher": pub.pid,
+                    **{f"replica-{i}": p.pid for i, p in enumerate(procs)}}
             if pg is not None:
                 pids["postgres"] = pg.pid
             cpu0 = {k: _cpu_tree(v) for k, v in pids.items() if v}
@@ -158,6 +158,7 @@ def run_scale_bench(store_kind: str, replicas: int, messages: int = 20_000, devi
         "cpu_s": cpu, "replica_cpu_us_per_msg": 1e6 * replica_cpu / messages,
         "postgres_cpu_us_per_msg": 1e6 * cpu.get("postgres", 0.0) / messages,
         "broker_cpu_us_per_msg": 1e6 * cpu.get("broker", 0.0) / messages,
+        "publisher_cpu_us_per_msg": 1e6 * cpu.get("publisher", 0.0) / messages,
         "cores": os.cpu_count(),
     }
     log.info("%s x%d: %.0f msg/s", store_kind, replicas, out["messages_per_s"])

@@ -3,10 +3,16 @@
 Data path::
 
     paho network thread (on_message)            writer thread
-    ─ parse topic, Envelope.unpack,    bounded   ─ drain the queue (a batch)
-      codec frame check, shape check ─ queue ──▶ ─ store.add_many (one transaction)
-    ─ bad: count per device/reason,              ─ then PUBACK every message of the batch,
-      ack token only                               in the order they arrived
+    ─ parse topic, Envelope.unpack,    bounded   ─ take a batch (group commit: batch_size,
+      codec frame check, shape check ─ queue ──▶   or batch_wait_s after its oldest message)
+    ─ bad: count per device/reason,              ─ store.add_many (one transaction)
+      ack token only                             ─ then PUBACK every message of the batch,
+                                                   in the order they arrived, in one write
+
+Per-message cost is what limits one process (docs/benchmarks.md, "Ingest"): the connection
+is an ``agent.mqtt.highrate.HighRateClient`` (paho's PUBLISH parsing, reads and PUBACKs made
+cheap), the queue wakes the writer once per batch (``cloud_trainer/batchqueue.py``), and the
+frame shape read by the validation goes to the store instead of being parsed again.
 
 Guarantees and why:
 
@@ -47,7 +53,6 @@ Guarantees and why:
 from __future__ import annotations
 
 import logging
-import queue
 import socket
 import threading
 import time
@@ -65,8 +70,10 @@ from agent.codec.frame import parse_frame
 from agent.envelope import Envelope, EnvelopeError, EnvelopeVersionError
 from agent.mqtt.client import KnetClient, SubscribeError, make_client
 from agent.mqtt.endpoint import SESSION_EXPIRY_MAX, MqttEndpoint
+from agent.mqtt.highrate import HighRateClient
 from agent.topics import TopicError, TopicKind, Topics
 from agent.wire.control import ControlMessageError
+from cloud_trainer.batchqueue import BatchQueue, QueueFull
 from cloud_trainer.fleet import FleetTable
 from cloud_trainer.partition import DevicePartition
 from cloud_trainer.store import SampleStore
@@ -188,6 +195,7 @@ class _Item:
     generation: int
     envelope: Envelope | None = None
     size: int = 0
+    shape: tuple[int, ...] | None = None  # the payload frame's, read by the validation
 
 
 class _RateLimitedLog:
@@ -224,7 +232,7 @@ class Ingestor:
                          (topics.all_devices("birth"), 1)]
         self._filter_names = [f for f, _qos in self._filters]
         # Twice receive_maximum: the hard bound behind the broker's flow control (module doc).
-        self._queue: queue.Queue[_Item] = queue.Queue(maxsize=2 * settings.receive_maximum)
+        self._queue: BatchQueue[_Item] = BatchQueue(2 * settings.receive_maximum)
         self._ack_lock = threading.Lock()
         self._generation = 0
         self._stopping = threading.Event()
@@ -238,7 +246,7 @@ class Ingestor:
 
     # -- lifecycle -------------------------------------------------------------------------
     def _make_client(self) -> KnetClient:
-        client = make_client(self.settings, manual_ack=True)
+        client = make_client(self.settings, manual_ack=True, client_class=HighRateClient)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
@@ -332,7 +340,7 @@ class Ingestor:
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         try:
-            envelope = self._accept(msg)
+            accepted = self._accept(msg)
         except Exception as exc:  # a bug must not kill paho's thread nor leave it un-acked
             topic = str(msg.topic)
             try:
@@ -340,16 +348,18 @@ class Ingestor:
             except Exception:
                 device, leaf = INVALID_DEVICE, ""
             self._bad(device, "internal", repr(exc)[:200], act=leaf == "act")
-            envelope = None
+            accepted = None
         if msg.qos:
-            self._put(_Item(msg.mid, msg.qos, self._generation, envelope, len(msg.payload)))
+            envelope, shape = accepted if accepted is not None else (None, None)
+            self._put(_Item(msg.mid, msg.qos, self._generation, envelope, len(msg.payload),
+                            shape))
 
     def _put(self, item: _Item) -> None:
         while True:
             try:
                 self._queue.put(item, timeout=0.5)
                 return
-            except queue.Full:
+            except QueueFull:
                 if self._writer_stop.is_set():
                     return  # shutting down: not acked, so the broker re-delivers it
                 log.warning("ingest queue full (%d): receive_maximum not honoured?",
@@ -361,8 +371,9 @@ class Ingestor:
         self._bad_log.warning((device, reason), "dropped a message from %s: %s: %s",
                               device, reason, detail)
 
-    def _accept(self, msg: mqtt.MQTTMessage) -> Envelope | None:
-        """Validate one message; the envelope when it should be stored, else None."""
+    def _accept(self, msg: mqtt.MQTTMessage) -> tuple[Envelope, tuple[int, ...]] | None:
+        """Validate one message; the envelope and its frame's shape when it should be stored,
+        else None."""
         data = msg.payload
         try:
             topic = self.topics.parse(msg.topic)
@@ -432,7 +443,7 @@ class Ingestor:
             self._bad(device, "non_finite", f"boundary {env.boundary} holds NaN or Inf")
             return None
         self.fleet.seen(device, now)
-        return env
+        return env, tuple(shape)
 
     def _fleet_message(self, kind: TopicKind, device: str, data: bytes, now: float) -> None:
         """A device's state or birth into the fleet table; refused ones counted by reason."""
@@ -457,27 +468,21 @@ class Ingestor:
     # -- writer thread ---------------------------------------------------------------------
     def _write_loop(self) -> None:
         batch: list[_Item] = []
+        s = self.settings
         while True:
             if not batch:
-                try:
-                    batch.append(self._queue.get(timeout=0.1))
-                except queue.Empty:
+                # Group commit: woken once per batch (batch_size, or batch_wait_s after its
+                # oldest message), not per message (cloud_trainer/batchqueue.py).
+                batch = self._queue.get_batch(s.batch_size, s.batch_wait_s, timeout=0.1)
+                if not batch:
                     if self._writer_stop.is_set():
                         return
                     self._maybe_expire()
                     continue
-                fill_until = time.monotonic() + self.settings.batch_wait_s
-                while len(batch) < self.settings.batch_size:
-                    try:
-                        batch.append(self._queue.get(
-                            timeout=max(0.0, fill_until - time.monotonic())))
-                    except queue.Empty:
-                        break
             self._busy = True
             try:
                 if self._commit(batch):
-                    for _ in batch:
-                        self._queue.task_done()
+                    self._queue.task_done(len(batch))
                     batch = []
                 elif self._writer_stop.wait(self.settings.store_retry_s):
                     return  # stopping with a failing store: the broker keeps these
@@ -485,9 +490,10 @@ class Ingestor:
                 self._busy = False
 
     def _commit(self, batch: list[_Item]) -> bool:
-        envs = [i.envelope for i in batch if i.envelope is not None]
+        stored = [i for i in batch if i.envelope is not None]
+        envs = [i.envelope for i in stored if i.envelope is not None]
         try:
-            inserted = self.store.add_many(envs) if envs else 0
+            inserted = self.store.add_many(envs, shapes=[i.shape for i in stored]) if envs else 0
         except Exception as exc:
             self.stats.store_errors += 1
             log.error("sample store write of %d samples failed (retrying, nothing acked): %s",
@@ -500,15 +506,17 @@ class Ingestor:
         st.batches += 1
         st.stored += inserted
         st.duplicates += len(envs) - inserted
-        st.bytes_committed += sum(i.size for i in batch if i.envelope is not None)
+        st.bytes_committed += sum(i.size for i in stored)
         with self._ack_lock:
             generation = self._generation
-            for item in batch:
-                if item.generation == generation:
+            current = [i for i in batch if i.generation == generation]
+            if all(i.qos == 1 for i in current):
+                self.client.ack_many([i.mid for i in current])  # one write for the batch
+            else:
+                for item in current:
                     self.client.ack(item.mid, item.qos)
-                    st.acked += 1
-                else:
-                    st.ack_skipped += 1
+            st.acked += len(current)
+            st.ack_skipped += len(batch) - len(current)
         return True
 
     def _maybe_expire(self) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import lru_cache
 
 
 @dataclass(frozen=True)
@@ -38,10 +39,15 @@ class DevicePartition:
                              "replicas")
 
     def owner(self, device: str) -> int:
-        # SHA-256, not CRC-32: CRC is linear, so ids that differ only in a counter
-        # ("cam-000", "cam-002", ...) can share their low bits and all land on one replica.
-        digest = hashlib.sha256(device.encode()).digest()
-        return int.from_bytes(digest[:8], "big") % self.count
+        return _owner(device, self.count)
 
     def owns(self, device: str) -> bool:
         return self.count == 1 or self.owner(device) == self.index
+
+
+@lru_cache(maxsize=1 << 16)  # every message asks; a fleet has far fewer devices than that
+def _owner(device: str, count: int) -> int:
+    # SHA-256, not CRC-32: CRC is linear, so ids that differ only in a counter
+    # ("cam-000", "cam-002", ...) can share their low bits and all land on one replica.
+    digest = hashlib.sha256(device.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % count

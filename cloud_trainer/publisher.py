@@ -31,10 +31,10 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
@@ -57,6 +57,16 @@ from agent.update_manifest import (
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 8192
+ABSENT_TTL_S = 10.0
+
+
+class BlobShare(Protocol):
+    """Blocks shared by trainer replicas (``cloud_trainer/storage/blobs.py``)."""
+
+    def put(self, sha256: str, path: Path, chunks: ChunkInfo) -> None: ...
+
+    def fetch(self, sha256: str, dest: Path) -> ChunkInfo | None: ...
+
 ProfileSelector = str | Sequence[str]
 
 
@@ -178,8 +188,15 @@ class BlobPublisher:
         dedupe_s: float = 0.25,
         max_pending_requests: int = 256,
         max_devices: int = 10_000,
+        shared: BlobShare | None = None,
+        answers: Callable[[], bool] | None = None,
     ) -> None:
         self.topics = topics
+        # With replicas: every served block also goes to ``shared``, and a sha not held here
+        # is looked up there; ``answers`` says whether this replica answers re-requests now
+        # (the leader does; every replica hears them).
+        self.shared, self._answers = shared, answers
+        self._absent: dict[str, float] = {}  # shas ``shared`` did not have, and when
         self.blob_dir = Path(blob_dir) if blob_dir is not None else None
         if self.blob_dir is not None:
             self.blob_dir.mkdir(parents=True, exist_ok=True)
@@ -189,7 +206,8 @@ class BlobPublisher:
         self.max_devices = max_devices
         self.stats: dict[str, int] = dict.fromkeys(
             ("requests", "served_chunks", "served_bytes", "rate_limited", "deduped",
-             "unknown_sha", "bad_requests", "queue_full"), 0)
+             "unknown_sha", "bad_requests", "queue_full", "not_answering", "from_shared"),
+            0)
         self._blobs: dict[str, _Blob] = {}
         self._previous: set[str] = set()  # shas of the last manifest published
         self._buckets: dict[str, _Bucket] = {}
@@ -282,6 +300,9 @@ class BlobPublisher:
                                      f"({block.sha256[:12]}, {block.size} bytes)")
                 new[block.sha256] = _Blob(self._keep(block.sha256, path), size,
                                           variant.chunks[block.sha256])
+        if self.shared is not None:
+            for sha, blob in new.items():
+                self.shared.put(sha, blob.path, blob.info)
         with self._lock:
             self._blobs.update(new)
 
@@ -400,6 +421,9 @@ class BlobPublisher:
 
     def _serve_request(self, device: str, payload: bytes) -> None:
         self.stats["requests"] += 1
+        if self._answers is not None and not self._answers():
+            self.stats["not_answering"] += 1
+            return
         try:
             req = safejson.loads(payload, max_bytes=MAX_REQUEST_BYTES)
             if not isinstance(req, dict):
@@ -412,6 +436,8 @@ class BlobPublisher:
             return
         with self._lock:
             blob = self._blobs.get(sha)
+        if blob is None:
+            blob = self._from_shared(sha)
         if blob is None:
             self.stats["unknown_sha"] += 1
             return
@@ -444,6 +470,28 @@ class BlobPublisher:
                 cutoff = sent_at - self.dedupe_s
                 self._sent = {k: t for k, t in self._sent.items() if t >= cutoff}
         log.debug("served %d chunks of %s to %s", len(chunks), sha[:12], device)
+
+    def _from_shared(self, sha: str) -> _Blob | None:
+        """A block another replica published, into ``blob_dir``; None if nobody did (such
+        answers are remembered for ``ABSENT_TTL_S``, so junk shas cost no query each)."""
+        if self.shared is None or self.blob_dir is None or len(sha) != 64:
+            return None
+        now = time.monotonic()
+        if now - self._absent.get(sha, -math.inf) < ABSENT_TTL_S:
+            return None
+        path = self.blob_dir / f"{sha}.onnx"
+        info = self.shared.fetch(sha, path)
+        if info is None:
+            if len(self._absent) >= 10_000:
+                self._absent.clear()
+            self._absent[sha] = now
+            return None
+        blob = _Blob(path, path.stat().st_size, info)
+        with self._lock:
+            self._blobs[sha] = blob
+        self.stats["from_shared"] += 1
+        log.info("serving block %s published by another replica", sha[:12])
+        return blob
 
     def _bucket(self, device: str) -> _Bucket:
         bucket = self._buckets.get(device)

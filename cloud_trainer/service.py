@@ -43,7 +43,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -159,10 +159,13 @@ DEVICE_KINDS = (TopicKind.STATE, TopicKind.BIRTH, TopicKind.UPDATE)
 class _Channel:
     """The retrainer's way out: the BlobPublisher on the trainer's connection."""
 
-    def __init__(self, client: mqtt.Client, publisher: BlobPublisher, manifest_topic: str):
+    def __init__(self, client: mqtt.Client, publisher: BlobPublisher, manifest_topic: str,
+                 fence: Callable[[], None] = lambda: None):
         self.client, self.publisher, self.topic = client, publisher, manifest_topic
+        self.fence = fence  # raises FencedError when this replica's leadership is over
 
     def publish(self, signed: SignedManifest, files: Any, held: set[str]) -> None:
+        self.fence()  # a deposed leader must not publish (storage/fence.py)
         self.publisher.publish_update(signed, files, held=sorted(held))
 
     def clear_manifest(self) -> None:
@@ -232,7 +235,7 @@ class TrainerService:
             self._connect()
             self.retrainer = Retrainer(cfg, self.registry, self.store, self.runs, self.fleet,
                                        _Channel(self.client, self.publisher,
-                                                self.topics.manifest),
+                                                self.topics.manifest, self._check_fence),
                                        self.key, self.models, self.progress,
                                        stop=self.stopping.is_set, on_change=self.publish_state)
             self._serve_current()
@@ -329,13 +332,14 @@ class TrainerService:
             self.runs = RunLog(cfg.registry_dir)
             self.store = SQLiteSampleStore(cfg.store_dir, limits)
             return
-        from cloud_trainer.storage import migrate
+        from cloud_trainer.storage import fence, migrate
         from cloud_trainer.storage.engine import make_engine
         from cloud_trainer.storage.postgres import PostgresSampleStore
 
         db = cfg.database
         self.engine = make_engine(db)
         migrate.check(self.engine, db.display())  # SchemaError names the upgrade command
+        fence.install(self.engine, cfg.trainer.fleet, self._epoch)
         self.registry = Registry(cfg.registry_dir, engine=self.engine)
         self.runs = RunLog(cfg.registry_dir, engine=self.engine, owner=cfg.trainer.id)
         self.store = PostgresSampleStore(db.conninfo(), limits, where=db.display())
@@ -361,8 +365,18 @@ class TrainerService:
         self.leader = LeaderLock(db.conninfo(), self.config.trainer.fleet,
                                  on_elected=self._start_scheduler,
                                  on_lost=self._on_leadership_lost,
-                                 poll_s=db.leader_poll_s)
+                                 poll_s=db.leader_poll_s, holder=self.config.trainer.id)
         self.parts.start("leader", self.leader)
+
+    def _epoch(self) -> int | None:
+        """The fencing epoch this replica claimed when elected (None: never led)."""
+        return None if self.leader is None else self.leader.epoch
+
+    def _check_fence(self) -> None:
+        if self.engine is not None:
+            from cloud_trainer.storage import fence
+
+            fence.check(self.engine, self.config.trainer.fleet, self._epoch())
 
     def _on_leadership_lost(self, why: str) -> None:
         """Stop scheduling at once and exit non-zero: restarted, this replica stands again."""
@@ -387,7 +401,15 @@ class TrainerService:
             client.message_callback_add(self.topics.all_devices(kind.value), guard_callback(
                 kind.value, self._on_device_message, self.callback_errors, self._bad_log))
         self.client = client
-        self.publisher = BlobPublisher(client, self.topics, cfg.trainer.state_dir / "blobs")
+        shared = None
+        if self.engine is not None:  # replicas: blocks in PostgreSQL, the leader answers
+            from cloud_trainer.storage.blobs import SharedBlobs
+
+            shared = SharedBlobs(self.engine)
+        self.publisher = BlobPublisher(
+            client, self.topics, cfg.trainer.state_dir / "blobs", shared=shared,
+            answers=None if shared is None else lambda: bool(self.leader and
+                                                             self.leader.is_leader))
         self.publisher.start()
         client.start()
         timeout = cfg.mqtt.connect_timeout_s

@@ -153,11 +153,14 @@ class SampleStore(ABC):
     """What the ingestor and the trainer need from a sample store, and nothing more."""
 
     @abstractmethod
-    def add_many(self, envelopes: Iterable[Envelope], received_at: float | None = None) -> int:
+    def add_many(self, envelopes: Iterable[Envelope], received_at: float | None = None,
+                 shapes: Sequence[tuple[int, ...] | None] | None = None) -> int:
         """Insert in one transaction; duplicates of (device, session, seq) are ignored.
 
         Returns how many were new. When it returns, the rows are committed (durable against
         a process crash), which is what lets the ingestor acknowledge them to the broker.
+        ``shapes``: each payload's frame shape when the caller already parsed the frames
+        (the ingestor does, to validate them), so that the store does not parse them again.
         """
 
     def add(self, envelope: Envelope, received_at: float | None = None) -> bool:
@@ -330,9 +333,9 @@ class SQLiteSampleStore(SampleStore):
                 log.debug("closing a store connection failed", exc_info=True)
 
     # -- writing ---------------------------------------------------------------------------
-    def add_many(self, envelopes: Iterable[Envelope], received_at: float | None = None) -> int:
-        now = time.time() if received_at is None else received_at
-        rows = [_row(e, now) for e in envelopes]
+    def add_many(self, envelopes: Iterable[Envelope], received_at: float | None = None,
+                 shapes: Sequence[tuple[int, ...] | None] | None = None) -> int:
+        rows = rows_of(envelopes, received_at, shapes)
         if not rows:
             return 0
         db = self._db
@@ -480,8 +483,22 @@ def _split_sql(script: str) -> list[str]:
     return out
 
 
-def _row(e: Envelope, received_at: float) -> tuple[Any, ...]:
-    shape = frame_shape(e.payload)
+def rows_of(envelopes: Iterable[Envelope], received_at: float | None,
+            shapes: Sequence[tuple[int, ...] | None] | None) -> list[tuple[Any, ...]]:
+    """Table rows of a batch; each shape read from its frame unless the caller gave them."""
+    now = time.time() if received_at is None else received_at
+    if shapes is None:
+        return [_row(e, now) for e in envelopes]
+    return [_row(e, now, shape) for e, shape in zip(envelopes, shapes, strict=True)]
+
+
+_UNREAD: Any = object()
+
+
+def _row(e: Envelope, received_at: float, shape: tuple[int, ...] | None = _UNREAD
+         ) -> tuple[Any, ...]:
+    if shape is _UNREAD:
+        shape = frame_shape(e.payload)
     return (
         e.device, _to_i64(e.session), _to_i64(e.seq), e.timestamp, received_at,
         _model_id(e.meta), e.model_version, e.boundary, e.label, e.prediction,

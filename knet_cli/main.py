@@ -97,10 +97,12 @@ def _bench_ingest_scale(args: argparse.Namespace) -> int:
     print_table(f"ingest: {args.messages} messages from {args.devices} devices, "
                 f"{args.codec}, validation {args.validation[0]}, {rows[0]['cores']} cores",
                 ["store", "replicas", "stored msg/s", "lost", "replica CPU us/msg",
-                 "postgres CPU us/msg", "broker CPU us/msg", "stored per replica"],
+                 "postgres CPU us/msg", "broker CPU us/msg", "publisher CPU us/msg",
+                 "stored per replica"],
                 [(r["store"], r["replicas"], r["messages_per_s"], r["lost"],
                   r["replica_cpu_us_per_msg"], r["postgres_cpu_us_per_msg"],
-                  r["broker_cpu_us_per_msg"], "/".join(map(str, r["stored_per_replica"])))
+                  r["broker_cpu_us_per_msg"], r["publisher_cpu_us_per_msg"],
+                  "/".join(map(str, r["stored_per_replica"])))
                  for r in rows])
     write_json(args.json, "ingest", command_line(), rows)
     return 0

@@ -199,7 +199,7 @@ delay = float(sys.argv[4])
 if delay:  # a slow disk: widens the window between receiving a message and storing it
     import time
     add_many = store.add_many
-    store.add_many = lambda envs, at=None: (time.sleep(delay), add_many(envs, at))[1]
+    store.add_many = lambda envs, at=None, **kw: (time.sleep(delay), add_many(envs, at, **kw))[1]
 s = IngestSettings(port=port, client_id=client_id, reconnect_min_delay=0.05,
                    reconnect_max_delay=0.5, receive_maximum=200, batch_size=64)
 ing = Ingestor(s, Topics("lab"), store).start()

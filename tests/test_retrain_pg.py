@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 from mqtt_helpers import Collector
+from sqlalchemy import text
 from test_retrain import deployed  # noqa: F401  (the module-scoped fixture)
 from trainer_helpers import FLEET, boundary_envelopes, job, trainer_toml
 
 from agent.topics import Topics
+from agent.update_manifest import SignedManifest
 from broker.launcher import Mosquitto
 from cloud_trainer.blocks import BlockModel
 from cloud_trainer.data import digits_splits
@@ -48,6 +50,11 @@ def test_run_on_postgresql_pushes_and_another_replica_loads_it(
         run = svc.run_job("better")
         assert run.status == "pushed", run
         assert manifests.wait_for(lambda m: bool(m), 10)
+        signed = SignedManifest.model_validate_json(manifests.messages[-1][1])
+    # Every block the update names is in the database: any replica can serve its chunks.
+    with engine.connect() as conn:
+        shared = {r[0] for r in conn.execute(text("SELECT sha256 FROM update_blobs"))}
+    assert {b.sha256 for v in signed.manifest.variants for b in v.partition.blocks} <= shared
     other = Registry(tmp_path / "other-replica", engine=engine)
     v2 = other.deployed("digits")
     assert v2 is not None and v2.version == 2 and v2.info["run_id"] == run.run_id

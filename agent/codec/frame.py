@@ -37,6 +37,7 @@ MAX_NDIM = 8
 _HEAD = struct.Struct("<4sBBBBBBI")
 _CRC = struct.Struct("<I")
 MIN_FRAME = _HEAD.size + _CRC.size
+_SHAPES = [struct.Struct(f"<{n}I") for n in range(MAX_NDIM + 1)]  # one per ndim, compiled once
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ def parse_frame(frame: bytes | bytearray | memoryview, max_bytes: int) -> RawFra
     shape_end = _HEAD.size + 4 * ndim
     if len(view) < shape_end:
         raise TruncatedFrameError("frame ends inside its shape")
-    shape = struct.unpack_from(f"<{ndim}I", view, _HEAD.size)
+    shape = _SHAPES[ndim].unpack_from(view, _HEAD.size)
     n_bytes = 4 * math.prod(shape)
     if n_bytes > max_bytes:
         raise OversizedFrameError(
@@ -115,7 +116,7 @@ def parse_frame(frame: bytes | bytearray | memoryview, max_bytes: int) -> RawFra
     return RawFrame(
         codec_id=codec_id,
         flags=flags,
-        shape=tuple(shape),
+        shape=shape,
         params=bytes(view[shape_end:params_end]),
         payload=view[params_end : params_end + payload_len],
     )

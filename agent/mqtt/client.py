@@ -279,16 +279,27 @@ class KnetClient(mqtt.Client):
         self.disconnect()
         self.loop_stop()
 
+    def ack_many(self, mids: Sequence[int]) -> MQTTErrorCode:
+        """PUBACK these QoS 1 messages (``manual_ack``), in order; ``HighRateClient`` sends
+        them as one write."""
+        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        for mid in mids:
+            rc = self.ack(mid, 1) or rc
+        return rc
+
 
 def make_client(endpoint: MqttEndpoint, *, default_client_id: str = "",
-                will: Will | None = None, manual_ack: bool = False) -> KnetClient:
+                will: Will | None = None, manual_ack: bool = False,
+                client_class: type[KnetClient] | None = None) -> KnetClient:
     """A client for ``endpoint`` (not yet connected: ``start()`` connects).
 
     The client id is the endpoint's, else ``default_client_id`` (empty: the broker assigns
     one). The password is read now, so a missing secret fails here, before any thread runs.
+    ``client_class``: a ``KnetClient`` subclass, e.g. ``agent.mqtt.highrate.HighRateClient``
+    for a connection receiving thousands of messages per second (the trainer's ingest).
     """
-    client = KnetClient(endpoint, endpoint.client_id or default_client_id,
-                        manual_ack=manual_ack)
+    cls = client_class or KnetClient
+    client = cls(endpoint, endpoint.client_id or default_client_id, manual_ack=manual_ack)
     client.enable_logger(PAHO_LOG)
     password = endpoint.resolve_password()
     if endpoint.username is not None:

@@ -27,6 +27,8 @@ from typing import Any
 
 import psycopg
 
+from cloud_trainer.storage.fence import claim_epoch
+
 log = logging.getLogger(__name__)
 
 _LOCK_CLASS = 0x6B6E6574  # 'knet': the first key of the two-int advisory lock
@@ -42,9 +44,14 @@ class LeaderLock:
     """Try the lock until it is ours; then watch it. Callbacks run on this lock's thread."""
 
     def __init__(self, conninfo: str, fleet: str, on_elected: Callable[[], None],
-                 on_lost: Callable[[str], None], poll_s: float = 1.0) -> None:
+                 on_lost: Callable[[str], None], poll_s: float = 1.0,
+                 holder: str = "") -> None:
         self.conninfo = conninfo
+        self.fleet, self.holder = fleet, holder
         self.key = lock_key(fleet)
+        # The fencing epoch this replica claimed when elected (fence.py); kept after the
+        # lock is lost, so that the deposed leader's writes are refused, not unfenced.
+        self.epoch: int | None = None
         self.poll_s = poll_s
         self.on_elected, self.on_lost = on_elected, on_lost
         self.is_leader = False
@@ -95,8 +102,10 @@ class LeaderLock:
             self._conn = psycopg.connect(self.conninfo, autocommit=True)
         row = self._conn.execute("SELECT pg_try_advisory_lock(%s, %s)", self.key).fetchone()
         if row and row[0]:
+            self.epoch = claim_epoch(self._conn, self.fleet, self.holder)
             self.is_leader, self.elected_at = True, time.time()
-            log.info("this replica leads: it runs the scheduler (advisory lock %s)", self.key)
+            log.info("this replica leads: it runs the scheduler (advisory lock %s, epoch %d)",
+                     self.key, self.epoch)
             try:
                 self.on_elected()
             except Exception as exc:  # leading without a scheduler would stall every job

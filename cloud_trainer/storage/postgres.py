@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -39,8 +39,8 @@ from cloud_trainer.store import (
     StoreError,
     StoreLimits,
     _from_i64,
-    _row,
     _sample,
+    rows_of,
 )
 
 log = logging.getLogger(__name__)
@@ -106,11 +106,10 @@ class PostgresSampleStore(SampleStore):
                 log.debug("closing a store connection failed", exc_info=True)
 
     # -- writing ---------------------------------------------------------------------------
-    def add_many(self, envelopes: Iterable[Envelope], received_at: float | None = None) -> int:
-        now = time.time() if received_at is None else received_at
+    def add_many(self, envelopes: Iterable[Envelope], received_at: float | None = None,
+                 shapes: Sequence[tuple[int, ...] | None] | None = None) -> int:
         unique: dict[tuple[str, int, int], tuple[Any, ...]] = {}
-        for e in envelopes:
-            row = _row(e, now)
+        for row in rows_of(envelopes, received_at, shapes):
             unique.setdefault((row[0], row[1], row[2]), row)
         if not unique:
             return 0
