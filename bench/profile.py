@@ -11,6 +11,7 @@ GIL and show up only around their calls.
 from __future__ import annotations
 
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -39,8 +40,8 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 
 def py_spy() -> str | None:
-    """The py-spy executable, or None when it is not installed."""
-    return shutil.which("py-spy")
+    """The py-spy executable (on PATH or beside this interpreter), or None."""
+    return shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
 
 
 def summarize(raw: Path) -> Counter[str]:

@@ -38,6 +38,14 @@ Guarantees and why:
   must be limited upstream (its agent's uplink budget, a broker rate limit) or its storage
   capped by the store's per-device quota. What this module guarantees is that a *bad*
   device costs a header parse and a CRC per message, never a database write or a crash.
+* **Batches** (envelope version 2, ``agent.envelope.BatchEnvelope``): one message, N
+  samples. The header, CRC, codec frame (one LZ4 pass, one decode with ``validation =
+  "decode"``), shape and model are checked once per batch; finiteness per sample, so one
+  NaN sample is refused alone. The batch is cut into per-sample frames
+  (``agent.codec.split_batch``) and its samples go into the store in the same transaction
+  (``add_many``), each under its own ``(device, session, seq)``: a replayed batch stores
+  nothing twice. Counters count samples: ``received`` grows by N and a batch-wide refusal
+  counts N under its reason, so received == stored + duplicates + rejected at rest.
 * **Never crash on input.** Every failure of a message is caught, counted in
   ``stats.bad[device][reason]`` and logged at most once per ``log_interval_s`` per
   (device, reason). A failing store (disk full, lock timeout) is retried with back-off;
@@ -60,9 +68,22 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from pydantic import Field
 
-from agent.codec import CodecError, OversizedFrameError, UnknownCodecError, decode
+from agent.codec import (
+    CodecError,
+    OversizedFrameError,
+    UnknownCodecError,
+    decode,
+    split_batch,
+)
 from agent.codec.frame import parse_frame
-from agent.envelope import Envelope, EnvelopeError, EnvelopeVersionError
+from agent.envelope import (
+    AnyEnvelope,
+    BatchEnvelope,
+    Envelope,
+    EnvelopeError,
+    EnvelopeVersionError,
+    unpack_any,
+)
 from agent.mqtt.client import KnetClient, SubscribeError, make_client
 from agent.mqtt.endpoint import SESSION_EXPIRY_MAX, MqttEndpoint
 from agent.topics import TopicError, TopicKind, Topics
@@ -125,7 +146,8 @@ class IngestSettings(MqttEndpoint):
 class IngestStats:
     """Counters for Prometheus; each field is written by one thread only."""
 
-    received: int = 0
+    received: int = 0  # activation samples (a batch envelope counts its N)
+    batch_messages: int = 0  # version-2 envelopes among the messages received
     bytes_received: int = 0
     stored: int = 0
     bytes_committed: int = 0
@@ -148,12 +170,12 @@ class IngestStats:
     control_rejects: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def count_bad(self, device: str, reason: str, act: bool = False) -> None:
+    def count_bad(self, device: str, reason: str, act: bool = False, n: int = 1) -> None:
         with self._lock:
-            self.bad.setdefault(device, Counter())[reason] += 1
+            self.bad.setdefault(device, Counter())[reason] += n
             if act:
-                self.rejected += 1
-                self.rejects[reason] += 1
+                self.rejected += n
+                self.rejects[reason] += n
 
     def count_control_reject(self, kind: TopicKind, reason: str) -> None:
         with self._lock:
@@ -181,12 +203,13 @@ class IngestStats:
 
 @dataclass(frozen=True)
 class _Item:
-    """One received QoS>0 message waiting for its PUBACK; ``envelope`` None: ack only."""
+    """One received QoS>0 message waiting for its PUBACK; ``samples`` empty: ack only (a
+    version-1 envelope is one sample, a batch those of its samples that passed)."""
 
     mid: int
     qos: int
     generation: int
-    envelope: Envelope | None = None
+    samples: tuple[Envelope, ...] = ()
     size: int = 0
 
 
@@ -332,7 +355,7 @@ class Ingestor:
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         try:
-            envelope = self._accept(msg)
+            samples = self._accept(msg)
         except Exception as exc:  # a bug must not kill paho's thread nor leave it un-acked
             topic = str(msg.topic)
             try:
@@ -340,9 +363,9 @@ class Ingestor:
             except Exception:
                 device, leaf = INVALID_DEVICE, ""
             self._bad(device, "internal", repr(exc)[:200], act=leaf == "act")
-            envelope = None
+            samples = ()
         if msg.qos:
-            self._put(_Item(msg.mid, msg.qos, self._generation, envelope, len(msg.payload)))
+            self._put(_Item(msg.mid, msg.qos, self._generation, samples, len(msg.payload)))
 
     def _put(self, item: _Item) -> None:
         while True:
@@ -355,40 +378,56 @@ class Ingestor:
                 log.warning("ingest queue full (%d): receive_maximum not honoured?",
                             self._queue.maxsize)
 
-    def _bad(self, device: str, reason: str, detail: object, act: bool = True) -> None:
-        """Count one dropped message (``act``: an activation) and log it, rate-limited."""
-        self.stats.count_bad(device, reason, act)
+    def _bad(self, device: str, reason: str, detail: object, act: bool = True,
+             n: int = 1) -> None:
+        """Count a dropped message (``act``: an activation, of ``n`` samples) and log it,
+        rate-limited."""
+        self.stats.count_bad(device, reason, act, n)
         self._bad_log.warning((device, reason), "dropped a message from %s: %s: %s",
                               device, reason, detail)
 
-    def _accept(self, msg: mqtt.MQTTMessage) -> Envelope | None:
-        """Validate one message; the envelope when it should be stored, else None."""
+    def _accept(self, msg: mqtt.MQTTMessage) -> tuple[Envelope, ...]:
+        """Validate one message; the samples to store (none for anything else)."""
         data = msg.payload
         try:
             topic = self.topics.parse(msg.topic)
         except (TopicError, UnicodeDecodeError) as exc:
             self._bad(INVALID_DEVICE, "bad_topic", exc, act=False)
-            return None
+            return ()
         device, now = str(topic.device), time.time()
         if topic.kind in (TopicKind.STATE, TopicKind.BIRTH):
             self._fleet_message(topic.kind, device, data, now)
-            return None
+            return ()
         if topic.kind is not TopicKind.ACT:
-            return None
+            return ()
         if not self._partition.owns(device):
             self.stats.other_replica += 1
-            return None
-        self.stats.received += 1
+            return ()
         self.stats.bytes_received += len(data)
         s = self.settings
         try:
-            env = Envelope.unpack(data, max_payload=s.max_payload)
+            parsed = unpack_any(data, max_payload=s.max_payload)
         except EnvelopeVersionError as exc:
+            self.stats.received += 1
             self._bad(device, "version", exc)
-            return None
+            return ()
         except EnvelopeError as exc:
+            self.stats.received += 1
             self._bad(device, "oversized" if len(data) > s.max_payload else "malformed", exc)
-            return None
+            return ()
+        if isinstance(parsed, BatchEnvelope):
+            kept = self._accept_batch(device, parsed)
+        else:
+            self.stats.received += 1
+            env = self._accept_one(device, parsed)
+            kept = (env,) if env is not None else ()
+        if kept:
+            self.fleet.seen(device, now)
+        return kept
+
+    def _accept_one(self, device: str, env: Envelope) -> Envelope | None:
+        """The checks of a version-1 envelope; it, when it should be stored."""
+        s = self.settings
         if env.device != device:
             self._bad(device, "spoofed", f"envelope names {env.device!r}")
             return None
@@ -411,28 +450,74 @@ class Ingestor:
         if len(shape) == 0 or 0 in tuple(shape):
             self._bad(device, "empty_tensor", f"shape {tuple(shape)}")
             return None
-        expected = s.expected_shapes.get(env.boundary)
-        if s.model_boundaries:
-            boundaries = self._boundaries_of(env)
-            if boundaries is None:
-                self._bad(device, "unknown_model", f"model {env.meta.get('model')!r}")
-                return None
-            expected = boundaries.get(env.boundary)
-            if expected is None:
-                self._bad(device, "bad_boundary", f"boundary {env.boundary} not in "
-                                                  f"{sorted(boundaries)}")
-                return None
-        if expected is not None and tuple(shape) != tuple(expected) and (
-                len(shape) != len(expected) + 1 or tuple(shape[1:]) != tuple(expected)):
-            self._bad(device, "wrong_shape",
-                      f"boundary {env.boundary} shape {shape}, expected {expected}")
+        if not self._shape_ok(device, env, tuple(shape)):
             return None
         if array is not None and np.issubdtype(array.dtype, np.floating) \
                 and not np.isfinite(array).all():
             self._bad(device, "non_finite", f"boundary {env.boundary} holds NaN or Inf")
             return None
-        self.fleet.seen(device, now)
         return env
+
+    def _shape_ok(self, device: str, env: AnyEnvelope, shape: tuple[int, ...],
+                  n: int = 1) -> bool:
+        """The model, boundary and shape checks; False (counted for ``n`` samples) when
+        the samples must not be stored."""
+        s = self.settings
+        expected = s.expected_shapes.get(env.boundary)
+        if s.model_boundaries:
+            boundaries = self._boundaries_of(env)
+            if boundaries is None:
+                self._bad(device, "unknown_model", f"model {env.meta.get('model')!r}", n=n)
+                return False
+            expected = boundaries.get(env.boundary)
+            if expected is None:
+                self._bad(device, "bad_boundary", f"boundary {env.boundary} not in "
+                                                  f"{sorted(boundaries)}", n=n)
+                return False
+        if expected is not None and shape != tuple(expected) and (
+                len(shape) != len(expected) + 1 or shape[1:] != tuple(expected)):
+            self._bad(device, "wrong_shape",
+                      f"boundary {env.boundary} shape {shape}, expected {expected}", n=n)
+            return False
+        return True
+
+    def _accept_batch(self, device: str, env: BatchEnvelope) -> tuple[Envelope, ...]:
+        """A version-2 envelope: checked once as a whole, then finiteness per sample; the
+        per-sample envelopes to store."""
+        s, n = self.settings, len(env)
+        self.stats.received += n
+        self.stats.batch_messages += 1
+        if env.device != device:
+            self._bad(device, "spoofed", f"envelope names {env.device!r}", n=n)
+            return ()
+        try:
+            split = split_batch(env.payload, max_bytes=s.max_decoded_bytes,
+                                decode_array=s.validation == "decode")
+        except OversizedFrameError as exc:
+            self._bad(device, "oversized", exc, n=n)
+            return ()
+        except UnknownCodecError as exc:
+            self._bad(device, "version", exc, n=n)
+            return ()
+        except CodecError as exc:
+            self._bad(device, "bad_frame", exc, n=n)
+            return ()
+        if split.shape[0] != n:
+            self._bad(device, "malformed", f"{n} samples but a frame of shape {split.shape}",
+                      n=n)
+            return ()
+        if not self._shape_ok(device, env, (1, *split.shape[1:]), n):
+            return ()
+        samples = env.envelopes(split.frames)
+        if split.array is None:
+            return tuple(samples)
+        finite = np.isfinite(split.array.reshape(n, -1)).all(axis=1)
+        if finite.all():
+            return tuple(samples)
+        bad = int(n - finite.sum())
+        self._bad(device, "non_finite", f"{bad} of {n} samples at boundary {env.boundary} "
+                                        "hold NaN or Inf", n=bad)
+        return tuple(e for e, ok in zip(samples, finite.tolist(), strict=True) if ok)
 
     def _fleet_message(self, kind: TopicKind, device: str, data: bytes, now: float) -> None:
         """A device's state or birth into the fleet table; refused ones counted by reason."""
@@ -446,7 +531,7 @@ class Ingestor:
             self.stats.count_control_reject(kind, exc.reason)
             self._bad(device, f"bad_{kind.value}", exc, act=False)
 
-    def _boundaries_of(self, env: Envelope) -> dict[int, tuple[int, ...]] | None:
+    def _boundaries_of(self, env: AnyEnvelope) -> dict[int, tuple[int, ...]] | None:
         """The deployed boundary shapes for the envelope's model; None: not a model here."""
         models = self.settings.model_boundaries
         model = env.meta.get("model")
@@ -485,7 +570,7 @@ class Ingestor:
                 self._busy = False
 
     def _commit(self, batch: list[_Item]) -> bool:
-        envs = [i.envelope for i in batch if i.envelope is not None]
+        envs = [e for i in batch for e in i.samples]
         try:
             inserted = self.store.add_many(envs) if envs else 0
         except Exception as exc:
@@ -500,7 +585,7 @@ class Ingestor:
         st.batches += 1
         st.stored += inserted
         st.duplicates += len(envs) - inserted
-        st.bytes_committed += sum(i.size for i in batch if i.envelope is not None)
+        st.bytes_committed += sum(i.size for i in batch if i.samples)
         with self._ack_lock:
             generation = self._generation
             for item in batch:

@@ -245,9 +245,9 @@ def batchable(spec: str | CodecSpec) -> bool:
 
 @dataclass(frozen=True)
 class SplitBatch:
-    """A batch frame cut per sample: ``frames[i]`` is what a device sending sample ``i``
-    alone (shape ``(1, *shape[1:])``, same codec and parameters) would have sent, except
-    that the quantisation range is the batch's. ``array``: the decoded batch, if asked."""
+    """A batch frame cut per sample: ``frames[i]`` holds sample ``i`` alone (shape
+    ``(1, *shape[1:])``, the batch's codec and parameters, its quantisation range, without
+    LZ4). ``array``: the decoded batch, if asked."""
 
     shape: tuple[int, ...]
     frames: list[bytes]
@@ -259,8 +259,10 @@ def split_batch(frame: bytes | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES
     """Check a frame of shape (N, ...) once (header, CRC, one LZ4 pass, optionally one
     decode) and cut it into N per-sample frames; raises only ``CodecError`` subclasses.
 
-    The per-sample frames keep the batch's LZ4 flag (each is compressed again: the store
-    then holds exactly what a device sending one sample per message stores)."""
+    The per-sample frames are not LZ4-compressed again: over one sample of a few kB, LZ4
+    after 8-bit quantisation gains 1.0× on effnet-lite0's boundaries and ~1.2× on post-ReLU
+    maps (docs/benchmarks.md), and compressing each sample again would cost more CPU than
+    the rest of the split."""
     raw = parse_frame(frame, max_bytes)
     codec = _BY_ID.get(raw.codec_id)
     if codec is None:
@@ -293,8 +295,7 @@ def split_batch(frame: bytes | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES
         frames = []
         for i in range(n):
             part = prefix + view[head + i * step: head + (i + 1) * step]
-            frames.append(pack_frame(codec.codec_id, raw.flags, one, params,
-                                     lz4util.compress(part) if lz4 else part))
+            frames.append(pack_frame(codec.codec_id, raw.flags & ~FLAG_LZ4, one, params, part))
     except CodecError:
         raise
     except Exception as exc:  # untrusted bytes: numpy/lz4 raise types of their own
