@@ -76,7 +76,7 @@ class Batcher:
         if not self._open:
             return []
         now = self.clock() if now is None else now
-        due = [k for k, b in self._open.items() if force or now - b.started >= self.wait_s]
+        due = [k for k, b in self._open.items() if force or b.started + self.wait_s <= now]
         return [self._open.pop(k) for k in due]
 
     def due_in(self) -> float | None:

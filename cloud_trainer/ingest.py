@@ -132,7 +132,7 @@ class IngestSettings(MqttEndpoint):
     # does not have ("bad_boundary") or of another shape ("wrong_shape") is not stored. An
     # envelope without meta "model" is checked against the only model, if there is one.
     model_boundaries: dict[str, dict[int, tuple[int, ...]]] = Field(default_factory=dict)
-    batch_size: int = Field(512, ge=1)
+    batch_size: int = Field(512, ge=1)  # samples per commit (a batch envelope's go whole)
     # How long the writer lets a batch fill after its first message: fewer, larger commits
     # (and less GIL contention with paho's thread) for at most this much added latency.
     batch_wait_s: float = Field(0.01, ge=0)
@@ -552,12 +552,14 @@ class Ingestor:
                     self._maybe_expire()
                     continue
                 fill_until = time.monotonic() + self.settings.batch_wait_s
-                while len(batch) < self.settings.batch_size:
+                samples = max(1, len(batch[0].samples))
+                while samples < self.settings.batch_size:  # a batch envelope counts its N
                     try:
                         batch.append(self._queue.get(
                             timeout=max(0.0, fill_until - time.monotonic())))
                     except queue.Empty:
                         break
+                    samples += max(1, len(batch[-1].samples))
             self._busy = True
             try:
                 if self._commit(batch):
