@@ -55,19 +55,23 @@ class Batcher:
         self.max_bytes = max_bytes
         self.clock = clock
         self._open: dict[Hashable, Batch] = {}
+        self._next_due = float("inf")  # the oldest open batch's deadline: add() checks one float
 
     def add(self, key: Hashable, array: np.ndarray, item: Any) -> list[Batch]:
         """Add one sample (``array`` with its batch dimension of 1); completed batches."""
         now = self.clock()
-        out = self.take_due(now=now)
+        out = self.take_due(now=now) if now >= self._next_due else []
         batch = self._open.get(key)
         if batch is None:
             batch = self._open[key] = Batch(key, now)
+            self._next_due = min(self._next_due, now + self.wait_s)
         batch.arrays.append(array)
         batch.items.append(item)
         batch.nbytes += array.nbytes
         if len(batch) >= self.size or batch.nbytes >= self.max_bytes:
             out.append(self._open.pop(key))
+            self._next_due = min((b.started + self.wait_s for b in self._open.values()),
+                                 default=float("inf"))
         return out
 
     def take_due(self, force: bool = False, now: float | None = None) -> list[Batch]:
@@ -77,14 +81,16 @@ class Batcher:
             return []
         now = self.clock() if now is None else now
         due = [k for k, b in self._open.items() if force or b.started + self.wait_s <= now]
-        return [self._open.pop(k) for k in due]
+        out = [self._open.pop(k) for k in due]
+        self._next_due = min((b.started + self.wait_s for b in self._open.values()),
+                             default=float("inf"))
+        return out
 
     def due_in(self) -> float | None:
         """Seconds until the oldest open batch is due (0 when overdue); None when empty."""
         if not self._open:
             return None
-        oldest = min(b.started for b in self._open.values())
-        return max(0.0, oldest + self.wait_s - self.clock())
+        return max(0.0, self._next_due - self.clock())
 
     def __len__(self) -> int:
         """Samples waiting."""
