@@ -261,8 +261,8 @@ def split_batch(frame: bytes | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES
 
     The per-sample frames are not LZ4-compressed again: over one sample of a few kB, LZ4
     after 8-bit quantisation gains 1.0× on effnet-lite0's boundaries and ~1.2× on post-ReLU
-    maps (docs/benchmarks.md), and compressing each sample again would cost more CPU than
-    the rest of the split."""
+    maps (docs/benchmarks.md), and compressing each sample again would cost about as
+    much CPU as the rest of the split."""
     raw = parse_frame(frame, max_bytes)
     codec = _BY_ID.get(raw.codec_id)
     if codec is None:
