@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 import threading
 import time
+import tracemalloc
 import zlib
 
 import numpy as np
@@ -133,8 +134,15 @@ def test_hostile_headers_are_refused_before_any_allocation() -> None:
     with pytest.raises(EnvelopeError, match=f"limit 1-{MAX_BATCH}"):
         unpack_any(with_crc(bytes(body)))
     struct.pack_into("<I", body, 20, MAX_BATCH)  # within the limit, more than the bytes
-    with pytest.raises(EnvelopeError, match="truncated in the sample table"):
-        unpack_any(with_crc(bytes(body)))
+    hostile = with_crc(bytes(body))
+    tracemalloc.start()
+    try:
+        with pytest.raises(EnvelopeError, match="truncated in the sample table"):
+            unpack_any(hostile)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024, peak  # the declared table (151 kB) was never allocated
     struct.pack_into("<I", body, 20, 0)
     with pytest.raises(EnvelopeError, match="limit"):
         unpack_any(with_crc(bytes(body)))
@@ -169,6 +177,18 @@ def test_random_corruption_only_ever_raises_named_errors() -> None:
                 env.envelopes(split_batch(env.payload, max_bytes=1 << 20).frames)
         except (EnvelopeError, CodecError):
             continue
+
+
+def test_the_fleet_console_counts_each_sample_of_a_batch() -> None:
+    from cloud_trainer.fleet_lab import Console, DeviceView
+
+    view = DeviceView()
+    env, _ = batch(4)
+    Console._activation(view, env.pack())
+    Console._activation(view, env.pack())  # a re-delivery
+    Console._activation(view, b"KNAE\x02garbage")
+    assert view.act_keys == {(3, s) for s in range(10, 14)}
+    assert view.act_duplicates == 4 and view.act_bad == 1
 
 
 class FakeClock:
