@@ -2,8 +2,9 @@
 
 A batch holds samples of one boundary, model and model version (what one version-2
 envelope carries: ``agent.envelope.BatchEnvelope``). It is ready when it holds ``size``
-samples, when its float32 bytes reach ``max_bytes`` (so the encoded message stays well
-under the link's ``max_payload_bytes``), or ``wait_s`` after its first sample arrived,
+samples, when its float32 bytes reach ``max_bytes`` (the agent uses 2 MiB, so the encoded
+message stays under the trainer's default ``max_payload`` even with the raw codec), or
+``wait_s`` after its first sample arrived,
 whichever comes first: at high rates the per-message costs are paid once per ``size``
 samples, at low rates a sample waits at most ``wait_s`` (plus the encode stage's own
 latency) before it is encoded and spooled.

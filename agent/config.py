@@ -183,8 +183,9 @@ class UplinkSection(BaseModel):
     allow_raw_upload: bool = False
     codec: str = "uint8+lz4"
     batch_size: int = Field(1, ge=1, le=4096, description=(
-        "samples per message; > 1 sends version-2 batch envelopes, which trainers older "
-        "than batching refuse (upgrade the trainers first)"))
+        "samples per message (a batch also closes at 2 MiB of float32); > 1 sends "
+        "version-2 batch envelopes, which trainers older than batching refuse (upgrade "
+        "the trainers first)"))
     batch_wait_s: float = Field(0.05, ge=0, le=10, description=(
         "a batch is sent this long after its first sample even if not full"))
 

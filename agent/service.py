@@ -131,8 +131,10 @@ class Agent:
         self.metrics.model_version.set(runner.version)
         self.bad = BadInputs(listener=lambda reason: self.metrics.bad_inputs.labels(reason).inc())
         self.policy = make_policy(config)
+        # A batch also closes at 2 MiB of float32: even raw, its message stays under the
+        # trainer's default [ingest] max_payload (4 MiB) and the link's limit.
         self.batcher = Batcher(config.uplink.batch_size, config.uplink.batch_wait_s,
-                               max_bytes=config.mqtt.max_payload_bytes // 2)
+                               max_bytes=min(2 << 20, config.mqtt.max_payload_bytes // 2))
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._seq = 0
