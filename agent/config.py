@@ -182,6 +182,21 @@ class UplinkSection(BaseModel):
                                   description="0 = the raw input, i = output of block i")
     allow_raw_upload: bool = False
     codec: str = "uint8+lz4"
+    batch_size: int = Field(1, ge=1, le=4096, description=(
+        "samples per message (a batch also closes at 2 MiB of float32); > 1 sends "
+        "version-2 batch envelopes, which trainers older than batching refuse (upgrade "
+        "the trainers first)"))
+    batch_wait_s: float = Field(0.05, ge=0, le=10, description=(
+        "a batch is sent this long after its first sample even if not full"))
+
+    @model_validator(mode="after")
+    def _batchable_codec(self) -> UplinkSection:
+        from agent.codec import batchable
+
+        if self.batch_size > 1 and not batchable(self.codec):
+            raise ValueError(f"batch_size > 1 needs a codec whose frames split per sample "
+                             f"(raw, fp16, uint8, int8), not {self.codec!r}")
+        return self
 
     @model_validator(mode="after")
     def _raw_needs_consent(self) -> UplinkSection:

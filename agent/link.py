@@ -170,6 +170,8 @@ class Link:
         self._inflight: dict[int, _Inflight] = {}
         self._acked: list[int] = []  # record ids acked by the broker, to delete (drain thread)
         self._acks: deque[tuple[int, int, ReasonCode]] = deque()
+        # record id -> monotonic inference times of its samples (this run's records only)
+        self._born: dict[int, tuple[float, ...]] = {}
         self.meter = NetMeter()  # achieved uplink throughput and PUBACK round trip
         self._shaped_until = 0.0  # monotonic: the shaper lets the next record go then
         self._wake = threading.Event()
@@ -312,6 +314,8 @@ class Link:
                 break
             with self._lock:
                 entry = self._inflight.pop(mid, None)
+                born = (self._born.pop(entry.record_id, None)
+                        if entry is not None and entry.gen == ack_gen else None)
             if entry is None or entry.gen != ack_gen:
                 continue  # birth/state/best-effort QoS 1, or a connection we gave up on
             done.append(entry.record_id)
@@ -324,7 +328,10 @@ class Link:
             else:
                 self._count("acked", "sent")
                 self._count("bytes_out", n=entry.nbytes)
-                self.meter.acked(time.monotonic() - entry.sent, entry.nbytes)
+                now = time.monotonic()
+                self.meter.acked(now - entry.sent, entry.nbytes)
+                if born:
+                    self.meter.delivered([now - t for t in born])
                 outcomes.append(PublishOutcome(entry.topic, entry.nbytes, True, "acked"))
         with self._lock:
             for mid in [m for m, e in self._inflight.items() if e.gen < gen]:
@@ -401,9 +408,12 @@ class Link:
         return True
 
     def publish_reliable_many(self, messages: Sequence[tuple[str, bytes]],
-                              qos: int = 1) -> list[bool]:
+                              qos: int = 1,
+                              born: Sequence[tuple[float, ...]] | None = None) -> list[bool]:
         """:meth:`publish_reliable` for several messages with one spool commit (group
-        commit): all kept ones are durable when this returns; one flag per message."""
+        commit): all kept ones are durable when this returns; one flag per message.
+        ``born[i]``: monotonic inference times of message i's samples, for the meter's
+        inference-to-PUBACK delivery delays."""
         if qos not in (1, 2):
             raise ValueError("reliable messages need QoS 1 or 2")
         ok = [False] * len(messages)
@@ -413,7 +423,11 @@ class Link:
                 raise ValueError(f"cannot publish to {topic!r}")
             if not self._too_big(topic, payload):
                 keep.append(i)
-        stored = self.spool.append_many([(messages[i][0], messages[i][1], qos) for i in keep])
+        ids: list[int] = []
+        stored = self.spool.append_many([(messages[i][0], messages[i][1], qos) for i in keep],
+                                        ids)
+        if born is not None:
+            self._remember_born([born[i] for i, kept in zip_strict(keep, stored) if kept], ids)
         for i, kept in zip_strict(keep, stored):
             ok[i] = kept
             if not kept:
@@ -423,6 +437,16 @@ class Link:
             self._count("spooled", n=sum(stored))
             self._wake.set()
         return ok
+
+    def _remember_born(self, born: list[tuple[float, ...]], ids: list[int]) -> None:
+        """Keep inference times until the PUBACK; bounded: records the spool evicted
+        unsent never get one, so the oldest entries go beyond 65,536."""
+        with self._lock:
+            for rid, times in zip_strict(ids, born):
+                if times:
+                    self._born[rid] = times
+            while len(self._born) > 65536:
+                del self._born[next(iter(self._born))]
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 0,
                 retain: bool = False, properties: Properties | None = None) -> bool:

@@ -4,7 +4,9 @@ The link feeds every PUBACKed reliable message: its delay from the moment it was
 paho to its PUBACK (an MQTT-level round trip, including any wait in the in-flight window
 under load) and its size. ``snapshot()`` gives the median delay over the last messages and
 the bytes acknowledged per second over a sliding window, for ``stats`` (the planner's
-network figures, from live measurements instead of a file).
+network figures, from live measurements instead of a file). ``delivered`` takes the delay
+of each uplinked sample from its inference to the PUBACK of the message that carried it
+(batching, spool and network together): ``delivery_ms_p50``/``_p99`` over the last samples.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import statistics
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
+
+DELIVERY_SAMPLES = 8192
 
 
 class NetMeter:
@@ -20,6 +25,7 @@ class NetMeter:
         self.window_s = window_s
         self._rtts: deque[float] = deque(maxlen=samples)
         self._acked: deque[tuple[float, int]] = deque()
+        self._delivery: deque[float] = deque(maxlen=DELIVERY_SAMPLES)
         self._lock = threading.Lock()
 
     def acked(self, delay_s: float, nbytes: int, now: float | None = None) -> None:
@@ -28,6 +34,11 @@ class NetMeter:
             self._rtts.append(max(0.0, delay_s))
             self._acked.append((now, nbytes))
             self._trim(now)
+
+    def delivered(self, delays_s: Iterable[float]) -> None:
+        """Inference-to-PUBACK delays of the samples one acknowledged message carried."""
+        with self._lock:
+            self._delivery.extend(delays_s)
 
     def _trim(self, now: float) -> None:
         while self._acked and now - self._acked[0][0] > self.window_s:
@@ -44,5 +55,14 @@ class NetMeter:
             nbytes = sum(n for _t, n in self._acked)
             count = len(self._acked)
             span = min(self.window_s, now - self._acked[0][0]) if self._acked else 0.0
+            delivery = sorted(self._delivery)
         return {"rtt_ms": rtt, "uplink_bytes_per_s": nbytes / span if span > 0 else 0.0,
-                "acked_in_window": count}
+                "acked_in_window": count, "delivery_ms_p50": _quantile(delivery, 0.5),
+                "delivery_ms_p99": _quantile(delivery, 0.99)}
+
+
+def _quantile(ordered: list[float], q: float) -> float | None:
+    """The ``q`` quantile (nearest rank) of sorted seconds, in ms; None when empty."""
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3

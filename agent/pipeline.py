@@ -90,12 +90,19 @@ class Stage:
     ``batch > 1``, ``fn`` takes a list of up to ``batch`` waiting items instead of one item
     and returns a list (or None) for the whole batch; when it raises, the batch is retried
     item by item and the lists that come back are joined.
+
+    ``flush`` (optional) holds work back across calls, e.g. samples filling a batch:
+    ``due_in()`` says in how many seconds it wants ``flush(False)`` called even if no
+    item arrives (None: nothing waiting), and ``flush(True)`` at the end of the stream
+    hands on whatever is left. What ``flush`` returns goes to the next stage like ``fn``'s.
     """
 
     name: str
     fn: Callable[[Any], Any]
     queue_size: int = 16
     batch: int = 1
+    flush: Callable[[bool], Any] | None = None
+    due_in: Callable[[], float | None] | None = None
     inbox: Channel = field(init=False)
     processed: int = 0
     errors: int = 0
@@ -206,9 +213,11 @@ class Pipeline:
         while True:
             stage.beat = time.monotonic()
             try:
-                items = stage.inbox.get_many(stage.batch, timeout=0.5)
+                items = stage.inbox.get_many(stage.batch, timeout=self._wait(stage))
             except queue.Empty:
                 if self._stop.is_set():
+                    return
+                if not self._flush(stage, nxt, False):
                     return
                 continue
             end = items[-1] is _END  # nothing follows the end marker
@@ -220,9 +229,31 @@ class Pipeline:
                 if out is not None and nxt is not None and not self._put(nxt.inbox, out):
                     return
             if end:
+                if not self._flush(stage, nxt, True):
+                    return
                 if nxt is not None:
                     self._put(nxt.inbox, _END)
                 return
+
+    @staticmethod
+    def _wait(stage: Stage) -> float:
+        """How long the stage may block on its inbox: 0.5 s, or until its flush is due."""
+        due = stage.due_in() if stage.due_in is not None else None
+        return 0.5 if due is None else min(0.5, due)
+
+    def _flush(self, stage: Stage, nxt: Stage | None, force: bool) -> bool:
+        """Run the stage's ``flush`` when one is due (always with ``force``); False once a
+        stop request interrupted the hand-off."""
+        if stage.flush is None or (not force and stage.due_in is not None
+                                   and stage.due_in() != 0.0):
+            return True
+        try:
+            out = stage.flush(force)
+        except Exception:  # like fn: the stage thread must go on
+            stage.errors += 1
+            log.exception("stage %s failed to flush; what it held was dropped", stage.name)
+            return True
+        return out is None or nxt is None or self._put(nxt.inbox, out)
 
     @staticmethod
     def _call(stage: Stage, item: Any) -> Any:

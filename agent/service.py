@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Tuple, cast
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -26,6 +26,7 @@ from paho.mqtt.properties import Properties
 
 import agent
 from agent.active import BootChoice, boot_runner, update_paths
+from agent.batcher import Batch, Batcher
 from agent.canary import CanaryRecorder
 from agent.chain import chain_stage
 from agent.codec import encode
@@ -37,7 +38,7 @@ from agent.config import (
     UpstreamSource,
     load_config,
 )
-from agent.envelope import Envelope
+from agent.envelope import BatchEnvelope, Envelope
 from agent.link import Link, PublishOutcome
 from agent.manifest import PartitionManifest
 from agent.metrics import AgentMetrics
@@ -55,6 +56,10 @@ from agent.wire.control import Birth, Stats
 
 log = logging.getLogger(__name__)
 _LABEL = re.compile(r"-?[0-9]{1,9}")
+# (topic, payload, properties, monotonic inference times of its samples: for act messages)
+Message = Tuple[str, bytes, Optional[Properties], Optional[Tuple[float, ...]]]
+# What a batch groups samples by: boundary, model id, model version, codec (agent/batcher.py).
+_BatchKey = Tuple[int, str, int, str]
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ class Inference:
     prediction: int | None
     confidence: float | None
     uplink: bool = False  # the uplink policy chose this input (decided in the inference stage)
+    born: float = 0.0  # monotonic time of the inference: its uplink's delivery latency
 
 
 # Stands in for an activation no later stage reads (an empty array: misuse fails loudly
@@ -127,6 +133,10 @@ class Agent:
         self.metrics.model_version.set(runner.version)
         self.bad = BadInputs(listener=lambda reason: self.metrics.bad_inputs.labels(reason).inc())
         self.policy = make_policy(config)
+        # A batch also closes at 2 MiB of float32: even raw, its message stays under the
+        # trainer's default [ingest] max_payload (4 MiB) and the link's limit.
+        self.batcher = Batcher(config.uplink.batch_size, config.uplink.batch_wait_s,
+                               max_bytes=min(2 << 20, config.mqtt.max_payload_bytes // 2))
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._seq = 0
@@ -147,7 +157,8 @@ class Agent:
         relay = [Stage("chain", self.chain, q)] if self.chain is not None else []
         self._pipeline = Pipeline(self.source, [Stage("infer", self._infer, q), *relay,
                                                 Stage("encode", self._encode_batch, q,
-                                                      batch=q),
+                                                      batch=q, flush=self._flush_batches,
+                                                      due_in=self.batcher.due_in),
                                                 Stage("publish", self._publish, q, batch=q)],
                                   inline_source=inline_source(config))
         self.reporter = StatsReporter(StatsSources(
@@ -236,7 +247,7 @@ class Agent:
         if chain is not None:  # the bound buffers belong to the next input: copy what is read
             keep = self._kept_acts(m) if uplink else {len(acts) - 1}
             acts = [a.copy() if i in keep else _NOT_KEPT for i, a in enumerate(acts)]
-        return Inference(sample, acts, runner, pred, conf, uplink)
+        return Inference(sample, acts, runner, pred, conf, uplink, time.monotonic())
 
     def _kept_acts(self, m: PartitionManifest) -> set[int]:
         """Indices into ``Inference.acts`` that the later stages read for an uplinked input:
@@ -249,29 +260,43 @@ class Agent:
             self._seq += 1
             return self._seq
 
-    def _encode_batch(self, batch: list[Inference]
-                      ) -> list[tuple[str, bytes, Properties | None]] | None:
+    def next_seqs(self, n: int) -> range:
+        """``n`` consecutive sequence numbers in one lock round trip (a batch's)."""
+        with self._seq_lock:
+            first = self._seq + 1
+            self._seq += n
+            return range(first, first + n)
+
+    def _encode_batch(self, batch: list[Inference]) -> list[Message] | None:
         """The messages of every waiting input, in order: one hand-off to the publish
         stage per batch instead of one per input."""
         out = [msg for inf in batch for msg in self._encode(inf) or ()]
         return out or None
 
-    def _encode(self, inf: Inference) -> list[tuple[str, bytes, Properties | None]] | None:
-        out: list[tuple[str, bytes, Properties | None]] = []
+    def _encode(self, inf: Inference) -> list[Message] | None:
+        out: list[Message] = []
         m = inf.runner.manifest
         if self.config.metrics.publish_results and inf.prediction is not None:
             out.append((self.topics.result(self.device), json.dumps(
                 {"index": inf.sample.index, "prediction": inf.prediction,
-                 "confidence": inf.confidence, "label": inf.sample.label}).encode(), None))
+                 "confidence": inf.confidence, "label": inf.sample.label}).encode(), None,
+                None))
         if self.config.split.enabled and not m.is_complete:
             out.append(self._split_request(inf))
         if inf.uplink:
-            for b in self.config.uplink.boundaries:
+            u = self.config.uplink
+            for b in u.boundaries:
                 if not m.first - 1 <= b <= m.last:
                     continue  # this partition neither receives nor produces that boundary
                 arr = inf.sample.x[None] if b == m.first - 1 else inf.acts[b - m.first]
                 if arr is _NOT_KEPT:
                     continue  # a reload added this boundary after the input was inferred
+                if u.batch_size > 1:  # one message per batch_size samples (agent/batcher.py)
+                    if b == m.first - 1:
+                        arr = arr.copy()  # the source may reuse its input buffer
+                    key = (b, m.model_id, m.model_version, u.codec)
+                    out += self._batch_messages(self.batcher.add(key, arr, inf))
+                    continue
                 env = Envelope(
                     device=self.device, session=self.link.session, seq=self.next_seq(),
                     timestamp=time.time(), model_version=m.model_version, boundary=b,
@@ -280,34 +305,62 @@ class Agent:
                     meta={"model": m.model_id, "index": inf.sample.index},
                 ).pack()
                 self.policy.charge(len(env))
-                out.append((self.topics.act(self.device), env, None))
+                out.append((self._act_topic, env, None, (inf.born,)))
             self.metrics.uplinked.inc()
         return out or None
 
-    def _split_request(self, inf: Inference) -> tuple[str, bytes, Properties]:
+    def _flush_batches(self, force: bool) -> list[Message] | None:
+        """The batches whose time bound passed (all of them at the end of the stream)."""
+        return self._batch_messages(self.batcher.take_due(force)) or None
+
+    def _batch_messages(self, batches: list[Batch]) -> list[Message]:
+        """One version-2 envelope per batch: one encode (quantisation range, LZ4) over the
+        stacked (N, ...) samples, one header, one spool row and one PUBLISH."""
+        out: list[Message] = []
+        for batch in batches:
+            boundary, model_id, model_version, codec = cast(_BatchKey, batch.key)
+            infs: list[Inference] = batch.items
+            now = time.time()
+            table = BatchEnvelope.table(
+                list(self.next_seqs(len(infs))),
+                [now - (time.monotonic() - i.born) for i in infs],
+                [i.sample.index for i in infs], [i.sample.label for i in infs],
+                [i.prediction for i in infs], [i.confidence for i in infs])
+            env = BatchEnvelope(device=self.device, session=self.link.session,
+                                model_version=model_version, boundary=boundary,
+                                samples=table, payload=encode(batch.stacked(), codec),
+                                meta={"model": model_id}).pack()
+            self.policy.charge(len(env))
+            out.append((self._act_topic, env, None, tuple(i.born for i in infs)))
+        return out
+
+    def _split_request(self, inf: Inference) -> Message:
         m = inf.runner.manifest
         seq = self.next_seq()
         env = Envelope(device=self.device, session=self.link.session, seq=seq,
                        timestamp=time.time(), model_version=m.model_version, boundary=m.last,
                        payload=encode(inf.acts[-1], "raw"), label=inf.sample.label,
                        meta={"model": m.model_id, "index": inf.sample.index}).pack()
-        return self.split.request(seq, env, inf.sample.label)
+        topic, payload, props = self.split.request(seq, env, inf.sample.label)
+        return topic, payload, props, None
 
-    def _publish(self, batch: list[list[tuple[str, bytes, Properties | None]]]) -> None:
+    def _publish(self, batch: list[list[Message]]) -> None:
         """The messages of every batch waiting from the encode stage: all their activations
         go into the spool in one transaction, a group commit."""
         reliable: list[tuple[str, bytes]] = []
+        born: list[tuple[float, ...]] = []
         for messages in batch:
-            for topic, payload, props in messages:
+            for topic, payload, props, times in messages:
                 if topic == self._act_topic:
                     reliable.append((topic, payload))
+                    born.append(times or ())
                 elif props is not None:  # a split request: fails at once when offline
                     if not self.link.publish(topic, payload, qos=1, properties=props):
                         self.split.unsent(props)
                 else:
                     self.link.publish(topic, payload)
         if reliable:
-            self.link.publish_reliable_many(reliable)
+            self.link.publish_reliable_many(reliable, born=born)
 
     def _on_outcome(self, outcome: PublishOutcome) -> None:
         if outcome.status in ("acked", "sent"):
@@ -348,6 +401,9 @@ class Agent:
             self.config = self.config.model_copy(update={"uplink": new.uplink,
                                                          "metrics": new.metrics})
             self.policy = make_policy(self.config)
+            # read by the encode thread; open batches go out on their time bound
+            self.batcher.size, self.batcher.wait_s = (new.uplink.batch_size,
+                                                      new.uplink.batch_wait_s)
             log.info("configuration reloaded (uplink, metrics); other changes need a restart")
         self.notifier.ready()
 

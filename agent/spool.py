@@ -147,10 +147,12 @@ class Spool:
         """Store a message durably; False when the bound made us drop this one."""
         return self.append_many([(topic, payload, qos)])[0]
 
-    def append_many(self, messages: Sequence[tuple[str, bytes, int]]) -> list[bool]:
+    def append_many(self, messages: Sequence[tuple[str, bytes, int]],
+                    ids: list[int] | None = None) -> list[bool]:
         """Store several messages in one transaction: one commit instead of one each, and
         every kept message is committed (durable) when this returns. One flag per message:
-        False where the bound made us drop it."""
+        False where the bound made us drop it. ``ids``: receives the record id of each kept
+        message, in order."""
         if not messages:
             return []
         with self._lock:
@@ -178,10 +180,12 @@ class Spool:
                         count -= evicted
                         nbytes -= evicted_bytes
                         evicted_total += evicted
-                    db.execute(
+                    cur = db.execute(
                         "INSERT INTO records (topic, qos, size, payload) VALUES (?, ?, ?, ?)",
                         (topic, qos, size, payload),
                     )
+                    if ids is not None:
+                        ids.append(int(cur.lastrowid or 0))
                     count += 1
                     nbytes += size
                     kept.append(True)

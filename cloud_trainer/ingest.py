@@ -44,6 +44,14 @@ Guarantees and why:
   must be limited upstream (its agent's uplink budget, a broker rate limit) or its storage
   capped by the store's per-device quota. What this module guarantees is that a *bad*
   device costs a header parse and a CRC per message, never a database write or a crash.
+* **Batches** (envelope version 2, ``agent.envelope.BatchEnvelope``): one message, N
+  samples. The header, CRC, codec frame (one LZ4 pass, one decode with ``validation =
+  "decode"``), shape and model are checked once per batch; finiteness per sample, so one
+  NaN sample is refused alone. The batch is cut into per-sample frames
+  (``agent.codec.split_batch``) and its samples go into the store in the same transaction
+  (``add_many``), each under its own ``(device, session, seq)``: a replayed batch stores
+  nothing twice. Counters count samples: ``received`` grows by N and a batch-wide refusal
+  counts N under its reason, so received == stored + duplicates + rejected at rest.
 * **Never crash on input.** Every failure of a message is caught, counted in
   ``stats.bad[device][reason]`` and logged at most once per ``log_interval_s`` per
   (device, reason). A failing store (disk full, lock timeout) is retried with back-off;
@@ -65,9 +73,22 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from pydantic import Field
 
-from agent.codec import CodecError, OversizedFrameError, UnknownCodecError, decode
+from agent.codec import (
+    CodecError,
+    OversizedFrameError,
+    UnknownCodecError,
+    decode,
+    split_batch,
+)
 from agent.codec.frame import parse_frame
-from agent.envelope import Envelope, EnvelopeError, EnvelopeVersionError
+from agent.envelope import (
+    AnyEnvelope,
+    BatchEnvelope,
+    Envelope,
+    EnvelopeError,
+    EnvelopeVersionError,
+    unpack_any,
+)
 from agent.mqtt.client import KnetClient, SubscribeError, make_client
 from agent.mqtt.endpoint import SESSION_EXPIRY_MAX, MqttEndpoint
 from agent.mqtt.highrate import HighRateClient
@@ -118,7 +139,7 @@ class IngestSettings(MqttEndpoint):
     # does not have ("bad_boundary") or of another shape ("wrong_shape") is not stored. An
     # envelope without meta "model" is checked against the only model, if there is one.
     model_boundaries: dict[str, dict[int, tuple[int, ...]]] = Field(default_factory=dict)
-    batch_size: int = Field(512, ge=1)
+    batch_size: int = Field(512, ge=1)  # messages per commit (a batch envelope: all its samples)
     # How long the writer lets a batch fill after its first message: fewer, larger commits
     # (and less GIL contention with paho's thread) for at most this much added latency.
     batch_wait_s: float = Field(0.01, ge=0)
@@ -132,7 +153,8 @@ class IngestSettings(MqttEndpoint):
 class IngestStats:
     """Counters for Prometheus; each field is written by one thread only."""
 
-    received: int = 0
+    received: int = 0  # activation samples (a batch envelope counts its N)
+    batch_messages: int = 0  # version-2 envelopes among the messages received
     bytes_received: int = 0
     stored: int = 0
     bytes_committed: int = 0
@@ -155,12 +177,12 @@ class IngestStats:
     control_rejects: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def count_bad(self, device: str, reason: str, act: bool = False) -> None:
+    def count_bad(self, device: str, reason: str, act: bool = False, n: int = 1) -> None:
         with self._lock:
-            self.bad.setdefault(device, Counter())[reason] += 1
+            self.bad.setdefault(device, Counter())[reason] += n
             if act:
-                self.rejected += 1
-                self.rejects[reason] += 1
+                self.rejected += n
+                self.rejects[reason] += n
 
     def count_control_reject(self, kind: TopicKind, reason: str) -> None:
         with self._lock:
@@ -188,14 +210,20 @@ class IngestStats:
 
 @dataclass(frozen=True)
 class _Item:
-    """One received QoS>0 message waiting for its PUBACK; ``envelope`` None: ack only."""
+    """One received QoS>0 message waiting for its PUBACK; ``samples`` empty: ack only (a
+    version-1 envelope is one sample, a batch those of its samples that passed)."""
 
     mid: int
     qos: int
     generation: int
-    envelope: Envelope | None = None
+    samples: tuple[Envelope, ...] = ()
     size: int = 0
-    shape: tuple[int, ...] | None = None  # the payload frame's, read by the validation
+    shapes: tuple[tuple[int, ...], ...] = ()  # each sample's frame's, read by the validation
+
+
+# What the validation keeps of one message: the samples to store and their frames' shapes.
+_Accepted = tuple[tuple[Envelope, ...], tuple[tuple[int, ...], ...]]
+_NOTHING: _Accepted = ((), ())
 
 
 class _RateLimitedLog:
@@ -348,11 +376,11 @@ class Ingestor:
             except Exception:
                 device, leaf = INVALID_DEVICE, ""
             self._bad(device, "internal", repr(exc)[:200], act=leaf == "act")
-            accepted = None
+            accepted = _NOTHING
         if msg.qos:
-            envelope, shape = accepted if accepted is not None else (None, None)
-            self._put(_Item(msg.mid, msg.qos, self._generation, envelope, len(msg.payload),
-                            shape))
+            samples, shapes = accepted
+            self._put(_Item(msg.mid, msg.qos, self._generation, samples, len(msg.payload),
+                            shapes))
 
     def _put(self, item: _Item) -> None:
         while True:
@@ -365,41 +393,58 @@ class Ingestor:
                 log.warning("ingest queue full (%d): receive_maximum not honoured?",
                             self._queue.maxsize)
 
-    def _bad(self, device: str, reason: str, detail: object, act: bool = True) -> None:
-        """Count one dropped message (``act``: an activation) and log it, rate-limited."""
-        self.stats.count_bad(device, reason, act)
+    def _bad(self, device: str, reason: str, detail: object, act: bool = True,
+             n: int = 1) -> None:
+        """Count a dropped message (``act``: an activation, of ``n`` samples) and log it,
+        rate-limited."""
+        self.stats.count_bad(device, reason, act, n)
         self._bad_log.warning((device, reason), "dropped a message from %s: %s: %s",
                               device, reason, detail)
 
-    def _accept(self, msg: mqtt.MQTTMessage) -> tuple[Envelope, tuple[int, ...]] | None:
-        """Validate one message; the envelope and its frame's shape when it should be stored,
-        else None."""
+    def _accept(self, msg: mqtt.MQTTMessage) -> _Accepted:
+        """Validate one message; the samples to store (none for anything else) and their
+        frames' shapes, read by the validation so that the store does not parse them again."""
         data = msg.payload
         try:
             topic = self.topics.parse(msg.topic)
         except (TopicError, UnicodeDecodeError) as exc:
             self._bad(INVALID_DEVICE, "bad_topic", exc, act=False)
-            return None
+            return _NOTHING
         device, now = str(topic.device), time.time()
         if topic.kind in (TopicKind.STATE, TopicKind.BIRTH):
             self._fleet_message(topic.kind, device, data, now)
-            return None
+            return _NOTHING
         if topic.kind is not TopicKind.ACT:
-            return None
+            return _NOTHING
         if not self._partition.owns(device):
             self.stats.other_replica += 1
-            return None
-        self.stats.received += 1
+            return _NOTHING
         self.stats.bytes_received += len(data)
         s = self.settings
         try:
-            env = Envelope.unpack(data, max_payload=s.max_payload)
+            parsed = unpack_any(data, max_payload=s.max_payload)
         except EnvelopeVersionError as exc:
+            self.stats.received += 1
             self._bad(device, "version", exc)
-            return None
+            return _NOTHING
         except EnvelopeError as exc:
+            self.stats.received += 1
             self._bad(device, "oversized" if len(data) > s.max_payload else "malformed", exc)
-            return None
+            return _NOTHING
+        if isinstance(parsed, BatchEnvelope):
+            kept = self._accept_batch(device, parsed)
+        else:
+            self.stats.received += 1
+            one = self._accept_one(device, parsed)
+            kept = ((one[0],), (one[1],)) if one is not None else _NOTHING
+        if kept[0]:
+            self.fleet.seen(device, now)
+        return kept
+
+    def _accept_one(self, device: str, env: Envelope) -> tuple[Envelope, tuple[int, ...]] | None:
+        """The checks of a version-1 envelope; it and its frame's shape, when it should be
+        stored."""
+        s = self.settings
         if env.device != device:
             self._bad(device, "spoofed", f"envelope names {env.device!r}")
             return None
@@ -422,28 +467,74 @@ class Ingestor:
         if len(shape) == 0 or 0 in tuple(shape):
             self._bad(device, "empty_tensor", f"shape {tuple(shape)}")
             return None
-        expected = s.expected_shapes.get(env.boundary)
-        if s.model_boundaries:
-            boundaries = self._boundaries_of(env)
-            if boundaries is None:
-                self._bad(device, "unknown_model", f"model {env.meta.get('model')!r}")
-                return None
-            expected = boundaries.get(env.boundary)
-            if expected is None:
-                self._bad(device, "bad_boundary", f"boundary {env.boundary} not in "
-                                                  f"{sorted(boundaries)}")
-                return None
-        if expected is not None and tuple(shape) != tuple(expected) and (
-                len(shape) != len(expected) + 1 or tuple(shape[1:]) != tuple(expected)):
-            self._bad(device, "wrong_shape",
-                      f"boundary {env.boundary} shape {shape}, expected {expected}")
+        if not self._shape_ok(device, env, tuple(shape)):
             return None
         if array is not None and np.issubdtype(array.dtype, np.floating) \
                 and not np.isfinite(array).all():
             self._bad(device, "non_finite", f"boundary {env.boundary} holds NaN or Inf")
             return None
-        self.fleet.seen(device, now)
         return env, tuple(shape)
+
+    def _shape_ok(self, device: str, env: AnyEnvelope, shape: tuple[int, ...],
+                  n: int = 1) -> bool:
+        """The model, boundary and shape checks; False (counted for ``n`` samples) when
+        the samples must not be stored."""
+        s = self.settings
+        expected = s.expected_shapes.get(env.boundary)
+        if s.model_boundaries:
+            boundaries = self._boundaries_of(env)
+            if boundaries is None:
+                self._bad(device, "unknown_model", f"model {env.meta.get('model')!r}", n=n)
+                return False
+            expected = boundaries.get(env.boundary)
+            if expected is None:
+                self._bad(device, "bad_boundary", f"boundary {env.boundary} not in "
+                                                  f"{sorted(boundaries)}", n=n)
+                return False
+        if expected is not None and shape != tuple(expected) and (
+                len(shape) != len(expected) + 1 or shape[1:] != tuple(expected)):
+            self._bad(device, "wrong_shape",
+                      f"boundary {env.boundary} shape {shape}, expected {expected}", n=n)
+            return False
+        return True
+
+    def _accept_batch(self, device: str, env: BatchEnvelope) -> _Accepted:
+        """A version-2 envelope: checked once as a whole, then finiteness per sample; the
+        per-sample envelopes to store."""
+        s, n = self.settings, len(env)
+        self.stats.received += n
+        self.stats.batch_messages += 1
+        if env.device != device:
+            self._bad(device, "spoofed", f"envelope names {env.device!r}", n=n)
+            return _NOTHING
+        try:
+            split = split_batch(env.payload, max_bytes=s.max_decoded_bytes,
+                                decode_array=s.validation == "decode")
+        except OversizedFrameError as exc:
+            self._bad(device, "oversized", exc, n=n)
+            return _NOTHING
+        except UnknownCodecError as exc:
+            self._bad(device, "version", exc, n=n)
+            return _NOTHING
+        except CodecError as exc:
+            self._bad(device, "bad_frame", exc, n=n)
+            return _NOTHING
+        if split.shape[0] != n:
+            self._bad(device, "malformed", f"{n} samples but a frame of shape {split.shape}",
+                      n=n)
+            return _NOTHING
+        if not self._shape_ok(device, env, (1, *split.shape[1:]), n):
+            return _NOTHING
+        samples = tuple(env.envelopes(split.frames))
+        one = (1, *split.shape[1:])
+        if split.array is not None:
+            finite = np.isfinite(split.array.reshape(n, -1)).all(axis=1)
+            if not finite.all():
+                bad = int(n - finite.sum())
+                self._bad(device, "non_finite", f"{bad} of {n} samples at boundary "
+                                                f"{env.boundary} hold NaN or Inf", n=bad)
+                samples = tuple(e for e, ok in zip(samples, finite.tolist(), strict=True) if ok)
+        return samples, (one,) * len(samples)
 
     def _fleet_message(self, kind: TopicKind, device: str, data: bytes, now: float) -> None:
         """A device's state or birth into the fleet table; refused ones counted by reason."""
@@ -457,7 +548,7 @@ class Ingestor:
             self.stats.count_control_reject(kind, exc.reason)
             self._bad(device, f"bad_{kind.value}", exc, act=False)
 
-    def _boundaries_of(self, env: Envelope) -> dict[int, tuple[int, ...]] | None:
+    def _boundaries_of(self, env: AnyEnvelope) -> dict[int, tuple[int, ...]] | None:
         """The deployed boundary shapes for the envelope's model; None: not a model here."""
         models = self.settings.model_boundaries
         model = env.meta.get("model")
@@ -490,10 +581,10 @@ class Ingestor:
                 self._busy = False
 
     def _commit(self, batch: list[_Item]) -> bool:
-        stored = [i for i in batch if i.envelope is not None]
-        envs = [i.envelope for i in stored if i.envelope is not None]
+        envs = [e for i in batch for e in i.samples]
+        shapes = [shape for i in batch for shape in i.shapes]
         try:
-            inserted = self.store.add_many(envs, shapes=[i.shape for i in stored]) if envs else 0
+            inserted = self.store.add_many(envs, shapes=shapes) if envs else 0
         except Exception as exc:
             self.stats.store_errors += 1
             log.error("sample store write of %d samples failed (retrying, nothing acked): %s",
@@ -506,7 +597,7 @@ class Ingestor:
         st.batches += 1
         st.stored += inserted
         st.duplicates += len(envs) - inserted
-        st.bytes_committed += sum(i.size for i in stored)
+        st.bytes_committed += sum(i.size for i in batch if i.samples)
         with self._ack_lock:
             generation = self._generation
             current = [i for i in batch if i.generation == generation]

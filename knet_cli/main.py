@@ -39,7 +39,8 @@ def _bench_agent(args: argparse.Namespace) -> int:
     from bench.agent import run_agent_bench
 
     run_agent_bench(model=args.model, frames=args.frames, repeats=args.repeats,
-                    json_path=args.json, codec=args.codec, distinct=args.distinct)
+                    json_path=args.json, codec=args.codec, distinct=args.distinct,
+                    batch_sizes=args.batch_sizes, profile_dir=args.profile)
     return 0
 
 
@@ -115,14 +116,17 @@ def _bench_ingest(args: argparse.Namespace) -> int:
     if args.store or args.replicas:
         return _bench_ingest_scale(args)
     rows = []
-    for validation in args.validation:
-        r = run_ingest_bench(messages=args.messages, payload_codec=args.codec,
-                             devices=args.devices, validation=validation)
-        rows.append({"validation": validation, **r})
-    print_table(f"ingest: {args.messages} activation messages from {args.devices} devices, "
-                f"{args.codec}", ["validation", "msg/s", "MB/s on the wire",
+    for batch in args.batch:
+        for validation in args.validation:
+            r = run_ingest_bench(messages=args.messages, payload_codec=args.codec,
+                                 devices=args.devices, validation=validation, batch=batch)
+            rows.append({"validation": validation, **r})
+    print_table(f"ingest: {args.messages} activation samples from {args.devices} devices, "
+                f"{args.codec}", ["samples per envelope", "validation", "samples/s",
+                                   "envelopes/s", "ingest CPU µs/sample", "MB/s on the wire",
                                    "fp32-equivalent MB/s", "stored", "lost"],
-                [(r["validation"], r["messages_per_s"], r["mb_per_s_wire"],
+                [(r["batch"], r["validation"], r["samples_per_s"], r["envelopes_per_s"],
+                  r["ingest_cpu_us_per_sample"], r["mb_per_s_wire"],
                   r["mb_per_s_float32_equivalent"], r["stored"], r["lost"]) for r in rows])
     write_json(args.json, "ingest", command_line(), rows)
     return 0
@@ -431,6 +435,11 @@ def _add_bench_commands(sub: Any) -> None:
                    help="different inputs, replayed round and round until --frames")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--codec", default="uint8+lz4")
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                   help="uplink every input at these [uplink] batch_size values instead of "
+                        "the policy variants")
+    b.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                   help="one more run per variant under py-spy; raw stacks into DIR")
     b.add_argument("--json", type=Path, default=None)
     b.set_defaults(func=_bench_agent)
 
@@ -468,6 +477,8 @@ def _add_system_benches(bsub: Any) -> None:
     b.add_argument("--devices", type=int, default=4)
     b.add_argument("--codec", default="uint8+lz4")
     b.add_argument("--validation", nargs="+", default=["decode", "header"])
+    b.add_argument("--batch", type=int, nargs="+", default=[1],
+                   help="samples per envelope (> 1: version-2 batch envelopes)")
     b.add_argument("--store", nargs="+", choices=["sqlite", "postgresql"], default=None,
                    help="replica processes on this store (with --replicas; validation: the "
                         "first --validation)")

@@ -48,7 +48,7 @@ from paho.mqtt.properties import Properties
 from pydantic import SecretStr
 
 from agent.codec import encode
-from agent.envelope import Envelope, EnvelopeError
+from agent.envelope import BatchEnvelope, EnvelopeError, unpack_any
 from agent.mqtt.client import make_client
 from agent.mqtt.endpoint import MqttEndpoint
 from agent.topics import TopicKind, Topics
@@ -289,15 +289,18 @@ class Console:
     @staticmethod
     def _activation(v: DeviceView, payload: bytes) -> None:
         try:
-            env = Envelope.unpack(payload)
+            env = unpack_any(payload)
         except EnvelopeError:
             v.act_bad += 1
             return
-        key = (env.session, env.seq)
-        if key in v.act_keys:
-            v.act_duplicates += 1
-            return
-        v.act_keys.add(key)
+        seqs = ([int(s) for s in env.samples["seq"]] if isinstance(env, BatchEnvelope)
+                else [env.seq])
+        for seq in seqs:  # a batch envelope counts each of its samples
+            key = (env.session, seq)
+            if key in v.act_keys:
+                v.act_duplicates += 1
+                continue
+            v.act_keys.add(key)
         v.act_bytes += len(payload)
 
     def applied(self, device: str) -> list[dict[str, Any]]:

@@ -152,13 +152,19 @@ def test_netmeter_window_and_median() -> None:
 
     m = NetMeter(window_s=10.0)
     assert m.snapshot(now=0.0) == {"rtt_ms": None, "uplink_bytes_per_s": 0.0,
-                                   "acked_in_window": 0}
+                                   "acked_in_window": 0, "delivery_ms_p50": None,
+                                   "delivery_ms_p99": None}
     for i in range(5):
         m.acked(0.001 * (i + 1), 1000, now=100.0 + i)
     snap = m.snapshot(now=105.0)
     assert snap["rtt_ms"] == pytest.approx(3.0) and snap["acked_in_window"] == 5
     assert snap["uplink_bytes_per_s"] == pytest.approx(5000 / 5.0)
     assert m.snapshot(now=200.0)["acked_in_window"] == 0  # old acks leave the window
+    # inference -> PUBACK of each sample a message carried (a batch: several at once)
+    m.delivered([0.001 * i for i in range(1, 101)])
+    snap = m.snapshot(now=200.0)
+    assert snap["delivery_ms_p50"] == pytest.approx(51.0)
+    assert snap["delivery_ms_p99"] == pytest.approx(100.0)
 
 
 @pytest.mark.slow

@@ -90,7 +90,7 @@ def test_stream_with_duplicates_and_bad_messages(mosquitto: Mosquitto, tmp_path:
         dups = good[:10] + good[60:70]
         ok = envelope("dev-a", 999)
         versioned = bytearray(ok)
-        versioned[4] = 2
+        versioned[4] = 3  # 1 is one sample, 2 a batch (agent.envelope)
         bad = [
             ("dev-a", RNG.bytes(200)),  # random bytes
             ("dev-a", RNG.bytes(5)),

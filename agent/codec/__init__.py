@@ -20,11 +20,14 @@ from .registry import (
     DEFAULT_MAX_BYTES,
     Codec,
     CodecSpec,
+    SplitBatch,
+    batchable,
     codec_names,
     decode,
     encode,
     get_codec,
     parse_spec,
+    split_batch,
 )
 
 __all__ = [
@@ -36,11 +39,14 @@ __all__ = [
     "InvalidInputError",
     "OversizedFrameError",
     "SpecError",
+    "SplitBatch",
     "TruncatedFrameError",
     "UnknownCodecError",
+    "batchable",
     "codec_names",
     "decode",
     "encode",
     "get_codec",
     "parse_spec",
+    "split_batch",
 ]

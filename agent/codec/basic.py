@@ -40,6 +40,9 @@ class RawCodec(Codec):
     def max_payload_len(self, shape: tuple[int, ...], spec: CodecSpec) -> int:
         return 4 * math.prod(shape)
 
+    def sample_layout(self, shape: tuple[int, ...], spec: CodecSpec) -> tuple[int, int]:
+        return 0, 4
+
     def error_bound(self, array: np.ndarray, spec: CodecSpec | str) -> float:
         return 0.0
 
@@ -66,6 +69,9 @@ class Fp16Codec(Codec):
 
     def max_payload_len(self, shape: tuple[int, ...], spec: CodecSpec) -> int:
         return 2 * math.prod(shape)
+
+    def sample_layout(self, shape: tuple[int, ...], spec: CodecSpec) -> tuple[int, int]:
+        return 0, 2
 
     def error_bound(self, array: np.ndarray, spec: CodecSpec | str) -> float:
         """Half an ulp relative (2^-11) for normals, plus half the smallest subnormal."""

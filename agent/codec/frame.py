@@ -82,6 +82,18 @@ def _check_header(magic: bytes, version: int, flags: int, dtype: int, ndim: int)
         raise CorruptFrameError(f"ndim {ndim} exceeds {MAX_NDIM}")
 
 
+def peek_shape(frame: bytes | bytearray | memoryview) -> tuple[int, ...] | None:
+    """The shape a frame's header declares, without the CRC or length checks (for a frame
+    already validated, e.g. by ingest); None when the header itself is not one."""
+    view = memoryview(frame).cast("B")
+    if len(view) < MIN_FRAME or bytes(view[:4]) != MAGIC:
+        return None
+    ndim = view[8]
+    if ndim > MAX_NDIM or len(view) < _HEAD.size + 4 * ndim:
+        return None
+    return tuple(struct.unpack_from(f"<{ndim}I", view, _HEAD.size))
+
+
 def parse_frame(frame: bytes | bytearray | memoryview, max_bytes: int) -> RawFrame:
     """Validate the envelope of ``frame``; raise a ``CodecError`` subclass on any defect."""
     if not isinstance(frame, (bytes, bytearray, memoryview)):

@@ -81,6 +81,11 @@ class _QuantCodec(Codec):
         k = self._k(shape, spec)
         return math.prod(shape) + (4 if self.signed else 8) * k
 
+    def sample_layout(self, shape: tuple[int, ...], spec: CodecSpec) -> tuple[int, int]:
+        """The scales (one per channel of axis 1, or one) then one byte per element: a
+        sample of an (N, C, ...) batch has the same C channels, so the scales carry over."""
+        return (4 if self.signed else 8) * self._k(shape, spec), 1
+
 
 class Uint8Codec(_QuantCodec):
     name = "uint8"

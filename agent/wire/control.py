@@ -140,6 +140,9 @@ class NetworkFigures(BaseModel):
     rtt_ms: float | None = None
     uplink_bytes_per_s: float | None = None
     acked_in_window: int | None = Field(None, ge=0)
+    # inference -> PUBACK of the uplinked samples (batching, spool and network together)
+    delivery_ms_p50: float | None = None
+    delivery_ms_p99: float | None = None
 
 
 class Stats(ControlMessage):
