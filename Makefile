@@ -3,6 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
+# Test files run in parallel (pytest-xdist), a file per worker: most of the suite waits on
+# brokers and child processes. PYTEST_WORKERS=0 runs them in this process.
+PYTEST_WORKERS ?= auto
 
 .PHONY: bootstrap demo test lint bench clean
 
@@ -14,7 +17,7 @@ demo: bootstrap
 
 # pytest exits 5 when it collected no test: that is a failure of the suite, say so.
 test: bootstrap
-	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: bootstrap

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -23,6 +24,7 @@ from broker.errors import KnetBrokerError
 log = logging.getLogger(__name__)
 
 _RELOAD_LINE = "Reloading config."
+_PORTS = random.SystemRandom()  # not the seeded global: parallel tests must not agree
 
 
 class BrokerError(KnetBrokerError, RuntimeError):
@@ -41,10 +43,31 @@ def find_mosquitto() -> str:
     return path
 
 
+def _ephemeral_floor() -> int:
+    """The lowest port the kernel hands out to outgoing connections and ``bind(0)``."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on, picked at random *below* the ephemeral range.
+
+    A port from ``bind(0)`` lies in the range the kernel also gives to outgoing
+    connections: a broker restarted on it (the fault tests do) could find it taken by some
+    client's socket meanwhile, most of all with tests running in parallel (pytest -n).
+    """
+    floor = _ephemeral_floor()
+    for _ in range(64):
+        port = _PORTS.randrange(10000, floor) if floor > 11000 else 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise BrokerError(f"no free port on {host} after 64 tries")
 
 
 def wait_for_port(host: str, port: int, timeout: float) -> bool:
