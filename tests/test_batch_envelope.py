@@ -180,7 +180,7 @@ def test_random_corruption_only_ever_raises_named_errors() -> None:
 
 
 def test_the_fleet_console_counts_each_sample_of_a_batch() -> None:
-    from cloud_trainer.fleet_lab import Console, DeviceView
+    from knet_lab.fleet import Console, DeviceView
 
     view = DeviceView()
     env, _ = batch(4)
