@@ -90,14 +90,7 @@ class Envelope:
         return (self.device, self.session, self.seq)
 
     def pack(self) -> bytes:
-        device = self.device.encode()
-        if not 0 < len(device) < 256:
-            raise EnvelopeError("device id must be 1-255 bytes")
-        meta = json.dumps(self.meta, separators=(",", ":")).encode() if self.meta else b""
-        if len(meta) > MAX_META_BYTES:
-            raise EnvelopeError(f"meta is {len(meta)} bytes, limit {MAX_META_BYTES}")
-        if not 0 <= self.boundary < 256:
-            raise EnvelopeError(f"boundary {self.boundary} out of range 0-255")
+        device, meta = _packed_ids(self.device, self.meta, self.boundary)
         flags = (
             (_FLAG_LABEL if self.label is not None else 0)
             | (_FLAG_PRED if self.prediction is not None else 0)
@@ -110,12 +103,8 @@ class Envelope:
             -1 if self.prediction is None else self.prediction,
             math.nan if self.confidence is None else self.confidence,
         )
-        body = b"".join([
-            head, struct.pack("<B", len(device)), device,
-            struct.pack("<H", len(meta)), meta,
-            struct.pack("<I", len(self.payload)), self.payload,
-        ])
-        return body + struct.pack("<I", zlib.crc32(body))
+        return _sealed([head, _U8.pack(len(device)), device, _U16.pack(len(meta)), meta,
+                        _U32.pack(len(self.payload)), self.payload])
 
     @classmethod
     def unpack(cls, data: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> Envelope:
@@ -129,22 +118,13 @@ class Envelope:
             raise EnvelopeError(f"bad magic {bytes(magic)!r}: not a knet activation envelope")
         if version != VERSION:
             raise EnvelopeVersionError(f"envelope version {version}; this build reads {VERSION}")
-        (crc,) = _U32.unpack_from(view, len(view) - 4)
-        if zlib.crc32(view[:-4]) != crc:
-            raise EnvelopeError("CRC mismatch: the message was corrupted")
+        _check_crc(view)
         end = len(view) - 4
         pos = _FIXED.size
         device, pos = _take(view, pos, end, _U8, "device")
         meta_raw, pos = _take(view, pos, end, _U16, "meta")
         payload = _payload(view, pos, end, max_payload)
-        try:
-            device_id = bytes(device).decode()
-            # Bounded depth and integers: a device's meta must not crash the trainer.
-            meta = safejson.loads(bytes(meta_raw), allow_constants=True) if meta_raw else {}
-        except (UnicodeDecodeError, safejson.UnsafeJSONError) as exc:
-            raise EnvelopeError(f"undecodable device id or meta: {exc}") from None
-        if not isinstance(meta, dict):
-            raise EnvelopeError("meta must be a JSON object")
+        device_id, meta = _decoded_ids(device, meta_raw)
         if not math.isfinite(ts):
             raise EnvelopeError("timestamp is not finite")
         return cls(
@@ -156,6 +136,43 @@ class Envelope:
             meta=meta,
         )
 
+
+def _packed_ids(device: str, meta: dict[str, Any], boundary: int) -> tuple[bytes, bytes]:
+    """The device id and meta as they go on the wire, within the format's limits."""
+    raw = device.encode()
+    if not 0 < len(raw) < 256:
+        raise EnvelopeError("device id must be 1-255 bytes")
+    packed = json.dumps(meta, separators=(",", ":")).encode() if meta else b""
+    if len(packed) > MAX_META_BYTES:
+        raise EnvelopeError(f"meta is {len(packed)} bytes, limit {MAX_META_BYTES}")
+    if not 0 <= boundary < 256:
+        raise EnvelopeError(f"boundary {boundary} out of range 0-255")
+    return raw, packed
+
+
+def _sealed(parts: list[bytes]) -> bytes:
+    """The message: its parts and the CRC-32 of them."""
+    body = b"".join(parts)
+    return body + _U32.pack(zlib.crc32(body))
+
+
+def _check_crc(view: memoryview) -> None:
+    (crc,) = _U32.unpack_from(view, len(view) - 4)
+    if zlib.crc32(view[:-4]) != crc:
+        raise EnvelopeError("CRC mismatch: the message was corrupted")
+
+
+def _decoded_ids(device: memoryview, meta_raw: memoryview) -> tuple[str, dict[str, Any]]:
+    """The device id and meta of a message; bounded depth and integers in the meta, so
+    that a device's JSON cannot crash the trainer."""
+    try:
+        device_id = bytes(device).decode()
+        meta = safejson.loads(bytes(meta_raw), allow_constants=True) if meta_raw else {}
+    except (UnicodeDecodeError, safejson.UnsafeJSONError) as exc:
+        raise EnvelopeError(f"undecodable device id or meta: {exc}") from None
+    if not isinstance(meta, dict):
+        raise EnvelopeError("meta must be a JSON object")
+    return device_id, meta
 
 def _take(view: memoryview, pos: int, end: int, length: struct.Struct,
           what: str) -> tuple[memoryview, int]:
@@ -216,24 +233,14 @@ class BatchEnvelope:
         return t
 
     def pack(self) -> bytes:
-        device = self.device.encode()
-        if not 0 < len(device) < 256:
-            raise EnvelopeError("device id must be 1-255 bytes")
-        meta = json.dumps(self.meta, separators=(",", ":")).encode() if self.meta else b""
-        if len(meta) > MAX_META_BYTES:
-            raise EnvelopeError(f"meta is {len(meta)} bytes, limit {MAX_META_BYTES}")
-        if not 0 <= self.boundary < 256:
-            raise EnvelopeError(f"boundary {self.boundary} out of range 0-255")
+        device, meta = _packed_ids(self.device, self.meta, self.boundary)
         samples = np.ascontiguousarray(self.samples, SAMPLE_DTYPE)
         if not 0 < len(samples) <= MAX_BATCH:
             raise EnvelopeError(f"a batch holds 1-{MAX_BATCH} samples, not {len(samples)}")
         head = _BATCH_FIXED.pack(MAGIC, BATCH_VERSION, 0, self.boundary, 0, self.session,
                                  self.model_version, len(samples))
-        body = b"".join([
-            head, struct.pack("<B", len(device)), device, struct.pack("<H", len(meta)), meta,
-            samples.tobytes(), struct.pack("<I", len(self.payload)), self.payload,
-        ])
-        return body + struct.pack("<I", zlib.crc32(body))
+        return _sealed([head, _U8.pack(len(device)), device, _U16.pack(len(meta)), meta,
+                        samples.tobytes(), _U32.pack(len(self.payload)), self.payload])
 
     @classmethod
     def unpack(cls, data: bytes, max_payload: int = DEFAULT_MAX_PAYLOAD) -> BatchEnvelope:
@@ -253,9 +260,7 @@ class BatchEnvelope:
             raise EnvelopeError(f"unknown batch flags {flags:#04x}")
         if not 0 < count <= MAX_BATCH:
             raise EnvelopeError(f"batch declares {count} samples, limit 1-{MAX_BATCH}")
-        (crc,) = _U32.unpack_from(view, len(view) - 4)
-        if zlib.crc32(view[:-4]) != crc:
-            raise EnvelopeError("CRC mismatch: the message was corrupted")
+        _check_crc(view)
         end = len(view) - 4
         pos = _BATCH_FIXED.size
         device, pos = _take(view, pos, end, _U8, "device")
@@ -266,13 +271,7 @@ class BatchEnvelope:
         samples = np.frombuffer(view[pos:table_end], SAMPLE_DTYPE).copy()
         payload = _payload(view, table_end, end, max_payload)
         _check_samples(samples)
-        try:
-            device_id = bytes(device).decode()
-            meta = safejson.loads(bytes(meta_raw), allow_constants=True) if meta_raw else {}
-        except (UnicodeDecodeError, safejson.UnsafeJSONError) as exc:
-            raise EnvelopeError(f"undecodable device id or meta: {exc}") from None
-        if not isinstance(meta, dict):
-            raise EnvelopeError("meta must be a JSON object")
+        device_id, meta = _decoded_ids(device, meta_raw)
         return cls(device=device_id, session=session, model_version=model_version,
                    boundary=boundary, samples=samples, payload=bytes(payload), meta=meta)
 

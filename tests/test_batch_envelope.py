@@ -253,8 +253,8 @@ def test_pipeline_flushes_a_held_batch_on_its_time_bound() -> None:
 
     stages = [Stage("encode", encode_items, 8, batch=8, flush=flush, due_in=batcher.due_in),
               Stage("sink", sink, 8)]
+    t0 = time.monotonic()  # before the first item can reach the batcher
     pipe = Pipeline(source(), stages).start()
-    t0 = time.monotonic()
     try:
         assert done.wait(30), "the held batch was never flushed"
         assert time.monotonic() - t0 >= 0.05

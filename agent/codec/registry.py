@@ -24,7 +24,7 @@ from .errors import (
     SpecError,
     UnknownCodecError,
 )
-from .frame import FLAG_LZ4, MAX_NDIM, pack_frame, parse_frame
+from .frame import FLAG_LZ4, MAX_NDIM, RawFrame, pack_frame, parse_frame
 
 log = logging.getLogger(__name__)
 
@@ -200,13 +200,8 @@ def encode(array: np.ndarray, spec: str | CodecSpec) -> bytes:
     return pack_frame(codec.codec_id, flags, a.shape, codec.pack_params(spec), payload)
 
 
-def decode(frame: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
-    """Decode a frame to a writable float32 array of its original shape.
-
-    Raises only ``CodecError`` subclasses. ``max_bytes`` bounds the decoded array and is
-    checked from the header before anything is allocated or decompressed; intermediate
-    buffers are bounded by a small multiple of it (see each codec's ``max_payload_len``).
-    """
+def _parsed(frame: bytes | memoryview, max_bytes: int) -> tuple[RawFrame, Codec, CodecSpec]:
+    """A frame's header checked (CRC, size bound, known codec, LZ4 allowed), not decoded."""
     raw = parse_frame(frame, max_bytes)
     codec = _BY_ID.get(raw.codec_id)
     if codec is None:
@@ -214,7 +209,18 @@ def decode(frame: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
     lz4 = bool(raw.flags & FLAG_LZ4)
     if lz4 and not codec.allows_lz4:
         raise CorruptFrameError(f"codec {codec.name!r} frame has the LZ4 flag")
-    spec = CodecSpec(codec.name, codec.unpack_params(raw.params), lz4)
+    return raw, codec, CodecSpec(codec.name, codec.unpack_params(raw.params), lz4)
+
+
+def decode(frame: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
+    """Decode a frame to a writable float32 array of its original shape.
+
+    Raises only ``CodecError`` subclasses. ``max_bytes`` bounds the decoded array and is
+    checked from the header before anything is allocated or decompressed; intermediate
+    buffers are bounded by a small multiple of it (see each codec's ``max_payload_len``).
+    """
+    raw, codec, spec = _parsed(frame, max_bytes)
+    lz4 = spec.lz4
     if math.prod(raw.shape) == 0:
         if len(raw.payload):
             raise CorruptFrameError("payload present for an empty array")
@@ -263,14 +269,8 @@ def split_batch(frame: bytes | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES
     after 8-bit quantisation gains 1.0× on effnet-lite0's boundaries and ~1.2× on post-ReLU
     maps (docs/benchmarks.md), and compressing each sample again would cost about as
     much CPU as the rest of the split."""
-    raw = parse_frame(frame, max_bytes)
-    codec = _BY_ID.get(raw.codec_id)
-    if codec is None:
-        raise UnknownCodecError(f"unknown codec id {raw.codec_id}")
-    lz4 = bool(raw.flags & FLAG_LZ4)
-    if lz4 and not codec.allows_lz4:
-        raise CorruptFrameError(f"codec {codec.name!r} frame has the LZ4 flag")
-    spec = CodecSpec(codec.name, codec.unpack_params(raw.params), lz4)
+    raw, codec, spec = _parsed(frame, max_bytes)
+    lz4 = spec.lz4
     if not raw.shape or math.prod(raw.shape) == 0:
         raise CorruptFrameError(f"a batch frame needs a non-empty (N, ...) shape, not {raw.shape}")
     layout = codec.sample_layout(raw.shape, spec)
