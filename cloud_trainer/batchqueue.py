@@ -18,10 +18,12 @@ import time
 from collections import deque
 from typing import Generic, TypeVar
 
+from cloud_trainer.errors import KnetTrainerError
+
 T = TypeVar("T")
 
 
-class QueueFull(Exception):
+class QueueFull(KnetTrainerError):
     """``put`` timed out: the queue stayed at its bound."""
 
 
