@@ -277,12 +277,19 @@ class TrainingSection(BaseModel):
                                     "(GPipe) or decoupled by synthetic gradients")
     workers: int = Field(1, ge=1, le=64, description="worker processes (pipelined, "
                                                      "synthetic-gradients)")
+    device: Literal["cpu", "cuda"] = Field(
+        "cpu", description="where the from-labels modes train: 'cpu' (gloo between workers) "
+                           "or 'cuda' (NCCL, one GPU per worker: a node needs as many GPUs "
+                           "as it runs workers)")
 
     @model_validator(mode="after")
     def _workers(self) -> TrainingSection:
         if self.workers > 1 and self.mode not in ("pipelined", "synthetic-gradients"):
             raise ValueError(f"workers = {self.workers}: only for mode = pipelined or "
                              "synthetic-gradients")
+        if self.device != "cpu" and self.mode == "blockwise-kt":
+            raise ValueError(f"device = {self.device!r}: only for mode = backprop, pipelined "
+                             "or synthetic-gradients (blockwise-kt trains on the CPU)")
         return self
 
 

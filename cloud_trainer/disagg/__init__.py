@@ -8,10 +8,13 @@ KnowledgeNet uses them: a worker updates its blocks with a predicted gradient an
 waits for the true one). ``train_disaggregated`` runs one; ``WorkerFailed`` is what a
 killed or failing worker turns into. ``engine`` holds the loops, ``comm`` the links,
 ``synthetic`` the M blocks, ``partition`` the split of blocks over workers, ``launch`` the
-``torchrun`` side, ``worker`` its entry point, ``candidate`` the retraining hook.
+``torchrun`` side, ``worker`` its entry point, ``candidate`` the retraining hook,
+``placement`` the device (``TrainSpec.device``: ``cpu`` with gloo, ``cuda`` with NCCL).
 """
 
 from cloud_trainer.disagg.launch import TrainResult, WorkerFailed, train_disaggregated
+from cloud_trainer.disagg.placement import DeviceUnavailable
 from cloud_trainer.disagg.spec import MODES, Mode, TrainSpec
 
-__all__ = ["MODES", "Mode", "TrainResult", "TrainSpec", "WorkerFailed", "train_disaggregated"]
+__all__ = ["MODES", "DeviceUnavailable", "Mode", "TrainResult", "TrainSpec", "WorkerFailed",
+           "train_disaggregated"]

@@ -70,7 +70,7 @@ def train_from_labels(deployed: BlockModel, x: np.ndarray, labels: np.ndarray | 
                       progress: Callable[[str, int, int, float], None] | None = None,
                       stop: Callable[[], bool] | None = None) -> LabelledCandidate:
     """Train blocks ``boundary+1..N`` of a copy of ``deployed`` on the labelled rows of ``x``
-    (boundary-``boundary`` activations) as ``t.mode`` and ``t.workers`` say."""
+    (boundary-``boundary`` activations) as ``t.mode``, ``t.workers`` and ``t.device`` say."""
     n = deployed.num_blocks
     have = labels is not None and (labels >= 0).any()
     if not have:
@@ -92,7 +92,7 @@ def train_from_labels(deployed: BlockModel, x: np.ndarray, labels: np.ndarray | 
     tail = tail_of(deployed, boundary)
     steps = t.epochs * -(-len(xs) // min(t.batch_size, len(xs)))
     spec = TrainSpec(mode=t.mode, workers=t.workers, steps=steps, batch_size=t.batch_size,  # type: ignore[arg-type]
-                     lr=t.lr, seed=t.seed,
+                     lr=t.lr, seed=t.seed, device=t.device,
                      frozen=tuple(i - boundary for i in frozen if i > boundary))
     before = chain_loss(tail, xs, ys)
     log.info("training blocks %s from %d labelled samples (%d unlabelled left out): %s, "
@@ -103,7 +103,7 @@ def train_from_labels(deployed: BlockModel, x: np.ndarray, labels: np.ndarray | 
     for k in range(1, res.model.num_blocks + 1):
         out.block(boundary + k).load_state_dict(res.model.block(k).state_dict())
     after = chain_loss(res.model, xs, ys)
-    info = {"mode": t.mode, "workers": res.spec.workers, "steps": steps,
+    info = {"mode": t.mode, "workers": res.spec.workers, "device": t.device, "steps": steps,
             "labelled": len(xs), "unlabelled": int((~keep).sum()),
             "partition": [[boundary + a, boundary + b] for a, b in res.ranges],
             "synthetic_boundaries": [boundary + i for i in res.spec.boundaries or ()],

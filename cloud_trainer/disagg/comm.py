@@ -9,6 +9,12 @@ Why a receiver thread for the synthetic-gradient mode: a gloo ``irecv`` only com
 tell whether a gradient has arrived. The thread waits instead of the training loop, and the
 loop takes whatever has arrived from a queue without blocking, which is the whole point of
 decoupling: the worker is never locked on the backward pass of the blocks above it.
+
+On GPUs (NCCL) every buffer lives on the worker's device, and a wait means the transfer has
+*completed* (polled with ``Work.is_completed()``), not only that the CUDA stream will wait
+for it as NCCL's ``Work.wait()`` alone would: so a gradient the receiver thread hands over
+has arrived, back-pressure bounds the sends in flight, and the measured waits are real on
+either backend.
 """
 
 from __future__ import annotations
@@ -38,10 +44,13 @@ class Links:
     Must be built on every rank in the same order (``dist.new_group`` is collective).
     ``window`` bounds the sends in flight per direction: the sender waits on its oldest
     send beyond it, which bounds memory and how far a worker runs ahead of its neighbour.
+    Receive buffers are allocated on ``device`` (the tensors sent must be on it too).
     """
 
-    def __init__(self, stats: RankStats, window: int) -> None:
+    def __init__(self, stats: RankStats, window: int,
+                 device: torch.device | None = None) -> None:
         self.stats = stats
+        self.device = torch.device("cpu") if device is None else device
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.prev = self.rank - 1 if self.rank > 0 else None
@@ -80,7 +89,7 @@ class Links:
 
     def _post(self, shape: tuple[int, ...]) -> None:
         if self._forward_left > 0:
-            buf = torch.empty(shape)
+            buf = torch.empty(shape, device=self.device)
             self._posted.append((dist.irecv(buf, self.prev), buf))
             self._forward_left -= 1
 
@@ -92,7 +101,7 @@ class Links:
     def recv_backward(self, shape: tuple[int, ...]) -> torch.Tensor:
         """Blocking receive of a gradient (pipelined backprop: the block waits for it)."""
         assert self.next is not None
-        buf = torch.empty(shape)
+        buf = torch.empty(shape, device=self.device)
         t0 = time.perf_counter()
         self._wait(dist.irecv(buf, self.next, group=self._backward[self.rank]), "gradient")
         self.stats.backward_wait_s += time.perf_counter() - t0
@@ -106,9 +115,14 @@ class Links:
 
         def receive() -> None:
             try:
+                if self.device.type == "cuda":
+                    torch.cuda.set_device(self.device)  # the current GPU is per thread
                 for i in range(count):
-                    buf = torch.empty(shape)
-                    dist.recv(buf, self.next, group=group)
+                    buf = torch.empty(shape, device=self.device)
+                    if self.device.type == "cuda":
+                        _completed(dist.irecv(buf, self.next, group=group))
+                    else:
+                        dist.recv(buf, self.next, group=group)
                     self._arrived.put((i, buf))
             except BaseException as exc:  # the peer died: tell the training loop
                 self._arrived.put(exc)
@@ -159,7 +173,10 @@ class Links:
 
     def _wait(self, work: dist.Work, what: str) -> None:
         try:
-            work.wait()
+            if self.device.type == "cuda":
+                _completed(work)
+            else:
+                work.wait()
         except RuntimeError as exc:
             raise PeerLost(f"rank {self.rank}: {what} link failed: {exc}") from exc
 
@@ -170,3 +187,14 @@ class Links:
                 self._wait(pending.popleft()[0], "send")
         if self._receiver is not None:
             self._receiver.join()
+
+
+def _completed(work: dist.Work) -> None:
+    """Wait until an NCCL operation has completed on the GPU (its ``wait()`` only orders the
+    current CUDA stream after it); raises its error. NCCL's watchdog ends a rank whose
+    operation outlives the process group's timeout."""
+    delay = 1e-5
+    while not work.is_completed():
+        time.sleep(delay)
+        delay = min(2 * delay, 1e-3)
+    work.wait()

@@ -21,6 +21,12 @@ stream and a balanced worker does not wait on them in the steady state.
 
 All ranks draw the same batches (one generator from the seed), so labels are never sent:
 only activations forward and gradients backward cross a link.
+
+Everything a rank computes with lives on its device (``placement.worker_device``): its
+blocks (moved there before their optimisers exist, so the optimiser state is there too),
+its M blocks, each batch and its labels (drawn and shifted on the CPU, as on every rank,
+then moved) and the links' receive buffers. Snapshots of the weights are CPU copies: they
+are written back with ``torch.save`` and loaded into the trainer's CPU model.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from torch import nn
 
 from cloud_trainer.blocks import BlockModel
 from cloud_trainer.disagg.comm import Links
+from cloud_trainer.disagg.placement import worker_device
 from cloud_trainer.disagg.spec import RankStats, TrainSpec
 from cloud_trainer.disagg.synthetic import SyntheticGradient, SyntheticGradientTrainer
 from cloud_trainer.train import random_shift
@@ -70,7 +77,8 @@ def trainable_below(model: BlockModel, frozen: tuple[int, ...]) -> list[bool]:
 
 
 def snapshot(module: nn.Module) -> State:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    """A CPU copy of ``module``'s state (wherever the module is)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
 @dataclass
@@ -88,15 +96,18 @@ class RankResult:
 
 
 class Stage:
-    """Blocks ``first..last`` of ``model`` on this worker, with their optimisers and M blocks."""
+    """Blocks ``first..last`` of ``model`` on this worker, with their optimisers and M blocks,
+    all on ``device`` (the other blocks stay where they are)."""
 
-    def __init__(self, model: BlockModel, first: int, last: int, spec: TrainSpec) -> None:
+    def __init__(self, model: BlockModel, first: int, last: int, spec: TrainSpec,
+                 device: torch.device) -> None:
         self.model, self.first, self.last, self.spec = model, first, last, spec
+        self.device = device
         self.n = model.num_blocks
         self.below = trainable_below(model, spec.frozen)
         self.opts: dict[int, tuple[torch.optim.Optimizer, Any]] = {}
         for i in range(first, last + 1):
-            block = model.block(i)
+            block = model.block(i).to(device)
             if i in spec.frozen:
                 block.eval().requires_grad_(False)
                 continue
@@ -111,7 +122,7 @@ class Stage:
         for i in sorted(cuts):
             if first <= i <= last and i < self.n and self.below[i]:
                 m = SyntheticGradient(model.boundary_shapes[i], model.num_classes,
-                                      spec.conditioned, spec.m_hidden, spec.m_layers)
+                                      spec.conditioned, spec.m_hidden, spec.m_layers).to(device)
                 self.sg[i] = SyntheticGradientTrainer(m, spec.m_lr)
         # runs of blocks trained by backprop between two decoupled boundaries
         ends = sorted({i for i in cuts if first <= i < last} | {last})
@@ -150,9 +161,13 @@ class Stage:
 
 
 class Data:
-    """Batches for this rank: inputs only where the first block runs, labels everywhere."""
+    """Batches for this rank: inputs only where the first block runs, labels everywhere;
+    drawn on the CPU (the same on every rank), handed out on ``device`` (default: the
+    spec's, ``placement.worker_device``)."""
 
-    def __init__(self, x: np.ndarray | None, y: np.ndarray, spec: TrainSpec) -> None:
+    def __init__(self, x: np.ndarray | None, y: np.ndarray, spec: TrainSpec,
+                 device: torch.device | None = None) -> None:
+        self.device = worker_device(spec) if device is None else device
         self.x = None if x is None else torch.from_numpy(np.array(x, np.float32))
         self.y = torch.from_numpy(np.array(y, np.int64))
         self.idx = batches(len(self.y), spec.batch_size, spec.steps, spec.seed)
@@ -165,12 +180,13 @@ class Data:
         return int(self.idx.shape[1])
 
     def labels(self, t: int) -> torch.Tensor:
-        return self.y[self.idx[t]]
+        return self.y[self.idx[t]].to(self.device)
 
     def inputs(self, t: int) -> torch.Tensor:
         assert self.x is not None, "only the first worker reads inputs"
         xb = self.x[self.idx[t]]
-        return random_shift(xb, self.shift, self.gen) if self.shift else xb
+        xb = random_shift(xb, self.shift, self.gen) if self.shift else xb
+        return xb.to(self.device)
 
     def micro(self, t: int) -> list[slice]:
         sizes = [len(c) for c in torch.arange(self.batch_size).tensor_split(self.parts)]
@@ -185,8 +201,11 @@ class Data:
 def train_rank(model: BlockModel, first: int, last: int, data: Data, spec: TrainSpec,
                links: Links | None, stats: RankStats, on_step: StepHook | None = None,
                stop: Callable[[], bool] | None = None) -> RankResult:
-    """Train blocks ``first..last`` of ``model`` (in place) for ``spec.steps`` steps."""
-    stage = Stage(model, first, last, spec)
+    """Train blocks ``first..last`` of ``model`` (in place, moved to ``data.device``) for
+    ``spec.steps`` steps; the links, if any, must be on the same device."""
+    if links is not None and links.device != data.device:
+        raise ValueError(f"links on {links.device}, data on {data.device}")
+    stage = Stage(model, first, last, spec, data.device)
     result = RankResult(stats.rank, (first, last), {})
     loop = _sg_loop if spec.mode == "synthetic-gradients" else _pipelined_loop
     t0, c0 = time.perf_counter(), time.thread_time()

@@ -10,6 +10,9 @@ the launcher, which stops its workers).
 A worker that dies (killed, out of memory, an exception) makes ``torchrun`` stop the others
 and exit non-zero; ``WorkerFailed`` then names the rank, its blocks and how it ended, and
 nothing trained is returned, so a caller's registry stays as it was.
+
+``device = "cuda"`` is checked here, before anything starts: ``DeviceUnavailable`` if torch
+sees no GPU, or fewer GPUs than this machine's workers (NCCL: one GPU per rank).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from cloud_trainer.disagg.partition import (
     ranges,
     step_costs,
 )
+from cloud_trainer.disagg.placement import check_device
 from cloud_trainer.disagg.spec import TrainSpec
 from cloud_trainer.errors import KnetTrainerError
 
@@ -119,10 +123,13 @@ def train_disaggregated(model: BlockModel, x: np.ndarray, y: np.ndarray, spec: T
     One worker (or ``backprop``) runs here; more run as ``torchrun`` workers on this machine
     (``nnodes = 1``) or this machine's share of them (the other nodes run the same
     ``torchrun_command`` against the same ``workdir`` and ``rdzv_endpoint``).
-    Raises ``WorkerFailed`` if a worker fails and ``TrainingInterrupted`` on ``stop``.
+    Raises ``DeviceUnavailable`` before starting anything if ``spec.device`` is ``cuda`` and
+    this machine lacks a GPU per worker, ``WorkerFailed`` if a worker fails and
+    ``TrainingInterrupted`` on ``stop``.
     """
     t0 = time.perf_counter()
     spec, rs = resolve(model, spec)
+    check_device(spec, -(-spec.workers // nnodes) if spec.workers > 1 else 1)  # per node
     if spec.workers == 1:
         def on_step(step: int, loss: float) -> None:
             if progress is not None and (step % 10 == 0 or step == spec.steps):

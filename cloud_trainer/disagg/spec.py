@@ -12,6 +12,8 @@ from typing import Any, Literal
 Mode = Literal["backprop", "pipelined", "synthetic-gradients"]
 MODES: tuple[Mode, ...] = ("backprop", "pipelined", "synthetic-gradients")
 Decouple = Literal["workers", "blocks"]
+Device = Literal["cpu", "cuda"]
+DEVICES: tuple[Device, ...] = ("cpu", "cuda")
 
 
 @dataclass
@@ -31,6 +33,8 @@ class TrainSpec:
     ``partition``: the first block of every worker (None: balanced by measured cost).
     ``optimizer``/``clip``: Adam (the measured default) or SGD with Nesterov momentum, and an
     optional gradient-norm clip per block; ``m_hidden``/``m_layers`` size the M blocks.
+    ``device``: where every worker computes — ``cpu`` (gloo) or ``cuda`` (NCCL, one GPU per
+    worker: ``cuda:{LOCAL_RANK}``); ``backend`` follows from it.
     ``delay_s``: extra seconds per step on some ranks (simulates a slow worker in tests).
     ``trust``: scale a block's learning rate by its M block's running cosine similarity
     (``SyntheticGradientTrainer.trust``): a block moves as fast as the gradients it gets
@@ -62,6 +66,7 @@ class TrainSpec:
     delay_s: dict[int, float] = field(default_factory=dict)
     threads: int = 1
     timeout_s: float = 300.0  # a link that stays silent this long fails the run
+    device: Device = "cpu"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -72,6 +77,13 @@ class TrainSpec:
             raise ValueError("backprop is the single-process reference: workers = 1")
         if self.max_lead < 1 or self.microbatches < 1:
             raise ValueError("max_lead and microbatches must be at least 1")
+        if self.device not in DEVICES:
+            raise ValueError(f"device {self.device!r}: choose from {', '.join(DEVICES)}")
+
+    @property
+    def backend(self) -> str:
+        """The ``torch.distributed`` backend of the workers: NCCL on GPUs, gloo on CPUs."""
+        return "nccl" if self.device == "cuda" else "gloo"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,9 +1,14 @@
 """One worker of a disaggregated run: ``torchrun ... -m cloud_trainer.disagg.worker JOB_DIR``.
 
 Reads the job the trainer wrote, joins the process group, trains its blocks and writes them
-back as ``rank-<r>.pt``. It writes its pid first (``rank-<r>.pid``: an operator, or a test,
-can find the process of a rank) and, on an exception, the traceback (``rank-<r>.error``).
+back as ``rank-<r>.pt`` (CPU tensors, whichever device it trained on). It writes its pid
+first (``rank-<r>.pid``: an operator, or a test, can find the process of a rank) and, on an
+exception, the traceback (``rank-<r>.error``).
 The last rank reports progress in ``progress.json`` for the trainer to show.
+
+Its backend and device follow ``TrainSpec.device``: gloo on the CPU, or NCCL with this
+worker on ``cuda:{LOCAL_RANK}`` (checked again here: a node of a many-node run may have
+fewer GPUs than the trainer's).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch.distributed as dist
 
 from cloud_trainer.disagg.comm import Links
 from cloud_trainer.disagg.engine import Data, train_rank
+from cloud_trainer.disagg.placement import check_device, worker_device
 from cloud_trainer.disagg.spec import RankStats, TrainSpec
 
 log = logging.getLogger("cloud_trainer.disagg.worker")
@@ -54,7 +60,14 @@ def run(job: Path, rank: int) -> None:
     model = spec_d["model"]
     torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=spec.timeout_s))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    check_device(spec, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    device = worker_device(spec, local_rank)
+    barrier: dict[str, list[int]] = {}
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        barrier = {"device_ids": [local_rank]}  # NCCL's barrier on this rank's own GPU
+    dist.init_process_group(spec.backend, timeout=timedelta(seconds=spec.timeout_s))
     if dist.get_world_size() != len(rs):
         raise RuntimeError(f"{dist.get_world_size()} workers joined, the job has {len(rs)}")
     a, b = rs[rank]
@@ -62,17 +75,17 @@ def run(job: Path, rank: int) -> None:
     y = np.load(job / "y.npy")
     stats = RankStats(rank=rank, blocks=(a, b))
     links = Links(stats, spec.max_lead if spec.mode == "synthetic-gradients"
-                  else spec.max_lead * spec.microbatches)
-    data = Data(x, y, spec)
+                  else spec.max_lead * spec.microbatches, device)
+    data = Data(x, y, spec, device)
     write = ProgressFile(job)
     on_step = write if b == model.num_blocks else None
-    log.info("rank %d/%d: blocks %d-%d, %s, %d steps", rank, len(rs), a, b, spec.mode,
-             spec.steps)
-    dist.barrier()  # the loops start together: loop_s is comparable between ranks
+    log.info("rank %d/%d: blocks %d-%d, %s, %d steps on %s (%s)", rank, len(rs), a, b,
+             spec.mode, spec.steps, device, spec.backend)
+    dist.barrier(**barrier)  # the loops start together: loop_s is comparable between ranks
     result = train_rank(model, a, b, data, spec, links, stats, on_step)
     links.flush()
     result.stats = stats.to_dict()
-    dist.barrier()
+    dist.barrier(**barrier)
     if on_step is not None and result.losses:
         write(spec.steps, result.losses[-1], True)
     tmp = job / f"rank-{rank}.tmp"
