@@ -103,6 +103,8 @@ _ADD_TOTALS = (
     "ON CONFLICT (device) DO UPDATE SET count = count + excluded.count, "
     "bytes = bytes + excluded.bytes"
 )
+# json.dumps(meta, separators=(",", ":")) without building an encoder per call
+_meta_json = json.JSONEncoder(separators=(",", ":")).encode
 # One row of the samples table as ``add_rows`` takes it: the columns of ``_INSERT``.
 Row = tuple[Any, ...]
 
@@ -536,7 +538,7 @@ def batch_rows(env: BatchEnvelope, frames: Sequence[bytes], shape: tuple[int, ..
     device, session = env.device, _to_i64(env.session)
     model, version, boundary = _model_id(base), env.model_version, env.boundary
     shape_col = None if shape is None else ",".join(map(str, shape))
-    base_json = json.dumps(base, separators=(",", ":")) if base else None
+    base_json = _meta_json(base) if base else None
     # {**base, "index": i} as json.dumps writes it: base's text with the key appended
     # (where base has its own "index" the key keeps its place: dumped per sample).
     head = (base_json[:-1] + ',"index":') if base_json else '{"index":'
@@ -550,7 +552,7 @@ def batch_rows(env: BatchEnvelope, frames: Sequence[bytes], shape: tuple[int, ..
         meta: str | None = base_json
         if flags & FLAG_INDEX:
             meta = (f"{head}{index}}}" if splice else
-                    json.dumps({**base, "index": index}, separators=(",", ":")))
+                    _meta_json({**base, "index": index}))
         append((device, session, _to_i64(seq), ts, received_at, model, version, boundary,
                 label if flags & FLAG_LABEL else None, pred if flags & FLAG_PRED else None,
                 conf if flags & FLAG_CONF and conf == conf else None, shape_col, meta,
@@ -569,7 +571,7 @@ def _row(e: Envelope, received_at: float, shape: tuple[int, ...] | None = _UNREA
         _model_id(e.meta), e.model_version, e.boundary, e.label, e.prediction,
         None if e.confidence is None or e.confidence != e.confidence else e.confidence,
         None if shape is None else ",".join(map(str, shape)),
-        json.dumps(e.meta, separators=(",", ":")) if e.meta else None,
+        _meta_json(e.meta) if e.meta else None,
         len(e.payload), e.payload,
     )
 
