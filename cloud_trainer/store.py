@@ -543,18 +543,20 @@ def batch_rows(env: BatchEnvelope, frames: Sequence[bytes], shape: tuple[int, ..
     # (where base has its own "index" the key keeps its place: dumped per sample).
     head = (base_json[:-1] + ',"index":') if base_json else '{"index":'
     splice = "index" not in base
+    records = env.samples.tolist()
+    pairs: Iterable[tuple[Any, bytes]] = zip(records, frames, strict=True)
+    if keep is not None:
+        pairs = (p for p, ok in zip(pairs, keep, strict=True) if ok)
     rows: list[Row] = []
     append = rows.append
-    for i, ((seq, ts, index, label, pred, conf, flags), frame) in enumerate(
-            zip(env.samples.tolist(), frames, strict=True)):
-        if keep is not None and not keep[i]:
-            continue
+    for (seq, ts, index, label, pred, conf, flags), frame in pairs:
         meta: str | None = base_json
         if flags & FLAG_INDEX:
             meta = (f"{head}{index}}}" if splice else
                     _meta_json({**base, "index": index}))
-        append((device, session, _to_i64(seq), ts, received_at, model, version, boundary,
-                label if flags & FLAG_LABEL else None, pred if flags & FLAG_PRED else None,
+        append((device, session, seq - _U64 if seq >= _U63 else seq, ts, received_at, model,
+                version, boundary, label if flags & FLAG_LABEL else None,
+                pred if flags & FLAG_PRED else None,
                 conf if flags & FLAG_CONF and conf == conf else None, shape_col, meta,
                 len(frame), frame))
     return rows
