@@ -21,7 +21,9 @@ Design points:
   the rows, so quotas stay exact even with two ingestor processes writing one file (WAL +
   ``busy_timeout`` + ``BEGIN IMMEDIATE``): ``add_rows`` adds one batch's new rows with one
   upsert per device (schema version 2; version 1's per-row insert trigger cost an upsert
-  per sample), a trigger subtracts deleted rows.
+  per sample), a trigger subtracts deleted rows. Opening a version-1 file upgrades it, and
+  version-1 builds refuse it from then on: stop every older writer of a shared file first
+  (one still running would insert without counting).
 * "Oldest" means lowest rowid (insertion order, which is arrival order).
 * SQLite integers are signed 64-bit; the envelope's ``session``/``seq`` are unsigned 64-bit,
   so they are stored in two's complement and mapped back (ordering above 2**63 is lost,
