@@ -51,13 +51,15 @@ MAGIC = b"KNAE"
 VERSION = 1
 _FIXED = struct.Struct("<4sBBBBQQdIiif")
 _U8, _U16, _U32 = struct.Struct("<B"), struct.Struct("<H"), struct.Struct("<I")
-_FLAG_LABEL, _FLAG_PRED, _FLAG_CONF = 1, 2, 4
+# Which optional fields a message or a batch's sample record carries (its ``flags``).
+FLAG_LABEL, FLAG_PRED, FLAG_CONF, FLAG_INDEX = 1, 2, 4, 8
+_FLAG_LABEL, _FLAG_PRED, _FLAG_CONF = FLAG_LABEL, FLAG_PRED, FLAG_CONF
 MAX_META_BYTES = 4096
 DEFAULT_MAX_PAYLOAD = 16 * 1024 * 1024
 BATCH_VERSION = 2
 MAX_BATCH = 4096  # samples in one batch envelope: bounds the table a header may declare
 _BATCH_FIXED = struct.Struct("<4sBBBBQII")
-_FLAG_INDEX = 8
+_FLAG_INDEX = FLAG_INDEX
 SAMPLE_DTYPE = np.dtype([("seq", "<u8"), ("timestamp", "<f8"), ("index", "<i8"),
                          ("label", "<i4"), ("prediction", "<i4"), ("confidence", "<f4"),
                          ("flags", "u1")])  # packed: 37 bytes a sample

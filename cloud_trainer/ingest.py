@@ -5,7 +5,7 @@ Data path::
     paho network thread (on_message)            writer thread
     ─ parse topic, Envelope.unpack,    bounded   ─ take a batch (group commit: batch_size,
       codec frame check, shape check ─ queue ──▶   or batch_wait_s after its oldest message)
-    ─ bad: count per device/reason,              ─ store.add_many (one transaction)
+    ─ bad: count per device/reason,              ─ store.add_rows (one transaction)
       ack token only                             ─ then PUBACK every message of the batch,
                                                    in the order they arrived, in one write
 
@@ -49,9 +49,11 @@ Guarantees and why:
   "decode"``), shape and model are checked once per batch; finiteness per sample, so one
   NaN sample is refused alone. The batch is cut into per-sample frames
   (``agent.codec.split_batch``) and its samples go into the store in the same transaction
-  (``add_many``), each under its own ``(device, session, seq)``: a replayed batch stores
-  nothing twice. Counters count samples: ``received`` grows by N and a batch-wide refusal
-  counts N under its reason, so received == stored + duplicates + rejected at rest.
+  (``add_rows``; their rows are made straight from the batch's sample table, shared fields
+  and meta JSON once a batch: ``cloud_trainer.store.batch_rows``), each under its own
+  ``(device, session, seq)``: a replayed batch stores nothing twice.
+  Counters count samples: ``received`` grows by N and a batch-wide refusal counts N under
+  its reason, so received == stored + duplicates + rejected at rest.
 * **Never crash on input.** Every failure of a message is caught, counted in
   ``stats.bad[device][reason]`` and logged at most once per ``log_interval_s`` per
   (device, reason). A failing store (disk full, lock timeout) is retried with back-off;
@@ -61,6 +63,7 @@ Guarantees and why:
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import threading
 import time
@@ -97,7 +100,7 @@ from agent.wire.control import ControlMessageError
 from cloud_trainer.batchqueue import BatchQueue, QueueFull
 from cloud_trainer.fleet import FleetTable
 from cloud_trainer.partition import DevicePartition
-from cloud_trainer.store import SampleStore
+from cloud_trainer.store import Row, SampleStore, batch_rows, rows_of
 
 log = logging.getLogger(__name__)
 
@@ -209,9 +212,22 @@ class IngestStats:
 
 
 @dataclass(frozen=True)
+class _Batch:
+    """The samples of a batch envelope that passed, kept whole: the writer makes their rows
+    straight from its sample table (``cloud_trainer.store.batch_rows``), no per-sample
+    ``Envelope``."""
+
+    env: BatchEnvelope
+    frames: list[bytes]  # one per sample of env, from split_batch
+    shape: tuple[int, ...]  # every sample's frame's
+    keep: list[bool] | None  # None: every sample; else False for those refused
+    count: int  # samples kept
+
+
+@dataclass(frozen=True)
 class _Item:
-    """One received QoS>0 message waiting for its PUBACK; ``samples`` empty: ack only (a
-    version-1 envelope is one sample, a batch those of its samples that passed)."""
+    """One received QoS>0 message waiting for its PUBACK; no samples and no batch: ack only
+    (a version-1 envelope is one sample, a batch those of its samples that passed)."""
 
     mid: int
     qos: int
@@ -219,11 +235,13 @@ class _Item:
     samples: tuple[Envelope, ...] = ()
     size: int = 0
     shapes: tuple[tuple[int, ...], ...] = ()  # each sample's frame's, read by the validation
+    batch: _Batch | None = None
 
 
-# What the validation keeps of one message: the samples to store and their frames' shapes.
-_Accepted = tuple[tuple[Envelope, ...], tuple[tuple[int, ...], ...]]
-_NOTHING: _Accepted = ((), ())
+# What the validation keeps of one message: version-1 samples to store and their frames'
+# shapes, or a batch envelope's.
+_Accepted = tuple[tuple[Envelope, ...], tuple[tuple[int, ...], ...], _Batch | None]
+_NOTHING: _Accepted = ((), (), None)
 
 
 class _RateLimitedLog:
@@ -378,9 +396,9 @@ class Ingestor:
             self._bad(device, "internal", repr(exc)[:200], act=leaf == "act")
             accepted = _NOTHING
         if msg.qos:
-            samples, shapes = accepted
+            samples, shapes, batch = accepted
             self._put(_Item(msg.mid, msg.qos, self._generation, samples, len(msg.payload),
-                            shapes))
+                            shapes, batch))
 
     def _put(self, item: _Item) -> None:
         while True:
@@ -436,8 +454,8 @@ class Ingestor:
         else:
             self.stats.received += 1
             one = self._accept_one(device, parsed)
-            kept = ((one[0],), (one[1],)) if one is not None else _NOTHING
-        if kept[0]:
+            kept = ((one[0],), (one[1],), None) if one is not None else _NOTHING
+        if kept[0] or kept[2]:
             self.fleet.seen(device, now)
         return kept
 
@@ -500,7 +518,7 @@ class Ingestor:
 
     def _accept_batch(self, device: str, env: BatchEnvelope) -> _Accepted:
         """A version-2 envelope: checked once as a whole, then finiteness per sample; the
-        per-sample envelopes to store."""
+        batch with the samples to store."""
         s, n = self.settings, len(env)
         self.stats.received += n
         self.stats.batch_messages += 1
@@ -525,16 +543,17 @@ class Ingestor:
             return _NOTHING
         if not self._shape_ok(device, env, (1, *split.shape[1:]), n):
             return _NOTHING
-        samples = tuple(env.envelopes(split.frames))
-        one = (1, *split.shape[1:])
+        keep: list[bool] | None = None
         if split.array is not None:
             finite = np.isfinite(split.array.reshape(n, -1)).all(axis=1)
             if not finite.all():
                 bad = int(n - finite.sum())
                 self._bad(device, "non_finite", f"{bad} of {n} samples at boundary "
                                                 f"{env.boundary} hold NaN or Inf", n=bad)
-                samples = tuple(e for e, ok in zip(samples, finite.tolist(), strict=True) if ok)
-        return samples, (one,) * len(samples)
+                if bad == n:
+                    return _NOTHING
+                keep, n = finite.tolist(), n - bad
+        return (), (), _Batch(env, split.frames, (1, *split.shape[1:]), keep, n)
 
     def _fleet_message(self, kind: TopicKind, device: str, data: bytes, now: float) -> None:
         """A device's state or birth into the fleet table; refused ones counted by reason."""
@@ -581,23 +600,32 @@ class Ingestor:
                 self._busy = False
 
     def _commit(self, batch: list[_Item]) -> bool:
-        envs = [e for i in batch for e in i.samples]
-        shapes = [shape for i in batch for shape in i.shapes]
+        now = time.time()
+        rows: list[Row] = []
+        newest = -math.inf
+        for i in batch:
+            if i.batch is not None:
+                b = i.batch
+                rows += batch_rows(b.env, b.frames, b.shape, now, b.keep)
+                newest = max(newest, float(b.env.samples["timestamp"].max()))
+            elif i.samples:
+                rows += rows_of(i.samples, now, i.shapes)
+                newest = max(newest, max(e.timestamp for e in i.samples))
         try:
-            inserted = self.store.add_many(envs, shapes=shapes) if envs else 0
+            inserted = self.store.add_rows(rows) if rows else 0
         except Exception as exc:
             self.stats.store_errors += 1
             log.error("sample store write of %d samples failed (retrying, nothing acked): %s",
-                      len(envs), exc)
+                      len(rows), exc)
             return False
         st = self.stats
-        if envs:
+        if rows:
             st.last_commit = time.time()
-            st.lag_s = st.last_commit - max(e.timestamp for e in envs)
+            st.lag_s = st.last_commit - newest
         st.batches += 1
         st.stored += inserted
-        st.duplicates += len(envs) - inserted
-        st.bytes_committed += sum(i.size for i in batch if i.samples)
+        st.duplicates += len(rows) - inserted
+        st.bytes_committed += sum(i.size for i in batch if i.samples or i.batch)
         with self._ack_lock:
             generation = self._generation
             current = [i for i in batch if i.generation == generation]

@@ -17,9 +17,13 @@ Design points:
 * ``UNIQUE(device, session, seq)`` makes inserts idempotent: a redelivered QoS 1 message or
   a device's re-send after reconnect is ignored, which is what makes at-least-once
   delivery exactly-once in the store.
-* Per-device totals are kept in a ``device_totals`` table by triggers, inside the same
-  transaction as the rows, so quotas stay exact even with two ingestor processes writing
-  one file (WAL + ``busy_timeout`` + ``BEGIN IMMEDIATE``).
+* Per-device totals are kept in a ``device_totals`` table inside the same transaction as
+  the rows, so quotas stay exact even with two ingestor processes writing one file (WAL +
+  ``busy_timeout`` + ``BEGIN IMMEDIATE``): ``add_rows`` adds one batch's new rows with one
+  upsert per device (schema version 2; version 1's per-row insert trigger cost an upsert
+  per sample), a trigger subtracts deleted rows. Opening a version-1 file upgrades it, and
+  version-1 builds refuse it from then on: stop every older writer of a shared file first
+  (one still running would insert without counting).
 * "Oldest" means lowest rowid (insertion order, which is arrival order).
 * SQLite integers are signed 64-bit; the envelope's ``session``/``seq`` are unsigned 64-bit,
   so they are stored in two's complement and mapped back (ordering above 2**63 is lost,
@@ -44,12 +48,12 @@ import numpy as np
 
 from agent.codec import CodecError, decode
 from agent.codec.frame import peek_shape
-from agent.envelope import Envelope
+from agent.envelope import FLAG_CONF, FLAG_INDEX, FLAG_LABEL, FLAG_PRED, BatchEnvelope, Envelope
 from cloud_trainer.errors import KnetTrainerError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: device_totals kept by a per-row insert trigger
 FILE_NAME = "samples.sqlite3"
 _U63 = 1 << 63
 _U64 = 1 << 64
@@ -83,10 +87,6 @@ CREATE TABLE IF NOT EXISTS device_totals (
     count  INTEGER NOT NULL,
     bytes  INTEGER NOT NULL
 );
-CREATE TRIGGER IF NOT EXISTS samples_ins AFTER INSERT ON samples BEGIN
-    INSERT INTO device_totals (device, count, bytes) VALUES (NEW.device, 1, NEW.size)
-    ON CONFLICT (device) DO UPDATE SET count = count + 1, bytes = bytes + NEW.size;
-END;
 CREATE TRIGGER IF NOT EXISTS samples_del AFTER DELETE ON samples BEGIN
     UPDATE device_totals SET count = count - 1, bytes = bytes - OLD.size
     WHERE device = OLD.device;
@@ -100,6 +100,15 @@ _INSERT = (
     "model_version, boundary, label, prediction, confidence, shape, meta, size, payload) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_ADD_TOTALS = (
+    "INSERT INTO device_totals (device, count, bytes) VALUES (?, ?, ?) "
+    "ON CONFLICT (device) DO UPDATE SET count = count + excluded.count, "
+    "bytes = bytes + excluded.bytes"
+)
+# json.dumps(meta, separators=(",", ":")) without building an encoder per call
+_meta_json = json.JSONEncoder(separators=(",", ":")).encode
+# One row of the samples table as ``add_rows`` takes it: the columns of ``_INSERT``.
+Row = tuple[Any, ...]
 
 
 class StoreError(KnetTrainerError, RuntimeError):
@@ -152,7 +161,6 @@ class Sample:
 class SampleStore(ABC):
     """What the ingestor and the trainer need from a sample store, and nothing more."""
 
-    @abstractmethod
     def add_many(self, envelopes: Iterable[Envelope], received_at: float | None = None,
                  shapes: Sequence[tuple[int, ...] | None] | None = None) -> int:
         """Insert in one transaction; duplicates of (device, session, seq) are ignored.
@@ -162,6 +170,12 @@ class SampleStore(ABC):
         ``shapes``: each payload's frame shape when the caller already parsed the frames
         (the ingestor does, to validate them), so that the store does not parse them again.
         """
+        return self.add_rows(rows_of(envelopes, received_at, shapes))
+
+    @abstractmethod
+    def add_rows(self, rows: Sequence[Row]) -> int:
+        """``add_many`` of rows already built (``rows_of``, ``batch_rows``): the ingestor
+        builds a batch envelope's rows straight from its sample table."""
 
     def add(self, envelope: Envelope, received_at: float | None = None) -> bool:
         """Insert one envelope; True when it was new."""
@@ -298,12 +312,15 @@ class SQLiteSampleStore(SampleStore):
     def _init_schema(self) -> None:
         db = self._db
         version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
+        if version not in (0, 1, SCHEMA_VERSION):
             raise StoreError(f"{self.path}: schema version {version}, this build reads "
                              f"{SCHEMA_VERSION}")
         with self._txn(db):
             for stmt in _split_sql(_SCHEMA):
                 db.execute(stmt)
+            # Version 1 kept the totals by a per-row trigger; add_rows keeps them now. A
+            # version-1 build refuses the file from here on, so none re-creates it.
+            db.execute("DROP TRIGGER IF EXISTS samples_ins")
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     class _Txn:
@@ -332,17 +349,17 @@ class SQLiteSampleStore(SampleStore):
                 log.debug("closing a store connection failed", exc_info=True)
 
     # -- writing ---------------------------------------------------------------------------
-    def add_many(self, envelopes: Iterable[Envelope], received_at: float | None = None,
-                 shapes: Sequence[tuple[int, ...] | None] | None = None) -> int:
-        rows = rows_of(envelopes, received_at, shapes)
+    def add_rows(self, rows: Sequence[Row]) -> int:
         if not rows:
             return 0
         db = self._db
         with self._write_lock, self._txn(db):
-            inserted = db.executemany(_INSERT, rows).rowcount
+            (last_id,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM samples").fetchone()
+            inserted = int(db.executemany(_INSERT, rows).rowcount)
             if inserted:
+                db.executemany(_ADD_TOTALS, _new_totals(db, rows, inserted, last_id))
                 self.evicted += self._enforce_sizes(db, {r[0] for r in rows})
-        return int(inserted)
+        return inserted
 
     def expire(self, now: float | None = None) -> int:
         now = time.time() if now is None else now
@@ -469,6 +486,26 @@ class SQLiteSampleStore(SampleStore):
         }
 
 
+def _new_totals(db: sqlite3.Connection, rows: Sequence[Row], inserted: int,
+                last_id: int) -> list[tuple[str, int, int]]:
+    """(device, count, bytes) of the rows this transaction inserted: summed from ``rows``
+    when every one was new, else read back (ids above ``last_id``, AUTOINCREMENT: only
+    this transaction's rows; the payload's overflow pages are not read)."""
+    if inserted == len(rows):
+        totals: dict[str, list[int]] = {}
+        for r in rows:
+            t = totals.get(r[0])
+            if t is None:
+                totals[r[0]] = [1, r[13]]
+            else:
+                t[0] += 1
+                t[1] += r[13]
+        return [(d, n, b) for d, (n, b) in totals.items()]
+    return [(d, int(n), int(b)) for d, n, b in db.execute(
+        "SELECT device, COUNT(*), SUM(size) FROM samples WHERE id > ? GROUP BY device",
+        (last_id,))]
+
+
 def _split_sql(script: str) -> list[str]:
     """Statements of ``_SCHEMA``; trigger bodies contain ';' so split on 'END;' first."""
     out: list[str] = []
@@ -483,7 +520,7 @@ def _split_sql(script: str) -> list[str]:
 
 
 def rows_of(envelopes: Iterable[Envelope], received_at: float | None,
-            shapes: Sequence[tuple[int, ...] | None] | None) -> list[tuple[Any, ...]]:
+            shapes: Sequence[tuple[int, ...] | None] | None) -> list[Row]:
     """Table rows of a batch; each shape read from its frame unless the caller gave them."""
     now = time.time() if received_at is None else received_at
     if shapes is None:
@@ -491,11 +528,46 @@ def rows_of(envelopes: Iterable[Envelope], received_at: float | None,
     return [_row(e, now, shape) for e, shape in zip(envelopes, shapes, strict=True)]
 
 
+def batch_rows(env: BatchEnvelope, frames: Sequence[bytes], shape: tuple[int, ...] | None,
+               received_at: float, keep: Sequence[bool] | None = None) -> list[Row]:
+    """The rows ``rows_of(env.envelopes(frames), received_at, [shape] * n)`` gives, the same
+    values, without a per-sample ``Envelope``: the shared fields, the shape column and the
+    batch's meta JSON are made once, a sample's ``index`` spliced into it. ``keep[i]``
+    False: sample i is left out (it failed a per-sample check)."""
+    if len(frames) != len(env.samples):
+        raise ValueError(f"{len(frames)} frames for {len(env.samples)} samples")
+    base = env.meta
+    device, session = env.device, _to_i64(env.session)
+    model, version, boundary = _model_id(base), env.model_version, env.boundary
+    shape_col = None if shape is None else ",".join(map(str, shape))
+    base_json = _meta_json(base) if base else None
+    # {**base, "index": i} as json.dumps writes it: base's text with the key appended
+    # (where base has its own "index" the key keeps its place: dumped per sample).
+    head = (base_json[:-1] + ',"index":') if base_json else '{"index":'
+    splice = "index" not in base
+    records = env.samples.tolist()
+    pairs: Iterable[tuple[Any, bytes]] = zip(records, frames, strict=True)
+    if keep is not None:
+        pairs = (p for p, ok in zip(pairs, keep, strict=True) if ok)
+    rows: list[Row] = []
+    append = rows.append
+    for (seq, ts, index, label, pred, conf, flags), frame in pairs:
+        meta: str | None = base_json
+        if flags & FLAG_INDEX:
+            meta = (f"{head}{index}}}" if splice else
+                    _meta_json({**base, "index": index}))
+        append((device, session, seq - _U64 if seq >= _U63 else seq, ts, received_at, model,
+                version, boundary, label if flags & FLAG_LABEL else None,
+                pred if flags & FLAG_PRED else None,
+                conf if flags & FLAG_CONF and conf == conf else None, shape_col, meta,
+                len(frame), frame))
+    return rows
+
+
 _UNREAD: Any = object()
 
 
-def _row(e: Envelope, received_at: float, shape: tuple[int, ...] | None = _UNREAD
-         ) -> tuple[Any, ...]:
+def _row(e: Envelope, received_at: float, shape: tuple[int, ...] | None = _UNREAD) -> Row:
     if shape is _UNREAD:
         shape = frame_shape(e.payload)
     return (
@@ -503,7 +575,7 @@ def _row(e: Envelope, received_at: float, shape: tuple[int, ...] | None = _UNREA
         _model_id(e.meta), e.model_version, e.boundary, e.label, e.prediction,
         None if e.confidence is None or e.confidence != e.confidence else e.confidence,
         None if shape is None else ",".join(map(str, shape)),
-        json.dumps(e.meta, separators=(",", ":")) if e.meta else None,
+        _meta_json(e.meta) if e.meta else None,
         len(e.payload), e.payload,
     )
 

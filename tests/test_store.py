@@ -3,6 +3,7 @@ reader beside a writer. Every test runs against both backends (``kind``)."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -11,11 +12,19 @@ import numpy as np
 import pytest
 from mqtt_helpers import eventually
 
-from agent.codec import encode
-from agent.envelope import Envelope
+from agent.codec import encode, split_batch
+from agent.envelope import BatchEnvelope, Envelope
 from cloud_trainer.storage.config import DatabaseSection
 from cloud_trainer.storage.postgres import PostgresSampleStore
-from cloud_trainer.store import SampleStore, SQLiteSampleStore, StoreError, StoreLimits
+from cloud_trainer.store import (
+    SCHEMA_VERSION,
+    SampleStore,
+    SQLiteSampleStore,
+    StoreError,
+    StoreLimits,
+    batch_rows,
+    rows_of,
+)
 
 RNG = np.random.default_rng(0)
 FRAME = encode(np.maximum(RNG.standard_normal((1, 4, 3, 3)), 0).astype(np.float32), "uint8+lz4")
@@ -159,3 +168,64 @@ def test_concurrent_reader_while_writer_writes(open_store: OpenStore) -> None:
     assert reader.count() == 2000
     writer.close()
     reader.close()
+
+
+def test_totals_count_only_the_new_rows_of_a_batch(open_store: OpenStore) -> None:
+    """Per-device totals (quotas, metrics) after a batch with replays and in-batch repeats
+    of different sizes: only the rows stored count, with the bytes of those rows."""
+    big = encode(RNG.standard_normal((1, 8, 5, 5)).astype(np.float32), "raw")
+    with open_store() as store:
+        store.add(env(seq=0))
+        batch = [env(seq=0, payload=big), env(seq=1), env(seq=1, payload=big),
+                 env(device="dev-b", seq=0, payload=big), env(device="dev-b", seq=1)]
+        assert store.add_many(batch) == 3
+        assert store.stats()["devices"] == {
+            "dev-a": {"count": 2, "bytes": 2 * len(FRAME)},
+            "dev-b": {"count": 2, "bytes": len(big) + len(FRAME)}}
+        assert store.add_many([env(seq=i) for i in range(4)]) == 2  # all-new fast path beside
+        assert store.totals() == (6, 4 * len(FRAME) + len(big) + len(FRAME))
+
+
+def test_batch_rows_are_the_rows_of_its_envelopes() -> None:
+    """``batch_rows`` (the ingestor's path for version-2 envelopes) stores exactly what the
+    per-sample envelopes would: meta JSON spliced per sample, absent fields, refused ones."""
+    x = np.maximum(RNG.standard_normal((6, 4, 3, 3)), 0).astype(np.float32)
+    seqs = [5, 6, 7, 2**63 + 1, 2**64 - 2, 2**64 - 1]
+    table = BatchEnvelope.table(seqs, [1000.5 + i for i in range(6)],
+                                [i if i % 2 else None for i in range(6)],
+                                [i if i % 3 else None for i in range(6)], [None, 1, 2, 3, 4, 5],
+                                [0.25, None, float("nan"), 0.5, 0.75, 1.0])
+    split = split_batch(encode(x, "uint8+lz4"))
+    for meta in ({}, {"model": "m", "k": [1, "é"]}, {"index": 9, "model_id": "x"}):
+        b = BatchEnvelope(device="dev-ü", session=2**64 - 1, model_version=3, boundary=2,
+                          samples=table, payload=b"", meta=meta)
+        envs = b.envelopes(split.frames)
+        for keep in (None, [True, False, True, True, False, True]):
+            kept = [e for i, e in enumerate(envs) if keep is None or keep[i]]
+            assert batch_rows(b, split.frames, (1, 4, 3, 3), 5.0, keep) == \
+                rows_of(kept, 5.0, [(1, 4, 3, 3)] * len(kept))
+
+
+def test_sqlite_schema_1_is_upgraded_without_counting_twice(tmp_path: Path) -> None:
+    """Schema 1 kept device_totals by a per-row insert trigger; opening it drops the trigger
+    (the store keeps the totals now), and keeps the totals it had."""
+    with SQLiteSampleStore(tmp_path) as store:
+        store.add_many([env(seq=i) for i in range(3)])
+    db = sqlite3.connect(tmp_path / "samples.sqlite3")
+    db.executescript("""
+        CREATE TRIGGER samples_ins AFTER INSERT ON samples BEGIN
+            INSERT INTO device_totals (device, count, bytes) VALUES (NEW.device, 1, NEW.size)
+            ON CONFLICT (device) DO UPDATE SET count = count + 1, bytes = bytes + NEW.size;
+        END;
+        PRAGMA user_version = 1;""")
+    db.close()
+    with SQLiteSampleStore(tmp_path) as store:
+        assert store.add_many([env(seq=i) for i in range(5)]) == 2
+        assert store.totals() == (5, 5 * len(FRAME)) and store.count() == 5
+    db = sqlite3.connect(tmp_path / "samples.sqlite3")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db.execute("PRAGMA user_version = 99")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        SQLiteSampleStore(tmp_path)

@@ -51,21 +51,36 @@ class RawFrame:
     payload: memoryview
 
 
-def pack_frame(
-    codec_id: int, flags: int, shape: tuple[int, ...], params: bytes,
-    payload: bytes | memoryview,
-) -> bytes:
+def frame_head(codec_id: int, flags: int, shape: tuple[int, ...], params: bytes,
+               payload_len: int) -> bytes:
+    """Everything of a frame before its payload (header, shape, params), checked."""
     if len(shape) > MAX_NDIM:
         raise CorruptFrameError(f"ndim {len(shape)} exceeds {MAX_NDIM}")
     if any(d >= 2**32 for d in shape):
         raise CorruptFrameError(f"dimension of {shape} exceeds 2**32-1")
-    if len(payload) >= 2**32:
+    if payload_len >= 2**32:
         raise CorruptFrameError("payload exceeds 4 GiB")
     head = _HEAD.pack(
-        MAGIC, VERSION, codec_id, flags, DTYPE_FLOAT32, len(shape), len(params), len(payload)
+        MAGIC, VERSION, codec_id, flags, DTYPE_FLOAT32, len(shape), len(params), payload_len
     )
-    body = b"".join([head, struct.pack(f"<{len(shape)}I", *shape), params, payload])
+    return head + _SHAPES[len(shape)].pack(*shape) + params
+
+
+def pack_frame(
+    codec_id: int, flags: int, shape: tuple[int, ...], params: bytes,
+    payload: bytes | memoryview,
+) -> bytes:
+    body = b"".join([frame_head(codec_id, flags, shape, params, len(payload)), payload])
     return body + _CRC.pack(zlib.crc32(body))
+
+
+def pack_frames(head: bytes, parts: list[memoryview]) -> list[bytes]:
+    """Frames sharing everything before their payload tails: ``head`` is ``frame_head(...)``
+    plus any payload prefix common to all, ``parts[i]`` the rest of frame i's payload. The
+    common part is checksummed once (CRC-32 continues over each tail), for batch splits."""
+    crc_head = zlib.crc32(head)
+    crc, crc32, join = _CRC.pack, zlib.crc32, b"".join
+    return [join((head, part, crc(crc32(part, crc_head)))) for part in parts]
 
 
 def _check_header(magic: bytes, version: int, flags: int, dtype: int, ndim: int) -> None:

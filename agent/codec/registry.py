@@ -24,7 +24,15 @@ from .errors import (
     SpecError,
     UnknownCodecError,
 )
-from .frame import FLAG_LZ4, MAX_NDIM, RawFrame, pack_frame, parse_frame
+from .frame import (
+    FLAG_LZ4,
+    MAX_NDIM,
+    RawFrame,
+    frame_head,
+    pack_frame,
+    pack_frames,
+    parse_frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -289,13 +297,11 @@ def split_batch(frame: bytes | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES
                                     f"{head + n * step}")
         array = codec.decode_payload(payload, raw.shape, spec) if decode_array else None
         view = memoryview(payload)
-        prefix = bytes(view[:head])
         one = (1, *raw.shape[1:])
-        params = codec.pack_params(spec)
-        frames = []
-        for i in range(n):
-            part = prefix + view[head + i * step: head + (i + 1) * step]
-            frames.append(pack_frame(codec.codec_id, raw.flags & ~FLAG_LZ4, one, params, part))
+        common = frame_head(codec.codec_id, raw.flags & ~FLAG_LZ4, one,
+                            codec.pack_params(spec), head + step) + bytes(view[:head])
+        frames = pack_frames(common, [view[head + i * step: head + (i + 1) * step]
+                                      for i in range(n)])
     except CodecError:
         raise
     except Exception as exc:  # untrusted bytes: numpy/lz4 raise types of their own

@@ -31,16 +31,15 @@ from typing import Any
 
 import psycopg
 
-from agent.envelope import Envelope
 from cloud_trainer.store import (
     _COLUMNS,
+    Row,
     Sample,
     SampleStore,
     StoreError,
     StoreLimits,
     _from_i64,
     _sample,
-    rows_of,
 )
 
 log = logging.getLogger(__name__)
@@ -106,10 +105,9 @@ class PostgresSampleStore(SampleStore):
                 log.debug("closing a store connection failed", exc_info=True)
 
     # -- writing ---------------------------------------------------------------------------
-    def add_many(self, envelopes: Iterable[Envelope], received_at: float | None = None,
-                 shapes: Sequence[tuple[int, ...] | None] | None = None) -> int:
-        unique: dict[tuple[str, int, int], tuple[Any, ...]] = {}
-        for row in rows_of(envelopes, received_at, shapes):
+    def add_rows(self, rows: Sequence[Row]) -> int:
+        unique: dict[tuple[str, int, int], Row] = {}
+        for row in rows:
             unique.setdefault((row[0], row[1], row[2]), row)
         if not unique:
             return 0
