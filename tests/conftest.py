@@ -30,3 +30,14 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     """A private, anonymous Mosquitto with persistence, stopped by its PID afterwards."""
     with Mosquitto(tmp_path / "broker") as broker:
         yield broker
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread for the test (imported here: conftest must not need torch)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

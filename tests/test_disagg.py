@@ -4,7 +4,6 @@ is named, and the parts (partition, M blocks, config, labels) do what they say."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +23,8 @@ from cloud_trainer.zoo import get_pair
 STEPS = 60
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Like the workers: tiny tensors on a shared two-core machine (train.training_context)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# Like the workers: tiny tensors on a shared two-core machine (train.training_context).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _learns(losses: list[float], accuracy: float) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +48,8 @@ interval_s = 60
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# Like the workers: tiny tensors on a shared two-core machine (train.training_context).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- the setting
