@@ -120,11 +120,7 @@ class Envelope:
             raise EnvelopeError(f"bad magic {bytes(magic)!r}: not a knet activation envelope")
         if version != VERSION:
             raise EnvelopeVersionError(f"envelope version {version}; this build reads {VERSION}")
-        _check_crc(view)
-        end = len(view) - 4
-        pos = _FIXED.size
-        device, pos = _take(view, pos, end, _U8, "device")
-        meta_raw, pos = _take(view, pos, end, _U16, "meta")
+        device, meta_raw, pos, end = _checked_ids(view, _FIXED.size)
         payload = _payload(view, pos, end, max_payload)
         device_id, meta = _decoded_ids(device, meta_raw)
         if not math.isfinite(ts):
@@ -158,10 +154,17 @@ def _sealed(parts: list[bytes]) -> bytes:
     return body + _U32.pack(zlib.crc32(body))
 
 
-def _check_crc(view: memoryview) -> None:
-    (crc,) = _U32.unpack_from(view, len(view) - 4)
-    if zlib.crc32(view[:-4]) != crc:
+def _checked_ids(view: memoryview, pos: int
+                 ) -> tuple[memoryview, memoryview, int, int]:
+    """After the CRC check, the device id and meta fields that follow the fixed header at
+    ``pos``; also where they end and where the CRC starts."""
+    end = len(view) - 4
+    (crc,) = _U32.unpack_from(view, end)
+    if zlib.crc32(view[:end]) != crc:
         raise EnvelopeError("CRC mismatch: the message was corrupted")
+    device, pos = _take(view, pos, end, _U8, "device")
+    meta_raw, pos = _take(view, pos, end, _U16, "meta")
+    return device, meta_raw, pos, end
 
 
 def _decoded_ids(device: memoryview, meta_raw: memoryview) -> tuple[str, dict[str, Any]]:
@@ -262,11 +265,7 @@ class BatchEnvelope:
             raise EnvelopeError(f"unknown batch flags {flags:#04x}")
         if not 0 < count <= MAX_BATCH:
             raise EnvelopeError(f"batch declares {count} samples, limit 1-{MAX_BATCH}")
-        _check_crc(view)
-        end = len(view) - 4
-        pos = _BATCH_FIXED.size
-        device, pos = _take(view, pos, end, _U8, "device")
-        meta_raw, pos = _take(view, pos, end, _U16, "meta")
+        device, meta_raw, pos, end = _checked_ids(view, _BATCH_FIXED.size)
         table_end = pos + count * SAMPLE_DTYPE.itemsize
         if table_end > end:
             raise EnvelopeError(f"truncated in the sample table: {count} samples declared")

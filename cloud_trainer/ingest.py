@@ -212,6 +212,22 @@ class IngestStats:
 
 
 @dataclass(frozen=True)
+class _One:
+    """A version-1 envelope that passed, with its frame's shape read by the validation (so
+    that the store does not parse the frame again)."""
+
+    env: Envelope
+    shape: tuple[int, ...]
+
+    def rows(self, now: float) -> list[Row]:
+        return rows_of([self.env], now, [self.shape])
+
+    @property
+    def newest(self) -> float:
+        return self.env.timestamp
+
+
+@dataclass(frozen=True)
 class _Batch:
     """The samples of a batch envelope that passed, kept whole: the writer makes their rows
     straight from its sample table (``cloud_trainer.store.batch_rows``), no per-sample
@@ -221,27 +237,24 @@ class _Batch:
     frames: list[bytes]  # one per sample of env, from split_batch
     shape: tuple[int, ...]  # every sample's frame's
     keep: list[bool] | None  # None: every sample; else False for those refused
-    count: int  # samples kept
+
+    def rows(self, now: float) -> list[Row]:
+        return batch_rows(self.env, self.frames, self.shape, now, self.keep)
+
+    @property
+    def newest(self) -> float:
+        return float(self.env.samples["timestamp"].max())
 
 
 @dataclass(frozen=True)
 class _Item:
-    """One received QoS>0 message waiting for its PUBACK; no samples and no batch: ack only
-    (a version-1 envelope is one sample, a batch those of its samples that passed)."""
+    """One received QoS>0 message waiting for its PUBACK; ``stored`` None: ack only."""
 
     mid: int
     qos: int
     generation: int
-    samples: tuple[Envelope, ...] = ()
+    stored: _One | _Batch | None = None
     size: int = 0
-    shapes: tuple[tuple[int, ...], ...] = ()  # each sample's frame's, read by the validation
-    batch: _Batch | None = None
-
-
-# What the validation keeps of one message: version-1 samples to store and their frames'
-# shapes, or a batch envelope's.
-_Accepted = tuple[tuple[Envelope, ...], tuple[tuple[int, ...], ...], _Batch | None]
-_NOTHING: _Accepted = ((), (), None)
 
 
 class _RateLimitedLog:
@@ -394,11 +407,9 @@ class Ingestor:
             except Exception:
                 device, leaf = INVALID_DEVICE, ""
             self._bad(device, "internal", repr(exc)[:200], act=leaf == "act")
-            accepted = _NOTHING
+            accepted = None
         if msg.qos:
-            samples, shapes, batch = accepted
-            self._put(_Item(msg.mid, msg.qos, self._generation, samples, len(msg.payload),
-                            shapes, batch))
+            self._put(_Item(msg.mid, msg.qos, self._generation, accepted, len(msg.payload)))
 
     def _put(self, item: _Item) -> None:
         while True:
@@ -419,7 +430,7 @@ class Ingestor:
         self._bad_log.warning((device, reason), "dropped a message from %s: %s: %s",
                               device, reason, detail)
 
-    def _accept(self, msg: mqtt.MQTTMessage) -> _Accepted:
+    def _accept(self, msg: mqtt.MQTTMessage) -> _One | _Batch | None:
         """Validate one message; the samples to store (none for anything else) and their
         frames' shapes, read by the validation so that the store does not parse them again."""
         data = msg.payload
@@ -427,16 +438,16 @@ class Ingestor:
             topic = self.topics.parse(msg.topic)
         except (TopicError, UnicodeDecodeError) as exc:
             self._bad(INVALID_DEVICE, "bad_topic", exc, act=False)
-            return _NOTHING
+            return None
         device, now = str(topic.device), time.time()
         if topic.kind in (TopicKind.STATE, TopicKind.BIRTH):
             self._fleet_message(topic.kind, device, data, now)
-            return _NOTHING
+            return None
         if topic.kind is not TopicKind.ACT:
-            return _NOTHING
+            return None
         if not self._partition.owns(device):
             self.stats.other_replica += 1
-            return _NOTHING
+            return None
         self.stats.bytes_received += len(data)
         s = self.settings
         try:
@@ -444,22 +455,21 @@ class Ingestor:
         except EnvelopeVersionError as exc:
             self.stats.received += 1
             self._bad(device, "version", exc)
-            return _NOTHING
+            return None
         except EnvelopeError as exc:
             self.stats.received += 1
             self._bad(device, "oversized" if len(data) > s.max_payload else "malformed", exc)
-            return _NOTHING
+            return None
         if isinstance(parsed, BatchEnvelope):
             kept = self._accept_batch(device, parsed)
         else:
             self.stats.received += 1
-            one = self._accept_one(device, parsed)
-            kept = ((one[0],), (one[1],), None) if one is not None else _NOTHING
-        if kept[0] or kept[2]:
+            kept = self._accept_one(device, parsed)
+        if kept is not None:
             self.fleet.seen(device, now)
         return kept
 
-    def _accept_one(self, device: str, env: Envelope) -> tuple[Envelope, tuple[int, ...]] | None:
+    def _accept_one(self, device: str, env: Envelope) -> _One | None:
         """The checks of a version-1 envelope; it and its frame's shape, when it should be
         stored."""
         s = self.settings
@@ -491,7 +501,7 @@ class Ingestor:
                 and not np.isfinite(array).all():
             self._bad(device, "non_finite", f"boundary {env.boundary} holds NaN or Inf")
             return None
-        return env, tuple(shape)
+        return _One(env, tuple(shape))
 
     def _shape_ok(self, device: str, env: AnyEnvelope, shape: tuple[int, ...],
                   n: int = 1) -> bool:
@@ -516,7 +526,7 @@ class Ingestor:
             return False
         return True
 
-    def _accept_batch(self, device: str, env: BatchEnvelope) -> _Accepted:
+    def _accept_batch(self, device: str, env: BatchEnvelope) -> _Batch | None:
         """A version-2 envelope: checked once as a whole, then finiteness per sample; the
         batch with the samples to store."""
         s, n = self.settings, len(env)
@@ -524,25 +534,25 @@ class Ingestor:
         self.stats.batch_messages += 1
         if env.device != device:
             self._bad(device, "spoofed", f"envelope names {env.device!r}", n=n)
-            return _NOTHING
+            return None
         try:
             split = split_batch(env.payload, max_bytes=s.max_decoded_bytes,
                                 decode_array=s.validation == "decode")
         except OversizedFrameError as exc:
             self._bad(device, "oversized", exc, n=n)
-            return _NOTHING
+            return None
         except UnknownCodecError as exc:
             self._bad(device, "version", exc, n=n)
-            return _NOTHING
+            return None
         except CodecError as exc:
             self._bad(device, "bad_frame", exc, n=n)
-            return _NOTHING
+            return None
         if split.shape[0] != n:
             self._bad(device, "malformed", f"{n} samples but a frame of shape {split.shape}",
                       n=n)
-            return _NOTHING
+            return None
         if not self._shape_ok(device, env, (1, *split.shape[1:]), n):
-            return _NOTHING
+            return None
         keep: list[bool] | None = None
         if split.array is not None:
             finite = np.isfinite(split.array.reshape(n, -1)).all(axis=1)
@@ -551,9 +561,9 @@ class Ingestor:
                 self._bad(device, "non_finite", f"{bad} of {n} samples at boundary "
                                                 f"{env.boundary} hold NaN or Inf", n=bad)
                 if bad == n:
-                    return _NOTHING
-                keep, n = finite.tolist(), n - bad
-        return (), (), _Batch(env, split.frames, (1, *split.shape[1:]), keep, n)
+                    return None
+                keep = finite.tolist()
+        return _Batch(env, split.frames, (1, *split.shape[1:]), keep)
 
     def _fleet_message(self, kind: TopicKind, device: str, data: bytes, now: float) -> None:
         """A device's state or birth into the fleet table; refused ones counted by reason."""
@@ -604,13 +614,9 @@ class Ingestor:
         rows: list[Row] = []
         newest = -math.inf
         for i in batch:
-            if i.batch is not None:
-                b = i.batch
-                rows += batch_rows(b.env, b.frames, b.shape, now, b.keep)
-                newest = max(newest, float(b.env.samples["timestamp"].max()))
-            elif i.samples:
-                rows += rows_of(i.samples, now, i.shapes)
-                newest = max(newest, max(e.timestamp for e in i.samples))
+            if i.stored is not None:
+                rows += i.stored.rows(now)
+                newest = max(newest, i.stored.newest)
         try:
             inserted = self.store.add_rows(rows) if rows else 0
         except Exception as exc:
@@ -625,7 +631,7 @@ class Ingestor:
         st.batches += 1
         st.stored += inserted
         st.duplicates += len(rows) - inserted
-        st.bytes_committed += sum(i.size for i in batch if i.samples or i.batch)
+        st.bytes_committed += sum(i.size for i in batch if i.stored is not None)
         with self._ack_lock:
             generation = self._generation
             current = [i for i in batch if i.generation == generation]

@@ -105,9 +105,14 @@ def no_launch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(launch_mod, "train_local", refuse)
 
 
+@pytest.fixture
+def no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine without a GPU, also where the tests run on one."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
-@pytest.mark.usefixtures("no_launch")
+@pytest.mark.usefixtures("no_launch", "no_gpu")
 def test_cuda_without_a_gpu_fails_before_any_worker_starts(workers: int) -> None:
     s = digits_splits()
     spec = TrainSpec(mode="pipelined", workers=workers, steps=2, batch_size=8, device="cuda",
@@ -119,8 +124,7 @@ def test_cuda_without_a_gpu_fails_before_any_worker_starts(workers: int) -> None
     assert isinstance(err.value, KnetTrainerError) and isinstance(err.value, RuntimeError)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
-@pytest.mark.usefixtures("no_launch")
+@pytest.mark.usefixtures("no_launch", "no_gpu")
 def test_a_jobs_cuda_setting_reaches_the_check() -> None:
     s = digits_splits()
     t = TrainingSection(mode="synthetic-gradients", workers=2, device="cuda", epochs=1)
