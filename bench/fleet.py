@@ -146,8 +146,8 @@ def _store_rows(db: Path) -> list[tuple[str, int, int, float, float]]:
         return []
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
     try:
-        rows = con.execute("SELECT device, session, seq, timestamp, received_at "
-                           "FROM samples").fetchall()
+        rows = con.execute("SELECT s.device, s.session, s.seq, s.timestamp, f.received_at "
+                           "FROM samples s JOIN frames f ON f.id = s.frame").fetchall()
     finally:
         con.close()
     return [(d, _from_i64(s), _from_i64(q), t, r) for d, s, q, t, r in rows]

@@ -5,7 +5,7 @@ Data path::
     paho network thread (on_message)            writer thread
     ─ parse topic, Envelope.unpack,    bounded   ─ take a batch (group commit: batch_size,
       codec frame check, shape check ─ queue ──▶   or batch_wait_s after its oldest message)
-    ─ bad: count per device/reason,              ─ store.add_rows (one transaction)
+    ─ bad: count per device/reason,              ─ store.add_frames (one transaction)
       ack token only                             ─ then PUBACK every message of the batch,
                                                    in the order they arrived, in one write
 
@@ -47,11 +47,10 @@ Guarantees and why:
 * **Batches** (envelope version 2, ``agent.envelope.BatchEnvelope``): one message, N
   samples. The header, CRC, codec frame (one LZ4 pass, one decode with ``validation =
   "decode"``), shape and model are checked once per batch; finiteness per sample, so one
-  NaN sample is refused alone. The batch is cut into per-sample frames
-  (``agent.codec.split_batch``) and its samples go into the store in the same transaction
-  (``add_rows``; their rows are made straight from the batch's sample table, shared fields
-  and meta JSON once a batch: ``cloud_trainer.store.batch_rows``), each under its own
-  ``(device, session, seq)``: a replayed batch stores nothing twice.
+  NaN sample is refused alone. The batch's frame is stored once, as received, with a key
+  row per sample (``cloud_trainer.store.batch_rows``), in the same transaction as the rest
+  of the commit (``add_frames``), each sample under its own ``(device, session, seq)``: a
+  replayed batch, or one overlapping stored samples, stores nothing twice.
   Counters count samples: ``received`` grows by N and a batch-wide refusal counts N under
   its reason, so received == stored + duplicates + rejected at rest.
 * **Never crash on input.** Every failure of a message is caught, counted in
@@ -100,7 +99,7 @@ from agent.wire.control import ControlMessageError
 from cloud_trainer.batchqueue import BatchQueue, QueueFull
 from cloud_trainer.fleet import FleetTable
 from cloud_trainer.partition import DevicePartition
-from cloud_trainer.store import Row, SampleStore, batch_rows, rows_of
+from cloud_trainer.store import FrameRows, SampleStore, batch_rows, envelope_rows
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +218,8 @@ class _One:
     env: Envelope
     shape: tuple[int, ...]
 
-    def rows(self, now: float) -> list[Row]:
-        return rows_of([self.env], now, [self.shape])
+    def rows(self, now: float) -> FrameRows:
+        return envelope_rows(self.env, now, self.shape)
 
     @property
     def newest(self) -> float:
@@ -229,17 +228,15 @@ class _One:
 
 @dataclass(frozen=True)
 class _Batch:
-    """The samples of a batch envelope that passed, kept whole: the writer makes their rows
-    straight from its sample table (``cloud_trainer.store.batch_rows``), no per-sample
-    ``Envelope``."""
+    """A batch envelope that passed, kept whole: the store keeps its frame once and a key
+    row per sample (``cloud_trainer.store.batch_rows``)."""
 
     env: BatchEnvelope
-    frames: list[bytes]  # one per sample of env, from split_batch
-    shape: tuple[int, ...]  # every sample's frame's
+    shape: tuple[int, ...]  # one sample's: (1, ...)
     keep: list[bool] | None  # None: every sample; else False for those refused
 
-    def rows(self, now: float) -> list[Row]:
-        return batch_rows(self.env, self.frames, self.shape, now, self.keep)
+    def rows(self, now: float) -> FrameRows:
+        return batch_rows(self.env, self.shape, now, self.keep)
 
     @property
     def newest(self) -> float:
@@ -563,7 +560,7 @@ class Ingestor:
                 if bad == n:
                     return None
                 keep = finite.tolist()
-        return _Batch(env, split.frames, (1, *split.shape[1:]), keep)
+        return _Batch(env, (1, *split.shape[1:]), keep)
 
     def _fleet_message(self, kind: TopicKind, device: str, data: bytes, now: float) -> None:
         """A device's state or birth into the fleet table; refused ones counted by reason."""
@@ -611,26 +608,27 @@ class Ingestor:
 
     def _commit(self, batch: list[_Item]) -> bool:
         now = time.time()
-        rows: list[Row] = []
+        frames: list[FrameRows] = []
         newest = -math.inf
         for i in batch:
             if i.stored is not None:
-                rows += i.stored.rows(now)
+                frames.append(i.stored.rows(now))
                 newest = max(newest, i.stored.newest)
+        samples = sum(len(f.samples) for f in frames)
         try:
-            inserted = self.store.add_rows(rows) if rows else 0
+            inserted = self.store.add_frames(frames) if frames else 0
         except Exception as exc:
             self.stats.store_errors += 1
             log.error("sample store write of %d samples failed (retrying, nothing acked): %s",
-                      len(rows), exc)
+                      samples, exc)
             return False
         st = self.stats
-        if rows:
+        if frames:
             st.last_commit = time.time()
             st.lag_s = st.last_commit - newest
         st.batches += 1
         st.stored += inserted
-        st.duplicates += len(rows) - inserted
+        st.duplicates += samples - inserted
         st.bytes_committed += sum(i.size for i in batch if i.stored is not None)
         with self._ack_lock:
             generation = self._generation

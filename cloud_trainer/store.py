@@ -11,19 +11,28 @@ would not carry over to a PostgreSQL backend: that one gets its own class behind
 
 Design points:
 
-* Payloads are stored as received (the codec frame, compressed); they are decoded lazily
-  by ``load_arrays`` when a trainer needs them. The frame's shape is kept in its own
-  column (read from the frame header, cheap) so shape filters need no decoding.
-* ``UNIQUE(device, session, seq)`` makes inserts idempotent: a redelivered QoS 1 message or
-  a device's re-send after reconnect is ignored, which is what makes at-least-once
-  delivery exactly-once in the store.
+* Two tables (schema version 3): ``frames`` keeps each accepted message's codec frame once,
+  as received (compressed), with what its samples share (arrival time, model, boundary,
+  shape, meta); ``samples`` keeps one small key row per sample pointing at its frame
+  (``part``: its position in a batch frame, NULL for a version-1 envelope's whole frame).
+  A batch of N samples is one frame row and N key rows, not N copies of a cut frame:
+  the per-sample work at ingest (cutting and checksumming N frames, writing each) was most
+  of what ingest cost (docs/benchmarks.md). Readers still see one ``Sample`` per sample
+  with its own frame: a batch frame is cut once when its samples are read (``_Reader``).
+* ``UNIQUE(device, session, seq)`` on the key rows makes inserts idempotent per sample: a
+  redelivered QoS 1 message, a device's re-send after reconnect or a replayed batch
+  overlapping stored samples adds no key twice, which is what makes at-least-once delivery
+  exactly-once in the store. A frame none of whose samples were new is deleted in the same
+  transaction; a frame whose last sample is evicted goes with it (delete trigger).
+* A sample's ``size`` is its share of its frame's bytes (the frame's length over its
+  samples): the byte totals and limits count what is on disk.
 * Per-device totals are kept in a ``device_totals`` table inside the same transaction as
   the rows, so quotas stay exact even with two ingestor processes writing one file (WAL +
-  ``busy_timeout`` + ``BEGIN IMMEDIATE``): ``add_rows`` adds one batch's new rows with one
+  ``busy_timeout`` + ``BEGIN IMMEDIATE``): ``add_frames`` adds one batch's new rows with one
   upsert per device (schema version 2; version 1's per-row insert trigger cost an upsert
-  per sample), a trigger subtracts deleted rows. Opening a version-1 file upgrades it, and
-  version-1 builds refuse it from then on: stop every older writer of a shared file first
-  (one still running would insert without counting).
+  per sample), a trigger subtracts deleted rows. Opening a version-1 or 2 file upgrades it
+  (every old row becomes a frame of its own and its key row, ids kept), and older builds
+  refuse it from then on: stop every older writer of a shared file first.
 * "Oldest" means lowest rowid (insertion order, which is arrival order).
 * SQLite integers are signed 64-bit; the envelope's ``session``/``seq`` are unsigned 64-bit,
   so they are stored in two's complement and mapped back (ordering above 2**63 is lost,
@@ -38,7 +47,7 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -46,42 +55,52 @@ from typing import Any
 
 import numpy as np
 
-from agent.codec import CodecError, decode
+from agent.codec import CodecError, decode, split_batch
 from agent.codec.frame import peek_shape
 from agent.envelope import FLAG_CONF, FLAG_INDEX, FLAG_LABEL, FLAG_PRED, BatchEnvelope, Envelope
 from cloud_trainer.errors import KnetTrainerError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 1: device_totals kept by a per-row insert trigger
+# 1: device_totals kept by a per-row insert trigger; 2: one row per sample, its own frame
+SCHEMA_VERSION = 3
 FILE_NAME = "samples.sqlite3"
 _U63 = 1 << 63
 _U64 = 1 << 64
+# A stored frame passed ingest's size checks; cutting it on read needs no second bound.
+_STORED_MAX_BYTES = 1 << 40
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS samples (
+CREATE TABLE IF NOT EXISTS frames (
     id            INTEGER PRIMARY KEY AUTOINCREMENT,
-    device        TEXT    NOT NULL,
-    session       INTEGER NOT NULL,
-    seq           INTEGER NOT NULL,
-    timestamp     REAL    NOT NULL,
     received_at   REAL    NOT NULL,
     model_id      TEXT,
     model_version INTEGER NOT NULL,
     boundary      INTEGER NOT NULL,
-    label         INTEGER,
-    prediction    INTEGER,
-    confidence    REAL,
     shape         TEXT,
     meta          TEXT,
-    size          INTEGER NOT NULL,
-    payload       BLOB    NOT NULL,
+    payload       BLOB    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS frames_boundary_version_time
+    ON frames (boundary, model_version, received_at);
+CREATE INDEX IF NOT EXISTS frames_received ON frames (received_at);
+CREATE TABLE IF NOT EXISTS samples (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    device     TEXT    NOT NULL,
+    session    INTEGER NOT NULL,
+    seq        INTEGER NOT NULL,
+    timestamp  REAL    NOT NULL,
+    label      INTEGER,
+    prediction INTEGER,
+    confidence REAL,
+    meta_index INTEGER,
+    frame      INTEGER NOT NULL,
+    part       INTEGER,
+    size       INTEGER NOT NULL,
     UNIQUE (device, session, seq)
 );
-CREATE INDEX IF NOT EXISTS samples_boundary_version_time
-    ON samples (boundary, model_version, received_at);
-CREATE INDEX IF NOT EXISTS samples_received ON samples (received_at);
 CREATE INDEX IF NOT EXISTS samples_device ON samples (device, id);
+CREATE INDEX IF NOT EXISTS samples_frame ON samples (frame);
 CREATE TABLE IF NOT EXISTS device_totals (
     device TEXT PRIMARY KEY,
     count  INTEGER NOT NULL,
@@ -90,15 +109,47 @@ CREATE TABLE IF NOT EXISTS device_totals (
 CREATE TRIGGER IF NOT EXISTS samples_del AFTER DELETE ON samples BEGIN
     UPDATE device_totals SET count = count - 1, bytes = bytes - OLD.size
     WHERE device = OLD.device;
+    DELETE FROM frames WHERE id = OLD.frame
+        AND NOT EXISTS (SELECT 1 FROM samples WHERE frame = OLD.frame);
 END;
 """
 
-_COLUMNS = ("id, device, session, seq, timestamp, received_at, model_id, model_version, "
-            "boundary, label, prediction, confidence, shape, meta, size, payload")
-_INSERT = (
-    "INSERT OR IGNORE INTO samples (device, session, seq, timestamp, received_at, model_id, "
-    "model_version, boundary, label, prediction, confidence, shape, meta, size, payload) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# Schema 1 or 2 (one row per sample, its frame in it) into 3: every old row becomes a frame
+# of its own (id kept) and its key row (id kept, so "oldest" keeps its order).
+_UPGRADE_FROM_2 = """
+ALTER TABLE samples RENAME TO samples_v2;
+DROP TRIGGER IF EXISTS samples_ins;
+DROP TRIGGER IF EXISTS samples_del;
+DROP INDEX IF EXISTS samples_boundary_version_time;
+DROP INDEX IF EXISTS samples_received;
+DROP INDEX IF EXISTS samples_device;
+"""
+_COPY_FROM_2 = (
+    "INSERT INTO frames (id, received_at, model_id, model_version, boundary, shape, meta, "
+    "payload) SELECT id, received_at, model_id, model_version, boundary, shape, meta, payload "
+    "FROM samples_v2",
+    "INSERT INTO samples (id, device, session, seq, timestamp, label, prediction, confidence, "
+    "meta_index, frame, part, size) SELECT id, device, session, seq, timestamp, label, "
+    "prediction, confidence, NULL, id, NULL, size FROM samples_v2",
+    "DROP TABLE samples_v2",
+)
+
+# What readers select: a sample's key row, its frame's shared columns, and the frame's
+# payload only for a whole frame (a batch frame is fetched once for its samples: _Reader).
+SELECT_SAMPLES = (
+    "SELECT s.id, s.device, s.session, s.seq, s.timestamp, f.received_at, f.model_id, "
+    "f.model_version, f.boundary, s.label, s.prediction, s.confidence, f.shape, f.meta, "
+    "s.meta_index, s.size, s.frame, s.part, CASE WHEN s.part IS NULL THEN f.payload END "
+    "FROM samples s JOIN frames f ON f.id = s.frame"
+)
+COUNT_SAMPLES = "SELECT COUNT(*) FROM samples s JOIN frames f ON f.id = s.frame"
+_INSERT_FRAME = (
+    "INSERT INTO frames (received_at, model_id, model_version, boundary, shape, meta, payload) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_SAMPLE = (
+    "INSERT OR IGNORE INTO samples (frame, device, session, seq, timestamp, label, prediction, "
+    "confidence, meta_index, part, size) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _ADD_TOTALS = (
     "INSERT INTO device_totals (device, count, bytes) VALUES (?, ?, ?) "
@@ -107,8 +158,19 @@ _ADD_TOTALS = (
 )
 # json.dumps(meta, separators=(",", ":")) without building an encoder per call
 _meta_json = json.JSONEncoder(separators=(",", ":")).encode
-# One row of the samples table as ``add_rows`` takes it: the columns of ``_INSERT``.
-Row = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class FrameRows:
+    """What one accepted message stores: its codec frame once and a key row per sample.
+
+    ``frame``: the ``frames`` columns (received_at, model_id, model_version, boundary,
+    shape, meta, payload). ``samples``: per sample, the ``samples`` columns after ``frame``
+    (device, session, seq, timestamp, label, prediction, confidence, meta_index, part,
+    size), session and seq already in two's complement."""
+
+    frame: tuple[Any, ...]
+    samples: list[tuple[Any, ...]]
 
 
 class StoreError(KnetTrainerError, RuntimeError):
@@ -170,12 +232,17 @@ class SampleStore(ABC):
         ``shapes``: each payload's frame shape when the caller already parsed the frames
         (the ingestor does, to validate them), so that the store does not parse them again.
         """
-        return self.add_rows(rows_of(envelopes, received_at, shapes))
+        now = time.time() if received_at is None else received_at
+        envs = list(envelopes)
+        if shapes is None:
+            return self.add_frames([envelope_rows(e, now) for e in envs])
+        return self.add_frames([envelope_rows(e, now, shape)
+                                for e, shape in zip(envs, shapes, strict=True)])
 
     @abstractmethod
-    def add_rows(self, rows: Sequence[Row]) -> int:
-        """``add_many`` of rows already built (``rows_of``, ``batch_rows``): the ingestor
-        builds a batch envelope's rows straight from its sample table."""
+    def add_frames(self, frames: Sequence[FrameRows]) -> int:
+        """``add_many`` of frames already made (``envelope_rows``, ``batch_rows``): one
+        transaction; returns how many samples were new."""
 
     def add(self, envelope: Envelope, received_at: float | None = None) -> bool:
         """Insert one envelope; True when it was new."""
@@ -312,15 +379,23 @@ class SQLiteSampleStore(SampleStore):
     def _init_schema(self) -> None:
         db = self._db
         version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, 1, SCHEMA_VERSION):
+        if version not in (0, 1, 2, SCHEMA_VERSION):
             raise StoreError(f"{self.path}: schema version {version}, this build reads "
                              f"{SCHEMA_VERSION}")
         with self._txn(db):
+            old = version in (1, 2) and db.execute(
+                "SELECT 1 FROM pragma_table_info('samples') WHERE name = 'payload'").fetchone()
+            if old:
+                for stmt in _UPGRADE_FROM_2.split(";"):
+                    if stmt.strip():
+                        db.execute(stmt)
             for stmt in _split_sql(_SCHEMA):
                 db.execute(stmt)
-            # Version 1 kept the totals by a per-row trigger; add_rows keeps them now. A
-            # version-1 build refuses the file from here on, so none re-creates it.
-            db.execute("DROP TRIGGER IF EXISTS samples_ins")
+            if old:
+                for stmt in _COPY_FROM_2:
+                    db.execute(stmt)
+                log.info("sample store %s upgraded from schema %d to %d", self.path, version,
+                         SCHEMA_VERSION)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     class _Txn:
@@ -349,16 +424,27 @@ class SQLiteSampleStore(SampleStore):
                 log.debug("closing a store connection failed", exc_info=True)
 
     # -- writing ---------------------------------------------------------------------------
-    def add_rows(self, rows: Sequence[Row]) -> int:
-        if not rows:
+    def add_frames(self, frames: Sequence[FrameRows]) -> int:
+        frames = [f for f in frames if f.samples]
+        if not frames:
             return 0
         db = self._db
         with self._write_lock, self._txn(db):
             (last_id,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM samples").fetchone()
-            inserted = int(db.executemany(_INSERT, rows).rowcount)
+            rows: list[tuple[Any, ...]] = []
+            first_frame = None
+            for f in frames:
+                frame_id = db.execute(_INSERT_FRAME, f.frame).lastrowid
+                first_frame = frame_id if first_frame is None else first_frame
+                rows += [(frame_id, *r) for r in f.samples]
+            inserted = int(db.executemany(_INSERT_SAMPLE, rows).rowcount)
+            if inserted < len(rows):  # frames none of whose samples were new go
+                db.execute("DELETE FROM frames WHERE id >= ? AND NOT EXISTS "
+                           "(SELECT 1 FROM samples WHERE frame = frames.id)", (first_frame,))
             if inserted:
-                db.executemany(_ADD_TOTALS, _new_totals(db, rows, inserted, last_id))
-                self.evicted += self._enforce_sizes(db, {r[0] for r in rows})
+                db.executemany(_ADD_TOTALS, _new_totals(db, frames, inserted, len(rows),
+                                                        last_id))
+                self.evicted += self._enforce_sizes(db, {r[1] for r in rows})
         return inserted
 
     def expire(self, now: float | None = None) -> int:
@@ -367,7 +453,8 @@ class SQLiteSampleStore(SampleStore):
         with self._write_lock, self._txn(db):
             n = 0
             if self.limits.max_age_s is not None:
-                n += db.execute("DELETE FROM samples WHERE received_at < ?",
+                n += db.execute("DELETE FROM samples WHERE frame IN "
+                                "(SELECT id FROM frames WHERE received_at < ?)",
                                 (now - self.limits.max_age_s,)).rowcount
             devices = {r[0] for r in db.execute("SELECT device FROM device_totals")}
             n += self._enforce_sizes(db, devices)
@@ -415,17 +502,6 @@ class SQLiteSampleStore(SampleStore):
                               "id <= ?", (*args, last_id)).rowcount)
 
     # -- reading ---------------------------------------------------------------------------
-    @staticmethod
-    def _where(boundary: int | None, model_version: int | None, since: float | None,
-               device: str | None) -> tuple[str, tuple[Any, ...]]:
-        clauses, args = [], []
-        for col, op, val in (("boundary", "=", boundary), ("model_version", "=", model_version),
-                             ("received_at", ">=", since), ("device", "=", device)):
-            if val is not None:
-                clauses.append(f"{col} {op} ?")
-                args.append(val)
-        return (" WHERE " + " AND ".join(clauses)) if clauses else "", tuple(args)
-
     def query(self, boundary: int | None = None, model_version: int | None = None,
               since: float | None = None, device: str | None = None,
               limit: int | None = None) -> list[Sample]:
@@ -435,13 +511,16 @@ class SQLiteSampleStore(SampleStore):
                    since: float | None = None, device: str | None = None,
                    limit: int | None = None) -> Iterator[Sample]:
         """Like ``query`` but streams rows (a long read sees one consistent WAL snapshot)."""
-        where, args = self._where(boundary, model_version, since, device)
-        sql = f"SELECT {_COLUMNS} FROM samples{where} ORDER BY id"
+        where, args = where_clause(boundary, model_version, since, device, "?")
+        sql = f"{SELECT_SAMPLES}{where} ORDER BY s.id"
         if limit is not None:
             sql += " LIMIT ?"
             args = (*args, int(limit))
-        for row in self._db.execute(sql, args):
-            yield _sample(row)
+        db = self._db
+        reader = _Reader(lambda frame_id: db.execute(
+            "SELECT payload FROM frames WHERE id = ?", (frame_id,)).fetchone()[0])
+        for row in db.execute(sql, args):
+            yield reader.sample(row)
 
     def count(self, boundary: int | None = None, model_version: int | None = None,
               since: float | None = None, device: str | None = None) -> int:
@@ -450,8 +529,8 @@ class SQLiteSampleStore(SampleStore):
             if device is not None:
                 sql, args = sql + " WHERE device = ?", (device,)
             return int(self._db.execute(sql, args).fetchone()[0])
-        where, args = self._where(boundary, model_version, since, device)
-        return int(self._db.execute(f"SELECT COUNT(*) FROM samples{where}", args).fetchone()[0])
+        where, args = where_clause(boundary, model_version, since, device, "?")
+        return int(self._db.execute(f"{COUNT_SAMPLES}{where}", args).fetchone()[0])
 
     def sample_keys(self) -> set[tuple[str, int, int]]:
         return {(d, _from_i64(s), _from_i64(q))
@@ -468,10 +547,8 @@ class SQLiteSampleStore(SampleStore):
                    db.execute("SELECT device, count, bytes FROM device_totals WHERE count > 0 "
                               "ORDER BY device")}
         oldest, newest = db.execute(
-            "SELECT MIN(received_at), MAX(received_at) FROM samples").fetchone()
-        by_boundary = {f"{b}/v{v}": n for b, v, n in db.execute(
-            "SELECT boundary, model_version, COUNT(*) FROM samples "
-            "GROUP BY boundary, model_version")}
+            "SELECT MIN(received_at), MAX(received_at) FROM frames").fetchone()
+        by_boundary = {f"{b}/v{v}": n for b, v, n in db.execute(BY_BOUNDARY)}
         file_bytes = sum(p.stat().st_size for p in self.directory.glob(FILE_NAME + "*"))
         return {
             "path": str(self.path),
@@ -486,20 +563,21 @@ class SQLiteSampleStore(SampleStore):
         }
 
 
-def _new_totals(db: sqlite3.Connection, rows: Sequence[Row], inserted: int,
-                last_id: int) -> list[tuple[str, int, int]]:
-    """(device, count, bytes) of the rows this transaction inserted: summed from ``rows``
-    when every one was new, else read back (ids above ``last_id``, AUTOINCREMENT: only
-    this transaction's rows; the payload's overflow pages are not read)."""
-    if inserted == len(rows):
+def _new_totals(db: sqlite3.Connection, frames: Sequence[FrameRows], inserted: int,
+                rows: int, last_id: int) -> list[tuple[str, int, int]]:
+    """(device, count, bytes) of the samples this transaction inserted: summed from
+    ``frames`` when every one was new, else read back (ids above ``last_id``,
+    AUTOINCREMENT: only this transaction's rows)."""
+    if inserted == rows:
         totals: dict[str, list[int]] = {}
-        for r in rows:
-            t = totals.get(r[0])
-            if t is None:
-                totals[r[0]] = [1, r[13]]
-            else:
-                t[0] += 1
-                t[1] += r[13]
+        for f in frames:
+            for r in f.samples:
+                t = totals.get(r[0])
+                if t is None:
+                    totals[r[0]] = [1, r[9]]
+                else:
+                    t[0] += 1
+                    t[1] += r[9]
         return [(d, n, b) for d, (n, b) in totals.items()]
     return [(d, int(n), int(b)) for d, n, b in db.execute(
         "SELECT device, COUNT(*), SUM(size) FROM samples WHERE id > ? GROUP BY device",
@@ -519,74 +597,93 @@ def _split_sql(script: str) -> list[str]:
     return out
 
 
-def rows_of(envelopes: Iterable[Envelope], received_at: float | None,
-            shapes: Sequence[tuple[int, ...] | None] | None) -> list[Row]:
-    """Table rows of a batch; each shape read from its frame unless the caller gave them."""
-    now = time.time() if received_at is None else received_at
-    if shapes is None:
-        return [_row(e, now) for e in envelopes]
-    return [_row(e, now, shape) for e, shape in zip(envelopes, shapes, strict=True)]
+BY_BOUNDARY = ("SELECT f.boundary, f.model_version, COUNT(*) FROM samples s "
+               "JOIN frames f ON f.id = s.frame GROUP BY f.boundary, f.model_version")
 
 
-def batch_rows(env: BatchEnvelope, frames: Sequence[bytes], shape: tuple[int, ...] | None,
-               received_at: float, keep: Sequence[bool] | None = None) -> list[Row]:
-    """The rows ``rows_of(env.envelopes(frames), received_at, [shape] * n)`` gives, the same
-    values, without a per-sample ``Envelope``: the shared fields, the shape column and the
-    batch's meta JSON are made once, a sample's ``index`` spliced into it. ``keep[i]``
-    False: sample i is left out (it failed a per-sample check)."""
-    if len(frames) != len(env.samples):
-        raise ValueError(f"{len(frames)} frames for {len(env.samples)} samples")
-    base = env.meta
-    device, session = env.device, _to_i64(env.session)
-    model, version, boundary = _model_id(base), env.model_version, env.boundary
-    shape_col = None if shape is None else ",".join(map(str, shape))
-    base_json = _meta_json(base) if base else None
-    # {**base, "index": i} as json.dumps writes it: base's text with the key appended
-    # (where base has its own "index" the key keeps its place: dumped per sample).
-    head = (base_json[:-1] + ',"index":') if base_json else '{"index":'
-    splice = "index" not in base
-    records = env.samples.tolist()
-    pairs: Iterable[tuple[Any, bytes]] = zip(records, frames, strict=True)
-    if keep is not None:
-        pairs = (p for p, ok in zip(pairs, keep, strict=True) if ok)
-    rows: list[Row] = []
-    append = rows.append
-    for (seq, ts, index, label, pred, conf, flags), frame in pairs:
-        meta: str | None = base_json
-        if flags & FLAG_INDEX:
-            meta = (f"{head}{index}}}" if splice else
-                    _meta_json({**base, "index": index}))
-        append((device, session, seq - _U64 if seq >= _U63 else seq, ts, received_at, model,
-                version, boundary, label if flags & FLAG_LABEL else None,
-                pred if flags & FLAG_PRED else None,
-                conf if flags & FLAG_CONF and conf == conf else None, shape_col, meta,
-                len(frame), frame))
-    return rows
+def where_clause(boundary: int | None, model_version: int | None, since: float | None,
+                 device: str | None, mark: str) -> tuple[str, tuple[Any, ...]]:
+    """The WHERE of ``SELECT_SAMPLES``/``COUNT_SAMPLES`` for the given filters; ``mark``:
+    the driver's parameter marker."""
+    clauses, args = [], []
+    for col, op, val in (("f.boundary", "=", boundary), ("f.model_version", "=", model_version),
+                         ("f.received_at", ">=", since), ("s.device", "=", device)):
+        if val is not None:
+            clauses.append(f"{col} {op} {mark}")
+            args.append(val)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", tuple(args)
 
 
-_UNREAD: Any = object()
-
-
-def _row(e: Envelope, received_at: float, shape: tuple[int, ...] | None = _UNREAD) -> Row:
-    if shape is _UNREAD:
+def envelope_rows(e: Envelope, received_at: float,
+                  shape: tuple[int, ...] | None = None) -> FrameRows:
+    """A version-1 envelope's frame and key row (its whole frame: ``part`` NULL); the shape
+    is read from the frame header unless the caller gave it."""
+    if shape is None:
         shape = frame_shape(e.payload)
-    return (
-        e.device, _to_i64(e.session), _to_i64(e.seq), e.timestamp, received_at,
-        _model_id(e.meta), e.model_version, e.boundary, e.label, e.prediction,
-        None if e.confidence is None or e.confidence != e.confidence else e.confidence,
-        None if shape is None else ",".join(map(str, shape)),
-        _meta_json(e.meta) if e.meta else None,
-        len(e.payload), e.payload,
-    )
+    return FrameRows(
+        (received_at, _model_id(e.meta), e.model_version, e.boundary,
+         None if shape is None else ",".join(map(str, shape)),
+         _meta_json(e.meta) if e.meta else None, e.payload),
+        [(e.device, _to_i64(e.session), _to_i64(e.seq), e.timestamp, e.label, e.prediction,
+          None if e.confidence is None or e.confidence != e.confidence else e.confidence,
+          None, None, len(e.payload))])
 
 
-def _sample(row: Sequence[Any]) -> Sample:
-    (rid, device, session, seq, ts, received_at, model_id, model_version, boundary, label,
-     prediction, confidence, shape, meta, size, payload) = row
-    return Sample(
-        id=rid, device=device, session=_from_i64(session), seq=_from_i64(seq), timestamp=ts,
-        received_at=received_at, model_id=model_id, model_version=model_version,
-        boundary=boundary, label=label, prediction=prediction, confidence=confidence,
-        shape=tuple(int(x) for x in shape.split(",") if x) if shape is not None else None,
-        size=size, payload=bytes(payload), meta=json.loads(meta) if meta else {},
-    )
+def batch_rows(env: BatchEnvelope, shape: tuple[int, ...], received_at: float,
+               keep: Sequence[bool] | None = None) -> FrameRows:
+    """A version-2 envelope's frame (stored once, as received) and the key rows of its
+    samples (``part``: the sample's position in the frame; ``meta_index``: its index, which
+    readers put into the batch's meta). ``shape``: one sample's, ``(1, ...)``. ``keep[i]``
+    False: sample i is left out (it failed a per-sample check)."""
+    n = len(env.samples)
+    payload = env.payload
+    device, session = env.device, _to_i64(env.session)
+    share, extra = divmod(len(payload), n)  # a sample's share of the frame's bytes
+    records = env.samples.tolist()
+    samples = [(device, session, seq - _U64 if seq >= _U63 else seq, ts,
+                label if flags & FLAG_LABEL else None, pred if flags & FLAG_PRED else None,
+                conf if flags & FLAG_CONF and conf == conf else None,
+                index if flags & FLAG_INDEX else None, i, share + (i < extra))
+               for i, (seq, ts, index, label, pred, conf, flags) in enumerate(records)
+               if keep is None or keep[i]]
+    return FrameRows(
+        (received_at, _model_id(env.meta), env.model_version, env.boundary,
+         ",".join(map(str, shape)), _meta_json(env.meta) if env.meta else None, payload),
+        samples)
+
+
+class _Reader:
+    """Rows of ``SELECT_SAMPLES`` into ``Sample``s, each with its own frame: a batch frame
+    is fetched (``fetch(frame_id)``) and cut once for its samples, which are read together
+    (consecutive ids). A frame that no longer cuts (disk corruption) is handed on whole,
+    so that decoding the sample fails as a damaged version-1 frame does."""
+
+    def __init__(self, fetch: Callable[[int], bytes]) -> None:
+        self._fetch = fetch
+        self._frame_id: int | None = None
+        self._parts: list[bytes] | bytes = b""
+
+    def sample(self, row: Sequence[Any]) -> Sample:
+        (rid, device, session, seq, ts, received_at, model_id, model_version, boundary, label,
+         prediction, confidence, shape, meta, meta_index, size, frame_id, part, payload) = row
+        if part is not None:
+            if frame_id != self._frame_id:
+                stored = bytes(self._fetch(frame_id))
+                try:
+                    self._parts = split_batch(stored, max_bytes=_STORED_MAX_BYTES,
+                                              decode_array=False).frames
+                except CodecError as exc:
+                    log.warning("stored frame %d does not cut into samples: %s", frame_id, exc)
+                    self._parts = stored
+                self._frame_id = frame_id
+            payload = self._parts if isinstance(self._parts, bytes) else self._parts[part]
+        fields: dict[str, Any] = json.loads(meta) if meta else {}
+        if meta_index is not None:
+            fields["index"] = meta_index
+        return Sample(
+            id=rid, device=device, session=_from_i64(session), seq=_from_i64(seq),
+            timestamp=ts, received_at=received_at, model_id=model_id,
+            model_version=model_version, boundary=boundary, label=label,
+            prediction=prediction, confidence=confidence,
+            shape=tuple(int(x) for x in shape.split(",") if x) if shape is not None else None,
+            size=size, payload=bytes(payload), meta=fields)

@@ -144,3 +144,59 @@ def test_advisory_lock_elects_one_and_passes_on_when_the_session_dies(
     assert wait_until(lambda: bool(lost), 20)  # a noticed it no longer leads
     for lock in locks.values():
         lock.stop()
+
+
+def test_migration_0003_keeps_samples_and_downgrades_batch_frames(pg_database: MakeDb) -> None:
+    """0002 → 0003 turns every sample row into a frame of its own and its key row (readers
+    see the same samples, totals kept); 0003 → 0002 cuts batch frames back into per-sample
+    frames; upgrading again reads the same."""
+    from alembic import command
+    from test_store import RNG, _fields
+
+    from agent.codec import encode
+    from agent.envelope import BatchEnvelope
+    from cloud_trainer.store import batch_rows
+
+    db = pg_database("mig", migrated=False)
+    engine = make_engine(db)
+    migrate.upgrade(engine, "0002")
+    with psycopg.connect(db.conninfo(), autocommit=True) as con:
+        for i in range(3):
+            con.execute(
+                "INSERT INTO samples (device, session, seq, timestamp, received_at, model_id, "
+                "model_version, boundary, label, shape, meta, size, payload) VALUES "
+                "('dev-a', 1, %s, %s, 50.0, 'digits', 1, 1, %s, '1,4,3,3', "
+                "'{\"model\":\"digits\",\"index\":3}', %s, %s)",
+                (i, 1000.0 + i, i, len(FRAME), FRAME))
+    with pytest.raises(migrate.SchemaError, match="db upgrade"):
+        PostgresSampleStore(db.conninfo())  # an older schema is named, not misread
+    assert migrate.upgrade(engine) == ("0002", migrate.head())
+    x = RNG.standard_normal((4, 4, 3, 3)).astype("float32")
+    batch = BatchEnvelope(device="dev-b", session=1, model_version=1, boundary=1,
+                          samples=BatchEnvelope.table(list(range(4)), [1.0] * 4, [0, 1, 2, 3],
+                                                      [None] * 4, [None] * 4, [None] * 4),
+                          payload=encode(x, "uint8+lz4"), meta={"model": "digits"})
+    with PostgresSampleStore(db.conninfo()) as store:
+        old = store.query()
+        assert [(s.seq, s.label, s.meta, s.payload, s.received_at) for s in old] == [
+            (i, i, {"model": "digits", "index": 3}, FRAME, 50.0) for i in range(3)]
+        assert store.add_many([env(seq=i) for i in range(4)]) == 1
+        assert store.add_frames([batch_rows(batch, (1, 4, 3, 3), 60.0)]) == 4
+        before = [_fields(s) for s in store.query()]
+        totals = store.totals()
+    cfg = migrate._config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0002")
+    with psycopg.connect(db.conninfo(), autocommit=True) as con:
+        rows = con.execute("SELECT seq, size, length(payload), meta FROM samples "
+                           "WHERE device = 'dev-b' ORDER BY seq").fetchall()
+        assert [r[0] for r in rows] == [0, 1, 2, 3] and all(r[1] == r[2] for r in rows)
+        total = con.execute("SELECT count, bytes FROM device_totals WHERE device = 'dev-b'"
+                            ).fetchone()
+        assert total == (4, sum(r[1] for r in rows))
+    migrate.upgrade(engine)
+    with PostgresSampleStore(db.conninfo()) as store:
+        assert [_fields(s) for s in store.query()] == before
+        assert store.totals()[0] == totals[0]
+    engine.dispose()

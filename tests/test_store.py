@@ -18,12 +18,12 @@ from cloud_trainer.storage.config import DatabaseSection
 from cloud_trainer.storage.postgres import PostgresSampleStore
 from cloud_trainer.store import (
     SCHEMA_VERSION,
+    Sample,
     SampleStore,
     SQLiteSampleStore,
     StoreError,
     StoreLimits,
     batch_rows,
-    rows_of,
 )
 
 RNG = np.random.default_rng(0)
@@ -186,46 +186,136 @@ def test_totals_count_only_the_new_rows_of_a_batch(open_store: OpenStore) -> Non
         assert store.totals() == (6, 4 * len(FRAME) + len(big) + len(FRAME))
 
 
-def test_batch_rows_are_the_rows_of_its_envelopes() -> None:
-    """``batch_rows`` (the ingestor's path for version-2 envelopes) stores exactly what the
-    per-sample envelopes would: meta JSON spliced per sample, absent fields, refused ones."""
+def _fields(s: Sample) -> tuple[object, ...]:
+    """What a reader sees of a sample, less its row id and its share of the stored bytes."""
+    return (s.key, s.timestamp, s.received_at, s.model_id, s.model_version, s.boundary,
+            s.label, s.prediction, s.confidence, s.shape, s.payload, s.meta)
+
+
+def test_a_batch_reads_back_as_its_envelopes(open_store: OpenStore) -> None:
+    """A batch stored as one frame (the ingestor's path for version-2 envelopes) reads back
+    sample by sample exactly as the per-sample envelopes stored one by one: meta with the
+    index per sample, absent fields, refused samples, u64 keys, each sample's own frame."""
     x = np.maximum(RNG.standard_normal((6, 4, 3, 3)), 0).astype(np.float32)
     seqs = [5, 6, 7, 2**63 + 1, 2**64 - 2, 2**64 - 1]
     table = BatchEnvelope.table(seqs, [1000.5 + i for i in range(6)],
                                 [i if i % 2 else None for i in range(6)],
                                 [i if i % 3 else None for i in range(6)], [None, 1, 2, 3, 4, 5],
                                 [0.25, None, float("nan"), 0.5, 0.75, 1.0])
-    split = split_batch(encode(x, "uint8+lz4"))
-    for meta in ({}, {"model": "m", "k": [1, "é"]}, {"index": 9, "model_id": "x"}):
-        b = BatchEnvelope(device="dev-ü", session=2**64 - 1, model_version=3, boundary=2,
-                          samples=table, payload=b"", meta=meta)
-        envs = b.envelopes(split.frames)
-        for keep in (None, [True, False, True, True, False, True]):
-            kept = [e for i, e in enumerate(envs) if keep is None or keep[i]]
-            assert batch_rows(b, split.frames, (1, 4, 3, 3), 5.0, keep) == \
-                rows_of(kept, 5.0, [(1, 4, 3, 3)] * len(kept))
+    frame = encode(x, "uint8+lz4")
+    split = split_batch(frame)
+    cases = [(meta, keep) for meta in ({}, {"model": "m", "k": [1, "é"]},
+                                       {"index": 9, "model_id": "x"})
+             for keep in (None, [True, False, True, True, False, True])]
+    with open_store("batch") as batched, open_store("single") as single:
+        for session, (meta, keep) in enumerate(cases):
+            b = BatchEnvelope(device="dev-ü", session=session, model_version=3, boundary=2,
+                              samples=table, payload=frame, meta=meta)
+            kept = [e for i, e in enumerate(b.envelopes(split.frames))
+                    if keep is None or keep[i]]
+            assert batched.add_frames([batch_rows(b, (1, 4, 3, 3), 5.0, keep)]) == len(kept)
+            assert single.add_many(kept, 5.0) == len(kept)
+        got, want = batched.query(), single.query()
+        assert [_fields(s) for s in got] == [_fields(s) for s in want] and len(got) == 30
+        assert np.array_equal(batched.load_arrays(2), single.load_arrays(2))
+        assert batched.totals() == (30, sum(s.size for s in got))
+        assert batched.count(boundary=2, model_version=3, device="dev-ü") == 30
 
 
-def test_sqlite_schema_1_is_upgraded_without_counting_twice(tmp_path: Path) -> None:
-    """Schema 1 kept device_totals by a per-row insert trigger; opening it drops the trigger
-    (the store keeps the totals now), and keeps the totals it had."""
-    with SQLiteSampleStore(tmp_path) as store:
-        store.add_many([env(seq=i) for i in range(3)])
+def test_replayed_and_overlapping_batches_store_each_sample_once(
+        open_store: OpenStore) -> None:
+    """A batch replayed whole stores nothing (its frame is not kept); one overlapping stored
+    samples stores the new ones only; evicting a frame's last sample deletes the frame."""
+    x = np.maximum(RNG.standard_normal((4, 4, 3, 3)), 0).astype(np.float32)
+    frame = encode(x, "uint8+lz4")
+
+    def batch(first: int) -> BatchEnvelope:
+        seqs = list(range(first, first + 4))
+        return BatchEnvelope(device="dev-a", session=1, model_version=1, boundary=1,
+                             samples=BatchEnvelope.table(seqs, [1.0] * 4, [None] * 4, [None] * 4,
+                                                          [None] * 4, [None] * 4),
+                             payload=frame)
+
+    with open_store("a", StoreLimits(device_max_count=6)) as store:
+        assert store.add_frames([batch_rows(batch(0), (1, 4, 3, 3), 1.0)]) == 4
+        assert store.add_frames([batch_rows(batch(0), (1, 4, 3, 3), 2.0)]) == 0
+        assert _frame_rows(store) == 1
+        assert store.add_frames([batch_rows(batch(2), (1, 4, 3, 3), 3.0)]) == 2
+        assert sorted(k[2] for k in store.sample_keys()) == [0, 1, 2, 3, 4, 5]
+        share = [len(frame) // 4 + (i < len(frame) % 4) for i in range(4)]  # bytes a sample
+        assert store.totals() == (6, len(frame) + share[2] + share[3])
+        assert store.add_frames([batch_rows(batch(6), (1, 4, 3, 3), 4.0)]) == 4
+        # quota 6: seqs 0-3 evicted, so the first frame went with its last sample
+        assert sorted(k[2] for k in store.sample_keys()) == [4, 5, 6, 7, 8, 9]
+        assert _frame_rows(store) == 2
+        assert np.allclose(store.load_arrays(1), np.concatenate([x[2:], x]), atol=0.05)
+
+
+def _frame_rows(store: SampleStore) -> int:
+    if isinstance(store, SQLiteSampleStore):
+        return int(store._db.execute("SELECT COUNT(*) FROM frames").fetchone()[0])
+    assert isinstance(store, PostgresSampleStore)
+    row = store._db.execute("SELECT COUNT(*) FROM frames").fetchone()
+    return int(row[0]) if row else -1
+
+
+# Schema 2 as a build before 3 created it (schema 1: the same plus a per-row insert trigger).
+_SCHEMA_2 = """
+CREATE TABLE samples (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, device TEXT NOT NULL, session INTEGER NOT NULL,
+    seq INTEGER NOT NULL, timestamp REAL NOT NULL, received_at REAL NOT NULL, model_id TEXT,
+    model_version INTEGER NOT NULL, boundary INTEGER NOT NULL, label INTEGER,
+    prediction INTEGER, confidence REAL, shape TEXT, meta TEXT, size INTEGER NOT NULL,
+    payload BLOB NOT NULL, UNIQUE (device, session, seq));
+CREATE INDEX samples_boundary_version_time ON samples (boundary, model_version, received_at);
+CREATE INDEX samples_received ON samples (received_at);
+CREATE INDEX samples_device ON samples (device, id);
+CREATE TABLE device_totals (device TEXT PRIMARY KEY, count INTEGER NOT NULL,
+                            bytes INTEGER NOT NULL);
+CREATE TRIGGER samples_del AFTER DELETE ON samples BEGIN
+    UPDATE device_totals SET count = count - 1, bytes = bytes - OLD.size
+    WHERE device = OLD.device;
+END;
+"""
+_TRIGGER_1 = """
+CREATE TRIGGER samples_ins AFTER INSERT ON samples BEGIN
+    INSERT INTO device_totals (device, count, bytes) VALUES (NEW.device, 1, NEW.size)
+    ON CONFLICT (device) DO UPDATE SET count = count + 1, bytes = bytes + NEW.size;
+END;
+"""
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_sqlite_schema_1_and_2_are_upgraded_keeping_samples_and_totals(
+        tmp_path: Path, version: int) -> None:
+    """A file of one row per sample (schema 1 or 2) opens upgraded: every sample reads back
+    as it was, ids and totals kept, and dedup still holds against the old rows; a file
+    from a newer build is refused by name."""
     db = sqlite3.connect(tmp_path / "samples.sqlite3")
-    db.executescript("""
-        CREATE TRIGGER samples_ins AFTER INSERT ON samples BEGIN
-            INSERT INTO device_totals (device, count, bytes) VALUES (NEW.device, 1, NEW.size)
-            ON CONFLICT (device) DO UPDATE SET count = count + 1, bytes = bytes + NEW.size;
-        END;
-        PRAGMA user_version = 1;""")
+    db.executescript(_SCHEMA_2 + (_TRIGGER_1 if version == 1 else ""))
+    for i in range(3):
+        db.execute("INSERT INTO samples (device, session, seq, timestamp, received_at, "
+                   "model_id, model_version, boundary, label, shape, meta, size, payload) "
+                   "VALUES ('dev-a', 1, ?, ?, 50.0, 'digits', 1, 1, ?, '1,4,3,3', "
+                   "'{\"model\":\"digits\",\"index\":3}', ?, ?)",
+                   (i, 1000.0 + i, i, len(FRAME), FRAME))
+    if version == 2:
+        db.execute("INSERT INTO device_totals VALUES ('dev-a', 3, ?)", (3 * len(FRAME),))
+    db.execute(f"PRAGMA user_version = {version}")
+    db.commit()
     db.close()
     with SQLiteSampleStore(tmp_path) as store:
+        old = store.query()
+        assert [(s.id, s.seq, s.label, s.meta, s.payload, s.shape, s.received_at)
+                for s in old] == [(i + 1, i, i, {"model": "digits", "index": 3}, FRAME,
+                                   (1, 4, 3, 3), 50.0) for i in range(3)]
         assert store.add_many([env(seq=i) for i in range(5)]) == 2
-        assert store.totals() == (5, 5 * len(FRAME)) and store.count() == 5
+        assert store.totals() == (5, 5 * len(FRAME)) and store.count(boundary=1) == 5
+        assert [s.seq for s in store.query()] == [0, 1, 2, 3, 4]
     db = sqlite3.connect(tmp_path / "samples.sqlite3")
     assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     db.execute("PRAGMA user_version = 99")
     db.commit()
     db.close()
-    with pytest.raises(StoreError, match="schema version 99"):
+    with pytest.raises(StoreError, match="schema version 99, this build reads"):
         SQLiteSampleStore(tmp_path)

@@ -7,6 +7,7 @@ defaults dropped, numbers in their shortest round-tripping form, so equal settin
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from abc import ABC, abstractmethod
@@ -257,21 +258,32 @@ def batchable(spec: str | CodecSpec) -> bool:
     return _BY_NAME[spec.name].sample_layout((2, 1), spec) is not None
 
 
-@dataclass(frozen=True)
 class SplitBatch:
-    """A batch frame cut per sample: ``frames[i]`` holds sample ``i`` alone (shape
-    ``(1, *shape[1:])``, the batch's codec and parameters, its quantisation range, without
-    LZ4). ``array``: the decoded batch, if asked."""
+    """A batch frame checked as a whole, cut per sample on demand: ``frames[i]`` holds
+    sample ``i`` alone (shape ``(1, *shape[1:])``, the batch's codec and parameters, its
+    quantisation range, without LZ4). ``array``: the decoded batch, if asked.
 
-    shape: tuple[int, ...]
-    frames: list[bytes]
-    array: np.ndarray | None
+    The frames are made only when read (ingest validates a batch and stores its frame
+    once; the store cuts it when a reader asks for its samples)."""
+
+    def __init__(self, shape: tuple[int, ...], array: np.ndarray | None, common: bytes,
+                 payload: memoryview, head: int, step: int) -> None:
+        self.shape = shape
+        self.array = array
+        self._common, self._payload, self._head, self._step = common, payload, head, step
+
+    @functools.cached_property
+    def frames(self) -> list[bytes]:
+        view, head, step = self._payload, self._head, self._step
+        return pack_frames(self._common, [view[head + i * step: head + (i + 1) * step]
+                                          for i in range(self.shape[0])])
 
 
 def split_batch(frame: bytes | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES,
                 decode_array: bool = True) -> SplitBatch:
     """Check a frame of shape (N, ...) once (header, CRC, one LZ4 pass, optionally one
-    decode) and cut it into N per-sample frames; raises only ``CodecError`` subclasses.
+    decode) so that it cuts into N per-sample frames; raises only ``CodecError``
+    subclasses.
 
     The per-sample frames are not LZ4-compressed again: over one sample of a few kB, LZ4
     after 8-bit quantisation gains 1.0× on effnet-lite0's boundaries and ~1.2× on post-ReLU
@@ -297,16 +309,13 @@ def split_batch(frame: bytes | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES
                                     f"{head + n * step}")
         array = codec.decode_payload(payload, raw.shape, spec) if decode_array else None
         view = memoryview(payload)
-        one = (1, *raw.shape[1:])
-        common = frame_head(codec.codec_id, raw.flags & ~FLAG_LZ4, one,
+        common = frame_head(codec.codec_id, raw.flags & ~FLAG_LZ4, (1, *raw.shape[1:]),
                             codec.pack_params(spec), head + step) + bytes(view[:head])
-        frames = pack_frames(common, [view[head + i * step: head + (i + 1) * step]
-                                      for i in range(n)])
     except CodecError:
         raise
     except Exception as exc:  # untrusted bytes: numpy/lz4 raise types of their own
         raise CorruptFrameError(f"{spec}: batch payload does not split: {exc}") from exc
-    return SplitBatch(tuple(raw.shape), frames, array)
+    return SplitBatch(tuple(raw.shape), array, common, view, head, step)
 
 
 def max_abs(a: np.ndarray) -> float:

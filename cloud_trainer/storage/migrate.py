@@ -62,8 +62,13 @@ def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str]:
 
 def check(engine: Engine, where: str) -> str:
     """Raise SchemaError unless the schema is exactly this build's head; returns it."""
+    return verdict(current(engine), where)
+
+
+def verdict(have: str | None, where: str) -> str:
+    """``check`` of a revision already read (the sample store reads it on its own driver):
+    raise SchemaError naming what to run unless it is this build's head; returns it."""
     want = head()
-    have = current(engine)
     if have == want:
         return have
     if have is None:

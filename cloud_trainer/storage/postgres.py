@@ -5,10 +5,13 @@ Same contract as ``SQLiteSampleStore`` (``cloud_trainer/store.py``), built for N
 * **Dedup across replicas** is the unique key ``(device, session, seq)`` and
   ``INSERT ... ON CONFLICT DO NOTHING``, never a check-then-insert: two replicas handed the
   same envelope (a re-delivery after a reconnect) both commit, and one row exists.
-* **One statement per batch.** The batch goes in as parallel arrays (``unnest``, sent in
-  binary: in text, the bytea array's hex escaping halved the rate), so a commit
-  of 512 samples is one round trip and one statement; the per-device totals are kept by
-  statement-level triggers over the transition table (one upsert per device per batch).
+* **A batch envelope's frame once.** As in SQLite, ``frames`` keeps each message's codec
+  frame once and ``samples`` a key row per sample (migration 0003). A commit is three
+  statements whatever its size: frame ids drawn from the sequence, the frames and the key
+  rows each as parallel arrays (``unnest``, sent in binary: in text, the bytea array's hex
+  escaping halved the rate); the per-device totals are kept by statement-level triggers
+  over the transition table (one upsert per device per batch), and a frame whose last
+  sample is deleted is deleted by another.
 * **No deadlocks between replicas.** Rows are sorted by key before the insert, so every
   transaction takes the unique-index and ``device_totals`` row locks in the same order.
 * ``add_many`` returns only after COMMIT, so the ingestor's ack-after-commit holds.
@@ -32,25 +35,32 @@ from typing import Any
 import psycopg
 
 from cloud_trainer.store import (
-    _COLUMNS,
-    Row,
+    BY_BOUNDARY,
+    COUNT_SAMPLES,
+    SELECT_SAMPLES,
+    FrameRows,
     Sample,
     SampleStore,
     StoreError,
     StoreLimits,
     _from_i64,
-    _sample,
+    _Reader,
+    where_clause,
 )
 
 log = logging.getLogger(__name__)
 
-_INSERT = (
-    "INSERT INTO samples (device, session, seq, timestamp, received_at, model_id, "
-    "model_version, boundary, label, prediction, confidence, shape, meta, size, payload) "
-    "SELECT * FROM unnest(%b::text[], %b::int8[], %b::int8[], %b::float8[], %b::float8[], "
-    "%b::text[], %b::int4[], %b::int4[], %b::int4[], %b::int4[], %b::float8[], %b::text[], "
-    "%b::text[], %b::int4[], %b::bytea[]) "
-    "ON CONFLICT (device, session, seq) DO NOTHING"
+_FRAME_IDS = "SELECT nextval(pg_get_serial_sequence('frames', 'id')) FROM generate_series(1, %s)"
+_INSERT_FRAMES = (
+    "INSERT INTO frames (id, received_at, model_id, model_version, boundary, shape, meta, "
+    "payload) OVERRIDING SYSTEM VALUE SELECT * FROM unnest(%b::int8[], %b::float8[], "
+    "%b::text[], %b::int4[], %b::int4[], %b::text[], %b::text[], %b::bytea[])"
+)
+_INSERT_SAMPLES = (
+    "INSERT INTO samples (frame, device, session, seq, timestamp, label, prediction, "
+    "confidence, meta_index, part, size) SELECT * FROM unnest(%b::int8[], %b::text[], "
+    "%b::int8[], %b::int8[], %b::float8[], %b::int4[], %b::int4[], %b::float8[], %b::int8[], "
+    "%b::int4[], %b::int4[]) ON CONFLICT (device, session, seq) DO NOTHING"
 )
 
 
@@ -86,13 +96,15 @@ class PostgresSampleStore(SampleStore):
         return db
 
     def _check_schema(self) -> None:
-        try:
-            self._db.execute("SELECT 1 FROM samples LIMIT 0")
-        except psycopg.errors.UndefinedTable:
-            from cloud_trainer.storage.migrate import UPGRADE_COMMAND
+        """Refuse a schema other than this build's (an older one names the upgrade command):
+        the store's statements are written for exactly one layout."""
+        from cloud_trainer.storage.migrate import verdict
 
-            raise StoreError(f"{self.where} has no samples table: run `{UPGRADE_COMMAND}`"
-                             ) from None
+        try:
+            row = self._db.execute("SELECT version_num FROM alembic_version").fetchone()
+        except psycopg.errors.UndefinedTable:
+            row = None
+        verdict(row[0] if row else None, self.where)
 
     def close(self) -> None:
         self._closed = True
@@ -105,19 +117,27 @@ class PostgresSampleStore(SampleStore):
                 log.debug("closing a store connection failed", exc_info=True)
 
     # -- writing ---------------------------------------------------------------------------
-    def add_rows(self, rows: Sequence[Row]) -> int:
-        unique: dict[tuple[str, int, int], Row] = {}
-        for row in rows:
-            unique.setdefault((row[0], row[1], row[2]), row)
-        if not unique:
+    def add_frames(self, frames: Sequence[FrameRows]) -> int:
+        frames = [f for f in frames if f.samples]
+        if not frames:
             return 0
-        rows = [unique[k] for k in sorted(unique)]  # one lock order for every replica
-        columns = [list(c) for c in zip(*rows, strict=True)]
         db = self._db
         with db.transaction():
-            inserted = db.execute(_INSERT, columns).rowcount
+            ids = [int(r[0]) for r in db.execute(_FRAME_IDS, (len(frames),))]
+            unique: dict[tuple[str, int, int], tuple[Any, ...]] = {}
+            for frame_id, f in zip(ids, frames, strict=True):
+                for r in f.samples:
+                    unique.setdefault((r[0], r[1], r[2]), (frame_id, *r))
+            rows = [unique[k] for k in sorted(unique)]  # one lock order for every replica
+            db.execute(_INSERT_FRAMES, [ids, *(list(c) for c in
+                                              zip(*(f.frame for f in frames), strict=True))])
+            inserted = db.execute(_INSERT_SAMPLES,
+                                  [list(c) for c in zip(*rows, strict=True)]).rowcount
+            if inserted < sum(len(f.samples) for f in frames):
+                db.execute("DELETE FROM frames f WHERE f.id = ANY(%s) AND NOT EXISTS "
+                           "(SELECT 1 FROM samples s WHERE s.frame = f.id)", (ids,))
             if inserted:
-                self.evicted += self._enforce_sizes(db, sorted({r[0] for r in rows}))
+                self.evicted += self._enforce_sizes(db, sorted({r[1] for r in rows}))
         return int(inserted)
 
     def expire(self, now: float | None = None) -> int:
@@ -126,8 +146,9 @@ class PostgresSampleStore(SampleStore):
         with db.transaction():
             n = 0
             if self.limits.max_age_s is not None:
-                n += db.execute("DELETE FROM samples WHERE received_at < %s",
-                                (now - self.limits.max_age_s,)).rowcount
+                n += db.execute("DELETE FROM samples s USING frames f WHERE f.id = s.frame "
+                                "AND f.received_at < %s", (now - self.limits.max_age_s,)
+                                ).rowcount
             devices = [r[0] for r in db.execute("SELECT device FROM device_totals "
                                                 "ORDER BY device")]
             n += self._enforce_sizes(db, devices)
@@ -154,17 +175,6 @@ class PostgresSampleStore(SampleStore):
         return n
 
     # -- reading ---------------------------------------------------------------------------
-    @staticmethod
-    def _where(boundary: int | None, model_version: int | None, since: float | None,
-               device: str | None) -> tuple[str, tuple[Any, ...]]:
-        clauses, args = [], []
-        for col, op, val in (("boundary", "=", boundary), ("model_version", "=", model_version),
-                             ("received_at", ">=", since), ("device", "=", device)):
-            if val is not None:
-                clauses.append(f"{col} {op} %s")
-                args.append(val)
-        return (" WHERE " + " AND ".join(clauses)) if clauses else "", tuple(args)
-
     def query(self, boundary: int | None = None, model_version: int | None = None,
               since: float | None = None, device: str | None = None,
               limit: int | None = None) -> list[Sample]:
@@ -174,18 +184,25 @@ class PostgresSampleStore(SampleStore):
                    since: float | None = None, device: str | None = None,
                    limit: int | None = None) -> Iterator[Sample]:
         """Streams rows through a server-side cursor (one snapshot, bounded memory)."""
-        where, args = self._where(boundary, model_version, since, device)
-        sql = f"SELECT {_COLUMNS} FROM samples{where} ORDER BY id"
+        where, args = where_clause(boundary, model_version, since, device, "%s")
+        sql = f"{SELECT_SAMPLES}{where} ORDER BY s.id"
         if limit is not None:
             sql += " LIMIT %s"
             args = (*args, int(limit))
         db = self._db
+
+        def fetch(frame_id: int) -> bytes:
+            row = db.execute("SELECT payload FROM frames WHERE id = %s", (frame_id,)).fetchone()
+            assert row is not None  # the same snapshot as the sample that names it
+            return bytes(row[0])
+
+        reader = _Reader(fetch)
         # A unique name: two readers may interleave on one thread's connection.
         with db.transaction(), db.cursor(name=f"knet_q_{uuid.uuid4().hex}") as cur:
             cur.itersize = 2000
             cur.execute(sql, args)
             for row in cur:
-                yield _sample(row)
+                yield reader.sample(row)
 
     def count(self, boundary: int | None = None, model_version: int | None = None,
               since: float | None = None, device: str | None = None) -> int:
@@ -194,8 +211,8 @@ class PostgresSampleStore(SampleStore):
             if device is not None:
                 sql, args = sql + " WHERE device = %s", (device,)
         else:
-            where, args = self._where(boundary, model_version, since, device)
-            sql = f"SELECT COUNT(*) FROM samples{where}"
+            where, args = where_clause(boundary, model_version, since, device, "%s")
+            sql = f"{COUNT_SAMPLES}{where}"
         row = self._db.execute(sql, args).fetchone()
         return int(row[0]) if row else 0
 
@@ -212,12 +229,11 @@ class PostgresSampleStore(SampleStore):
         db = self._db
         devices = {d: {"count": int(c), "bytes": int(b)} for d, c, b in db.execute(
             "SELECT device, count, bytes FROM device_totals WHERE count > 0 ORDER BY device")}
-        row = db.execute("SELECT MIN(received_at), MAX(received_at) FROM samples").fetchone()
+        row = db.execute("SELECT MIN(received_at), MAX(received_at) FROM frames").fetchone()
         oldest, newest = row if row else (None, None)
-        by_boundary = {f"{b}/v{v}": int(n) for b, v, n in db.execute(
-            "SELECT boundary, model_version, COUNT(*) FROM samples "
-            "GROUP BY boundary, model_version")}
-        size = db.execute("SELECT pg_total_relation_size('samples')").fetchone()
+        by_boundary = {f"{b}/v{v}": int(n) for b, v, n in db.execute(BY_BOUNDARY)}
+        size = db.execute("SELECT pg_total_relation_size('samples') + "
+                          "pg_total_relation_size('frames')").fetchone()
         return {
             "path": self.where,
             "samples": sum(d["count"] for d in devices.values()),
