@@ -329,13 +329,102 @@ def _model_id(meta: dict[str, Any]) -> str | None:
     return value if isinstance(value, str) else None
 
 
+class _Checkpointer:
+    """Copies the WAL into the database file on its own thread and connection.
+
+    SQLite's auto-checkpoint runs inside the COMMIT that crosses its threshold, so the
+    ingest writer waited for the copy and two fsyncs: at batch ingest rates most of its
+    wall time (docs/benchmarks.md, issue 16). Here the store's connections never
+    checkpoint; this thread runs a PASSIVE checkpoint (which never waits on the writer)
+    each time ``wal_bytes`` more were committed. A WAL is rewound only by a transaction
+    that starts once everything was copied, which a writer appending meanwhile rarely
+    allows: so after ``max_wal_bytes`` the writer waits (``settle``, before its next
+    transaction) for one checkpoint that began after its last commit to copy everything,
+    and its next transaction rewinds the WAL: bounded, one short wait per
+    ``max_wal_bytes``. (A RESTART checkpoint does the same inside SQLite, but its busy
+    handler sleeps in steps of up to 100 ms while the writer is locked out.)"""
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection], wal_bytes: int,
+                 max_wal_bytes: int, timeout_s: float) -> None:
+        self._connect = connect
+        self._wal_bytes = wal_bytes
+        self._max_wal_bytes = max_wal_bytes
+        self._timeout_s = timeout_s
+        self._written = 0  # since the last nudge
+        self._unsettled = 0  # since the WAL was last known copied whole
+        self._commits = 0
+        self._copied_upto = -1  # the commit count up to which a checkpoint copied all
+        self._cond = threading.Condition()
+        self._pending = False  # a checkpoint is asked for
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="knet-store-checkpoint",
+                                        daemon=True)
+        self._thread.start()
+
+    def wrote(self, n_bytes: int) -> None:
+        """The writer committed about ``n_bytes`` more."""
+        with self._cond:
+            self._commits += 1
+            self._written += n_bytes
+            self._unsettled += n_bytes
+            if self._written >= self._wal_bytes:
+                self._written = 0
+                self._pending = True
+                self._cond.notify_all()
+
+    def settle(self) -> None:
+        """Before a write transaction: past ``max_wal_bytes``, wait until the WAL is copied
+        whole, so that the transaction rewinds it (the writer thread, under its lock)."""
+        with self._cond:
+            if self._unsettled < self._max_wal_bytes:
+                return
+            target = self._commits
+            self._pending = True
+            self._cond.notify_all()
+            if self._cond.wait_for(lambda: self._copied_upto >= target or self._stop,
+                                   self._timeout_s):
+                self._unsettled = 0
+
+    def _run(self) -> None:
+        db = self._connect()
+        try:
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: self._pending or self._stop, 1.0)
+                    if self._stop:
+                        return
+                    self._pending = False
+                    commits = self._commits
+                try:
+                    busy, pages, done = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error as exc:  # retried at the next wake; SQLite's data is safe
+                    log.warning("sample store checkpoint failed: %s", exc)
+                    continue
+                if not busy and pages == done:
+                    with self._cond:
+                        self._copied_upto = max(self._copied_upto, commits)
+                        self._cond.notify_all()
+        finally:
+            db.close()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(timeout=60)
+
+
 class SQLiteSampleStore(SampleStore):
     """Samples in one SQLite file (WAL): one writer at a time, readers never block it.
 
     Each thread gets its own connection, so a trainer thread can read while the ingestor's
     writer thread commits. Writes take ``BEGIN IMMEDIATE`` so two processes sharing the file
-    queue on ``busy_timeout`` instead of failing on a lock upgrade.
+    queue on ``busy_timeout`` instead of failing on a lock upgrade. Checkpoints run on a
+    thread of their own (``_Checkpointer``), not inside the writer's COMMIT.
     """
+
+    WAL_CHECKPOINT_BYTES = 4 << 20  # SQLite's own default threshold: 1,000 pages of 4 KiB
+    MAX_WAL_BYTES = 32 << 20  # the WAL is rewound after about this much (_Checkpointer)
 
     def __init__(self, directory: Path, limits: StoreLimits | None = None,
                  synchronous: str = "NORMAL", busy_timeout_s: float = 30.0) -> None:
@@ -353,6 +442,7 @@ class SQLiteSampleStore(SampleStore):
         self._conns_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._closed = False
+        self._checkpointer: _Checkpointer | None = None
         self._init_schema()
 
     # -- connections -----------------------------------------------------------------------
@@ -362,6 +452,8 @@ class SQLiteSampleStore(SampleStore):
         db.execute(f"PRAGMA busy_timeout={self.busy_timeout_ms}")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={self.synchronous}")
+        db.execute("PRAGMA wal_autocheckpoint=0")  # _Checkpointer's thread does it
+        db.execute(f"PRAGMA journal_size_limit={self.WAL_CHECKPOINT_BYTES}")
         return db
 
     @property
@@ -413,7 +505,10 @@ class SQLiteSampleStore(SampleStore):
         return SQLiteSampleStore._Txn(db)
 
     def close(self) -> None:
-        """Close every thread's connection (call once no other thread uses the store)."""
+        """Close every thread's connection (call once no other thread uses the store); the
+        last connection to close checkpoints what is left."""
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         self._closed = True
         with self._conns_lock:
             conns, self._conns = self._conns, []
@@ -429,7 +524,18 @@ class SQLiteSampleStore(SampleStore):
         if not frames:
             return 0
         db = self._db
-        with self._write_lock, self._txn(db):
+        with self._write_lock:
+            if self._checkpointer is None:
+                self._checkpointer = _Checkpointer(
+                    self._connect, self.WAL_CHECKPOINT_BYTES, self.MAX_WAL_BYTES,
+                    self.busy_timeout_ms / 1000)
+            self._checkpointer.settle()
+            inserted = self._add_frames(db, frames)
+            self._checkpointer.wrote(sum(len(f.frame[-1]) for f in frames))
+        return inserted
+
+    def _add_frames(self, db: sqlite3.Connection, frames: list[FrameRows]) -> int:
+        with self._txn(db):
             (last_id,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM samples").fetchone()
             rows: list[tuple[Any, ...]] = []
             first_frame = None

@@ -319,3 +319,19 @@ def test_sqlite_schema_1_and_2_are_upgraded_keeping_samples_and_totals(
     db.close()
     with pytest.raises(StoreError, match="schema version 99, this build reads"):
         SQLiteSampleStore(tmp_path)
+
+
+def test_sqlite_wal_stays_bounded_with_checkpoints_off_the_writer(tmp_path: Path) -> None:
+    """Checkpoints run on the store's own thread, not in the writer's COMMIT; the writer
+    waits for one to copy the WAL whole once it passes ``MAX_WAL_BYTES``, so the WAL is
+    rewound and stays bounded however long the writer writes."""
+    big = encode(RNG.standard_normal((1, 64, 32, 32)).astype(np.float32), "raw")  # 256 kB
+    with SQLiteSampleStore(tmp_path) as store:
+        store.WAL_CHECKPOINT_BYTES, store.MAX_WAL_BYTES = 512 << 10, 2 << 20
+        wal = tmp_path / "samples.sqlite3-wal"
+        sizes = []
+        for i in range(60):  # 15 MB in all
+            store.add_many([env(seq=2 * i, payload=big), env(seq=2 * i + 1, payload=big)])
+            sizes.append(wal.stat().st_size)
+        assert max(sizes) < 4 * store.MAX_WAL_BYTES, sizes
+        assert store.count() == 120 and store.load_arrays(1).shape == (120, 64, 32, 32)
