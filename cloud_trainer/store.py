@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import sqlite3
 import threading
 import time
@@ -158,11 +159,13 @@ _ADD_TOTALS = (
 )
 # json.dumps(meta, separators=(",", ":")) without building an encoder per call
 _meta_json = json.JSONEncoder(separators=(",", ":")).encode
+_SIZE = operator.itemgetter(9)  # a key row's size (FrameRows.samples)
 
 
 @dataclass(frozen=True)
 class FrameRows:
-    """What one accepted message stores: its codec frame once and a key row per sample.
+    """What one accepted message stores: its codec frame once and a key row per sample,
+    every one of the same device.
 
     ``frame``: the ``frames`` columns (received_at, model_id, model_version, boundary,
     shape, meta, payload). ``samples``: per sample, the ``samples`` columns after ``frame``
@@ -550,7 +553,7 @@ class SQLiteSampleStore(SampleStore):
             if inserted:
                 db.executemany(_ADD_TOTALS, _new_totals(db, frames, inserted, len(rows),
                                                         last_id))
-                self.evicted += self._enforce_sizes(db, {r[1] for r in rows})
+                self.evicted += self._enforce_sizes(db, {f.samples[0][0] for f in frames})
         return inserted
 
     def expire(self, now: float | None = None) -> int:
@@ -671,19 +674,16 @@ class SQLiteSampleStore(SampleStore):
 
 def _new_totals(db: sqlite3.Connection, frames: Sequence[FrameRows], inserted: int,
                 rows: int, last_id: int) -> list[tuple[str, int, int]]:
-    """(device, count, bytes) of the samples this transaction inserted: summed from
-    ``frames`` when every one was new, else read back (ids above ``last_id``,
+    """(device, count, bytes) of the samples this transaction inserted: summed per frame
+    (one device's) when every one was new, else read back (ids above ``last_id``,
     AUTOINCREMENT: only this transaction's rows)."""
     if inserted == rows:
         totals: dict[str, list[int]] = {}
         for f in frames:
-            for r in f.samples:
-                t = totals.get(r[0])
-                if t is None:
-                    totals[r[0]] = [1, r[9]]
-                else:
-                    t[0] += 1
-                    t[1] += r[9]
+            n, b = len(f.samples), sum(map(_SIZE, f.samples))
+            t = totals.setdefault(f.samples[0][0], [0, 0])
+            t[0] += n
+            t[1] += b
         return [(d, n, b) for d, (n, b) in totals.items()]
     return [(d, int(n), int(b)) for d, n, b in db.execute(
         "SELECT device, COUNT(*), SUM(size) FROM samples WHERE id > ? GROUP BY device",
