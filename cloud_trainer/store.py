@@ -456,7 +456,7 @@ class SQLiteSampleStore(SampleStore):
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={self.synchronous}")
         db.execute("PRAGMA wal_autocheckpoint=0")  # _Checkpointer's thread does it
-        db.execute(f"PRAGMA journal_size_limit={self.WAL_CHECKPOINT_BYTES}")
+        db.execute(f"PRAGMA journal_size_limit={self.MAX_WAL_BYTES}")
         return db
 
     @property
@@ -540,11 +540,16 @@ class SQLiteSampleStore(SampleStore):
     def _add_frames(self, db: sqlite3.Connection, frames: list[FrameRows]) -> int:
         with self._txn(db):
             (last_id,) = db.execute("SELECT COALESCE(MAX(id), 0) FROM samples").fetchone()
+            # The frames' ids, for their key rows: AUTOINCREMENT under this transaction's
+            # write lock gives one executemany consecutive ids after sqlite_sequence's.
+            row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'frames'").fetchone()
+            first_frame = (row[0] if row else 0) + 1
+            db.executemany(_INSERT_FRAME, [f.frame for f in frames])
+            (last_frame,) = db.execute("SELECT last_insert_rowid()").fetchone()
+            if last_frame != first_frame + len(frames) - 1:  # pragma: no cover - SQLite's
+                raise StoreError(f"frame ids {first_frame}.. not consecutive: {last_frame}")
             rows: list[tuple[Any, ...]] = []
-            first_frame = None
-            for f in frames:
-                frame_id = db.execute(_INSERT_FRAME, f.frame).lastrowid
-                first_frame = frame_id if first_frame is None else first_frame
+            for frame_id, f in enumerate(frames, first_frame):
                 rows += [(frame_id, *r) for r in f.samples]
             inserted = int(db.executemany(_INSERT_SAMPLE, rows).rowcount)
             if inserted < len(rows):  # frames none of whose samples were new go
