@@ -278,7 +278,8 @@ class BatchEnvelope:
 
     def envelopes(self, frames: list[bytes]) -> list[Envelope]:
         """One version-1 ``Envelope`` per sample, with its own frame (``frames[i]``, e.g.
-        from ``agent.codec.split_batch``): what the store keeps, as if sent one by one."""
+        from ``agent.codec.split_batch``): the samples a store's reader sees, as if sent one
+        by one (the store itself keeps the batch's frame once)."""
         if len(frames) != len(self.samples):
             raise EnvelopeError(f"{len(frames)} frames for {len(self.samples)} samples")
         out = []
