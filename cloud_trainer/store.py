@@ -342,10 +342,13 @@ class _Checkpointer:
     each time ``wal_bytes`` more were committed. A WAL is rewound only by a transaction
     that starts once everything was copied, which a writer appending meanwhile rarely
     allows: so after ``max_wal_bytes`` the writer waits (``settle``, before its next
-    transaction) for one checkpoint that began after its last commit to copy everything,
-    and its next transaction rewinds the WAL: bounded, one short wait per
-    ``max_wal_bytes``. (A RESTART checkpoint does the same inside SQLite, but its busy
-    handler sleeps in steps of up to 100 ms while the writer is locked out.)"""
+    transaction) for one checkpoint that began after its last commit, and when that one
+    copied everything its next transaction rewinds the WAL: bounded, one checkpoint's wait
+    per ``max_wal_bytes``. A reader on an older snapshot keeps a checkpoint from copying
+    everything; the writer then goes on after that one checkpoint, and the WAL grows until
+    the reader is done, as it would with SQLite's own checkpoints. (A RESTART checkpoint
+    would wait for that reader, and its busy handler sleeps in steps of up to 100 ms while
+    the writer is locked out.)"""
 
     def __init__(self, connect: Callable[[], sqlite3.Connection], wal_bytes: int,
                  max_wal_bytes: int, timeout_s: float) -> None:
@@ -354,9 +357,9 @@ class _Checkpointer:
         self._max_wal_bytes = max_wal_bytes
         self._timeout_s = timeout_s
         self._written = 0  # since the last nudge
-        self._unsettled = 0  # since the WAL was last known copied whole
+        self._unsettled = 0  # bytes committed since the writer last settled
         self._commits = 0
-        self._copied_upto = -1  # the commit count up to which a checkpoint copied all
+        self._checked_upto = -1  # the commit count the last checkpoint began after
         self._cond = threading.Condition()
         self._pending = False  # a checkpoint is asked for
         self._stop = False
@@ -376,17 +379,18 @@ class _Checkpointer:
                 self._cond.notify_all()
 
     def settle(self) -> None:
-        """Before a write transaction: past ``max_wal_bytes``, wait until the WAL is copied
-        whole, so that the transaction rewinds it (the writer thread, under its lock)."""
+        """Before a write transaction: past ``max_wal_bytes``, wait for one checkpoint of
+        everything committed so far, so that the transaction rewinds the WAL if it was
+        copied whole (the writer thread, under its lock)."""
         with self._cond:
             if self._unsettled < self._max_wal_bytes:
                 return
             target = self._commits
             self._pending = True
             self._cond.notify_all()
-            if self._cond.wait_for(lambda: self._copied_upto >= target or self._stop,
-                                   self._timeout_s):
-                self._unsettled = 0
+            self._cond.wait_for(lambda: self._checked_upto >= target or self._stop,
+                                self._timeout_s)
+            self._unsettled = 0
 
     def _run(self) -> None:
         db = self._connect()
@@ -399,14 +403,12 @@ class _Checkpointer:
                     self._pending = False
                     commits = self._commits
                 try:
-                    busy, pages, done = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                 except sqlite3.Error as exc:  # retried at the next wake; SQLite's data is safe
                     log.warning("sample store checkpoint failed: %s", exc)
-                    continue
-                if not busy and pages == done:
-                    with self._cond:
-                        self._copied_upto = max(self._copied_upto, commits)
-                        self._cond.notify_all()
+                with self._cond:
+                    self._checked_upto = max(self._checked_upto, commits)
+                    self._cond.notify_all()
         finally:
             db.close()
 

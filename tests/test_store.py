@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -335,3 +336,24 @@ def test_sqlite_wal_stays_bounded_with_checkpoints_off_the_writer(tmp_path: Path
             sizes.append(wal.stat().st_size)
         assert max(sizes) < 4 * store.MAX_WAL_BYTES, sizes
         assert store.count() == 120 and store.load_arrays(1).shape == (120, 64, 32, 32)
+        # A reader holding an old snapshot keeps the WAL from being copied whole: the writer
+        # waits for one checkpoint per bound, not for the reader (busy_timeout is 30 s).
+        reading, done = threading.Event(), threading.Event()
+
+        def read() -> None:
+            rows = store.iter_query()
+            next(rows)
+            reading.set()
+            done.wait(30)
+            rows.close()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert reading.wait(10)
+        t0 = time.monotonic()
+        for i in range(60, 90):
+            store.add_many([env(seq=2 * i, payload=big), env(seq=2 * i + 1, payload=big)])
+        assert time.monotonic() - t0 < 10
+        done.set()
+        reader.join()
+        assert store.count() == 180
