@@ -451,7 +451,7 @@ def _add_bench_commands(sub: Any) -> None:
     b.add_argument("--transfer", type=int, default=200,
                    help="digits: images the students train on (a tenth per class)")
     b.add_argument("--steps", type=int, default=None,
-                   help="optimiser steps per student row (default: 600 digits, 240 effnet)")
+                   help="optimiser steps per student row (default: 600 digits, 760 effnet)")
     b.add_argument("--sweep", type=int, nargs="*", default=[],
                    help="also compare logit KD and block-wise KT at these transfer sizes")
     b.add_argument("--json", type=Path, default=None)

@@ -34,6 +34,10 @@ def test_the_scene_bench_scores_every_row_on_both_held_out_sets(
         for m in ("in-scene top1", "in-scene top5", "out-of-scene top1", "out-of-scene top5"):
             assert 0.0 <= r[m] <= 100.0
         assert r["in-scene top5"] >= r["in-scene top1"]
+        assert 0.0 <= r["in-scene top1 sure"] <= 100.0
+        assert len(r["in-scene swap"]) == 5 and all(0.0 <= a <= 100.0 for a in r["in-scene swap"])
+    # blocks 1-2 of the derived student are the teacher's own: swapping them changes nothing
+    assert by[ROWS[1]]["in-scene swap"][:2] == [100.0, 100.0]
     assert len(result["paired_vs_logit_kd"][ROWS[3]]["per_seed"]) == 2
     assert result["size_reduction"] >= 0.62 and result["goals"]["student_at_least_62pct_smaller"]
     assert json.loads((tmp_path / "d.json").read_text())["results"]["train_frames"] == 8
