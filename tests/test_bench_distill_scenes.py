@@ -42,3 +42,25 @@ def test_the_scene_bench_scores_every_row_on_both_held_out_sets(
     assert result["size_reduction"] >= 0.62 and result["goals"]["student_at_least_62pct_smaller"]
     assert json.loads((tmp_path / "d.json").read_text())["results"]["train_frames"] == 8
     assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_headroom_probe_trains_one_block_alone_at_two_widths(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench.distill_headroom import run_headroom
+
+    tiny = {"train": (2, train.IN_SCENE[:4], 1000), "in-scene": (2, train.IN_SCENE[:4], 5000),
+            "out-of-scene": (2, train.OUT_OF_SCENE[:2], 7000)}
+    monkeypatch.setattr(train, "SCENE_SPLITS", tiny)
+    train.scene_set.cache_clear()
+    try:
+        result = run_headroom(block=4, steps=2, json_path=tmp_path / "h.json")
+        with pytest.raises(ValueError, match="1-4"):
+            run_headroom(block=5, steps=1)
+    finally:
+        train.scene_set.cache_clear()
+    student, full = result["variants"].values()
+    assert full["params"] > student["params"]  # the repeats dropped, nothing narrowed
+    for v in (student, full):
+        assert [p["step"] for p in v["curve"]] == [0, 1, 2]
+        assert all(0.0 <= p["in-scene"] <= 100.0 for p in v["curve"])
+    assert json.loads((tmp_path / "h.json").read_text())["results"]["block"] == 4
