@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,20 +13,24 @@ from cloud_trainer import train
 pytestmark = [pytest.mark.slow]
 
 
-def test_the_scene_bench_scores_every_row_on_both_held_out_sets(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from bench.distill_scenes import ROWS, run_scene_distill_bench
-
+@pytest.fixture
+def tiny_scenes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Two frames per scene of four training photos (two held out): seconds, not minutes."""
     tiny = {"train": (2, train.IN_SCENE[:4], 1000), "in-scene": (2, train.IN_SCENE[:4], 5000),
             "out-of-scene": (2, train.OUT_OF_SCENE[:2], 7000)}
     monkeypatch.setattr(train, "SCENE_SPLITS", tiny)
     train.scene_set.cache_clear()
-    try:
-        result = run_scene_distill_bench(seeds=(0, 1), steps=1, json_path=tmp_path / "d.json",
-                                         plot_path=tmp_path / "d.png",
-                                         rows=(ROWS[2], ROWS[3], ROWS[6]))
-    finally:
-        train.scene_set.cache_clear()
+    yield
+    train.scene_set.cache_clear()
+
+
+@pytest.mark.usefixtures("tiny_scenes")
+def test_the_scene_bench_scores_every_row_on_both_held_out_sets(tmp_path: Path) -> None:
+    from bench.distill_scenes import ROWS, run_scene_distill_bench
+
+    result = run_scene_distill_bench(seeds=(0, 1), steps=1, json_path=tmp_path / "d.json",
+                                     plot_path=tmp_path / "d.png",
+                                     rows=(ROWS[2], ROWS[3], ROWS[6]))
     by = {r["row"]: r for r in result["rows"]}
     assert list(by) == [ROWS[0], ROWS[1], ROWS[2], ROWS[3], ROWS[6]]
     assert by[ROWS[0]]["in-scene top1"] == 100.0  # the teacher agrees with itself
@@ -44,20 +49,13 @@ def test_the_scene_bench_scores_every_row_on_both_held_out_sets(
     assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_the_headroom_probe_trains_one_block_alone_at_two_widths(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.usefixtures("tiny_scenes")
+def test_the_headroom_probe_trains_one_block_alone_at_two_widths(tmp_path: Path) -> None:
     from bench.distill_headroom import run_headroom
 
-    tiny = {"train": (2, train.IN_SCENE[:4], 1000), "in-scene": (2, train.IN_SCENE[:4], 5000),
-            "out-of-scene": (2, train.OUT_OF_SCENE[:2], 7000)}
-    monkeypatch.setattr(train, "SCENE_SPLITS", tiny)
-    train.scene_set.cache_clear()
-    try:
-        result = run_headroom(block=4, steps=2, json_path=tmp_path / "h.json")
-        with pytest.raises(ValueError, match="1-4"):
-            run_headroom(block=5, steps=1)
-    finally:
-        train.scene_set.cache_clear()
+    result = run_headroom(block=4, steps=2, json_path=tmp_path / "h.json")
+    with pytest.raises(ValueError, match="1-4"):
+        run_headroom(block=5, steps=1)
     student, full = result["variants"].values()
     assert full["params"] > student["params"]  # the repeats dropped, nothing narrowed
     for v in (student, full):
