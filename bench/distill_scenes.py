@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 MODEL = "effnet-lite0"
 LR, BATCH, TEMPERATURE, ALPHA = 3e-3, 32, 1.0, 0.5
+SURE = 0.5  # "the teacher is sure": its top-1 softmax probability at least this
 STEPS = 760  # 20 epochs of the 1,200 training frames: the zoo student's budget
 ROWS = ("teacher", "derived student, untrained", "logit KD", "block-wise KT",
         "block-wise KT + logit term", "logit KD (scratch)", "block-wise KT (scratch)")
@@ -91,7 +92,42 @@ def agreement(model: BlockModel, x: np.ndarray, teacher_top1: np.ndarray) -> tup
             100 * float((t5 == teacher_top1[:, None]).any(axis=1).mean()))
 
 
-def _seed_scores(seed: int, steps: int, rows: Sequence[str]) -> dict[str, dict[str, float]]:
+def swap_agreement(teacher: BlockModel, student: BlockModel, x: np.ndarray,
+                   teacher_top1: np.ndarray) -> list[float]:
+    """Top-1 agreement (%) of the teacher with one block ``i`` replaced by the student's, for
+    each ``i``: which block loses the agreement. Errors compound along the chain, so the
+    whole student cannot agree more than its weakest block does here."""
+    import torch
+
+    teacher.eval()
+    student.eval()
+    out = []
+    with torch.no_grad():
+        xt = torch.from_numpy(np.array(x, np.float32))
+        acts = [xt]
+        for i in range(1, teacher.num_blocks + 1):
+            acts.append(teacher.block(i)(acts[-1]))
+        for i in range(1, teacher.num_blocks + 1):
+            h = student.block(i)(acts[i - 1])
+            for j in range(i + 1, teacher.num_blocks + 1):
+                h = teacher.block(j)(h)
+            out.append(100 * float((h.argmax(1).numpy() == teacher_top1).mean()))
+    return out
+
+
+def _teacher_sure(teacher: BlockModel, x: np.ndarray) -> np.ndarray:
+    """Frames whose teacher top-1 probability is at least :data:`SURE`: where agreement is
+    about the scene, not about which of several near-tied ImageNet classes wins."""
+    import torch
+
+    teacher.eval()
+    with torch.no_grad():
+        p = torch.cat([teacher(torch.from_numpy(np.array(x[i : i + 256], np.float32)))
+                       .softmax(1).amax(1) for i in range(0, len(x), 256)])
+    return p.numpy() >= SURE
+
+
+def _seed_scores(seed: int, steps: int, rows: Sequence[str]) -> dict[str, dict[str, Any]]:
     from cloud_trainer.train import scene_set
     from cloud_trainer.zoo import effnet
 
@@ -104,12 +140,18 @@ def _seed_scores(seed: int, steps: int, rows: Sequence[str]) -> dict[str, dict[s
     inits = {"derived": derived.student, "scratch": scratch}
     x, y = scene_set("train", seed)
     held = {split: scene_set(split, 0) for split in ("in-scene", "out-of-scene")}
+    sure = _teacher_sure(derived.teacher, held["in-scene"][0])
     epochs = max(1, round(steps / -(-len(x) // BATCH)))
 
-    def score(model: BlockModel, seconds: float) -> dict[str, float]:
-        out = {"train_s": seconds}
+    def score(model: BlockModel, seconds: float) -> dict[str, Any]:
+        out: dict[str, Any] = {"train_s": seconds}
         for split, (xe, ye) in held.items():
             out[f"{split} top1"], out[f"{split} top5"] = agreement(model, xe, ye)
+        xe, ye = held["in-scene"]
+        out["in-scene top1 sure"] = agreement(model, xe[sure], ye[sure])[0] if sure.any() \
+            else float("nan")
+        out["in-scene sure share"] = 100 * float(sure.mean())
+        out["in-scene swap"] = swap_agreement(derived.teacher, model, xe, ye)
         return out
 
     scores = {ROWS[0]: score(derived.teacher, float("nan")),
@@ -128,23 +170,25 @@ def _seed_scores(seed: int, steps: int, rows: Sequence[str]) -> dict[str, dict[s
 METRICS = ("in-scene top1", "in-scene top5", "out-of-scene top1", "out-of-scene top5")
 
 
-def _summarise(per_seed: list[dict[str, dict[str, float]]],
+def _summarise(per_seed: list[dict[str, dict[str, Any]]],
                names: Sequence[str]) -> list[dict[str, Any]]:
     """Mean ± std over the seeds that ran each row (scratch rows may run on fewer)."""
     out = []
     for name in names:
         row: dict[str, Any] = {"row": name,
                                "seeds": sum(1 for s in per_seed if name in s)}
-        for m in (*METRICS, "train_s"):
+        for m in (*METRICS, "in-scene top1 sure", "in-scene sure share", "train_s"):
             v = np.array([s[name][m] for s in per_seed if name in s], dtype=np.float64)
             row[m] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
             row[f"{m} std"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
             row[f"{m} per seed"] = [float(a) for a in v]
+        swaps = np.array([s[name]["in-scene swap"] for s in per_seed if name in s])
+        row["in-scene swap"] = [float(a) for a in swaps.mean(axis=0)]
         out.append(row)
     return out
 
 
-def _paired(per_seed: list[dict[str, dict[str, float]]], a: str, b: str,
+def _paired(per_seed: list[dict[str, dict[str, Any]]], a: str, b: str,
             metric: str = "in-scene top1") -> dict[str, Any]:
     d = np.array([s[a][metric] - s[b][metric] for s in per_seed])
     return {"metric": metric, "mean": float(d.mean()),
@@ -181,9 +225,18 @@ def run_scene_distill_bench(seeds: Sequence[int] = (0, 1, 2), steps: int = STEPS
         f"(teacher {t_params:,} params, student {s_params:,}: "
         f"{100 * pair.size_reduction:.1f} % smaller)",
         ["row", "seeds", "params", *(f"{m} %" for m in METRICS), "± in-scene top1",
-         "train s"],
+         f"in-scene top1 %, teacher ≥ {SURE}", "train s"],
         [(r["row"], r["seeds"], f"{t_params if r['row'] == ROWS[0] else s_params:,}",
-          *(r[m] for m in METRICS), r["in-scene top1 std"], r["train_s"]) for r in table])
+          *(r[m] for m in METRICS), r["in-scene top1 std"], r["in-scene top1 sure"],
+          r["train_s"]) for r in table])
+    console.print(f"the teacher is sure (top-1 probability ≥ {SURE}) on "
+                  f"{table[0]['in-scene sure share']:.1f} % of the in-scene frames")
+    blocks = len(table[0]["in-scene swap"])
+    print_table(
+        "the teacher with one block replaced by the student's: in-scene top-1 agreement %, "
+        "mean over seeds (the whole student agrees no better than its weakest block here)",
+        ["row", *(f"block {i}" for i in range(1, blocks + 1)), "whole student"],
+        [(r["row"], *r["in-scene swap"], r["in-scene top1"]) for r in table[1:]])
     paired = {}
     for a in rows:
         if a != ROWS[2] and "scratch" not in a:

@@ -45,6 +45,12 @@ def _bench_agent(args: argparse.Namespace) -> int:
 
 
 def _bench_distill(args: argparse.Namespace) -> int:
+    if args.model == "effnet-lite0" and args.headroom is not None:
+        from bench.distill_headroom import run_headroom
+
+        run_headroom(block=args.headroom, steps=args.steps or 1500,
+                     seed=(args.seeds or [0])[0], json_path=args.json)
+        return 0
     if args.model == "effnet-lite0":
         from bench.distill_scenes import STEPS, run_scene_distill_bench
 
@@ -451,7 +457,10 @@ def _add_bench_commands(sub: Any) -> None:
     b.add_argument("--transfer", type=int, default=200,
                    help="digits: images the students train on (a tenth per class)")
     b.add_argument("--steps", type=int, default=None,
-                   help="optimiser steps per student row (default: 600 digits, 240 effnet)")
+                   help="optimiser steps per student row (default: 600 digits, 760 effnet)")
+    b.add_argument("--headroom", type=int, default=None, metavar="BLOCK",
+                   help="effnet-lite0: train this one student block alone, teacher-forced, "
+                        "at its own and at full width: how much agreement it can reach")
     b.add_argument("--sweep", type=int, nargs="*", default=[],
                    help="also compare logit KD and block-wise KT at these transfer sizes")
     b.add_argument("--json", type=Path, default=None)
