@@ -11,8 +11,9 @@ number of optimiser steps per block, the same batches, Adam + one-cycle at the s
 * synthetic gradients (DNI) on 2 workers: the M block on the cut predicts the gradient,
   conditioned on the label; on the split that balances the workers' costs (the one the
   throughput rows use) and on the split after block 2, where the M block sits on the conv
-  features (and there also without the label, to measure conditioning, and without the
-  trust scaling of ``TrainSpec.trust``, knet's addition to DNI);
+  features (there with a wider, deeper M block that replays recent gradients, ``M2``; and
+  also with the plain M block, without the label, and without the trust scaling of
+  ``TrainSpec.trust``, knet's addition to DNI);
 * controls: backprop with the blocks below each split frozen at their initialisation —
   what those blocks would score if the synthetic gradient taught them nothing at all.
 
@@ -47,11 +48,16 @@ if TYPE_CHECKING:
 MODEL = "digits"
 STEPS, BATCH, LR, SHIFT = 600, 64, 3e-3, 1
 CHECKPOINTS = 10
+# the M block on boundary 2 (32×4×4): as wide as the boundary, 3 convs, 3 extra Adam steps
+# per arriving gradient on the last 8 (measured: the plain M block trails backprop by 1-2
+# points there; docs/benchmarks.md)
+M2: dict[str, Any] = {"m_hidden": 32, "m_layers": 3, "m_replay": 8, "m_replay_steps": 3}
 ROWS = {"bp": "backprop, 1 process",
         "pp": "pipelined backprop, 2 workers (balanced split)",
         "sg": "synthetic gradients, 2 workers (balanced split)",
         "frozen": "control: blocks below the balanced split frozen",
-        "sg2": "synthetic gradients, 2 workers (split after block 2)",
+        "sg2": "synthetic gradients, 2 workers (split after block 2, M2)",
+        "sg2_plain": "synthetic gradients, 2 workers (split after block 2, plain M block)",
         "sg2_uncond": "synthetic gradients, 2 workers (split after block 2, M without label)",
         "sg2_notrust": "synthetic gradients, 2 workers (split after block 2, no trust scaling)",
         "frozen2": "control: blocks 1-2 frozen"}
@@ -178,11 +184,12 @@ def _seed_specs(seed: int, steps: int, two: TrainSpec) -> dict[str, TrainSpec]:
         "pp": _spec("pipelined", 2, seed, steps, partition=two.partition),
         "sg": _spec("synthetic-gradients", 2, seed, steps, partition=two.partition),
         "frozen": _spec("backprop", 1, seed, steps, frozen=tuple(range(1, cut[0] + 1))),
-        "sg2": _spec("synthetic-gradients", 2, seed, steps, partition=after2),
+        "sg2": _spec("synthetic-gradients", 2, seed, steps, partition=after2, **M2),
+        "sg2_plain": _spec("synthetic-gradients", 2, seed, steps, partition=after2),
         "sg2_uncond": _spec("synthetic-gradients", 2, seed, steps, partition=after2,
-                            conditioned=False),
+                            conditioned=False, **M2),
         "sg2_notrust": _spec("synthetic-gradients", 2, seed, steps, partition=after2,
-                             trust=False),
+                             trust=False, **M2),
         "frozen2": _spec("backprop", 1, seed, steps, frozen=(1, 2))}
 
 
@@ -241,7 +248,7 @@ def _scaling(run: _Runner, seed: int, steps: int, workers: Sequence[int],
         _scale_row("synthetic-gradients", sg1_two, None, "2-worker blocks in sequence"),
         _scale_row("synthetic-gradients", per_seed["sg"][0], sg1_two, "")]
     sg1_after2 = run("sg1x2", seed, _spec("synthetic-gradients", 1, seed, steps,
-                                          boundaries=(2,)))
+                                          boundaries=(2,), **M2))
     scaling += [
         _scale_row("synthetic-gradients", sg1_after2, None, "blocks 1-2 | 3-4 in sequence"),
         _scale_row("synthetic-gradients", per_seed["sg2"][0], sg1_after2, "split after 2")]
@@ -278,7 +285,7 @@ def _print_scaling(scaling: list[dict[str, Any]], seed: int, load_before: Sequen
                 ["run", "boundary", "online, by tenth", "true gradient, by checkpoint"],
                 [(key, b, " ".join(f"{c:.2f}" for c in per_seed[key][0]["online_cosine"][b]),
                   " ".join(f"{c:.2f}" for _, c in per_seed[key][0]["true_cosine"].get(b, [])))
-                 for key in ("sg", "sg2", "sg2_uncond", "sg2_notrust")
+                 for key in ("sg", "sg2", "sg2_plain", "sg2_uncond", "sg2_notrust")
                  for b in per_seed[key][0]["online_cosine"]])
 
 
@@ -326,7 +333,8 @@ def run_disagg_bench(seeds: Sequence[int] = (0, 1, 2), steps: int = STEPS,
                            "m_lr": two.m_lr, "microbatches": two.microbatches,
                            "partition_2": list(two.partition or ()),
                            "partition_4": list(four.partition or ()),
-                           "m_boundaries_2": list(two.boundaries or ())},
+                           "m_boundaries_2": list(two.boundaries or ()),
+                           "m_block_split_after_2": M2},
               "rows": rows, "per_seed": per_seed, "scaling": scaling, "goals": goals,
               "load_average": {"start": load_before, "end": os.getloadavg()},
               "seconds": round(time.perf_counter() - t_start, 1)}
@@ -344,7 +352,7 @@ def plot(per_seed: dict[str, list[dict[str, Any]]], path: Path) -> None:
 
     fig, (ax, cx) = plt.subplots(1, 2, figsize=(11, 4))
     for key, style in (("bp", "-"), ("pp", "--"), ("sg", "-"), ("frozen", "-."),
-                       ("sg2", "-"), ("sg2_uncond", ":"), ("sg2_notrust", ":"),
+                       ("sg2", "-"), ("sg2_plain", "--"), ("sg2_uncond", ":"), ("sg2_notrust", ":"),
                        ("frozen2", "-.")):
         runs = per_seed[key]
         steps = [s for s, _ in runs[0]["curve"]]

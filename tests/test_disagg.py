@@ -98,6 +98,24 @@ def test_an_m_block_learns_a_label_dependent_gradient_and_is_trusted_for_it() ->
     assert 0.5 < float(g.norm() / (w[y] + 1e-5 * h).norm()) < 1.5
 
 
+def test_a_replaying_m_block_steps_on_recent_gradients_and_keeps_only_the_last_few() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(10, 8, 1, 1).expand(10, 8, 4, 4)
+    plain = SyntheticGradientTrainer(SyntheticGradient((8, 4, 4), 10), lr=3e-3)
+    replaying = SyntheticGradientTrainer(SyntheticGradient((8, 4, 4), 10), lr=3e-3,
+                                         replay=4, replay_steps=3)
+    for _ in range(30):
+        h, y = torch.rand(16, 8, 4, 4), torch.randint(0, 10, (16,))
+        plain.learn(h, y, w[y])
+        replaying.learn(h, y, w[y])
+    assert (plain.updates, replaying.updates) == (30, 120)
+    assert len(replaying.recent) == 4 and len(replaying.cosines) == 30  # one per arrival
+    # the extra steps on recent targets are what make it learn faster (synthetic.py)
+    assert np.mean(replaying.cosines[-5:]) > np.mean(plain.cosines[-5:]) + 0.1
+    with pytest.raises(ValueError, match="m_replay"):
+        TrainSpec(m_replay_steps=3)
+
+
 TORCHRUN_FAILURE = """
 torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
 ======================================================

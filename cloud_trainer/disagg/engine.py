@@ -123,7 +123,9 @@ class Stage:
             if first <= i <= last and i < self.n and self.below[i]:
                 m = SyntheticGradient(model.boundary_shapes[i], model.num_classes,
                                       spec.conditioned, spec.m_hidden, spec.m_layers).to(device)
-                self.sg[i] = SyntheticGradientTrainer(m, spec.m_lr)
+                self.sg[i] = SyntheticGradientTrainer(m, spec.m_lr, replay=spec.m_replay,
+                                                      replay_steps=spec.m_replay_steps,
+                                                      seed=spec.seed + i)
         # runs of blocks trained by backprop between two decoupled boundaries
         ends = sorted({i for i in cuts if first <= i < last} | {last})
         starts = [first] + [e + 1 for e in ends[:-1]]

@@ -61,7 +61,8 @@ def step_costs(model: BlockModel, spec: TrainSpec,
                 continue
             sg = SyntheticGradientTrainer(
                 SyntheticGradient(shapes[i], model.num_classes, spec.conditioned,
-                                  spec.m_hidden, spec.m_layers), spec.m_lr)
+                                  spec.m_hidden, spec.m_layers), spec.m_lr,
+                replay=spec.m_replay, replay_steps=spec.m_replay_steps)
             h = torch.rand(b, *shapes[i])
             ms.append(_median_time(lambda: sg.learn(h, y, sg.synthetic(h, y)), repeats))  # noqa: B023
     finally:

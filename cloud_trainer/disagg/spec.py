@@ -32,7 +32,11 @@ class TrainSpec:
     run can repeat a many-worker run's computation).
     ``partition``: the first block of every worker (None: balanced by measured cost).
     ``optimizer``/``clip``: Adam (the measured default) or SGD with Nesterov momentum, and an
-    optional gradient-norm clip per block; ``m_hidden``/``m_layers`` size the M blocks.
+    optional gradient-norm clip per block; ``m_hidden``/``m_layers`` size the M blocks;
+    ``m_replay``/``m_replay_steps``: each M block keeps the last ``m_replay`` gradients that
+    came back and takes ``m_replay_steps`` extra Adam steps on them per arriving gradient
+    (``synthetic.py``; off by default: on ``digits``' balanced split it would make the M
+    block on boundary 1 the slowest part of worker 0, where it teaches nothing).
     ``device``: where every worker computes — ``cpu`` (gloo) or ``cuda`` (NCCL, one GPU per
     worker: ``cuda:{LOCAL_RANK}``); ``backend`` follows from it.
     ``delay_s``: extra seconds per step on some ranks (simulates a slow worker in tests).
@@ -57,6 +61,8 @@ class TrainSpec:
     conditioned: bool = True
     m_hidden: int | None = None
     m_layers: int = 2
+    m_replay: int = 0
+    m_replay_steps: int = 0
     decouple: Decouple = "workers"
     boundaries: tuple[int, ...] | None = None
     max_lead: int = 4
@@ -77,6 +83,9 @@ class TrainSpec:
             raise ValueError("backprop is the single-process reference: workers = 1")
         if self.max_lead < 1 or self.microbatches < 1:
             raise ValueError("max_lead and microbatches must be at least 1")
+        if self.m_replay < 0 or self.m_replay_steps < 0 or (self.m_replay_steps
+                                                             and not self.m_replay):
+            raise ValueError("m_replay_steps needs m_replay >= 1 (neither negative)")
         if self.device not in DEVICES:
             raise ValueError(f"device {self.device!r}: choose from {', '.join(DEVICES)}")
 

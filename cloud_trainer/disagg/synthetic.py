@@ -22,6 +22,15 @@ Targets are scaled to unit RMS by a running estimate of their size. Gradients sh
 orders of magnitude from the loss downwards (and start near zero where they are themselves
 bootstrapped from an M block above), and an M block regressing tiny raw targets learns
 nothing useful in a few hundred steps; the scale is multiplied back into the prediction.
+
+An M block can also replay: after its step on a gradient that has just come back, it takes
+``replay_steps`` more Adam steps on batches drawn from the last ``replay`` that came back.
+One step per arriving gradient leaves it too slow to follow the blocks above (measured on
+``digits``, M on boundary 2: 98.2 % in one process without replay, 98.8 % with 3 replayed
+steps); the blocks above move little in a few steps, so a recent (activation, label,
+gradient) triple is still nearly the right target. Neither more data per step (one step on
+the last 4 batches together: 98.2 %) nor more steps on the newest batch alone (98.4 %) does
+as well. It stays DNI: the block below still updates with the M block's prediction only.
 """
 
 from __future__ import annotations
@@ -111,8 +120,12 @@ class SyntheticGradientTrainer:
     block below trained on were), and ``trust``, their running mean clipped to [0, 1].
     """
 
-    def __init__(self, module: SyntheticGradient, lr: float, momentum: float = 0.99) -> None:
+    def __init__(self, module: SyntheticGradient, lr: float, momentum: float = 0.99,
+                 replay: int = 0, replay_steps: int = 0, seed: int = 0) -> None:
         self.module = module
+        self.replay, self.replay_steps = replay, replay_steps
+        self.recent: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.gen = torch.Generator().manual_seed(seed)
         self.opt = torch.optim.Adam(module.parameters(), lr=lr)
         self.cosines: list[float] = []
         self.updates = 0
@@ -126,7 +139,8 @@ class SyntheticGradientTrainer:
         return self.module(h, y) * self.module.scale
 
     def learn(self, h: torch.Tensor, y: torch.Tensor, grad: torch.Tensor) -> None:
-        """One Adam step towards ``grad`` (∂L/∂h of the batch-mean loss, as it arrived)."""
+        """One Adam step towards ``grad`` (∂L/∂h of the batch-mean loss, as it arrived), then
+        ``replay_steps`` on recent ones (the current scale applied to their targets too)."""
         _running(self.module.mean_square, grad.square().mean(), self.momentum)
         target = grad / self.module.scale
         pred = self.module(h, y)
@@ -135,6 +149,17 @@ class SyntheticGradientTrainer:
                                                         dim=1).mean())
         self.cosines.append(cos)
         self.trust = 0.9 * self.trust + 0.1 * max(0.0, min(1.0, cos))
+        self._fit(pred, target)
+        if not self.replay:
+            return
+        self.recent.append((h, y, grad))
+        del self.recent[: -self.replay]
+        for _ in range(self.replay_steps):
+            k = int(torch.randint(len(self.recent), (1,), generator=self.gen))
+            h_k, y_k, grad_k = self.recent[k]
+            self._fit(self.module(h_k, y_k), grad_k / self.module.scale)
+
+    def _fit(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         loss = nn.functional.mse_loss(pred, target)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
