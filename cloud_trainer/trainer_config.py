@@ -277,6 +277,12 @@ class TrainingSection(BaseModel):
                                     "(GPipe) or decoupled by synthetic gradients")
     workers: int = Field(1, ge=1, le=64, description="worker processes (pipelined, "
                                                      "synthetic-gradients)")
+    m_replay: int = Field(0, ge=0, le=1024, description="synthetic-gradients: each M block "
+                          "keeps the last m_replay true gradients that came back and "
+                          "relearns from them (docs/benchmarks.md: 8 closes the gap to "
+                          "backprop where M blocks do the training; it costs worker CPU)")
+    m_replay_steps: int = Field(0, ge=0, le=64, description="synthetic-gradients: extra M "
+                                "block steps on replayed gradients per gradient that arrives")
     device: Literal["cpu", "cuda"] = Field(
         "cpu", description="where the from-labels modes train: 'cpu' (gloo between workers) "
                            "or 'cuda' (NCCL, one GPU per worker: a node needs as many GPUs "
@@ -287,6 +293,11 @@ class TrainingSection(BaseModel):
         if self.workers > 1 and self.mode not in ("pipelined", "synthetic-gradients"):
             raise ValueError(f"workers = {self.workers}: only for mode = pipelined or "
                              "synthetic-gradients")
+        if (self.m_replay or self.m_replay_steps) and self.mode != "synthetic-gradients":
+            raise ValueError("m_replay / m_replay_steps: only for mode = synthetic-gradients")
+        if self.m_replay_steps and not self.m_replay:
+            raise ValueError(f"m_replay_steps = {self.m_replay_steps} needs m_replay >= 1 "
+                             "(gradients to replay)")
         if self.device != "cpu" and self.mode == "blockwise-kt":
             raise ValueError(f"device = {self.device!r}: only for mode = backprop, pipelined "
                              "or synthetic-gradients (blockwise-kt trains on the CPU)")

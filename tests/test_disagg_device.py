@@ -86,6 +86,20 @@ def test_a_wrong_device_is_refused_naming_the_field(tmp_path: Path, lines: str,
         TrainSpec(device="gpu")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(("lines", "message"), [
+    ('mode = "pipelined"\nm_replay = 8\n', "only for mode = synthetic-gradients"),
+    ('mode = "synthetic-gradients"\nm_replay_steps = 2\n', "needs m_replay >= 1"),
+    ('mode = "synthetic-gradients"\nm_replay = -1\n', "jobs.0.training.m_replay"),
+])
+def test_m_block_replay_is_refused_where_it_means_nothing(tmp_path: Path, lines: str,
+                                                         message: str) -> None:
+    path = tmp_path / "trainer.toml"
+    path.write_text(MINIMAL + lines)
+    with pytest.raises(ConfigError) as err:
+        load_trainer_config(path)
+    assert message in str(err.value) and "trainer.toml" in str(err.value)
+
+
 def test_a_worker_uses_the_gpu_of_its_local_rank() -> None:
     assert worker_device(TrainSpec(device="cuda"), 3) == torch.device("cuda", 3)
     assert worker_device(TrainSpec(), 3) == torch.device("cpu")

@@ -51,16 +51,17 @@ def labelled(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def sg_job(epochs: int) -> dict:
+def sg_job(epochs: int, **training: int) -> dict:
     return job("sg", boundaries=[0], training={"mode": "synthetic-gradients", "workers": 2,
-                                               "epochs": epochs, "batch_size": 64},
+                                               "epochs": epochs, "batch_size": 64, **training},
                gate={"metric": "accuracy"})  # the held-out samples are labelled too
 
 
 def test_synthetic_gradient_job_trains_gates_and_pushes_a_signed_update(
         labelled: Path, mosquitto: Mosquitto) -> None:
     tmp = labelled
-    config = load_trainer_config(trainer_toml(tmp, mosquitto.port, jobs=[sg_job(3)]))
+    job_ = sg_job(3, m_replay=8, m_replay_steps=1)
+    config = load_trainer_config(trainer_toml(tmp, mosquitto.port, jobs=[job_]))
     with Collector(mosquitto.host, mosquitto.port, TOPICS.manifest) as manifests, \
             TrainerService(config, oneshot=True) as svc:
         run = svc.run_job("sg")
@@ -72,6 +73,7 @@ def test_synthetic_gradient_job_trains_gates_and_pushes_a_signed_update(
     info = v2.info
     assert info["mode"] == "synthetic-gradients" and info["workers"] == 2
     assert len(info["partition"]) == 2 and info["synthetic_boundaries"]
+    assert (info["m_replay"], info["m_replay_steps"]) == (8, 1)  # the job's setting ran
     assert info["labelled"] > 0 and info["unlabelled"] == 0 and info["trained"] == [1, 2, 3, 4]
     gate = v2.scores["gate"]
     assert gate["metric"] == "accuracy" and gate["passed"] and gate["delta"] > 0

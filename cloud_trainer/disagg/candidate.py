@@ -92,7 +92,8 @@ def train_from_labels(deployed: BlockModel, x: np.ndarray, labels: np.ndarray | 
     tail = tail_of(deployed, boundary)
     steps = t.epochs * -(-len(xs) // min(t.batch_size, len(xs)))
     spec = TrainSpec(mode=t.mode, workers=t.workers, steps=steps, batch_size=t.batch_size,  # type: ignore[arg-type]
-                     lr=t.lr, seed=t.seed, device=t.device,
+                     lr=t.lr, seed=t.seed, device=t.device, m_replay=t.m_replay,
+                     m_replay_steps=t.m_replay_steps,
                      frozen=tuple(i - boundary for i in frozen if i > boundary))
     before = chain_loss(tail, xs, ys)
     log.info("training blocks %s from %d labelled samples (%d unlabelled left out): %s, "
@@ -107,6 +108,7 @@ def train_from_labels(deployed: BlockModel, x: np.ndarray, labels: np.ndarray | 
             "labelled": len(xs), "unlabelled": int((~keep).sum()),
             "partition": [[boundary + a, boundary + b] for a, b in res.ranges],
             "synthetic_boundaries": [boundary + i for i in res.spec.boundaries or ()],
+            "m_replay": res.spec.m_replay, "m_replay_steps": res.spec.m_replay_steps,
             "samples_per_s": round(res.samples_per_s, 1),
             "bytes_per_step": res.bytes_per_step, "train_s": round(res.wall_s, 2)}
     return LabelledCandidate(out.eval(), trained, frozen, {n: before}, {n: after}, info)
