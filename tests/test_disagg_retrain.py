@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import tempfile
 import threading
@@ -111,8 +112,9 @@ def test_a_sigkilled_worker_fails_the_run_and_leaves_the_registry_unchanged(
         assert not runner.is_alive()
     run = out["run"]
     assert run.status == "failed", run
-    assert run.reason.startswith("WorkerFailed: worker rank 1 (blocks "), run.reason
-    assert "killed by SIGKILL" in run.reason
+    # which blocks rank 1 holds follows the step costs measured at the start (load-dependent)
+    assert re.match(r"WorkerFailed: worker rank 1 \(blocks? \d(-\d)?\) was killed by SIGKILL",
+                    run.reason), run.reason
     assert [(v.version, v.status) for v in registry.versions("digits")] == before
     assert not (tmp / "state" / "manifests" / "digits" / "current.json").exists()
     assert not job_dir.exists()  # the run's files are cleaned up
