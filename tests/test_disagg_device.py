@@ -74,30 +74,23 @@ def test_the_config_takes_cpu_or_cuda_for_the_from_labels_modes(tmp_path: Path,
     ('mode = "pipelined"\ndevice = "gpu"\n', "jobs.0.training.device"),
     ('mode = "pipelined"\ndevice = "cuda:1"\n', "jobs.0.training.device"),
     ('device = "cuda"\n', "device = 'cuda': only for mode = backprop, pipelined"),
-])
-def test_a_wrong_device_is_refused_naming_the_field(tmp_path: Path, lines: str,
-                                                    message: str) -> None:
-    path = tmp_path / "trainer.toml"
-    path.write_text(MINIMAL + lines)
-    with pytest.raises(ConfigError) as err:
-        load_trainer_config(path)
-    assert message in str(err.value) and "trainer.toml" in str(err.value)
-    with pytest.raises(ValueError, match="device 'gpu': choose from cpu, cuda"):
-        TrainSpec(device="gpu")  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize(("lines", "message"), [
+    # M block replay where it means nothing
     ('mode = "pipelined"\nm_replay = 8\n', "only for mode = synthetic-gradients"),
     ('mode = "synthetic-gradients"\nm_replay_steps = 2\n', "needs m_replay >= 1"),
     ('mode = "synthetic-gradients"\nm_replay = -1\n', "jobs.0.training.m_replay"),
 ])
-def test_m_block_replay_is_refused_where_it_means_nothing(tmp_path: Path, lines: str,
-                                                         message: str) -> None:
+def test_a_wrong_training_setting_is_refused_naming_the_field(tmp_path: Path, lines: str,
+                                                              message: str) -> None:
     path = tmp_path / "trainer.toml"
     path.write_text(MINIMAL + lines)
     with pytest.raises(ConfigError) as err:
         load_trainer_config(path)
     assert message in str(err.value) and "trainer.toml" in str(err.value)
+
+
+def test_a_spec_refuses_an_unknown_device() -> None:
+    with pytest.raises(ValueError, match="device 'gpu': choose from cpu, cuda"):
+        TrainSpec(device="gpu")  # type: ignore[arg-type]
 
 
 def test_a_worker_uses_the_gpu_of_its_local_rank() -> None:
