@@ -56,23 +56,17 @@ def run_headroom(block: int = 4, steps: int = 1500, seed: int = 0,
 
     @torch.no_grad()
     def acts(frames: np.ndarray) -> list[torch.Tensor]:
-        out: list[list[torch.Tensor]] = [[] for _ in range(teacher.num_blocks + 1)]
-        for i in range(0, len(frames), 256):
-            h = torch.from_numpy(np.array(frames[i : i + 256], np.float32))
-            out[0].append(h)
-            for j in range(1, teacher.num_blocks + 1):
-                h = teacher.block(j)(h)
-                out[j].append(h)
-        return [torch.cat(o) for o in out]
+        chunks = [teacher.boundaries(torch.from_numpy(np.array(frames[i : i + 256],
+                                                               np.float32)))
+                  for i in range(0, len(frames), 256)]
+        return [torch.cat(c) for c in zip(*chunks, strict=True)]
 
     torch.set_num_threads(1)
     t_train, t_held = acts(np.asarray(x)), acts(np.asarray(xe))
-    above = [teacher.block(j) for j in range(block + 1, teacher.num_blocks + 1)]
 
     def through(h: torch.Tensor) -> torch.Tensor:
-        for b in above:
-            h = b(h)
-        return h
+        """The teacher's blocks above ``block`` (an inner block: there is one at least)."""
+        return teacher.run(h, block + 1)
 
     @torch.no_grad()
     def swap(mod: torch.nn.Module, a: list[torch.Tensor], top1: torch.Tensor) -> float:

@@ -29,6 +29,8 @@ import numpy as np
 from bench.report import command_line, console, print_table, write_json
 
 if TYPE_CHECKING:
+    import torch
+
     from cloud_trainer.blocks import BlockModel
 
 MODEL = "effnet-lite0"
@@ -92,39 +94,32 @@ def agreement(model: BlockModel, x: np.ndarray, teacher_top1: np.ndarray) -> tup
             100 * float((t5 == teacher_top1[:, None]).any(axis=1).mean()))
 
 
-def swap_agreement(teacher: BlockModel, student: BlockModel, x: np.ndarray,
+def teacher_acts(teacher: BlockModel, x: np.ndarray) -> list[torch.Tensor]:
+    """The teacher's activations at every boundary (0..N) of held-out frames ``x``, once:
+    what :func:`swap_agreement` and the teacher's confidence both read."""
+    import torch
+
+    teacher.eval()
+    with torch.no_grad():
+        return teacher.boundaries(torch.from_numpy(np.array(x, np.float32)))
+
+
+def swap_agreement(teacher: BlockModel, student: BlockModel, acts: Sequence[torch.Tensor],
                    teacher_top1: np.ndarray) -> list[float]:
     """Top-1 agreement (%) of the teacher with one block ``i`` replaced by the student's, for
-    each ``i``: which block loses the agreement. Errors compound along the chain, so the
-    whole student cannot agree more than its weakest block does here."""
+    each ``i`` (``acts``: :func:`teacher_acts`): which block loses the agreement. Errors
+    compound along the chain, so the whole student cannot agree more than its weakest
+    block does here."""
     import torch
 
-    teacher.eval()
     student.eval()
-    out = []
+    n, out = teacher.num_blocks, []
     with torch.no_grad():
-        xt = torch.from_numpy(np.array(x, np.float32))
-        acts = [xt]
-        for i in range(1, teacher.num_blocks + 1):
-            acts.append(teacher.block(i)(acts[-1]))
-        for i in range(1, teacher.num_blocks + 1):
+        for i in range(1, n + 1):
             h = student.block(i)(acts[i - 1])
-            for j in range(i + 1, teacher.num_blocks + 1):
-                h = teacher.block(j)(h)
-            out.append(100 * float((h.argmax(1).numpy() == teacher_top1).mean()))
+            logits = h if i == n else teacher.run(h, i + 1)
+            out.append(100 * float((logits.argmax(1).numpy() == teacher_top1).mean()))
     return out
-
-
-def _teacher_sure(teacher: BlockModel, x: np.ndarray) -> np.ndarray:
-    """Frames whose teacher top-1 probability is at least :data:`SURE`: where agreement is
-    about the scene, not about which of several near-tied ImageNet classes wins."""
-    import torch
-
-    teacher.eval()
-    with torch.no_grad():
-        p = torch.cat([teacher(torch.from_numpy(np.array(x[i : i + 256], np.float32)))
-                       .softmax(1).amax(1) for i in range(0, len(x), 256)])
-    return p.numpy() >= SURE
 
 
 def _seed_scores(seed: int, steps: int, rows: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -140,7 +135,10 @@ def _seed_scores(seed: int, steps: int, rows: Sequence[str]) -> dict[str, dict[s
     inits = {"derived": derived.student, "scratch": scratch}
     x, y = scene_set("train", seed)
     held = {split: scene_set(split, 0) for split in ("in-scene", "out-of-scene")}
-    sure = _teacher_sure(derived.teacher, held["in-scene"][0])
+    acts = teacher_acts(derived.teacher, held["in-scene"][0])
+    # the teacher is sure where its top-1 probability is at least SURE: agreement there is
+    # about the scene, not about which of several near-tied ImageNet classes wins
+    sure = (acts[-1].softmax(1).amax(1) >= SURE).numpy()
     epochs = max(1, round(steps / -(-len(x) // BATCH)))
 
     def score(model: BlockModel, seconds: float) -> dict[str, Any]:
@@ -151,7 +149,7 @@ def _seed_scores(seed: int, steps: int, rows: Sequence[str]) -> dict[str, dict[s
         out["in-scene top1 sure"] = agreement(model, xe[sure], ye[sure])[0] if sure.any() \
             else float("nan")
         out["in-scene sure share"] = 100 * float(sure.mean())
-        out["in-scene swap"] = swap_agreement(derived.teacher, model, xe, ye)
+        out["in-scene swap"] = swap_agreement(derived.teacher, model, acts, ye)
         return out
 
     scores = {ROWS[0]: score(derived.teacher, float("nan")),

@@ -428,8 +428,8 @@ class Ingestor:
                               device, reason, detail)
 
     def _accept(self, msg: mqtt.MQTTMessage) -> _One | _Batch | None:
-        """Validate one message; the samples to store (none for anything else) and their
-        frames' shapes, read by the validation so that the store does not parse them again."""
+        """Validate one message; what to store of it (None: nothing), with the frame's shape
+        read by the validation so that the store does not parse the frame again."""
         data = msg.payload
         try:
             topic = self.topics.parse(msg.topic)

@@ -753,7 +753,7 @@ def batch_rows(env: BatchEnvelope, shape: tuple[int, ...], received_at: float,
     device, session = env.device, _to_i64(env.session)
     share, extra = divmod(len(payload), n)  # a sample's share of the frame's bytes
     records = env.samples.tolist()
-    samples = [(device, session, seq - _U64 if seq >= _U63 else seq, ts,
+    samples = [(device, session, _to_i64(seq), ts,
                 label if flags & FLAG_LABEL else None, pred if flags & FLAG_PRED else None,
                 conf if flags & FLAG_CONF and conf == conf else None,
                 index if flags & FLAG_INDEX else None, i, share + (i < extra))
