@@ -425,16 +425,16 @@ class Updater:
                  new.version, part.first, part.last)
         if self.on_swap is not None:
             self.on_swap(new)
+        if h.watch_s > 0:  # on probation before anyone hears "applied"
+            confs = self.recorder.confidences(old)
+            self._watch = _Watch(new=new, old=old, state_before=before, digest=job.digest,
+                                 until=time.monotonic() + h.watch_s,
+                                 baseline_confidence=sum(confs) / len(confs) if confs
+                                 else None, counts_at_swap=counts, started=job.received)
         nbytes = result.stats.get("bytes", 0) if result is not None else 0
         self._emit("applied", job, base, nbytes=nbytes)
         if h.watch_s <= 0:
             self._settle()
-            return
-        confs = self.recorder.confidences(old)
-        self._watch = _Watch(new=new, old=old, state_before=before, digest=job.digest,
-                             until=time.monotonic() + h.watch_s,
-                             baseline_confidence=sum(confs) / len(confs) if confs else None,
-                             counts_at_swap=counts, started=job.received)
 
     # -- health watch
     def _check_health(self) -> None:
