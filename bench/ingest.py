@@ -11,8 +11,11 @@ With ``batch`` > 1 the publisher sends version-2 batch envelopes of ``batch`` sa
 (one codec frame of shape (batch, ...), consecutive seqs per device): the count, the clock
 and the zero-loss check are then in samples.
 
-Activations are synthetic but shaped like real ones: post-ReLU feature maps of a small CNN
-(about half zeros, spatially smooth), which is what makes uint8+lz4 compress.
+By default the activations are synthetic but shaped like real ones: post-ReLU feature maps
+of a small CNN (about half zeros, spatially smooth), which is what makes uint8+lz4 compress.
+With ``model`` (``--model effnet-lite0``) they are the zoo student's own activations at a
+boundary, computed on onnxruntime from the model's held-out inputs (real photos for
+effnet-lite0) as a device computes them, and the publisher sends those, cycling through them.
 """
 
 from __future__ import annotations
@@ -41,12 +44,63 @@ def activation(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     return np.maximum(fine * rng.uniform(0.5, 2.0, (1, c, 1, 1)).astype(np.float32), 0)
 
 
+def model_activations(model: str, boundary: int, workdir: Path,
+                      samples: int = 256) -> np.ndarray:
+    """The zoo student's activations at ``boundary`` for ``samples`` held-out inputs, one
+    input at a time on onnxruntime as on a device: what a real fleet of this model uplinks."""
+    from agent.profiles import load_profile
+    from agent.runtime import BlockRunner
+    from cloud_trainer.export import export_partition
+    from cloud_trainer.train import model_inputs, trained_pair
+
+    student = trained_pair(model).student.eval()
+    manifest = export_partition(student, workdir, model_id=model, model_version=1)
+    if not manifest.first <= boundary < manifest.last:
+        raise ValueError(f"{model} has boundaries {manifest.first}..{manifest.last - 1}, "
+                         f"not {boundary}")
+    runner = BlockRunner(manifest, workdir, load_profile("x86-dev"))
+    x = model_inputs(model, samples)
+    return np.concatenate([runner.run(x[i:i + 1], upto=boundary)[-1].copy()
+                           for i in range(len(x))])
+
+
+def activation_pool(model: str | None, boundary: int, workdir: Path,
+                    shape: tuple[int, ...]) -> tuple[Path | None, int, tuple[int, ...]]:
+    """(pool file for the publisher, boundary, sample shape): ``model``'s activations saved
+    under ``workdir``, or no pool (synthetic maps of ``shape`` on boundary 1)."""
+    if model is None:
+        return None, 1, shape
+    acts = model_activations(model, boundary, workdir / "model")
+    pool = workdir / "activations.npy"
+    np.save(pool, acts)
+    return pool, boundary, (1, *acts.shape[1:])
+
+
+class Activations:
+    """Where the publisher's samples come from: a pool of real activations (cycled) or, with
+    no pool, synthetic maps of ``shape``."""
+
+    def __init__(self, shape: tuple[int, ...], pool: Path | None = None, seed: int = 0):
+        self.pool = None if pool is None else np.load(pool)
+        self.shape = shape if self.pool is None else (1, *self.pool.shape[1:])
+        self._rng = np.random.default_rng(seed)
+        self._next = 0
+
+    def take(self, n: int) -> np.ndarray:
+        """The next ``n`` samples as one (n, ...) array."""
+        if self.pool is None:
+            return activation(self._rng, (n, *self.shape[1:]))
+        idx = np.arange(self._next, self._next + n) % len(self.pool)
+        self._next = int(idx[-1]) + 1
+        return np.ascontiguousarray(self.pool[idx])
+
+
 def device_ids(devices: int) -> list[str]:
     return [f"bench-{i:03d}" for i in range(devices)]
 
 
-def _batch_work(messages: int, codec: str, devices: int, shape: tuple[int, ...],
-                batch: int) -> tuple[list[tuple[int, str, bytes]], int]:
+def _batch_work(messages: int, codec: str, devices: int, source: Activations, batch: int,
+                boundary: int) -> tuple[list[tuple[int, str, bytes]], int]:
     """Version-2 envelopes carrying sample i (device i % devices, seq i) for every i, each
     device's samples in batches of ``batch``; and their total frame bytes."""
     from agent.codec import encode
@@ -54,8 +108,7 @@ def _batch_work(messages: int, codec: str, devices: int, shape: tuple[int, ...],
     from agent.topics import Topics
 
     topics = Topics(FLEET)
-    rng = np.random.default_rng(0)
-    frames = [encode(activation(rng, (batch, *shape[1:])), codec) for _ in range(8)]
+    frames = [encode(source.take(batch), codec) for _ in range(8)]
     ids = device_ids(devices)
     per_device = [list(range(k, messages, devices)) for k in range(devices)]
     chunks = [(k, seqs[j:j + batch]) for j in range(0, max(map(len, per_device)), batch)
@@ -63,11 +116,10 @@ def _batch_work(messages: int, codec: str, devices: int, shape: tuple[int, ...],
     work, frame_bytes = [], 0
     for m, (k, seqs) in enumerate(chunks):
         n = len(seqs)
-        frame = frames[m % len(frames)] if n == batch else encode(
-            activation(rng, (n, *shape[1:])), codec)
+        frame = frames[m % len(frames)] if n == batch else encode(source.take(n), codec)
         table = BatchEnvelope.table(seqs, [time.time()] * n, seqs, [s % 10 for s in seqs],
                                     [s % 10 for s in seqs], [0.9] * n)
-        env = BatchEnvelope(device=ids[k], session=1, model_version=1, boundary=1,
+        env = BatchEnvelope(device=ids[k], session=1, model_version=1, boundary=boundary,
                             samples=table, payload=frame, meta={"model": "bench"})
         work.append((k, topics.act(ids[k]), env.pack()))
         frame_bytes += len(frame)
@@ -75,7 +127,8 @@ def _batch_work(messages: int, codec: str, devices: int, shape: tuple[int, ...],
 
 
 def _publisher(port: int, messages: int, codec: str, devices: int, shape: tuple[int, ...],
-               ready: Any, go: Any, result: Any, batch: int = 1) -> None:
+               ready: Any, go: Any, result: Any, batch: int = 1, pool: Path | None = None,
+               boundary: int = 1) -> None:
     """Child process: pre-build every envelope, then publish them all at QoS 1."""
     from agent.codec import encode
     from agent.envelope import Envelope
@@ -84,17 +137,17 @@ def _publisher(port: int, messages: int, codec: str, devices: int, shape: tuple[
     from agent.topics import Topics
 
     topics = Topics(FLEET)
-    rng = np.random.default_rng(0)
-    frames = [encode(activation(rng, shape), codec) for _ in range(64)]
+    source = Activations(shape, pool)
+    frames = [encode(source.take(1), codec) for _ in range(64)]
     ids = device_ids(devices)
     work: list[tuple[int, str, bytes]] = []
     payload_bytes = sum(len(frames[i % len(frames)]) for i in range(messages))
     if batch > 1:
-        work, payload_bytes = _batch_work(messages, codec, devices, shape, batch)
+        work, payload_bytes = _batch_work(messages, codec, devices, source, batch, boundary)
     for i in range(messages if batch == 1 else 0):
         dev = ids[i % devices]
         env = Envelope(device=dev, session=1, seq=i, timestamp=time.time(), model_version=1,
-                       boundary=1, payload=frames[i % len(frames)], label=i % 10,
+                       boundary=boundary, payload=frames[i % len(frames)], label=i % 10,
                        prediction=i % 10, confidence=0.9,
                        meta={"model": "bench", "index": i})  # as agent/service.py sends
         work.append((i % devices, topics.act(dev), env.pack()))
@@ -125,9 +178,11 @@ def run_ingest_bench(messages: int = 20_000, payload_codec: str = "uint8+lz4",
                      devices: int = 4, workdir: Path | None = None,
                      shape: tuple[int, ...] = DEFAULT_SHAPE, validation: str = "decode",
                      batch_size: int = 512, receive_maximum: int = 1000,
-                     timeout_s: float = 300.0, batch: int = 1) -> dict[str, Any]:
+                     timeout_s: float = 300.0, batch: int = 1, model: str | None = None,
+                     boundary: int = 2) -> dict[str, Any]:
     """Ingest ``messages`` samples from ``devices`` publishers (``batch`` per envelope);
-    figures as a dict.
+    figures as a dict. With ``model`` the samples are that zoo student's activations at
+    ``boundary`` (``shape`` is then theirs), else synthetic maps of ``shape`` on boundary 1.
 
     Raises AssertionError when anything sent is missing from the store (zero loss is part
     of the result, not an afterthought).
@@ -140,8 +195,10 @@ def run_ingest_bench(messages: int = 20_000, payload_codec: str = "uint8+lz4",
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="knet-bench-ingest-") as tmp:
             return run_ingest_bench(messages, payload_codec, devices, Path(tmp), shape,
-                                    validation, batch_size, receive_maximum, timeout_s, batch)
+                                    validation, batch_size, receive_maximum, timeout_s, batch,
+                                    model, boundary)
     workdir = Path(workdir)
+    pool, boundary, shape = activation_pool(model, boundary, workdir, shape)
     ctx = mp.get_context("spawn")
     ready, go, result = ctx.Event(), ctx.Event(), ctx.Queue()
     with Mosquitto(workdir / "broker") as broker:
@@ -149,10 +206,10 @@ def run_ingest_bench(messages: int = 20_000, payload_codec: str = "uint8+lz4",
         settings = IngestSettings(port=broker.port, client_id="bench-ingest",
                                   validation=validation,  # type: ignore[arg-type]
                                   batch_size=batch_size, receive_maximum=receive_maximum,
-                                  expected_shapes={1: shape})
+                                  expected_shapes={boundary: shape})
         proc = ctx.Process(target=_publisher, daemon=True,
                            args=(broker.port, messages, payload_codec, devices, shape,
-                                 ready, go, result, batch))
+                                 ready, go, result, batch, pool, boundary))
         try:
             with Ingestor(settings, Topics(FLEET), store) as ing:
                 proc.start()
@@ -193,6 +250,8 @@ def run_ingest_bench(messages: int = 20_000, payload_codec: str = "uint8+lz4",
         "envelopes_per_s": pub["envelopes"] / elapsed,
         "devices": devices,
         "codec": payload_codec,
+        "model": model or "synthetic",
+        "boundary": boundary,
         "shape": list(shape),
         "validation": validation,
         "batch_size": batch_size,

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.ingest import DEFAULT_SHAPE, FLEET, _publisher, device_ids
+from bench.ingest import DEFAULT_SHAPE, FLEET, _publisher, activation_pool, device_ids
 
 log = logging.getLogger(__name__)
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -44,7 +44,8 @@ def _open_store(spec: dict[str, Any]) -> Any:
 
 
 def _replica(port: int, spec: dict[str, Any], index: int, count: int, validation: str,
-             shape: tuple[int, ...], ready: Any, stop: Any, result: Any) -> None:
+             shape: tuple[int, ...], boundary: int, ready: Any, stop: Any,
+             result: Any) -> None:
     """Child process: one ingest replica until ``stop``; reports its counters."""
     from agent.topics import Topics
     from cloud_trainer.ingest import Ingestor, IngestSettings
@@ -53,7 +54,7 @@ def _replica(port: int, spec: dict[str, Any], index: int, count: int, validation
     settings = IngestSettings(port=port, client_id=f"bench-ingest-{index}", shared=False,
                               partitions=count, partition=index,
                               validation=validation,  # type: ignore[arg-type]
-                              expected_shapes={1: shape})
+                              expected_shapes={boundary: shape})
     with Ingestor(settings, Topics(FLEET), store) as ing:
         if not ing.wait_subscribed(30):
             raise RuntimeError(f"replica {index}: no SUBACK")
@@ -69,13 +70,17 @@ def _replica(port: int, spec: dict[str, Any], index: int, count: int, validation
 def run_scale_bench(store_kind: str, replicas: int, messages: int = 20_000, devices: int = 8,  # noqa: C901, PLR0912, PLR0915 -- one linear benchmark script: start, stream, collect
                     validation: str = "header", payload_codec: str = "uint8+lz4",
                     shape: tuple[int, ...] = DEFAULT_SHAPE, workdir: Path | None = None,
-                    timeout_s: float = 300.0) -> dict[str, Any]:
-    """One configuration; figures as a dict. AssertionError when anything sent is missing."""
+                    timeout_s: float = 300.0, model: str | None = None,
+                    boundary: int = 2) -> dict[str, Any]:
+    """One configuration; figures as a dict. AssertionError when anything sent is missing.
+    ``model``/``boundary``: as in ``bench.ingest.run_ingest_bench``."""
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="knet-bench-scale-") as tmp:
             return run_scale_bench(store_kind, replicas, messages, devices, validation,
-                                   payload_codec, shape, Path(tmp), timeout_s)
+                                   payload_codec, shape, Path(tmp), timeout_s, model, boundary)
     from broker.launcher import Mosquitto
+
+    pool, boundary, shape = activation_pool(model, boundary, workdir, shape)
 
     pg = None
     if store_kind == "postgresql":
@@ -104,7 +109,7 @@ def run_scale_bench(store_kind: str, replicas: int, messages: int = 20_000, devi
                 ready = ctx.Event()
                 p = ctx.Process(target=_replica, daemon=True,
                                 args=(broker.port, spec, i, replicas, validation, shape,
-                                      ready, stop, result))
+                                      boundary, ready, stop, result))
                 p.start()
                 procs.append(p)
                 readies.append(ready)
@@ -114,7 +119,7 @@ def run_scale_bench(store_kind: str, replicas: int, messages: int = 20_000, devi
             pub_ready, go, pub_result = ctx.Event(), ctx.Event(), ctx.Queue()
             pub = ctx.Process(target=_publisher, daemon=True,
                               args=(broker.port, messages, payload_codec, devices, shape,
-                                    pub_ready, go, pub_result))
+                                    pub_ready, go, pub_result, 1, pool, boundary))
             pub.start()
             if not pub_ready.wait(120):
                 raise RuntimeError("the publisher process did not start")
@@ -152,7 +157,8 @@ def run_scale_bench(store_kind: str, replicas: int, messages: int = 20_000, devi
     replica_cpu = sum(v for k, v in cpu.items() if k.startswith("replica"))
     out = {
         "store": store_kind, "replicas": replicas, "messages": messages, "devices": devices,
-        "validation": validation, "seconds": elapsed, "messages_per_s": messages / elapsed,
+        "validation": validation, "model": model or "synthetic", "boundary": boundary,
+        "shape": list(shape), "seconds": elapsed, "messages_per_s": messages / elapsed,
         "lost": missing, "stored_per_replica": [c["stored"] for c in counters],
         "duplicates": sum(c["duplicates"] for c in counters),
         "cpu_s": cpu, "replica_cpu_us_per_msg": 1e6 * replica_cpu / messages,

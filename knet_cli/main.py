@@ -94,15 +94,25 @@ def _bench_fleet(args: argparse.Namespace) -> int:
     return 0 if all(r["held"] for r in results) else 1
 
 
+def _ingest_source(args: argparse.Namespace, row: dict[str, Any]) -> str:
+    """What the publisher sent, for a table's title."""
+    shape = tuple(row["shape"])
+    if args.model:
+        return f"the {args.model} student's boundary {args.boundary} {shape}"
+    return f"synthetic activations {shape}"
+
+
 def _bench_ingest_scale(args: argparse.Namespace) -> int:
     from bench.ingest_scale import run_scale_bench
     from bench.report import command_line, print_table, write_json
 
     rows = [run_scale_bench(store, n, messages=args.messages, devices=args.devices,
-                            validation=args.validation[0], payload_codec=args.codec)
+                            validation=args.validation[0], payload_codec=args.codec,
+                            model=args.model, boundary=args.boundary)
             for store in (args.store or ["sqlite"]) for n in (args.replicas or [1])]
     print_table(f"ingest: {args.messages} messages from {args.devices} devices, "
-                f"{args.codec}, validation {args.validation[0]}, {rows[0]['cores']} cores",
+                f"{_ingest_source(args, rows[0])}, {args.codec}, "
+                f"validation {args.validation[0]}, {rows[0]['cores']} cores",
                 ["store", "replicas", "stored msg/s", "lost", "replica CPU us/msg",
                  "postgres CPU us/msg", "broker CPU us/msg", "publisher CPU us/msg",
                  "stored per replica"],
@@ -125,12 +135,14 @@ def _bench_ingest(args: argparse.Namespace) -> int:
     for batch in args.batch:
         for validation in args.validation:
             r = run_ingest_bench(messages=args.messages, payload_codec=args.codec,
-                                 devices=args.devices, validation=validation, batch=batch)
+                                 devices=args.devices, validation=validation, batch=batch,
+                                 model=args.model, boundary=args.boundary)
             rows.append({"validation": validation, **r})
     print_table(f"ingest: {args.messages} activation samples from {args.devices} devices, "
-                f"{args.codec}", ["samples per envelope", "validation", "samples/s",
-                                   "envelopes/s", "ingest CPU µs/sample", "MB/s on the wire",
-                                   "fp32-equivalent MB/s", "stored", "lost"],
+                f"{_ingest_source(args, rows[0])}, {args.codec}",
+                ["samples per envelope", "validation", "samples/s", "envelopes/s",
+                 "ingest CPU µs/sample", "MB/s on the wire", "fp32-equivalent MB/s", "stored",
+                 "lost"],
                 [(r["batch"], r["validation"], r["samples_per_s"], r["envelopes_per_s"],
                   r["ingest_cpu_us_per_sample"], r["mb_per_s_wire"],
                   r["mb_per_s_float32_equivalent"], r["stored"], r["lost"]) for r in rows])
@@ -488,6 +500,11 @@ def _add_system_benches(bsub: Any) -> None:
     b.add_argument("--validation", nargs="+", default=["decode", "header"])
     b.add_argument("--batch", type=int, nargs="+", default=[1],
                    help="samples per envelope (> 1: version-2 batch envelopes)")
+    b.add_argument("--model", choices=["digits", "effnet-lite0"], default=None,
+                   help="send this zoo student's activations (real inputs, onnxruntime) "
+                        "instead of synthetic ones")
+    b.add_argument("--boundary", type=int, default=2,
+                   help="with --model: the boundary whose activations are sent")
     b.add_argument("--store", nargs="+", choices=["sqlite", "postgresql"], default=None,
                    help="replica processes on this store (with --replicas; validation: the "
                         "first --validation)")
