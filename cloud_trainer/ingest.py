@@ -45,9 +45,10 @@ Guarantees and why:
   capped by the store's per-device quota. What this module guarantees is that a *bad*
   device costs a header parse and a CRC per message, never a database write or a crash.
 * **Batches** (envelope version 2, ``agent.envelope.BatchEnvelope``): one message, N
-  samples. The header, CRC, codec frame (one LZ4 pass, one decode with ``validation =
-  "decode"``), shape and model are checked once per batch; finiteness per sample, so one
-  NaN sample is refused alone. The batch's frame is stored once, as received, with a key
+  samples. The header, CRC, codec frame (one LZ4 pass and, with ``validation =
+  "decode"``, every value), shape and model are checked once per batch; finiteness per
+  sample, so one NaN sample is refused alone. An 8-bit quantised frame is not decoded for
+  it: its checked scales decide that every value is finite (``agent.codec.check_values``). The batch's frame is stored once, as received, with a key
   row per sample (``cloud_trainer.store.batch_rows``), in the same transaction as the rest
   of the commit (``add_frames``), each sample under its own ``(device, session, seq)``: a
   replayed batch, or one overlapping stored samples, stores nothing twice.
@@ -71,7 +72,6 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
 
-import numpy as np
 import paho.mqtt.client as mqtt
 from pydantic import Field
 
@@ -79,7 +79,7 @@ from agent.codec import (
     CodecError,
     OversizedFrameError,
     UnknownCodecError,
-    decode,
+    check_values,
     split_batch,
 )
 from agent.codec.frame import parse_frame
@@ -131,7 +131,8 @@ class IngestSettings(MqttEndpoint):
     receive_maximum: int = Field(1000, ge=1, le=65535)
     max_payload: int = Field(4 << 20, ge=1)  # codec frame bytes inside an envelope
     max_decoded_bytes: int = Field(16 << 20, ge=1)  # float32 bytes a frame may declare
-    # "decode": every stored sample is known to decode (costs a decompression per message);
+    # "decode": every stored sample is known to decode to finite values (costs a
+    # decompression per message, and a decode where the codec's header does not decide);
     # "header": frame header, size and CRC only (an unknown codec id is caught at training).
     validation: Literal["decode", "header"] = "decode"
     # boundary -> expected shape, without or with the batch dimension; unknown: accepted.
@@ -473,11 +474,10 @@ class Ingestor:
         if env.device != device:
             self._bad(device, "spoofed", f"envelope names {env.device!r}")
             return None
-        array = None
+        finite = True
         try:
             if s.validation == "decode":
-                array = decode(env.payload, max_bytes=s.max_decoded_bytes)
-                shape = array.shape
+                shape, finite = check_values(env.payload, max_bytes=s.max_decoded_bytes)
             else:
                 shape = parse_frame(env.payload, s.max_decoded_bytes).shape
         except OversizedFrameError as exc:
@@ -494,8 +494,7 @@ class Ingestor:
             return None
         if not self._shape_ok(device, env, tuple(shape)):
             return None
-        if array is not None and np.issubdtype(array.dtype, np.floating) \
-                and not np.isfinite(array).all():
+        if not finite:
             self._bad(device, "non_finite", f"boundary {env.boundary} holds NaN or Inf")
             return None
         return _One(env, tuple(shape))
@@ -534,7 +533,7 @@ class Ingestor:
             return None
         try:
             split = split_batch(env.payload, max_bytes=s.max_decoded_bytes,
-                                decode_array=s.validation == "decode")
+                                values=s.validation == "decode")
         except OversizedFrameError as exc:
             self._bad(device, "oversized", exc, n=n)
             return None
@@ -551,15 +550,14 @@ class Ingestor:
         if not self._shape_ok(device, env, (1, *split.shape[1:]), n):
             return None
         keep: list[bool] | None = None
-        if split.array is not None:
-            finite = np.isfinite(split.array.reshape(n, -1)).all(axis=1)
-            if not finite.all():
-                bad = int(n - finite.sum())
-                self._bad(device, "non_finite", f"{bad} of {n} samples at boundary "
-                                                f"{env.boundary} hold NaN or Inf", n=bad)
-                if bad == n:
-                    return None
-                keep = finite.tolist()
+        finite = split.finite
+        if finite is not None and not finite.all():
+            bad = int(n - finite.sum())
+            self._bad(device, "non_finite", f"{bad} of {n} samples at boundary "
+                                            f"{env.boundary} hold NaN or Inf", n=bad)
+            if bad == n:
+                return None
+            keep = finite.tolist()
         return _Batch(env, (1, *split.shape[1:]), keep)
 
     def _fleet_message(self, kind: TopicKind, device: str, data: bytes, now: float) -> None:

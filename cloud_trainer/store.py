@@ -784,7 +784,7 @@ class _Reader:
                 stored = bytes(self._fetch(frame_id))
                 try:
                     self._parts = split_batch(stored, max_bytes=_STORED_MAX_BYTES,
-                                              decode_array=False).frames
+                                              values=False).frames
                 except CodecError as exc:
                     log.warning("stored frame %d does not cut into samples: %s", frame_id, exc)
                     self._parts = stored

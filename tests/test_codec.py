@@ -14,11 +14,14 @@ from agent.codec import (
     InvalidInputError,
     SpecError,
     UnknownCodecError,
+    batchable,
+    check_values,
     codec_names,
     decode,
     encode,
     get_codec,
     parse_spec,
+    split_batch,
 )
 
 SPECS = [
@@ -206,3 +209,71 @@ def test_int_and_float16_inputs_are_converted() -> None:
     np.testing.assert_array_equal(decode(encode(ints, "zfp")), ints.astype(np.float32))
     halves = np.linspace(0, 2, 16, dtype=np.float16)
     np.testing.assert_array_equal(decode(encode(halves, "fp16")), halves.astype(np.float32))
+
+
+def _frame_with_scales(spec: str, scales: list[float]) -> bytes:
+    """A well-formed 8-bit frame of shape (2, 3) whose scale/offset floats are replaced."""
+    import struct
+
+    from agent.codec.frame import pack_frame, parse_frame
+
+    raw = parse_frame(encode(np.arange(6, dtype=np.float32).reshape(2, 3), spec), 1 << 20)
+    head = struct.pack(f"<{len(scales)}f", *scales)
+    return pack_frame(raw.codec_id, raw.flags, raw.shape, raw.params,
+                      head + bytes(raw.payload)[len(head):])
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS)
+@FAST
+@given(a=finite_arrays())
+def test_check_values_agrees_with_decode(spec: str, a: np.ndarray) -> None:
+    """Ingest's full validation (``check_values``) checks what ``decode`` checks, and
+    reports the same finiteness, whether or not the codec needs a decode for it."""
+    frame = encode(a, spec)
+    assert check_values(frame) == (decode(frame).shape, True)
+
+
+@pytest.mark.parametrize("spec", ["raw", "raw+lz4", "fp16", "fp16+lz4", "zfp", "defer"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_check_values_finds_what_lossless_codecs_carry(spec: str, bad: float) -> None:
+    a = np.ones((2, 4, 3), np.float32)
+    a[1, 2, 0] = bad
+    frame = encode(a, spec)
+    assert check_values(frame) == ((2, 4, 3), False)
+    assert not np.isfinite(decode(frame)).all()
+    split = split_batch(frame) if batchable(spec) else None
+    if split is not None:
+        assert split.finite is not None and split.finite.tolist() == [True, False]
+
+
+@pytest.mark.parametrize(("spec", "scales"), [
+    ("uint8", [np.nan, 1.0]), ("uint8", [0.0, np.inf]), ("uint8", [0.0, -1.0]),
+    ("int8", [np.nan]), ("int8", [-2.0]),
+])
+def test_check_values_refuses_bad_scales_as_decode_does(spec: str, scales: list[float]) -> None:
+    frame = _frame_with_scales(spec, scales)
+    with pytest.raises(CodecError, match="scale"):
+        decode(frame)
+    with pytest.raises(CodecError, match="scale"):
+        check_values(frame)
+    with pytest.raises(CodecError, match="scale"):
+        split_batch(frame)
+
+
+@pytest.mark.parametrize("spec", ["uint8", "uint8:per_channel=1+lz4", "int8+lz4"])
+def test_8bit_frames_are_checked_without_a_decode(spec: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finite scales prove every 8-bit value finite, so the full validation skips the
+    float32 copy; extreme but finite scales decode clipped to float32, still finite."""
+    x = np.linspace(-3e38, 3e38, 24, dtype=np.float32).reshape(2, 3, 4)
+    frame = encode(x, spec)
+    assert np.isfinite(decode(frame)).all()
+    codec = get_codec(parse_spec(spec).name)
+
+    def no_decode(*_a: object) -> np.ndarray:
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(type(codec), "decode_payload", no_decode)
+    assert check_values(frame) == ((2, 3, 4), True)
+    split = split_batch(frame)
+    assert split.finite is not None and split.finite.tolist() == [True, True]

@@ -19,8 +19,10 @@ from agent.codec import (
     OversizedFrameError,
     TruncatedFrameError,
     UnknownCodecError,
+    check_values,
     decode,
     encode,
+    split_batch,
 )
 from agent.codec.frame import FLAG_LZ4, pack_frame
 
@@ -40,16 +42,18 @@ def recrc(frame: bytes | bytearray) -> bytes:
 
 
 def decode_bounded(frame: bytes) -> None:
-    """Decode; anything but a CodecError, or a big allocation, fails the test."""
-    tracemalloc.start()
-    try:
-        decode(frame, max_bytes=LIMIT)
-    except CodecError:
-        pass
-    finally:
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-    assert peak < 8 * LIMIT, peak
+    """Decode, check (ingest's full validation) and split as a batch; anything but a
+    CodecError, or a big allocation, fails the test."""
+    for read in (decode, check_values, split_batch):
+        tracemalloc.start()
+        try:
+            read(frame, max_bytes=LIMIT)
+        except CodecError:
+            pass
+        finally:
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+        assert peak < 8 * LIMIT, (read.__name__, peak)
 
 
 @settings(max_examples=200, deadline=None)

@@ -110,9 +110,9 @@ class Uint8Codec(_QuantCodec):
         return b"".join([lo32.astype("<f4").tobytes(), scale.astype("<f4").tobytes(),
                          t.astype(np.uint8).tobytes()])
 
-    def decode_payload(
-        self, payload: bytes | memoryview, shape: tuple[int, ...], spec: CodecSpec
-    ) -> np.ndarray:
+    def _header(self, payload: bytes | memoryview, shape: tuple[int, ...],
+                spec: CodecSpec) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """(lo, scale, k, n) of a payload whose length and scales are checked."""
         k = self._k(shape, spec)
         n = math.prod(shape)
         if len(payload) != 8 * k + n:
@@ -121,6 +121,18 @@ class Uint8Codec(_QuantCodec):
         scale = np.frombuffer(payload, dtype="<f4", count=k, offset=4 * k).astype(np.float32)
         if not (np.isfinite(lo).all() and np.isfinite(scale).all() and (scale >= 0).all()):
             raise CorruptFrameError("uint8: non-finite or negative scale/offset")
+        return lo, scale, k, n
+
+    def values_finite(self, payload: bytes | memoryview, shape: tuple[int, ...],
+                      spec: CodecSpec) -> bool:
+        """Finite scales and offsets give finite values (the decode clips to float32)."""
+        self._header(payload, shape, spec)
+        return True
+
+    def decode_payload(
+        self, payload: bytes | memoryview, shape: tuple[int, ...], spec: CodecSpec
+    ) -> np.ndarray:
+        lo, scale, k, n = self._header(payload, shape, spec)
         q = np.frombuffer(payload, dtype=np.uint8, count=n, offset=8 * k).reshape(shape)
         top = np.abs(lo.astype(np.float64)) + 255.0 * scale.astype(np.float64)
         dt = np.float32 if float(top.max()) < 1e38 else np.float64
@@ -164,9 +176,9 @@ class Int8Codec(_QuantCodec):
         out: bytes = scale.astype("<f4").tobytes() + t.astype(np.int8).tobytes()
         return out
 
-    def decode_payload(
-        self, payload: bytes | memoryview, shape: tuple[int, ...], spec: CodecSpec
-    ) -> np.ndarray:
+    def _header(self, payload: bytes | memoryview, shape: tuple[int, ...],
+                spec: CodecSpec) -> tuple[np.ndarray, int, int]:
+        """(scale, k, n) of a payload whose length and scales are checked."""
         k = self._k(shape, spec)
         n = math.prod(shape)
         if len(payload) != 4 * k + n:
@@ -174,6 +186,18 @@ class Int8Codec(_QuantCodec):
         scale = np.frombuffer(payload, dtype="<f4", count=k).astype(np.float32)
         if not (np.isfinite(scale).all() and (scale >= 0).all()):
             raise CorruptFrameError("int8: non-finite or negative scale")
+        return scale, k, n
+
+    def values_finite(self, payload: bytes | memoryview, shape: tuple[int, ...],
+                      spec: CodecSpec) -> bool:
+        """Finite scales give finite values (the decode clips to float32)."""
+        self._header(payload, shape, spec)
+        return True
+
+    def decode_payload(
+        self, payload: bytes | memoryview, shape: tuple[int, ...], spec: CodecSpec
+    ) -> np.ndarray:
+        scale, k, n = self._header(payload, shape, spec)
         q = np.frombuffer(payload, dtype=np.int8, count=n, offset=4 * k).reshape(shape)
         dt = np.float32 if float(scale.max()) * 127.0 < 1e38 else np.float64
         out: np.ndarray = q.astype(dt)

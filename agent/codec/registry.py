@@ -7,11 +7,12 @@ defaults dropped, numbers in their shortest round-tripping form, so equal settin
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Union
 
@@ -112,6 +113,14 @@ class Codec(ABC):
     @abstractmethod
     def error_bound(self, array: np.ndarray, spec: CodecSpec | str) -> float | None:
         """Declared max-abs-error of a round trip of ``array``; None = no a-priori bound."""
+
+    def values_finite(self, payload: bytes | memoryview, shape: tuple[int, ...],
+                      spec: CodecSpec) -> bool:
+        """Check ``payload`` as ``decode_payload`` would, without building the array, and
+        return True when those checks prove every value it decodes to finite. False (the
+        default): only a decode tells. Spares a full validation a float32 copy of every
+        sample where the header decides (8-bit quantisation)."""
+        return False
 
     def sample_layout(self, shape: tuple[int, ...], spec: CodecSpec) -> tuple[int, int] | None:
         """(shared header bytes, bytes per element) when the (pre-LZ4) payload of ``shape``
@@ -221,6 +230,46 @@ def _parsed(frame: bytes | memoryview, max_bytes: int) -> tuple[RawFrame, Codec,
     return raw, codec, CodecSpec(codec.name, codec.unpack_params(raw.params), lz4)
 
 
+@contextlib.contextmanager
+def _untrusted(spec: CodecSpec, what: str) -> Iterator[None]:
+    """Untrusted bytes: numpy, zfpy and lz4 raise types of their own; callers see only
+    ``CodecError`` subclasses."""
+    try:
+        yield
+    except CodecError:
+        raise
+    except Exception as exc:
+        raise CorruptFrameError(f"{spec}: {what}: {exc}") from exc
+
+
+def _plain_payload(raw: RawFrame, codec: Codec, spec: CodecSpec) -> bytes | memoryview:
+    """The payload before LZ4, bounded by what the shape allows."""
+    bound = codec.max_payload_len(raw.shape, spec)
+    if spec.lz4:
+        return lz4util.decompress_bounded(raw.payload, bound)
+    if len(raw.payload) > bound:
+        raise CorruptFrameError(f"payload {len(raw.payload)} bytes exceeds its bound {bound}")
+    return raw.payload
+
+
+def _decoded(raw: RawFrame, codec: Codec, spec: CodecSpec,
+             payload: bytes | memoryview) -> np.ndarray:
+    out = codec.decode_payload(payload, raw.shape, spec)
+    if out.shape != raw.shape or out.dtype != np.float32:  # a codec bug, not bad input
+        raise CorruptFrameError(f"{spec}: decoded {out.dtype}{out.shape}, expected {raw.shape}")
+    return out
+
+
+def _finite_samples(raw: RawFrame, codec: Codec, spec: CodecSpec,
+                    payload: bytes | memoryview) -> np.ndarray:
+    """Per sample (axis 0; one entry for a 0-d frame): are all its values finite? Decodes
+    only when the codec's own checks do not decide."""
+    n = raw.shape[0] if raw.shape else 1
+    if codec.values_finite(payload, raw.shape, spec):
+        return np.ones(n, dtype=bool)
+    return np.isfinite(_decoded(raw, codec, spec, payload).reshape(n, -1)).all(axis=1)
+
+
 def decode(frame: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
     """Decode a frame to a writable float32 array of its original shape.
 
@@ -229,26 +278,27 @@ def decode(frame: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
     buffers are bounded by a small multiple of it (see each codec's ``max_payload_len``).
     """
     raw, codec, spec = _parsed(frame, max_bytes)
-    lz4 = spec.lz4
     if math.prod(raw.shape) == 0:
         if len(raw.payload):
             raise CorruptFrameError("payload present for an empty array")
         return np.empty(raw.shape, dtype=np.float32)
-    bound = codec.max_payload_len(raw.shape, spec)
-    try:
-        payload: bytes | memoryview = raw.payload
-        if lz4:
-            payload = lz4util.decompress_bounded(payload, bound)
-        elif len(payload) > bound:
-            raise CorruptFrameError(f"payload {len(payload)} bytes exceeds its bound {bound}")
-        out = codec.decode_payload(payload, raw.shape, spec)
-    except CodecError:
-        raise
-    except Exception as exc:  # untrusted bytes: numpy/zfpy/lz4 raise types of their own
-        raise CorruptFrameError(f"{spec}: payload does not decode: {exc}") from exc
-    if out.shape != raw.shape or out.dtype != np.float32:  # a codec bug, not bad input
-        raise CorruptFrameError(f"{spec}: decoded {out.dtype}{out.shape}, expected {raw.shape}")
-    return out
+    with _untrusted(spec, "payload does not decode"):
+        return _decoded(raw, codec, spec, _plain_payload(raw, codec, spec))
+
+
+def check_values(frame: bytes | memoryview, *,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[tuple[int, ...], bool]:
+    """Everything ``decode`` checks, and whether every value is finite: (shape, finite),
+    without a float32 copy where the codec's header decides (ingest's full validation).
+    Raises only ``CodecError`` subclasses."""
+    raw, codec, spec = _parsed(frame, max_bytes)
+    if math.prod(raw.shape) == 0:
+        if len(raw.payload):
+            raise CorruptFrameError("payload present for an empty array")
+        return tuple(raw.shape), True
+    with _untrusted(spec, "payload does not decode"):
+        finite = _finite_samples(raw, codec, spec, _plain_payload(raw, codec, spec))
+    return tuple(raw.shape), bool(finite.all())
 
 
 def batchable(spec: str | CodecSpec) -> bool:
@@ -261,15 +311,16 @@ def batchable(spec: str | CodecSpec) -> bool:
 class SplitBatch:
     """A batch frame checked as a whole, cut per sample on demand: ``frames[i]`` holds
     sample ``i`` alone (shape ``(1, *shape[1:])``, the batch's codec and parameters, its
-    quantisation range, without LZ4). ``array``: the decoded batch, if asked.
+    quantisation range, without LZ4). ``finite[i]``: whether sample ``i``'s values are all
+    finite, when the values were checked.
 
     The frames are made only when read (ingest validates a batch and stores its frame
     once; the store cuts it when a reader asks for its samples)."""
 
-    def __init__(self, shape: tuple[int, ...], array: np.ndarray | None, common: bytes,
+    def __init__(self, shape: tuple[int, ...], finite: np.ndarray | None, common: bytes,
                  payload: memoryview, head: int, step: int) -> None:
         self.shape = shape
-        self.array = array
+        self.finite = finite
         self._common, self._payload, self._head, self._step = common, payload, head, step
 
     @functools.cached_property
@@ -280,42 +331,34 @@ class SplitBatch:
 
 
 def split_batch(frame: bytes | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES,
-                decode_array: bool = True) -> SplitBatch:
-    """Check a frame of shape (N, ...) once (header, CRC, one LZ4 pass, optionally one
-    decode) so that it cuts into N per-sample frames; raises only ``CodecError``
-    subclasses.
+                values: bool = True) -> SplitBatch:
+    """Check a frame of shape (N, ...) once (header, CRC, one LZ4 pass and, with
+    ``values``, every value as ``check_values`` does, per sample) so that it cuts into N
+    per-sample frames; raises only ``CodecError`` subclasses.
 
     The per-sample frames are not LZ4-compressed again: over one sample of a few kB, LZ4
     after 8-bit quantisation gains 1.0× on effnet-lite0's boundaries and ~1.2× on post-ReLU
     maps (docs/benchmarks.md), and compressing each sample again would cost about as
     much CPU as the rest of the split."""
     raw, codec, spec = _parsed(frame, max_bytes)
-    lz4 = spec.lz4
     if not raw.shape or math.prod(raw.shape) == 0:
         raise CorruptFrameError(f"a batch frame needs a non-empty (N, ...) shape, not {raw.shape}")
     layout = codec.sample_layout(raw.shape, spec)
     if layout is None:
         raise UnknownCodecError(f"codec {codec.name!r} frames do not split per sample")
-    bound = codec.max_payload_len(raw.shape, spec)
-    try:
-        payload: bytes | memoryview = raw.payload
-        if lz4:
-            payload = lz4util.decompress_bounded(payload, bound)
+    with _untrusted(spec, "batch payload does not split"):
+        payload = _plain_payload(raw, codec, spec)
         head, per_elem = layout
         n = raw.shape[0]
         step = per_elem * (math.prod(raw.shape) // n)
         if len(payload) != head + n * step:
             raise CorruptFrameError(f"{spec}: payload is {len(payload)} bytes, expected "
                                     f"{head + n * step}")
-        array = codec.decode_payload(payload, raw.shape, spec) if decode_array else None
+        finite = _finite_samples(raw, codec, spec, payload) if values else None
         view = memoryview(payload)
         common = frame_head(codec.codec_id, raw.flags & ~FLAG_LZ4, (1, *raw.shape[1:]),
                             codec.pack_params(spec), head + step) + bytes(view[:head])
-    except CodecError:
-        raise
-    except Exception as exc:  # untrusted bytes: numpy/lz4 raise types of their own
-        raise CorruptFrameError(f"{spec}: batch payload does not split: {exc}") from exc
-    return SplitBatch(tuple(raw.shape), array, common, view, head, step)
+    return SplitBatch(tuple(raw.shape), finite, common, view, head, step)
 
 
 def max_abs(a: np.ndarray) -> float:

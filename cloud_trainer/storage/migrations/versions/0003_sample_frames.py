@@ -99,7 +99,7 @@ def downgrade() -> None:
     batches = conn.execute(sa.text("SELECT id, payload FROM frames WHERE id IN "
                                    "(SELECT frame FROM samples WHERE part IS NOT NULL)"))
     for frame_id, payload in batches.fetchall():
-        parts = split_batch(bytes(payload), max_bytes=1 << 40, decode_array=False).frames
+        parts = split_batch(bytes(payload), max_bytes=1 << 40, values=False).frames
         for sample_id, part in conn.execute(sa.text(
                 "SELECT id, part FROM samples WHERE frame = :f"), {"f": frame_id}).fetchall():
             conn.execute(sa.text("UPDATE samples SET payload = :p, size = :n WHERE id = :i"),
