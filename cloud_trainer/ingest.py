@@ -48,10 +48,11 @@ Guarantees and why:
   samples. The header, CRC, codec frame (one LZ4 pass and, with ``validation =
   "decode"``, every value), shape and model are checked once per batch; finiteness per
   sample, so one NaN sample is refused alone. An 8-bit quantised frame is not decoded for
-  it: its checked scales decide that every value is finite (``agent.codec.check_values``). The batch's frame is stored once, as received, with a key
-  row per sample (``cloud_trainer.store.batch_rows``), in the same transaction as the rest
-  of the commit (``add_frames``), each sample under its own ``(device, session, seq)``: a
-  replayed batch, or one overlapping stored samples, stores nothing twice.
+  it: its checked scales decide that every value is finite (``agent.codec.check_values``).
+  The batch's frame is stored once, as received, with a key row per sample
+  (``cloud_trainer.store.batch_rows``), in the same transaction as the rest of the commit
+  (``add_frames``), each sample under its own ``(device, session, seq)``: a replayed
+  batch, or one overlapping stored samples, stores nothing twice.
   Counters count samples: ``received`` grows by N and a batch-wide refusal counts N under
   its reason, so received == stored + duplicates + rejected at rest.
 * **Never crash on input.** Every failure of a message is caught, counted in
