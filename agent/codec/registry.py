@@ -267,8 +267,8 @@ def _finite_samples(raw: RawFrame, codec: Codec, spec: CodecSpec,
     n = raw.shape[0] if raw.shape else 1
     if codec.values_finite(payload, raw.shape, spec):
         return np.ones(n, dtype=bool)
-    finite: np.ndarray = np.isfinite(_decoded(raw, codec, spec, payload).reshape(n, -1))
-    return finite.all(axis=1)
+    values = _decoded(raw, codec, spec, payload).reshape(n, -1)
+    return np.asarray(np.isfinite(values).all(axis=1), dtype=bool)
 
 
 def decode(frame: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
