@@ -15,9 +15,9 @@ from agent.errors import KnetAgentError
 def check(config_path: Path) -> str:
     """Validate config, profile, manifest and block files; returns a one-line summary."""
     from agent.config import check_partition, load_config
-    from agent.manifest import ManifestError, PartitionManifest
-    from agent.profiles import load_profile
-    from agent.runtime import BlockRunner, PartitionError
+    from agent.infer.manifest import ManifestError, PartitionManifest
+    from agent.infer.profiles import load_profile
+    from agent.infer.runtime import BlockRunner, PartitionError
 
     cfg = load_config(config_path)
     profile = load_profile(cfg.model.profile, [cfg.model.profiles_dir])
@@ -46,8 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError as exc:
         print(f"knet-agent: {exc}", file=sys.stderr)
         return 2
-    if argv[:1] == ["benchmark"]:  # `knet-agent benchmark --config ...` (agent/blockbench.py)
-        from agent.blockbench import cli_main
+    if argv[:1] == ["benchmark"]:  # `knet-agent benchmark --config ...` (agent/infer/blockbench.py)
+        from agent.infer.blockbench import cli_main
 
         return cli_main(argv[1:])
     p = argparse.ArgumentParser(prog="knet-agent", description=__doc__)

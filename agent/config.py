@@ -25,11 +25,11 @@ from pydantic import (
 from agent.compat import Annotated
 from agent.configfile import ConfigError, load_model, resolve_path
 from agent.mqtt.endpoint import LinkSettings, TlsSettings
-from agent.topics import Topics, validate_id
+from agent.wire.topics import Topics, validate_id
 
 if TYPE_CHECKING:
-    from agent.manifest import PartitionManifest
-    from agent.profiles import FirmwareProfile
+    from agent.infer.manifest import PartitionManifest
+    from agent.infer.profiles import FirmwareProfile
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,9 @@ class ModelSection(BaseModel):
     profile: str = Field("x86-dev", description="a profile name, or a path to a profile TOML")
     profiles_dir: Path | None = Field(
         None, description="searched for the profile before /etc/knet/profiles and the "
-                          "profiles shipped with knet (agent/profiles.py)")
+                          "profiles shipped with knet (agent/infer/profiles.py)")
     fuse: bool = Field(True, description="run the partition as one onnxruntime session "
-                       "(agent/fuse.py); false = one run per block, with per-block latency "
+                       "(agent/infer/fuse.py); false = one run per block, with per-block latency "
                        "histograms")
 
     _paths = field_validator("manifest", "profiles_dir")(resolve_path)
@@ -126,7 +126,7 @@ class MqttSource(BaseModel):
 
 
 class UpstreamSource(BaseModel):
-    """A later stage of a chain: envelopes from the previous stage (``agent/chain.py``)."""
+    """A later stage of a chain: envelopes from the previous stage (``agent/infer/chain.py``)."""
 
     model_config = _STRICT
 
@@ -151,7 +151,7 @@ Source = Annotated[Union[NpzSource, ImagesSource, MqttSource, UpstreamSource],
 
 def codec_spec(v: str) -> str:
     """A field validator: a codec spec the registry accepts, in its canonical form."""
-    from agent.codec import CodecError, parse_spec
+    from agent.wire.codec import CodecError, parse_spec
 
     try:
         return str(parse_spec(v))
@@ -191,7 +191,7 @@ class UplinkSection(BaseModel):
 
     @model_validator(mode="after")
     def _batchable_codec(self) -> UplinkSection:
-        from agent.codec import batchable
+        from agent.wire.codec import batchable
 
         if self.batch_size > 1 and not batchable(self.codec):
             raise ValueError(f"batch_size > 1 needs a codec whose frames split per sample "
@@ -264,7 +264,7 @@ class UpdateHealthSection(BaseModel):
 
 
 class UpdateSection(BaseModel):
-    """Over-the-air block updates (``agent.updater``); off unless enabled."""
+    """Over-the-air block updates (``agent.update.updater``); off unless enabled."""
 
     model_config = _STRICT
 
@@ -298,7 +298,7 @@ class UpdateSection(BaseModel):
 
     def load_keys(self) -> dict[str, Any]:
         """``{key_id: Ed25519PublicKey}``; ConfigError naming the field if a key is bad."""
-        from agent.signing import SigningError, load_public_keys
+        from agent.update.signing import SigningError, load_public_keys
 
         try:
             return load_public_keys(self.public_keys)
@@ -379,8 +379,8 @@ def check_partition(config: AgentConfig, manifest: PartitionManifest,
     this onnxruntime build lacks (CPU takes over), uplink boundaries this partition neither
     receives nor produces, split inference on a node that holds the whole model.
     """
-    from agent.manifest import ManifestError
-    from agent.runtime import PartitionError, check_fit
+    from agent.infer.manifest import ManifestError
+    from agent.infer.runtime import PartitionError, check_fit
 
     where = str(config.path or "agent config")
     try:

@@ -25,11 +25,6 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.properties import Properties
 
 import agent
-from agent.active import BootChoice, boot_runner, update_paths
-from agent.batcher import Batch, Batcher
-from agent.canary import CanaryRecorder
-from agent.chain import chain_stage
-from agent.codec import encode
 from agent.config import (
     AgentConfig,
     ImagesSource,
@@ -38,27 +33,32 @@ from agent.config import (
     UpstreamSource,
     load_config,
 )
-from agent.envelope import BatchEnvelope, Envelope
-from agent.link import Link, PublishOutcome
-from agent.manifest import PartitionManifest
+from agent.infer.chain import chain_stage
+from agent.infer.manifest import PartitionManifest
+from agent.infer.pipeline import Pipeline, RunnerSlot, Stage
+from agent.infer.profiles import FirmwareProfile, load_profile
+from agent.infer.runtime import BlockRunner
+from agent.infer.sources import BadInputs, MqttFrames, Sample, make_source
+from agent.infer.split_client import SplitClient
 from agent.metrics import AgentMetrics
+from agent.mqtt.batcher import Batch, Batcher
+from agent.mqtt.link import Link, PublishOutcome
+from agent.mqtt.spool import Spool
+from agent.mqtt.uplink import UplinkPolicy
 from agent.notify import Notifier, watchdog_interval
-from agent.pipeline import Pipeline, RunnerSlot, Stage
-from agent.profiles import FirmwareProfile, load_profile
-from agent.runtime import BlockRunner
-from agent.sources import BadInputs, MqttFrames, Sample, make_source
-from agent.split_client import SplitClient
-from agent.spool import Spool
 from agent.stats_reporter import StatsReporter, StatsSources
-from agent.updater import Updater
-from agent.uplink import UplinkPolicy
+from agent.update.active import BootChoice, boot_runner, update_paths
+from agent.update.canary import CanaryRecorder
+from agent.update.updater import Updater
+from agent.wire.codec import encode
 from agent.wire.control import Birth, Stats
+from agent.wire.envelope import BatchEnvelope, Envelope
 
 log = logging.getLogger(__name__)
 _LABEL = re.compile(r"-?[0-9]{1,9}")
 # (topic, payload, properties, monotonic inference times of its samples: for act messages)
 Message = Tuple[str, bytes, Optional[Properties], Optional[Tuple[float, ...]]]
-# What a batch groups samples by: boundary, model id, model version, codec (agent/batcher.py).
+# What a batch groups samples by: boundary, model id, model version, codec (agent/mqtt/batcher.py).
 _BatchKey = Tuple[int, str, int, str]
 
 
@@ -149,7 +149,8 @@ class Agent:
         self.spool = Spool(state_dir / "spool", config.spool.max_bytes, config.spool.policy)
         self.link = Link(config.mqtt, self.topics, self.device, self.spool, self.birth,
                          state_dir=state_dir, on_outcome=self._on_outcome,
-                         manual_ack=isinstance(config.source, UpstreamSource))  # agent/chain.py
+                         # agent/infer/chain.py
+                         manual_ack=isinstance(config.source, UpstreamSource))
         self._act_topic = self.topics.act(self.device)
         self.source = make_source(config.source, runner.input_shape, self.bad)
         q = config.pipeline.queue_size
@@ -291,7 +292,7 @@ class Agent:
                 arr = inf.sample.x[None] if b == m.first - 1 else inf.acts[b - m.first]
                 if arr is _NOT_KEPT:
                     continue  # a reload added this boundary after the input was inferred
-                if u.batch_size > 1:  # one message per batch_size samples (agent/batcher.py)
+                if u.batch_size > 1:  # one message per batch_size samples (agent/mqtt/batcher.py)
                     if b == m.first - 1:
                         arr = arr.copy()  # the source may reuse its input buffer
                     key = (b, m.model_id, m.model_version, u.codec)

@@ -9,17 +9,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from agent.frames import BadInputs
-from agent.link import Link
+from agent.infer.frames import BadInputs
+from agent.infer.pipeline import Pipeline, RunnerSlot
+from agent.infer.split_client import SplitClient
 from agent.metrics import AgentMetrics
-from agent.pipeline import Pipeline, RunnerSlot
-from agent.split_client import SplitClient
-from agent.spool import Spool
+from agent.mqtt.link import Link
+from agent.mqtt.spool import Spool
 from agent.wire.control import Stats
 
 
 class Relay(Protocol):
-    """A chain stage (agent/chain.py) as far as telemetry reads it."""
+    """A chain stage (agent/infer/chain.py) as far as telemetry reads it."""
 
     stats: dict[str, int]
 
@@ -62,7 +62,7 @@ class StatsReporter:
             "uplink": dict(s.uplink_counts()),
             "split": s.split.counts().as_dict(),
             **({"chain": dict(s.chain.stats)} if s.chain is not None else {}),
-            "network": s.link.meter.snapshot(),  # agent/netmeter.py
+            "network": s.link.meter.snapshot(),  # agent/mqtt/netmeter.py
             "time": time.time(),
         })
         return snap

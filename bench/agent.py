@@ -61,7 +61,7 @@ def plain_chain(manifest: Any, model_dir: Path, profile: Any) -> Callable[[np.nd
     with the profile's session options and providers, each output fed to the next block."""
     import onnxruntime as ort
 
-    from agent.runtime import choose_providers, session_options
+    from agent.infer.runtime import choose_providers, session_options
 
     opts, providers = session_options(profile), choose_providers(profile)
     chain = []
@@ -222,10 +222,10 @@ def run_agent_bench(model: str = "effnet-lite0", frames: int = 20_000, repeats: 
                     json_path: Path | None = None, codec: str = "uint8+lz4",
                     distinct: int = 1000, batch_sizes: list[int] | None = None,
                     profile_dir: Path | None = None) -> dict[str, Any]:
-    from agent.manifest import PartitionManifest
-    from agent.profiles import load_profile
-    from agent.runtime import BlockRunner
-    from agent.topics import Topics
+    from agent.infer.manifest import PartitionManifest
+    from agent.infer.profiles import load_profile
+    from agent.infer.runtime import BlockRunner
+    from agent.wire.topics import Topics
     from broker.launcher import Mosquitto
     from cloud_trainer.export import export_partition
     from cloud_trainer.train import model_inputs, trained_pair
@@ -331,7 +331,7 @@ def _print_rows(rows: list[dict[str, Any]], title: str, batched: bool) -> None:
                   "source is finished and the broker acknowledged every message; 'to exit' "
                   "adds the clean shutdown and interpreter teardown. × bare: median of the "
                   "ratios to the mean of the bare runs just before and after each agent run. "
-                  "The agent runs its blocks as one fused session (agent/fuse.py); its "
+                  "The agent runs its blocks as one fused session (agent/infer/fuse.py); its "
                   "pipeline keeps (× bare) / (fused × bare) of that session's rate. CPU "
                   "includes start-up. Delivery: a sample's inference to the PUBACK of its "
                   "message.[/dim]")

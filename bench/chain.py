@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.topics import TopicError, TopicKind, Topics
+from agent.wire.topics import TopicError, TopicKind, Topics
 from bench.report import command_line, console, print_table, write_json
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,7 +92,7 @@ class Watcher:
 
 
 def _stage_dirs(full_dir: Path, root: Path, slices: list[tuple[int, int]]) -> list[Path]:
-    from agent.manifest import PartitionManifest
+    from agent.infer.manifest import PartitionManifest
 
     full = PartitionManifest.load(full_dir / "manifest.json")
     dirs = []
@@ -290,9 +290,9 @@ def evaluate_as(problem: Any, plan: Any) -> float:
 
 
 def single_process_fps(full_dir: Path, x: np.ndarray, passes: int = 3) -> float:
-    from agent.manifest import PartitionManifest
-    from agent.profiles import load_profile
-    from agent.runtime import BlockRunner
+    from agent.infer.manifest import PartitionManifest
+    from agent.infer.profiles import load_profile
+    from agent.infer.runtime import BlockRunner
 
     runner = BlockRunner(PartitionManifest.load(full_dir / "manifest.json"), full_dir,
                          load_profile("x86-dev"))
@@ -309,10 +309,10 @@ def single_process_fps(full_dir: Path, x: np.ndarray, passes: int = 3) -> float:
 def run_chain_bench(frames: int = 300, plan_frames: int = 60, json_path: Path | None = None,
                     stages: tuple[int, ...] = (1, 2, 4), codecs: tuple[str, ...] = CODECS,
                     seed: int = 0, model: str = "effnet-lite0") -> dict[str, Any]:
-    from agent.blockbench import measure
-    from agent.manifest import PartitionManifest
-    from agent.profiles import load_profile
-    from agent.runtime import BlockRunner
+    from agent.infer.blockbench import measure
+    from agent.infer.manifest import PartitionManifest
+    from agent.infer.profiles import load_profile
+    from agent.infer.runtime import BlockRunner
     from broker.launcher import Mosquitto
     from cloud_trainer.export import export_for_profile
     from cloud_trainer.train import model_inputs

@@ -34,7 +34,7 @@ def boundary_activations(runner: Any, x: np.ndarray) -> list[np.ndarray]:
 
 
 def _measure(spec: str, acts: np.ndarray) -> tuple[list[bytes], np.ndarray, float, float]:
-    from agent.codec import decode, encode
+    from agent.wire.codec import decode, encode
 
     t0 = time.perf_counter()
     frames = [encode(acts[i : i + 1], spec) for i in range(len(acts))]
@@ -49,8 +49,8 @@ def run_codec_bench(model: str = "digits", seed: int = 0, samples: int | None = 
                     codecs: list[str] | None = None) -> dict[str, Any]:
     import torch
 
-    from agent.profiles import load_profile
-    from agent.runtime import BlockRunner
+    from agent.infer.profiles import load_profile
+    from agent.infer.runtime import BlockRunner
     from cloud_trainer.export import export_partition
     from cloud_trainer.train import eval_set, trained_pair
 

@@ -9,14 +9,14 @@ which fails (``ValueError: filedescriptor out of range``) for descriptors >= 102
 then treats the connection as lost and retries for ever; a device holds six
 descriptors (measured: socket, paho's wake-up socket pair, SQLite spool files), so one
 process hosted ~140 devices (measured: 138 of 200 connected, 0 of 500). Every simulated
-device is an ``agent.link.Link`` with its own on-disk ``Spool`` and MQTT v5 connection —
+device is an ``agent.mqtt.link.Link`` with its own on-disk ``Spool`` and MQTT v5 connection —
 the agent's at-least-once publish path — sending real activation envelopes
-(``agent.envelope``) whose payloads are the digits student's block-1 outputs, computed once
+(``agent.wire.envelope``) whose payloads are the digits student's block-1 outputs, computed once
 by one shared onnxruntime session in this process and encoded with the agent's codec (the
 workers get the encoded bytes). The update is a real signed manifest pushed by
 ``cloud_trainer.publisher.BlobPublisher`` (the trainer's publisher); each device verifies
 it (``parse_signed`` with the fleet key) and downloads the changed blocks through
-``agent.blobs.BlobFetcher`` into its own ``BlobCache`` (chunk and block sha256 checks).
+``agent.update.blobs.BlobFetcher`` into its own ``BlobCache`` (chunk and block sha256 checks).
 
 What is simulated: no onnxruntime session per device (N sessions would not fit beside the
 broker on two cores; inference cost is the agent benchmark's subject), and the update stops
@@ -105,9 +105,9 @@ class PeakRss(threading.Thread):
 
 def _payloads(work: Path, codec: str, n: int = 64) -> tuple[list[bytes], Path]:
     """Block-1 activations of the digits student from one shared onnxruntime session."""
-    from agent.codec import encode
-    from agent.profiles import load_profile
-    from agent.runtime import BlockRunner
+    from agent.infer.profiles import load_profile
+    from agent.infer.runtime import BlockRunner
+    from agent.wire.codec import encode
     from cloud_trainer.export import export_partition
     from cloud_trainer.train import eval_set
     from knet_lab.deployed import deployed_student
@@ -167,9 +167,9 @@ class SimDevice:
     """One device's uplink: its own Link (MQTT v5 connection + on-disk spool)."""
 
     def __init__(self, device: str, port: int, work: Path) -> None:
-        from agent.link import Link, LinkSettings
-        from agent.spool import Spool
-        from agent.topics import Topics
+        from agent.mqtt.link import Link, LinkSettings
+        from agent.mqtt.spool import Spool
+        from agent.wire.topics import Topics
 
         self.device = device
         self.topics = Topics(FLEET)
@@ -188,7 +188,7 @@ class SimDevice:
         self.update_error: str | None = None
 
     def send(self, payload: bytes) -> None:
-        from agent.envelope import Envelope
+        from agent.wire.envelope import Envelope
 
         self.seq += 1
         env = Envelope(device=self.device, session=self.link.session, seq=self.seq,
@@ -265,8 +265,8 @@ def _drain(devs: list[SimDevice], timeout: float) -> int:
 def _fetch_for(d: SimDevice, payload: bytes, keys: Any, deadline: float) -> None:
     """Verify one device's manifest and fetch its blocks; sets ``update_done`` or
     ``update_error``."""
-    from agent.blobs import BlobCache, BlobFetcher
-    from agent.update_manifest import parse_signed
+    from agent.update.blobs import BlobCache, BlobFetcher
+    from agent.update.update_manifest import parse_signed
 
     try:
         m = parse_signed(payload, keys, fleet=FLEET)
@@ -286,7 +286,7 @@ def _fetch_for(d: SimDevice, payload: bytes, keys: Any, deadline: float) -> None
 def _fetch_update(devs: list[SimDevice], pub_key: Path, timeout: float) -> None:
     """Each connected device verifies the (retained) signed manifest and fetches its blocks;
     returns when every device is done or failed, or after ``timeout``."""
-    from agent.signing import load_public_keys
+    from agent.update.signing import load_public_keys
 
     keys = load_public_keys([pub_key])
     inbox: queue.Queue[tuple[SimDevice, bytes]] = queue.Queue()
@@ -463,7 +463,7 @@ def _rollout(workers: list[Worker], devices: int, work: Path, key_path: Path, po
     """A signed v2 of the digits student, pushed once; every device verifies and fetches."""
     from agent.mqtt.client import make_client
     from agent.mqtt.endpoint import MqttEndpoint
-    from agent.topics import Topics
+    from agent.wire.topics import Topics
     from cloud_trainer.publisher import BlobPublisher
 
     signed, files, size = _signed_update(work, key_path)

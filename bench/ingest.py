@@ -48,8 +48,8 @@ def model_activations(model: str, boundary: int, workdir: Path,
                       samples: int = 256) -> np.ndarray:
     """The zoo student's activations at ``boundary`` for ``samples`` held-out inputs, one
     input at a time on onnxruntime as on a device: what a real fleet of this model uplinks."""
-    from agent.profiles import load_profile
-    from agent.runtime import BlockRunner
+    from agent.infer.profiles import load_profile
+    from agent.infer.runtime import BlockRunner
     from cloud_trainer.export import export_partition
     from cloud_trainer.train import model_inputs, trained_pair
 
@@ -103,9 +103,9 @@ def _batch_work(messages: int, codec: str, devices: int, source: Activations, ba
                 boundary: int) -> tuple[list[tuple[int, str, bytes]], int]:
     """Version-2 envelopes carrying sample i (device i % devices, seq i) for every i, each
     device's samples in batches of ``batch``; and their total frame bytes."""
-    from agent.codec import encode
-    from agent.envelope import BatchEnvelope
-    from agent.topics import Topics
+    from agent.wire.codec import encode
+    from agent.wire.envelope import BatchEnvelope
+    from agent.wire.topics import Topics
 
     topics = Topics(FLEET)
     frames = [encode(source.take(batch), codec) for _ in range(8)]
@@ -130,11 +130,11 @@ def _publisher(port: int, messages: int, codec: str, devices: int, shape: tuple[
                ready: Any, go: Any, result: Any, batch: int = 1, pool: Path | None = None,
                boundary: int = 1) -> None:
     """Child process: pre-build every envelope, then publish them all at QoS 1."""
-    from agent.codec import encode
-    from agent.envelope import Envelope
     from agent.mqtt.client import make_client
     from agent.mqtt.endpoint import MqttEndpoint
-    from agent.topics import Topics
+    from agent.wire.codec import encode
+    from agent.wire.envelope import Envelope
+    from agent.wire.topics import Topics
 
     topics = Topics(FLEET)
     source = Activations(shape, pool)
@@ -187,7 +187,7 @@ def run_ingest_bench(messages: int = 20_000, payload_codec: str = "uint8+lz4",
     Raises AssertionError when anything sent is missing from the store (zero loss is part
     of the result, not an afterthought).
     """
-    from agent.topics import Topics
+    from agent.wire.topics import Topics
     from broker.launcher import Mosquitto
     from cloud_trainer.ingest import Ingestor, IngestSettings
     from cloud_trainer.store import SQLiteSampleStore

@@ -47,7 +47,7 @@ def _replica(port: int, spec: dict[str, Any], index: int, count: int, validation
              shape: tuple[int, ...], boundary: int, ready: Any, stop: Any,
              result: Any) -> None:
     """Child process: one ingest replica until ``stop``; reports its counters."""
-    from agent.topics import Topics
+    from agent.wire.topics import Topics
     from cloud_trainer.ingest import Ingestor, IngestSettings
 
     store = _open_store(spec)

@@ -20,7 +20,7 @@ from pathlib import Path
 PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("start-up (imports, sessions, archive check)", ("importlib", "Agent.__init__",
                                                      ".prepare (", "_bootstrap (<frozen")),
-    ("codec encode (quantise, LZ4)", ("agent/codec/",)),
+    ("codec encode (quantise, LZ4)", ("agent/wire/codec/",)),
     ("batch stacking", ("Batcher.",)),
     ("envelope pack", ("Envelope.pack", "BatchEnvelope.pack")),
     ("spool insert (group commit)", ("Spool.append_many",)),
@@ -28,13 +28,13 @@ PARTS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("spool delete acked", ("Spool.ack_many",)),
     ("paho publish()", ("Client.publish (",)),
     ("paho network loop (send, PUBACK)", ("paho/mqtt/",)),
-    ("link drain and ack bookkeeping", ("agent/link.py",)),
+    ("link drain and ack bookkeeping", ("agent/mqtt/link.py",)),
     ("inference (onnxruntime call)", ("BoundChain.run", "BlockRunner.run")),
     ("inference stage, other Python", ("Agent._infer",)),
     ("encode stage, other Python", ("Agent._encode",)),
     ("publish stage, other Python", ("Agent._publish",)),
-    ("pipeline hand-offs", ("agent/pipeline.py",)),
-    ("source (npz read, checks)", ("agent/sources.py",)),
+    ("pipeline hand-offs", ("agent/infer/pipeline.py",)),
+    ("source (npz read, checks)", ("agent/infer/sources.py",)),
     ("supervisor, metrics, stats", ("Agent._supervise", "agent/metrics.py")),
 )
 

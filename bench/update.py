@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.canary import CanaryRecorder
+from agent.update.canary import CanaryRecorder
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def export_version(out: Path, version: int, transform: Callable[[Any], None] | N
     the x86-dev profile; returns its ``PartitionManifest``."""
     import torch
 
-    from agent.manifest import PartitionManifest
+    from agent.infer.manifest import PartitionManifest
     from cloud_trainer.export import export_partition
     from cloud_trainer.zoo import get_pair
 
@@ -160,7 +160,7 @@ def _applied(agent: Any, version: int) -> float | None:
 def _publish_running(pub: Any, base: Path, key: Any) -> None:
     """The manifest of what the devices run (as a trainer would have published it), so
     the publisher pushes only what changes after it; devices see it and ignore it."""
-    from agent.manifest import PartitionManifest
+    from agent.infer.manifest import PartitionManifest
     from cloud_trainer.keys import sign_manifest
     from cloud_trainer.publisher import make_update
 
@@ -171,7 +171,7 @@ def _publish_running(pub: Any, base: Path, key: Any) -> None:
 
 def _fleet_run(work: Path, devices: int, change: str, base: Path, key_pem: Path,
                key: Any, inputs: Path, rate_hz: float, push_delay: float) -> dict[str, Any]:
-    from agent.topics import Topics
+    from agent.wire.topics import Topics
     from broker.launcher import Mosquitto
     from cloud_trainer.keys import sign_manifest
     from cloud_trainer.publisher import BlobPublisher, PublisherSettings, make_update
@@ -210,7 +210,7 @@ def _stall_run(work: Path, change: str, base: Path, key_pem: Path, key: Any, inp
                push_delay: float, repeats: int) -> dict[str, Any]:
     """``repeats`` successive updates (v2, v3, ...) to one agent inferring at full speed;
     per update, the longest inference gap while it installs vs just before it."""
-    from agent.topics import Topics
+    from agent.wire.topics import Topics
     from broker.launcher import Mosquitto
     from cloud_trainer.keys import sign_manifest
     from cloud_trainer.publisher import BlobPublisher, PublisherSettings, make_update

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from agent.topics import Topics, connection_username, validate_id
+from agent.wire.topics import Topics, connection_username, validate_id
 
 # What the trainer reads from every device of its fleets, and what it answers on.
 TRAINER_READ_LEAVES = ("act", "state", "birth", "stats", "update", "infer", "blobreq", "result",
@@ -40,7 +40,7 @@ def device_rules(device: str, fleet: str, prefix: str = "knet") -> list[str]:
 
 
 def chain_rules(device: str, upstream: str, fleet: str, prefix: str = "knet") -> list[str]:
-    """A later stage of a chain (``agent/chain.py``) reads its upstream stage's relay topic,
+    """A later stage of a chain (``agent/infer/chain.py``) reads its upstream stage's relay topic,
     and nothing else of that device."""
     validate_id(device)
     return [f"topic read {Topics(fleet, prefix).chain(upstream)}"]

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agent.fsutil import atomic_write
-from agent.signing import SigningError, load_public_key
+from agent.update.signing import SigningError, load_public_key
 from broker import certs as pki
 from broker.devicelist import DeviceEntry
 from broker.provision import (

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
-from agent.topics import validate_id
+from agent.wire.topics import validate_id
 from broker.errors import KnetBrokerError
 
 FORMATS = (".csv", ".toml")

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.fsutil import atomic_write
-from agent.topics import Topics, connection_username, validate_id
+from agent.wire.topics import Topics, connection_username, validate_id
 from broker import certs as pki
 from broker.acl import render_acl
 from broker.config import BrokerSettings, TlsListener
@@ -59,7 +59,7 @@ DEFAULT_PORT = 1883
 DEFAULT_TLS_PORT = 8883
 DEFAULT_MTLS_PORT = 8884
 # Every device's connections besides the agent's own: ``knet-agent benchmark --publish``
-# runs beside the daemon and must not take over its session (agent/blockbench.py).
+# runs beside the daemon and must not take over its session (agent/infer/blockbench.py).
 DEVICE_CONNECTIONS = ("bench",)
 # A trainer's connections besides its main one (cloud_trainer/service.py): each logs in as
 # ``<trainer>.<connection>`` because the broker binds a session to its username.

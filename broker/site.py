@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.topics import Topics, validate_id
+from agent.wire.topics import Topics, validate_id
 from broker import certs as pki
 from broker.acl import SITE_DOWN_LEAVES, SITE_UP_LEAVES
 from broker.config import BridgeSettings, BrokerSettings

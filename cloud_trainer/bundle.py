@@ -17,7 +17,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from agent.profiles import load_profile
+from agent.infer.profiles import load_profile
 from cloud_trainer.errors import KnetTrainerError
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Per-block ONNX export with a partition manifest, for a firmware profile's onnxruntime.
 
 One self-contained ``.onnx`` file per block (input ``input``, output ``output``, dynamic
-batch dimension ``batch``) and a ``manifest.json`` (``agent.manifest.PartitionManifest``).
+batch dimension ``batch``) and a ``manifest.json`` (``agent.infer.manifest.PartitionManifest``).
 The exporter follows the device's onnxruntime (``target_for_ort``):
 
 - onnxruntime ≥ 1.17: torch 2.13's default (dynamo) exporter, opset 20, IR 10. It writes
@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 import torch
 
-from agent.manifest import BlockEntry, PartitionManifest, sha256_file
+from agent.infer.manifest import BlockEntry, PartitionManifest, sha256_file
 from cloud_trainer.blocks import BlockModel
 from cloud_trainer.errors import KnetTrainerError
 
@@ -216,7 +216,7 @@ def export_for_profile(model_name: str, profile: str, out: Path, *, seed: int = 
     student). ``cuts`` re-cuts the model at traced candidates (``cloud_trainer.cuts``;
     for a factory's plain module it is the cut selection, default ``modules``).
     """
-    from agent.profiles import load_profile
+    from agent.infer.profiles import load_profile
     from cloud_trainer.zoo.refs import DEFAULT_CUTS, cut_module, load_ref
 
     prof = load_profile(profile)

@@ -44,11 +44,11 @@ Guarantees and why:
   must be limited upstream (its agent's uplink budget, a broker rate limit) or its storage
   capped by the store's per-device quota. What this module guarantees is that a *bad*
   device costs a header parse and a CRC per message, never a database write or a crash.
-* **Batches** (envelope version 2, ``agent.envelope.BatchEnvelope``): one message, N
+* **Batches** (envelope version 2, ``agent.wire.envelope.BatchEnvelope``): one message, N
   samples. The header, CRC, codec frame (one LZ4 pass and, with ``validation =
   "decode"``, every value), shape and model are checked once per batch; finiteness per
   sample, so one NaN sample is refused alone. An 8-bit quantised frame is not decoded for
-  it: its checked scales decide that every value is finite (``agent.codec.check_values``).
+  it: its checked scales decide that every value is finite (``agent.wire.codec.check_values``).
   The batch's frame is stored once, as received, with a key row per sample
   (``cloud_trainer.store.batch_rows``), in the same transaction as the rest of the commit
   (``add_frames``), each sample under its own ``(device, session, seq)``: a replayed
@@ -76,15 +76,19 @@ from typing import Any, Literal
 import paho.mqtt.client as mqtt
 from pydantic import Field
 
-from agent.codec import (
+from agent.mqtt.client import KnetClient, SubscribeError, make_client
+from agent.mqtt.endpoint import SESSION_EXPIRY_MAX, MqttEndpoint
+from agent.mqtt.highrate import HighRateClient
+from agent.wire.codec import (
     CodecError,
     OversizedFrameError,
     UnknownCodecError,
     check_values,
     split_batch,
 )
-from agent.codec.frame import parse_frame
-from agent.envelope import (
+from agent.wire.codec.frame import parse_frame
+from agent.wire.control import ControlMessageError
+from agent.wire.envelope import (
     AnyEnvelope,
     BatchEnvelope,
     Envelope,
@@ -92,11 +96,7 @@ from agent.envelope import (
     EnvelopeVersionError,
     unpack_any,
 )
-from agent.mqtt.client import KnetClient, SubscribeError, make_client
-from agent.mqtt.endpoint import SESSION_EXPIRY_MAX, MqttEndpoint
-from agent.mqtt.highrate import HighRateClient
-from agent.topics import TopicError, TopicKind, Topics
-from agent.wire.control import ControlMessageError
+from agent.wire.topics import TopicError, TopicKind, Topics
 from cloud_trainer.batchqueue import BatchQueue, QueueFull
 from cloud_trainer.fleet import FleetTable
 from cloud_trainer.partition import DevicePartition

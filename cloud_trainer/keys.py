@@ -18,8 +18,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.signing import SigningError, key_id
-from agent.update_manifest import SignedManifest, UpdateManifest
+from agent.update.signing import SigningError, key_id
+from agent.update.update_manifest import SignedManifest, UpdateManifest
 from cloud_trainer.errors import KnetTrainerError
 
 log = logging.getLogger(__name__)

@@ -40,11 +40,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import MQTTErrorCode
 
 from agent import safejson
-from agent.manifest import PartitionManifest, sha256_file
+from agent.infer.manifest import PartitionManifest, sha256_file
 from agent.mqtt.client import KnetClient, SubscribeError, make_client
 from agent.mqtt.endpoint import MqttEndpoint
-from agent.topics import TopicError, Topics
-from agent.update_manifest import (
+from agent.update.update_manifest import (
     MAX_CHUNK_SIZE,
     MAX_MANIFEST_BYTES,
     ChunkInfo,
@@ -53,6 +52,7 @@ from agent.update_manifest import (
     UpdateManifest,
     Variant,
 )
+from agent.wire.topics import TopicError, Topics
 
 log = logging.getLogger(__name__)
 

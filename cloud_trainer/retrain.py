@@ -55,10 +55,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from agent.codec import CodecError
-from agent.manifest import BlockEntry, PartitionManifest
-from agent.profiles import load_profile
-from agent.update_manifest import SignedManifest, Targets
+from agent.infer.manifest import BlockEntry, PartitionManifest
+from agent.infer.profiles import load_profile
+from agent.update.update_manifest import SignedManifest, Targets
+from agent.wire.codec import CodecError
 from cloud_trainer.blocks import BlockModel
 from cloud_trainer.distill import (
     TrainingInterrupted,

@@ -2,7 +2,7 @@
 
 Stage 1 publishes the signed manifest retained with ``Targets.devices`` = the canary group;
 devices outside it ignore it. The trainer then waits for each canary's ``UpdateReport`` on
-its ``update`` topic (``agent/update_report.py``): ``applied`` is a success, ``rejected`` or
+its ``update`` topic (``agent/wire/update_report.py``): ``applied`` is a success, ``rejected`` or
 ``rolled_back`` a failure, and silence until ``success_timeout_s`` a failure too. A device
 whose birth already announces the new version counts as applied (its report may predate a
 trainer restart). When at least ``required_success_ratio`` of the canaries succeeded, stage
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.update_manifest import Targets
+from agent.update.update_manifest import Targets
 from cloud_trainer.errors import KnetTrainerError
 from cloud_trainer.fleet import FleetTable
 from cloud_trainer.runs import RunLog

@@ -34,7 +34,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from agent.update_report import UpdateReport
+from agent.wire.update_report import UpdateReport
 from cloud_trainer.registry import _sqlite_pragmas
 
 TERMINAL = ("skipped", "rejected", "pushed", "rollout_failed", "failed")

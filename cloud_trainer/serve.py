@@ -32,11 +32,11 @@ import torch
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.codec import CodecError, decode
-from agent.envelope import Envelope, EnvelopeError
 from agent.mqtt.client import SubscribeError, make_client
 from agent.mqtt.endpoint import MqttEndpoint
-from agent.topics import TopicError, TopicKind, Topics
+from agent.wire.codec import CodecError, decode
+from agent.wire.envelope import Envelope, EnvelopeError
+from agent.wire.topics import TopicError, TopicKind, Topics
 from cloud_trainer.blocks import BlockModel
 from cloud_trainer.guard import RateLimitedLog
 

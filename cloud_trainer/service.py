@@ -53,11 +53,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.mqtt.client import KnetClient, Will, make_client
 from agent.mqtt.endpoint import MqttEndpoint
-from agent.signing import SigningError
-from agent.topics import TopicError, TopicKind
-from agent.update_manifest import SignedManifest
-from agent.update_report import UpdateReport, UpdateReportError
+from agent.update.signing import SigningError
+from agent.update.update_manifest import SignedManifest
 from agent.wire.control import ControlMessageError, RunSummary, TrainerState
+from agent.wire.topics import TopicError, TopicKind
+from agent.wire.update_report import UpdateReport, UpdateReportError
 from cloud_trainer.errors import KnetTrainerError
 from cloud_trainer.fleet import FleetTable
 from cloud_trainer.guard import RateLimitedLog, ThreadDeathWatch, guard_callback

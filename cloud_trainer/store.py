@@ -56,9 +56,16 @@ from typing import Any
 
 import numpy as np
 
-from agent.codec import CodecError, decode, split_batch
-from agent.codec.frame import peek_shape
-from agent.envelope import FLAG_CONF, FLAG_INDEX, FLAG_LABEL, FLAG_PRED, BatchEnvelope, Envelope
+from agent.wire.codec import CodecError, decode, split_batch
+from agent.wire.codec.frame import peek_shape
+from agent.wire.envelope import (
+    FLAG_CONF,
+    FLAG_INDEX,
+    FLAG_LABEL,
+    FLAG_PRED,
+    BatchEnvelope,
+    Envelope,
+)
 from cloud_trainer.errors import KnetTrainerError
 
 log = logging.getLogger(__name__)

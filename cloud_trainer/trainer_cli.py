@@ -61,7 +61,7 @@ def _models_rollback(args: argparse.Namespace) -> int:
 
 def _serve_split(args: argparse.Namespace) -> int:
     from agent.mqtt.endpoint import MqttEndpoint
-    from agent.topics import Topics
+    from agent.wire.topics import Topics
     from cloud_trainer.serve import SplitServer
     from cloud_trainer.train import trained_pair
 

@@ -25,7 +25,7 @@ from pydantic import (
 
 from agent.configfile import ConfigError, load_model, resolve_path
 from agent.mqtt.endpoint import MqttEndpoint
-from agent.topics import Topics, validate_id
+from agent.wire.topics import Topics, validate_id
 from cloud_trainer.console.config import ConsoleSection
 from cloud_trainer.storage.config import DatabaseSection
 
@@ -173,7 +173,7 @@ class ModelSection(BaseModel):
     @field_validator("profiles")
     @classmethod
     def _profiles(cls, v: list[str]) -> list[str]:
-        from agent.profiles import load_profile
+        from agent.infer.profiles import load_profile
 
         for name in v:
             try:

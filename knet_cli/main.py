@@ -253,7 +253,7 @@ def _broker_provision(args: argparse.Namespace) -> int:
 def _broker_provision_list(args: argparse.Namespace) -> int:
     """Exit 2, with nothing written, for a bad list file or a list that clashes with the
     registry; otherwise one line per device (created, updated, unchanged)."""
-    from agent.profiles import list_profiles
+    from agent.infer.profiles import list_profiles
     from broker.bulk import provision_list
     from broker.devicelist import DeviceListError, load_device_list
     from broker.provision import ProvisionError

@@ -87,7 +87,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from agent.blockbench import DEFAULT_CODECS
+    from agent.infer.blockbench import DEFAULT_CODECS
     from cloud_trainer.cuts import CutError
     from cloud_trainer.plan.localbench import bench_model
     from cloud_trainer.zoo.refs import ModelRefError
@@ -113,8 +113,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from agent.blockbench import BenchRecord, BenchRecordError
     from agent.configfile import ConfigError
+    from agent.infer.blockbench import BenchRecord, BenchRecordError
     from cloud_trainer.plan.costs import Overrides, PlanError, build_problem
     from cloud_trainer.plan.network import load_network
     from cloud_trainer.plan.report import plot_plan, write_json

@@ -47,13 +47,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import SecretStr
 
-from agent.codec import encode
-from agent.envelope import BatchEnvelope, EnvelopeError, unpack_any
 from agent.mqtt.client import make_client
 from agent.mqtt.endpoint import MqttEndpoint
-from agent.topics import TopicKind, Topics
-from agent.update_report import UpdateReport
+from agent.wire.codec import encode
 from agent.wire.control import Birth, DeviceState, Stats, TrainerState
+from agent.wire.envelope import BatchEnvelope, EnvelopeError, unpack_any
+from agent.wire.topics import TopicKind, Topics
+from agent.wire.update_report import UpdateReport
 from broker.launcher import free_port, wait_for_port
 
 log = logging.getLogger(__name__)
@@ -421,8 +421,8 @@ class Lab:
         hold (it skips pushing those), and the trainer does not export version 1 again at
         its first retraining run (with the dynamo exporter that is seconds per block).
         """
-        from agent.manifest import PartitionManifest
-        from agent.profiles import load_profile
+        from agent.infer.manifest import PartitionManifest
+        from agent.infer.profiles import load_profile
         from cloud_trainer.export import target_for_ort
         from cloud_trainer.retrain import ExportCache
         from cloud_trainer.train import trained_pair

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.envelope import Envelope
+from agent.wire.envelope import Envelope
 
 REPO = Path(__file__).resolve().parent.parent
 _EXPORTS: dict[str, Path] = {}

@@ -17,8 +17,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agent.topics import Topics  # noqa: E402
-from agent.update_manifest import SignedManifest  # noqa: E402
+from agent.update.update_manifest import SignedManifest  # noqa: E402
+from agent.wire.topics import Topics  # noqa: E402
 from cloud_trainer.publisher import BlobPublisher, PublisherSettings  # noqa: E402
 from cloud_trainer.storage.blobs import SharedBlobs  # noqa: E402
 from cloud_trainer.storage.config import DatabaseSection  # noqa: E402

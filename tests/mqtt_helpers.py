@@ -62,7 +62,7 @@ def eventually(pred: Callable[[], Any], timeout: float, what: str,
 
 def settle_subscriptions(link: Any, timeout: float = 10.0) -> None:
     """Until the broker has processed every SUBSCRIBE and UNSUBSCRIBE that ``link`` (an
-    ``agent.link.Link``) sent so far.
+    ``agent.mqtt.link.Link``) sent so far.
 
     A broker handles one connection's packets in order, so a probe topic subscribed *after*
     them delivers a probe back only once they were all handled; the probe is re-published
@@ -247,7 +247,7 @@ def read_until(proc: subprocess.Popen[str], pred: Callable[[str], bool],
 # -- child process entry points -----------------------------------------------------------
 def _spool_writer(directory: Path, batch: int = 1) -> None:
     """Append for ever, printing the last seq each append (batch > 1: append_many) returned."""
-    from agent.spool import Spool
+    from agent.mqtt.spool import Spool
 
     spool = Spool(directory, 1 << 30)
     seq = max((check_payload(r.payload) for r in spool), default=-1) + 1
@@ -262,9 +262,9 @@ def _spool_writer(directory: Path, batch: int = 1) -> None:
 
 
 def _link_publisher(ns: argparse.Namespace) -> None:
-    from agent.link import Link, LinkSettings
-    from agent.spool import Spool
-    from agent.topics import Topics
+    from agent.mqtt.link import Link, LinkSettings
+    from agent.mqtt.spool import Spool
+    from agent.wire.topics import Topics
 
     settings = LinkSettings(host="127.0.0.1", port=ns.port, reconnect_min_delay=0.05,
                             reconnect_max_delay=0.5, keepalive=5, connect_timeout_s=2)

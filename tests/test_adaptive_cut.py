@@ -17,19 +17,19 @@ from mqtt_helpers import wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 from update_helpers import CHUNK, FLEET, running_agent, write_public_key
 
-from agent.active import BootChoice, boot_runner, update_paths
-from agent.blockbench import BenchRecord, measure
-from agent.manifest import PartitionManifest
+from agent.infer.blockbench import BenchRecord, measure
+from agent.infer.manifest import PartitionManifest
+from agent.infer.profiles import load_profile
+from agent.infer.runtime import BlockRunner
 from agent.mqtt.endpoint import MqttEndpoint
-from agent.profiles import load_profile
-from agent.runtime import BlockRunner
-from agent.topics import Topics
-from agent.update_manifest import (
+from agent.update.active import BootChoice, boot_runner, update_paths
+from agent.update.update_manifest import (
     UpdateRejected,
     canonical_json,
     parse_signed,
     validate_manifest,
 )
+from agent.wire.topics import Topics
 from broker.launcher import Mosquitto
 from cloud_trainer.export import export_partition
 from cloud_trainer.keys import sign_manifest
@@ -221,7 +221,7 @@ def _busy_stats(bytes_per_s: float) -> dict[str, Any]:
 
 
 def test_adapter_reissues_the_newest_manifest_and_waits_for_a_rollout(model: Any) -> None:
-    from agent.update_manifest import Targets
+    from agent.update.update_manifest import Targets
     from cloud_trainer.plan.adaptive import NotTargeted
 
     root, full, rec = model

@@ -27,8 +27,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.codec import decode
-from agent.topics import Topics
+from agent.wire.codec import decode
+from agent.wire.topics import Topics
 from broker.launcher import Mosquitto
 
 pytestmark = pytest.mark.mqtt
@@ -64,9 +64,9 @@ def test_activations_arrive_decodable_in_order_and_counted_exactly(
     assert [e.meta["index"] for e in envs[::2]] == list(range(300))
     # each message holds its own input's activations (the agent's inference buffers are
     # reused from one input to the next: a message must carry a copy, not the next input's)
-    from agent.manifest import PartitionManifest
-    from agent.profiles import load_profile
-    from agent.runtime import BlockRunner
+    from agent.infer.manifest import PartitionManifest
+    from agent.infer.profiles import load_profile
+    from agent.infer.runtime import BlockRunner
 
     runner = BlockRunner(PartitionManifest.load(model_dir / "manifest.json"), model_dir,
                          load_profile("x86-dev"))

@@ -12,11 +12,11 @@ from agent_helpers import REPO, exported_digits, write_config
 
 from agent.config import load_config
 from agent.configfile import ConfigError
-from agent.manifest import PartitionManifest
+from agent.infer.manifest import PartitionManifest
+from agent.infer.profiles import FirmwareProfile, list_profiles, load_profile
+from agent.infer.runtime import BlockRunner, InputError, PartitionError
+from agent.infer.sources import BadInputs, FrameError, decode_frame, decode_image
 from agent.notify import Notifier, watchdog_interval
-from agent.profiles import FirmwareProfile, list_profiles, load_profile
-from agent.runtime import BlockRunner, InputError, PartitionError
-from agent.sources import BadInputs, FrameError, decode_frame, decode_image
 
 EXPECTED_PROFILES = {"rpi4", "rpi5", "jetson-nano", "jetson-orin-nano", "x86-dev"}
 

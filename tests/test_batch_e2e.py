@@ -14,9 +14,9 @@ import pytest
 from agent_helpers import agent_config, exported_digits, spooled, start_agent, write_inputs
 from mqtt_helpers import Collector, eventually, wait_until
 
-from agent.codec import decode, encode
-from agent.envelope import BatchEnvelope, Envelope, unpack_any
-from agent.topics import Topics
+from agent.wire.codec import decode, encode
+from agent.wire.envelope import BatchEnvelope, Envelope, unpack_any
+from agent.wire.topics import Topics
 from broker.launcher import Mosquitto
 from cloud_trainer.ingest import Ingestor, IngestSettings
 from cloud_trainer.storage.postgres import PostgresSampleStore

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from agent.batcher import Batcher
-from agent.codec import (
+from agent.config import UplinkSection
+from agent.infer.pipeline import Pipeline, Stage
+from agent.mqtt.batcher import Batcher
+from agent.wire.codec import (
     CodecError,
     UnknownCodecError,
     batchable,
@@ -22,8 +24,7 @@ from agent.codec import (
     encode,
     split_batch,
 )
-from agent.config import UplinkSection
-from agent.envelope import (
+from agent.wire.envelope import (
     MAX_BATCH,
     BatchEnvelope,
     Envelope,
@@ -31,7 +32,6 @@ from agent.envelope import (
     EnvelopeVersionError,
     unpack_any,
 )
-from agent.pipeline import Pipeline, Stage
 
 RNG = np.random.default_rng(7)
 

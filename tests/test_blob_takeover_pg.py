@@ -24,7 +24,7 @@ from test_publisher import signed_update
 
 from agent.mqtt.client import make_client
 from agent.mqtt.endpoint import MqttEndpoint
-from agent.topics import Topics
+from agent.wire.topics import Topics
 from broker.launcher import Mosquitto
 from cloud_trainer.publisher import BlobPublisher, PublisherSettings
 from cloud_trainer.storage.blobs import SharedBlobs

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 from test_update_manifest import FLEET, toy_model
 
-from agent.blobs import BlobCache, BlobFetcher, chunk_index
-from agent.topics import Topics
-from agent.update_manifest import ChunkInfo, Variant
+from agent.update.blobs import BlobCache, BlobFetcher, chunk_index
+from agent.update.update_manifest import ChunkInfo, Variant
+from agent.wire.topics import Topics
 from cloud_trainer.publisher import chunk_table, make_update
 
 TOPICS = Topics(FLEET)

@@ -12,11 +12,11 @@ import pytest
 from agent_helpers import REPO, agent_config, exported_digits, write_inputs
 from mqtt_helpers import Collector
 
-from agent.blockbench import BenchRecord, BenchRecordError, measure
-from agent.manifest import PartitionManifest
-from agent.profiles import load_profile
-from agent.runtime import BlockRunner
-from agent.topics import Topics
+from agent.infer.blockbench import BenchRecord, BenchRecordError, measure
+from agent.infer.manifest import PartitionManifest
+from agent.infer.profiles import load_profile
+from agent.infer.runtime import BlockRunner
+from agent.wire.topics import Topics
 from cloud_trainer.plan.store import BenchStore
 
 T = Topics("lab")

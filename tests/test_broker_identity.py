@@ -26,7 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from test_broker_mqtt import tls_of
 
-from agent.topics import Topics
+from agent.wire.topics import Topics
 from broker.launcher import Mosquitto, free_port
 from broker.provision import (
     Credentials,

@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.mqtt.client import KnetClient, make_client
 from agent.mqtt.endpoint import MqttEndpoint
-from agent.topics import Topics
+from agent.wire.topics import Topics
 from broker import certs as pki
 from broker.launcher import Mosquitto, free_port, wait_for_port
 from broker.provision import (

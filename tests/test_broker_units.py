@@ -12,7 +12,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pydantic import ValidationError
 
 from agent.config import DeviceSection, MqttSection
-from agent.topics import TopicError
+from agent.wire.topics import TopicError
 from broker import certs as pki
 from broker.acl import render_acl
 from broker.config import BrokerSettings, TlsListener
@@ -180,7 +180,7 @@ def test_certificate_device_and_crl(tmp_path: Path) -> None:
     with pytest.raises(ProvisionError, match="no password"):
         provision_device(d, "cam-02", "lab", cert=True, password="x")
     # Rotation revokes the previous certificates (the device's and its `bench` connection's,
-    # agent/blockbench.py); revocation revokes the current ones.
+    # agent/infer/blockbench.py); revocation revokes the current ones.
     def bench_serial(c: object) -> int:
         pem = (c.bundle / "bench" / "client.crt").read_bytes()  # type: ignore[attr-defined]
         return x509.load_pem_x509_certificate(pem).serial_number

@@ -15,15 +15,15 @@ import pytest
 from agent_helpers import agent_config, start_agent
 from mqtt_helpers import Collector, wait_until
 
-from agent.chain import ChainError, Dedup, UpstreamFrames
-from agent.codec import decode, encode
 from agent.config import UpstreamSource
-from agent.envelope import Envelope
-from agent.manifest import PartitionManifest
-from agent.profiles import load_profile
-from agent.runtime import BlockRunner
-from agent.sources import BadInputs
-from agent.topics import Topics
+from agent.infer.chain import ChainError, Dedup, UpstreamFrames
+from agent.infer.manifest import PartitionManifest
+from agent.infer.profiles import load_profile
+from agent.infer.runtime import BlockRunner
+from agent.infer.sources import BadInputs
+from agent.wire.codec import decode, encode
+from agent.wire.envelope import Envelope
+from agent.wire.topics import Topics
 
 pytestmark = pytest.mark.mqtt
 T = Topics("lab")
@@ -141,14 +141,14 @@ def test_three_stage_chain_equals_single_process_inference(tmp_path: Path, mosqu
     scale = float(np.abs(plain).max())
     assert float(np.abs(logits - plain).max()) <= 0.05 * scale
     assert (logits.argmax(1) == plain.argmax(1)).mean() >= 0.9
-    # the head reports what its uplink achieved (agent/netmeter.py): PUBACK round trip, rate
+    # the head reports what its uplink achieved (agent/mqtt/netmeter.py): PUBACK round trip, rate
     nets = [json.loads(p)["network"] for p in stats.payloads(T.stats("stage-a"))]
     assert any(n["rtt_ms"] is not None and n["rtt_ms"] > 0 and n["uplink_bytes_per_s"] > 0
                for n in nets), nets[-3:]
 
 
 def test_netmeter_window_and_median() -> None:
-    from agent.netmeter import NetMeter
+    from agent.mqtt.netmeter import NetMeter
 
     m = NetMeter(window_s=10.0)
     assert m.snapshot(now=0.0) == {"rtt_ms": None, "uplink_bytes_per_s": 0.0,

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from agent.codec import (
+from agent.wire.codec import (
     CodecError,
     CodecSpec,
     InvalidInputError,
@@ -215,7 +215,7 @@ def _frame_with_scales(spec: str, scales: list[float]) -> bytes:
     """A well-formed 8-bit frame of shape (2, 3) whose scale/offset floats are replaced."""
     import struct
 
-    from agent.codec.frame import pack_frame, parse_frame
+    from agent.wire.codec.frame import pack_frame, parse_frame
 
     raw = parse_frame(encode(np.arange(6, dtype=np.float32).reshape(2, 3), spec), 1 << 20)
     head = struct.pack(f"<{len(scales)}f", *scales)

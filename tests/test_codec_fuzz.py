@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.codec import (
+from agent.wire.codec import (
     CodecError,
     CorruptFrameError,
     OversizedFrameError,
@@ -24,7 +24,7 @@ from agent.codec import (
     encode,
     split_batch,
 )
-from agent.codec.frame import FLAG_LZ4, pack_frame
+from agent.wire.codec.frame import FLAG_LZ4, pack_frame
 
 SPECS = ["raw", "fp16", "uint8", "uint8:per_channel=1", "int8:per_channel=1", "zfp",
          "zfp:accuracy=0.01", "zfp:rate=8", "zfp:precision=12", "defer"]

@@ -11,7 +11,7 @@ from test_runtime import build_partition
 
 from agent.config import AgentConfig, MqttSource, check_partition, load_config
 from agent.configfile import ConfigError
-from agent.profiles import load_profile
+from agent.infer.profiles import load_profile
 
 REPO = Path(__file__).resolve().parent.parent
 

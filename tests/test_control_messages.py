@@ -1,4 +1,4 @@
-"""Typed control messages (agent/wire/control.py) and topic kinds (agent/topics.py): what a
+"""Typed control messages (agent/wire/control.py) and topic kinds (agent/wire/topics.py): what a
 device and the trainer say round-trips, and anything else is refused with a named reason."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from mqtt_helpers import wait_until
 
 from agent.mqtt.client import make_client
 from agent.mqtt.endpoint import MqttEndpoint
-from agent.topics import TopicError, TopicKind, Topics
 from agent.wire.control import (
     Birth,
     ControlMessageError,
@@ -20,6 +19,7 @@ from agent.wire.control import (
     TrainerState,
     parse_control,
 )
+from agent.wire.topics import TopicError, TopicKind, Topics
 from broker.launcher import Mosquitto
 from cloud_trainer.fleet import FleetTable
 from cloud_trainer.ingest import Ingestor, IngestSettings

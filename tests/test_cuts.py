@@ -344,7 +344,7 @@ rtt_ms = 20
 def test_plan_bench_and_plan_on_traced_cuts_of_a_residual_model(byo: Path, capsys) -> None:
     """EfficientNet-Lite at 32 px, cut into 3 blocks at traced candidates, measured here and
     ranked: the planner's blocks are the traced cuts, not a Sequential's layers."""
-    from agent.blockbench import BenchRecord
+    from agent.infer.blockbench import BenchRecord
     from cloud_trainer.cuts import analyse, select_cuts
     from knet_cli.main import main
 
@@ -381,7 +381,7 @@ def test_plan_bench_and_plan_on_traced_cuts_of_a_residual_model(byo: Path, capsy
 
 
 def test_knet_export_a_factory_model_and_refusals(byo: Path, capsys) -> None:
-    from agent.manifest import PartitionManifest
+    from agent.infer.manifest import PartitionManifest
     from knet_cli.main import build_parser, main
 
     out = byo / "export"

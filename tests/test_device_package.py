@@ -45,19 +45,19 @@ def test_without_onnx_the_agent_runs_block_by_block_and_says_so_once(
 ) -> None:
     import importlib.util
 
-    import agent.fuse
-    from agent.manifest import PartitionManifest
-    from agent.profiles import load_profile
-    from agent.runtime import BlockRunner
+    import agent.infer.fuse
+    from agent.infer.manifest import PartitionManifest
+    from agent.infer.profiles import load_profile
+    from agent.infer.runtime import BlockRunner
 
     model = exported_digits(tmp_path)
     manifest = PartitionManifest.load(model / "manifest.json")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "onnx" else real(name, *a))
-    monkeypatch.setattr(agent.fuse, "_said", type(agent.fuse._said)())
+    monkeypatch.setattr(agent.infer.fuse, "_said", type(agent.infer.fuse._said)())
     x = np.random.default_rng(1).standard_normal((1, 1, 8, 8)).astype(np.float32)
-    with caplog.at_level(logging.WARNING, logger="agent.fuse"):
+    with caplog.at_level(logging.WARNING, logger="agent.infer.fuse"):
         outs = []
         for _ in range(3):  # three runners: a swap builds a new one each time
             chain = BlockRunner(manifest, model, load_profile("x86-dev")).bound(fuse=True)

@@ -18,7 +18,7 @@ import pytest
 from agent_helpers import REPO, agent_config, exported_digits, write_inputs
 from mqtt_helpers import Collector
 
-from agent.topics import Topics
+from agent.wire.topics import Topics
 from broker.launcher import Mosquitto
 from cloud_trainer.bundle import build_device_bundle
 
@@ -107,7 +107,7 @@ def test_aarch64_bundle_holds_only_aarch64_or_pure_wheels(tmp_path: Path) -> Non
 def test_constraints_cover_every_profile_and_pin_the_agents_floor() -> None:
     import tomllib
 
-    from agent.profiles import list_profiles, load_profile
+    from agent.infer.profiles import list_profiles, load_profile
 
     extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
         "optional-dependencies"]["agent"]

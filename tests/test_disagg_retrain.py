@@ -26,8 +26,8 @@ from trainer_helpers import (
     trainer_toml,
 )
 
-from agent.topics import Topics
-from agent.update_manifest import parse_signed
+from agent.update.update_manifest import parse_signed
+from agent.wire.topics import Topics
 from broker.launcher import Mosquitto
 from cloud_trainer.data import digits_splits
 from cloud_trainer.registry import Registry

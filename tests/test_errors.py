@@ -39,10 +39,10 @@ def test_every_exception_of_a_package_derives_from_its_root(package: str) -> Non
 
 
 def test_the_builtin_bases_stay() -> None:
-    from agent.codec import CodecError
-    from agent.manifest import ManifestError
-    from agent.spool import SpoolError
-    from agent.update_manifest import UpdateRejected
+    from agent.infer.manifest import ManifestError
+    from agent.mqtt.spool import SpoolError
+    from agent.update.update_manifest import UpdateRejected
+    from agent.wire.codec import CodecError
     from cloud_trainer.keys import KeyExistsError
     from cloud_trainer.registry import RegistryError
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from agent.manifest import ManifestError, PartitionManifest, sha256_file
+from agent.infer.manifest import ManifestError, PartitionManifest, sha256_file
 from cloud_trainer.blocks import BlockModel
 from cloud_trainer.export import ExportError, export_partition, target_for_ort, verify_block
 from cloud_trainer.zoo import get_pair, zoo_names

@@ -27,8 +27,8 @@ from agent_helpers import spooled
 from mqtt_helpers import Collector, eventually, wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.codec import encode
-from agent.envelope import Envelope
+from agent.wire.codec import encode
+from agent.wire.envelope import Envelope
 from knet_lab.fleet import Camera, DeviceSpec, Lab, LabSettings, pids_alive
 
 pytestmark = [pytest.mark.slow]

@@ -19,10 +19,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from trainer_helpers import FLEET, start_trainer, trainer_toml
 
 from agent import safejson
-from agent.envelope import _FIXED, Envelope, EnvelopeError
-from agent.topics import Topics
-from agent.update_manifest import UpdateRejected, parse_signed
-from agent.update_report import UpdateReport, UpdateReportError
+from agent.update.update_manifest import UpdateRejected, parse_signed
+from agent.wire.envelope import _FIXED, Envelope, EnvelopeError
+from agent.wire.topics import Topics
+from agent.wire.update_report import UpdateReport, UpdateReportError
 from broker.launcher import Mosquitto
 from cloud_trainer.fleet import FleetMessageError, FleetTable
 from cloud_trainer.guard import RateLimitedLog, ThreadDeathWatch, guard_callback

@@ -17,9 +17,9 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.codec import encode
-from agent.envelope import Envelope
-from agent.topics import Topics
+from agent.wire.codec import encode
+from agent.wire.envelope import Envelope
+from agent.wire.topics import Topics
 from broker.launcher import Mosquitto
 from cloud_trainer.fleet import FleetTable
 from cloud_trainer.ingest import Ingestor, IngestSettings
@@ -90,7 +90,7 @@ def test_stream_with_duplicates_and_bad_messages(mosquitto: Mosquitto, tmp_path:
         dups = good[:10] + good[60:70]
         ok = envelope("dev-a", 999)
         versioned = bytearray(ok)
-        versioned[4] = 3  # 1 is one sample, 2 a batch (agent.envelope)
+        versioned[4] = 3  # 1 is one sample, 2 a batch (agent.wire.envelope)
         bad = [
             ("dev-a", RNG.bytes(200)),  # random bytes
             ("dev-a", RNG.bytes(5)),
@@ -187,7 +187,7 @@ class DummyInfo:
 CHILD = """
 import json, logging, signal, sys, threading
 from pathlib import Path
-from agent.topics import Topics
+from agent.wire.topics import Topics
 from cloud_trainer.ingest import Ingestor, IngestSettings
 from cloud_trainer.store import SQLiteSampleStore
 logging.basicConfig(level=logging.WARNING)

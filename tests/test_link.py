@@ -22,9 +22,9 @@ from mqtt_helpers import (
 )
 from pydantic import SecretStr, ValidationError
 
-from agent.link import Link, LinkSettings, PublishOutcome, next_session
-from agent.spool import Spool
-from agent.topics import Topics
+from agent.mqtt.link import Link, LinkSettings, PublishOutcome, next_session
+from agent.mqtt.spool import Spool
+from agent.wire.topics import Topics
 from broker.config import BrokerSettings
 from broker.launcher import Mosquitto, free_port
 

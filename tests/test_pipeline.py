@@ -2,7 +2,7 @@ import threading
 
 from mqtt_helpers import eventually
 
-from agent.pipeline import Pipeline, RunnerSlot, Stage
+from agent.infer.pipeline import Pipeline, RunnerSlot, Stage
 
 
 def test_items_flow_through_every_stage_in_order() -> None:

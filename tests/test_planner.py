@@ -139,10 +139,10 @@ rtt_ms = 20
 def planned(tmp_path_factory: pytest.TempPathFactory):
     from agent_helpers import exported_digits
 
-    from agent.blockbench import measure
-    from agent.manifest import PartitionManifest
-    from agent.profiles import load_profile
-    from agent.runtime import BlockRunner
+    from agent.infer.blockbench import measure
+    from agent.infer.manifest import PartitionManifest
+    from agent.infer.profiles import load_profile
+    from agent.infer.runtime import BlockRunner
 
     root = tmp_path_factory.mktemp("plan")
     model = exported_digits(root)
@@ -169,9 +169,9 @@ def _plan(root, *extra: str) -> tuple[int, dict]:
 
 
 def test_plan_cli_ranks_plots_and_deploys_runnable_slices(planned) -> None:
-    from agent.manifest import PartitionManifest
-    from agent.profiles import load_profile
-    from agent.runtime import BlockRunner
+    from agent.infer.manifest import PartitionManifest
+    from agent.infer.profiles import load_profile
+    from agent.infer.runtime import BlockRunner
 
     root, model, _rec = planned
     rc, body = _plan(root, "--top", "4", "--plot", str(root / "plan.png"),
@@ -241,7 +241,7 @@ def test_network_file_errors_name_the_field(tmp_path) -> None:
 
 
 def test_replanner_moves_the_cut_with_hysteresis(planned) -> None:
-    from agent.blockbench import BenchRecord
+    from agent.infer.blockbench import BenchRecord
     from cloud_trainer.plan.adapt import LinkFigures, Replanner, figures_from_stats
     from cloud_trainer.plan.network import NetworkConfig
 

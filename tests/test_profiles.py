@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from agent.configfile import ConfigError
-from agent.profiles import FirmwareProfile, find_profile, list_profiles, load_profile
+from agent.infer.profiles import FirmwareProfile, find_profile, list_profiles, load_profile
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = {"rpi4", "rpi5", "jetson-nano", "jetson-orin-nano", "x86-dev"}
@@ -105,7 +105,7 @@ def test_site_directory_and_configured_directory_override_the_shipped_ones(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Shipped profiles need no setting; /etc/knet/profiles, then a config's profiles_dir
     (then $KNET_PROFILES), shadow them one after the other."""
-    import agent.profiles as profiles
+    import agent.infer.profiles as profiles
     from agent.config import load_config
 
     monkeypatch.delenv("KNET_PROFILES", raising=False)

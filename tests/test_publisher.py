@@ -14,11 +14,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mqtt_helpers import Collector, wait_until
 from test_update_manifest import FLEET, toy_model
 
-from agent.blobs import BlobCache, BlobFetcher, FetchResult
-from agent.link import Link, LinkSettings
-from agent.spool import Spool
-from agent.topics import Topics
-from agent.update_manifest import SignedManifest, UpdateManifest, parse_signed
+from agent.mqtt.link import Link, LinkSettings
+from agent.mqtt.spool import Spool
+from agent.update.blobs import BlobCache, BlobFetcher, FetchResult
+from agent.update.update_manifest import SignedManifest, UpdateManifest, parse_signed
+from agent.wire.topics import Topics
 from broker.launcher import Mosquitto
 from cloud_trainer.keys import sign_manifest
 from cloud_trainer.publisher import BlobPublisher, PublisherSettings, make_update

@@ -24,9 +24,9 @@ from trainer_helpers import (
     trainer_toml,
 )
 
-from agent.topics import Topics
-from agent.update_manifest import parse_signed
-from agent.update_report import UpdateReport
+from agent.update.update_manifest import parse_signed
+from agent.wire.topics import Topics
+from agent.wire.update_report import UpdateReport
 from broker.launcher import Mosquitto
 from cloud_trainer.blocks import BlockModel
 from cloud_trainer.data import digits_splits

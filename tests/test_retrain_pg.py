@@ -14,8 +14,8 @@ from sqlalchemy import text
 from test_retrain import deployed  # noqa: F401  (the module-scoped fixture)
 from trainer_helpers import FLEET, boundary_envelopes, job, trainer_toml
 
-from agent.topics import Topics
-from agent.update_manifest import SignedManifest
+from agent.update.update_manifest import SignedManifest
+from agent.wire.topics import Topics
 from broker.launcher import Mosquitto
 from cloud_trainer.blocks import BlockModel
 from cloud_trainer.data import digits_splits

@@ -10,9 +10,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.manifest import BlockEntry, PartitionManifest, sha256_file
-from agent.profiles import FirmwareProfile, load_profile
-from agent.runtime import BlockRunner, InputError, PartitionError, check_fit, choose_providers
+from agent.infer.manifest import BlockEntry, PartitionManifest, sha256_file
+from agent.infer.profiles import FirmwareProfile, load_profile
+from agent.infer.runtime import BlockRunner, InputError, PartitionError, check_fit, choose_providers
 
 RNG = np.random.default_rng(0)
 # (1, 4, 4) --flatten, dense 16->8, relu--> (8,) --dense 8->3--> (3,)
@@ -123,12 +123,12 @@ def test_a_fused_partition_runs_every_boundary_in_one_session(tiny, monkeypatch,
     per_block = runner.bound(fuse=False)
     assert per_block is not None and not per_block.fused
 
-    import agent.fuse
+    import agent.infer.fuse
 
     def broken(paths: list[Path]) -> bytes:
-        raise agent.fuse.FuseError("blocks of different opsets")
+        raise agent.infer.fuse.FuseError("blocks of different opsets")
 
-    monkeypatch.setattr(agent.fuse, "fuse_blocks", broken)
+    monkeypatch.setattr(agent.infer.fuse, "fuse_blocks", broken)
     other = BlockRunner(manifest, base, load_profile("x86-dev"))
     with caplog.at_level(logging.WARNING):
         fallback = other.bound(fuse=True)
@@ -144,7 +144,7 @@ def test_a_fused_partition_runs_every_boundary_in_one_session(tiny, monkeypatch,
 
 
 def test_fusing_refuses_blocks_that_do_not_chain(tmp_path: Path) -> None:
-    from agent.fuse import FuseError, fuse_blocks
+    from agent.infer.fuse import FuseError, fuse_blocks
 
     graph = helper.make_graph(
         [helper.make_node("Identity", ["a"], ["b"]), helper.make_node("Identity", ["a"], ["c"])],
@@ -178,7 +178,7 @@ def test_integer_inputs_are_converted_and_bad_inputs_raise_input_error(tiny) -> 
 
 def test_gpu_profile_falls_back_to_cpu_with_a_warning(tiny, caplog) -> None:  # type: ignore[no-untyped-def]
     manifest, base, _ = tiny
-    with caplog.at_level(logging.WARNING, logger="agent.runtime"):
+    with caplog.at_level(logging.WARNING, logger="agent.infer.runtime"):
         runner = BlockRunner(manifest, base, load_profile("jetson-orin-nano"))
     assert runner.active_providers == ["CPUExecutionProvider"]
     assert "TensorrtExecutionProvider" in caplog.text and "falling back" in caplog.text
@@ -261,7 +261,7 @@ def test_torch_exported_blocks_run(tmp_path: Path) -> None:
 
 
 def test_profile_threads_reach_the_session(tiny) -> None:  # type: ignore[no-untyped-def]
-    from agent.runtime import session_options
+    from agent.infer.runtime import session_options
 
     profile: FirmwareProfile = load_profile("rpi4")
     opts = session_options(profile)

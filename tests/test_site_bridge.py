@@ -16,11 +16,11 @@ from mqtt_helpers import wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import SecretStr
 
-from agent.codec import encode
-from agent.envelope import Envelope
-from agent.link import Link, LinkSettings
-from agent.spool import Spool
-from agent.topics import Topics
+from agent.mqtt.link import Link, LinkSettings
+from agent.mqtt.spool import Spool
+from agent.wire.codec import encode
+from agent.wire.envelope import Envelope
+from agent.wire.topics import Topics
 from broker.launcher import Mosquitto, free_port
 from broker.provision import (
     fleet_settings,

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from agent.config import ImagesSource, MqttSource, NpzSource
-from agent.sources import (
+from agent.infer.sources import (
     BadInputs,
     FrameError,
     ImageDirectory,
@@ -121,7 +121,7 @@ def test_npz_max_frames_wraps_a_loop_and_verifies_a_file_again_only_when_it_chan
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import zipfile
 
-    import agent.sources as sources
+    import agent.infer.sources as sources
 
     path = tmp_path / "in.npz"
     np.savez(path, x=np.arange(3 * int(np.prod(SHAPE)), dtype=np.float32).reshape(3, *SHAPE))
@@ -224,7 +224,7 @@ def test_image_directory_converts_resizes_and_skips_junk(tmp_path: Path) -> None
 
 
 def test_decode_frame_handles_npy_images_and_codec_frames() -> None:
-    from agent.codec import encode
+    from agent.wire.codec import encode
 
     x = np.random.default_rng(0).random(SHAPE).astype(np.float32)
     buf = io.BytesIO()
@@ -287,9 +287,9 @@ def test_mqtt_frames_queue_counts_bad_frames_and_closes() -> None:
 
 
 def test_oversized_images_are_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
-    import agent.frames
+    import agent.infer.frames
 
-    monkeypatch.setattr(agent.frames, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(agent.infer.frames, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(FrameError, match=r"exceeds 100"):
         decode_frame(_png(np.zeros((11, 10), np.uint8)), SHAPE)
 

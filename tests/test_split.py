@@ -17,10 +17,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.codec import encode
-from agent.envelope import Envelope
 from agent.mqtt.endpoint import MqttEndpoint
-from agent.topics import Topics
+from agent.wire.codec import encode
+from agent.wire.envelope import Envelope
+from agent.wire.topics import Topics
 from broker.launcher import Mosquitto
 from cloud_trainer.export import export_partition
 from cloud_trainer.serve import SplitServer

@@ -1,4 +1,4 @@
-"""agent/split_client.py: the pending split requests under the four threads that change them
+"""agent/infer/split_client.py: the pending split requests under the four threads that change them
 (encode stage, paho's network thread, publish stage, supervisor), and the reply parsing."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.split_client import SplitClient, SplitCounts, parse_reply
-from agent.topics import Topics
+from agent.infer.split_client import SplitClient, SplitCounts, parse_reply
+from agent.wire.topics import Topics
 
 TOPICS = Topics(fleet="f")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mqtt_helpers import check_payload, read_until, spawn_helper
 
-from agent.spool import FILE_NAME, Spool
+from agent.mqtt.spool import FILE_NAME, Spool
 
 T = "knet/v1/lab/dev/act"
 
@@ -153,7 +153,7 @@ def test_corrupt_file_moved_aside(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     for suffix in ("-wal", "-shm"):
         Path(str(tmp_path / FILE_NAME) + suffix).unlink(missing_ok=True)
     damage(tmp_path / FILE_NAME)
-    with caplog.at_level(logging.ERROR, logger="agent.spool"):
+    with caplog.at_level(logging.ERROR, logger="agent.mqtt.spool"):
         spool = Spool(tmp_path, 1 << 24)
     with spool:
         assert len(spool) == 0 and spool.bytes == 0

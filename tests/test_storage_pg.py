@@ -153,8 +153,8 @@ def test_migration_0003_keeps_samples_and_downgrades_batch_frames(pg_database: M
     from alembic import command
     from test_store import RNG, _fields
 
-    from agent.codec import encode
-    from agent.envelope import BatchEnvelope
+    from agent.wire.codec import encode
+    from agent.wire.envelope import BatchEnvelope
     from cloud_trainer.store import batch_rows
 
     db = pg_database("mig", migrated=False)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from mqtt_helpers import eventually
 
-from agent.codec import encode, split_batch
-from agent.envelope import BatchEnvelope, Envelope
+from agent.wire.codec import encode, split_batch
+from agent.wire.envelope import BatchEnvelope, Envelope
 from cloud_trainer.storage.config import DatabaseSection
 from cloud_trainer.storage.postgres import PostgresSampleStore
 from cloud_trainer.store import (

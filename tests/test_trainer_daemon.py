@@ -29,9 +29,9 @@ from trainer_helpers import (
     trainer_toml,
 )
 
-from agent.codec import encode
-from agent.envelope import Envelope
-from agent.topics import Topics
+from agent.wire.codec import encode
+from agent.wire.envelope import Envelope
+from agent.wire.topics import Topics
 from broker.launcher import Mosquitto
 from cloud_trainer.data import digits_splits
 from cloud_trainer.registry import Registry

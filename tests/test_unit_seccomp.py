@@ -26,7 +26,7 @@ import pytest
 from agent_helpers import REPO, agent_config, exported_digits, write_inputs
 from mqtt_helpers import Collector
 
-from agent.topics import Topics
+from agent.wire.topics import Topics
 from broker.bulk import provision_list
 from broker.devicelist import DeviceEntry
 from broker.launcher import Mosquitto, free_port

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.manifest import BlockEntry, PartitionManifest
-from agent.signing import SigningError, key_id, load_public_key, load_public_keys
-from agent.update_manifest import (
+from agent.infer.manifest import BlockEntry, PartitionManifest
+from agent.update.signing import SigningError, key_id, load_public_key, load_public_keys
+from agent.update.update_manifest import (
     MAX_BLOCK_SIZE,
     MAX_MANIFEST_BYTES,
     ChunkInfo,

@@ -24,12 +24,12 @@ from update_helpers import (
     versions,
 )
 
-from agent.codec import decode
-from agent.envelope import Envelope
-from agent.manifest import PartitionManifest
-from agent.profiles import load_profile
-from agent.runtime import BlockRunner
-from agent.topics import Topics
+from agent.infer.manifest import PartitionManifest
+from agent.infer.profiles import load_profile
+from agent.infer.runtime import BlockRunner
+from agent.wire.codec import decode
+from agent.wire.envelope import Envelope
+from agent.wire.topics import Topics
 from broker.launcher import Mosquitto
 from cloud_trainer.publisher import BlobPublisher, PublisherSettings
 

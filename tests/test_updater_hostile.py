@@ -25,12 +25,12 @@ from update_helpers import (
     versions,
 )
 
-from agent.envelope import Envelope
-from agent.manifest import PartitionManifest, sha256_file
+from agent.infer.manifest import PartitionManifest, sha256_file
 from agent.service import Agent
-from agent.signing import key_id
-from agent.topics import Topics
-from agent.update_manifest import SignedManifest, Targets, canonical_json, unsigned_payload
+from agent.update.signing import key_id
+from agent.update.update_manifest import SignedManifest, Targets, canonical_json, unsigned_payload
+from agent.wire.envelope import Envelope
+from agent.wire.topics import Topics
 from broker.launcher import Mosquitto
 from cloud_trainer.publisher import BlobPublisher, PublisherSettings
 

@@ -17,8 +17,8 @@ from agent_helpers import REPO, write_inputs
 from mqtt_helpers import Collector, wait_until
 from update_helpers import FLEET, Versions, agent_toml, running_agent, signed_update, versions
 
-from agent.topics import Topics
-from agent.update_manifest import SignedManifest
+from agent.update.update_manifest import SignedManifest
+from agent.wire.topics import Topics
 from broker.launcher import Mosquitto
 from cloud_trainer.publisher import BlobPublisher, PublisherSettings
 

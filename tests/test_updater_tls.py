@@ -13,7 +13,7 @@ from mqtt_helpers import wait_until
 from paho.mqtt.enums import CallbackAPIVersion
 from update_helpers import FLEET, Versions, agent_toml, running_agent, signed_update, versions
 
-from agent.topics import Topics
+from agent.wire.topics import Topics
 from broker import certs as pki
 from broker.launcher import Mosquitto, free_port
 from broker.provision import fleet_settings, layout, provision_device, provision_trainer

@@ -10,14 +10,14 @@ import pytest
 from agent_helpers import agent_config, write_config
 from update_helpers import Versions, versions
 
-from agent.active import MAX_SEEN, ActiveStore, UpdateState, VersionRecord, damaged_blocks
-from agent.canary import CanaryRecorder
 from agent.config import check_partition, load_config
 from agent.configfile import ConfigError
-from agent.manifest import PartitionManifest
-from agent.profiles import load_profile
-from agent.runtime import BlockRunner
-from agent.selftest import self_test
+from agent.infer.manifest import PartitionManifest
+from agent.infer.profiles import load_profile
+from agent.infer.runtime import BlockRunner
+from agent.update.active import MAX_SEEN, ActiveStore, UpdateState, VersionRecord, damaged_blocks
+from agent.update.canary import CanaryRecorder
+from agent.update.selftest import self_test
 
 PROFILE = load_profile("x86-dev")
 
@@ -223,11 +223,11 @@ def test_error_rate_after_a_swap_rolls_back_and_persists(tmp_path: Path, v: Vers
     import json as _json
     import time as _time
 
-    from agent.active import update_paths
     from agent.config import UpdateHealthSection, UpdateSection
-    from agent.pipeline import RunnerSlot
-    from agent.topics import Topics
-    from agent.updater import Updater, _Job
+    from agent.infer.pipeline import RunnerSlot
+    from agent.update.active import update_paths
+    from agent.update.updater import Updater, _Job
+    from agent.wire.topics import Topics
 
     p2, _d2 = v.get("v2-head")
     old, new = runner(v, "v1"), runner(v, "v2-head")
@@ -261,11 +261,11 @@ def test_error_rate_after_a_swap_rolls_back_and_persists(tmp_path: Path, v: Vers
 
 
 def _offline_updater(tmp_path: Path, v: Versions, **cfg: object) -> tuple[object, RecordingLink]:
-    from agent.active import update_paths
     from agent.config import UpdateSection
-    from agent.pipeline import RunnerSlot
-    from agent.topics import Topics
-    from agent.updater import Updater
+    from agent.infer.pipeline import RunnerSlot
+    from agent.update.active import update_paths
+    from agent.update.updater import Updater
+    from agent.wire.topics import Topics
 
     store, cache = update_paths(tmp_path)
     link = RecordingLink()
@@ -280,7 +280,7 @@ def _handled(upd: object, payload: bytes) -> dict[str, object]:
     import json as _json
     import time as _time
 
-    from agent.updater import _Job, payload_digest
+    from agent.update.updater import _Job, payload_digest
 
     upd._handle(_Job(payload, payload_digest(payload), _time.monotonic()))  # type: ignore[attr-defined]
     return _json.loads(upd.link.published[-1][1])  # type: ignore[attr-defined,no-any-return]
@@ -288,7 +288,7 @@ def _handled(upd: object, payload: bytes) -> dict[str, object]:
 
 def test_unsigned_manifest_only_on_a_keyless_development_device(tmp_path: Path,
                                                                 v: Versions) -> None:
-    from agent.update_manifest import unsigned_payload
+    from agent.update.update_manifest import unsigned_payload
     from cloud_trainer.publisher import make_update
 
     p1, d1 = v.get("v1")

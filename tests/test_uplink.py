@@ -1,4 +1,4 @@
-from agent.uplink import UplinkPolicy
+from agent.mqtt.uplink import UplinkPolicy
 
 
 class FakeClock:

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from agent.codec import encode
-from agent.envelope import Envelope
+from agent.wire.codec import encode
+from agent.wire.envelope import Envelope
 from cloud_trainer.blocks import BlockModel
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,7 +109,7 @@ def deploy_damaged_digits(tmp: Path) -> BlockModel:
     profile into ``tmp/model`` (the agent's model directory). Returns the deployed student."""
     import shutil
 
-    from agent.profiles import load_profile
+    from agent.infer.profiles import load_profile
     from cloud_trainer.data import digits_splits
     from cloud_trainer.distill import train_student_blockwise_from_inputs
     from cloud_trainer.export import target_for_ort

@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.config import load_config
-from agent.manifest import PartitionManifest
+from agent.infer.manifest import PartitionManifest
 from agent.service import Agent
-from agent.update_manifest import SignedManifest, Targets
+from agent.update.update_manifest import SignedManifest, Targets
 from cloud_trainer.blocks import BlockModel
 from cloud_trainer.keys import sign_manifest
 from cloud_trainer.publisher import make_update

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from agent.configfile import ConfigError, resolve_path
-from agent.topics import connection_username
+from agent.wire.topics import connection_username
 
 E = TypeVar("E", bound="MqttEndpoint")
 
@@ -139,7 +139,7 @@ class MqttEndpoint(BaseModel):
 
 
 class LinkSettings(MqttEndpoint):
-    """The device link's endpoint (``agent.link``) and its flow control: the agent's
+    """The device link's endpoint (``agent.mqtt.link``) and its flow control: the agent's
     ``[mqtt]`` table. Its session survives a disconnect, so the broker queues what the
     device is subscribed to while it is away."""
 

@@ -25,7 +25,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from agent import safejson
 from agent.errors import KnetAgentError
-from agent.topics import TopicKind
+from agent.wire.topics import TopicKind
 
 FORMAT_VERSION = 1
 REJECT_REASONS = ("oversized", "malformed", "version", "invalid")
@@ -133,7 +133,7 @@ class Birth(ControlMessage):
 
 
 class NetworkFigures(BaseModel):
-    """The link's measured figures (``agent.netmeter``), what the cut adapter plans with."""
+    """The link's measured figures (``agent.mqtt.netmeter``), what the cut adapter plans with."""
 
     model_config = ConfigDict(extra="allow", strict=True, frozen=True)
 

@@ -36,7 +36,7 @@ from starlette.responses import (
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from agent.topics import TopicError, validate_id
+from agent.wire.topics import TopicError, validate_id
 from cloud_trainer.console import data
 from cloud_trainer.console.auth import Auth, Session, same
 from cloud_trainer.console.config import ConsoleSection

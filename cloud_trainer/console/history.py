@@ -18,7 +18,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from agent import safejson
-from agent.topics import TopicError, Topics
+from agent.wire.topics import TopicError, Topics
 
 log = logging.getLogger(__name__)
 

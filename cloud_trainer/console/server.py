@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import paho.mqtt.client as mqtt
 import uvicorn
 
-from agent.topics import Topics
+from agent.wire.topics import Topics
 from cloud_trainer.console.app import Console, build_app
 from cloud_trainer.console.config import ConsoleSection
 from cloud_trainer.console.history import StatsHistory

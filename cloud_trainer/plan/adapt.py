@@ -1,13 +1,13 @@
 """Re-planning when the network changes, with hysteresis (Scission's "adaptive DNNs").
 
 ``Replanner`` keeps the plan in force and, for every set of live link figures (from the
-agents' ``stats["network"]``, ``agent/netmeter.py``), solves again. It switches only when
+agents' ``stats["network"]``, ``agent/mqtt/netmeter.py``), solves again. It switches only when
 another plan beats the current one — both priced on the *new* figures — by more than
 ``margin`` (relative) in ``sustain`` consecutive observations, so a blip or a link hovering
 at the break-even point does not make the cut flap; moving back needs the same evidence.
 
 Not wired yet: pushing the new plan's partition manifests to the devices through the
-signed update path (``agent/updater.py`` swaps block weights of a fixed partition; moving a
+signed update path (``agent/update/updater.py`` swaps block weights of a fixed partition; moving a
 cut also changes the chain's topology). ``Decision.plan`` is what such a push would deploy.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.blockbench import BenchRecord
+from agent.infer.blockbench import BenchRecord
 from cloud_trainer.plan.costs import Overrides, build_problem
 from cloud_trainer.plan.network import NetworkConfig
 from cloud_trainer.plan.solver import Objective, Plan, evaluate, objective_value, solve

@@ -1,10 +1,10 @@
 """Moving a device's cut when its uplink changes: live ``stats`` → ``Replanner`` → a signed
-manifest with the device's new slice → the devices' OTA path (``agent/updater.py``).
+manifest with the device's new slice → the devices' OTA path (``agent/update/updater.py``).
 
 The device runs student blocks ``first..k`` and the cloud (``cloud_trainer/serve.py``)
 finishes ``k+1..N`` for any ``k``, so moving the cut only changes ``k``: the weights stay
 those of the deployed manifest. ``CutAdapter`` feeds every device's ``stats["network"]``
-(``agent/netmeter.py``) into that device's ``Replanner`` (margin + sustain hysteresis); when
+(``agent/mqtt/netmeter.py``) into that device's ``Replanner`` (margin + sustain hysteresis); when
 it switches, the deployed manifest is re-issued under the same version with
 ``assignments`` naming every moved device's slice, signed and published retained. A device
 builds, self-tests and swaps the assigned slice without a restart; its split requests
@@ -26,9 +26,9 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from agent.topics import TopicError, TopicKind, Topics
-from agent.update_manifest import SignedManifest, SliceAssignment, UpdateManifest
+from agent.update.update_manifest import SignedManifest, SliceAssignment, UpdateManifest
 from agent.wire.control import Stats
+from agent.wire.topics import TopicError, TopicKind, Topics
 from cloud_trainer.errors import KnetTrainerError
 from cloud_trainer.plan.adapt import Decision, LinkFigures, Replanner, figures_from_stats
 from cloud_trainer.plan.solver import Plan
@@ -196,7 +196,7 @@ class CutAdapter:
 def replanners_for(network: Path, devices: list[str], model_id: str, *, margin: float,
                    sustain: int) -> dict[str, Replanner]:
     """One ``Replanner`` per device on ``network.toml`` (its nodes' ``bench`` records)."""
-    from agent.blockbench import BenchRecord
+    from agent.infer.blockbench import BenchRecord
     from cloud_trainer.plan.network import load_network
 
     net = load_network(network)

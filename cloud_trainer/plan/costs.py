@@ -2,7 +2,7 @@
 
 - block time on a node: the median of its record × the node's ``time_scale``; a block its
   record does not cover cannot run there;
-- block memory: twice the block file (as ``agent.runtime.check_fit`` counts it) against
+- block memory: twice the block file (as ``agent.infer.runtime.check_fit`` counts it) against
   the profile's ``model_memory_mb`` (or the node's ``memory_mb``);
 - a codec at a boundary: bytes from any record that measured it (bytes depend on the data,
   not the node), encode time from the sender's record, decode time from the receiver's
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent.blockbench import BenchRecord
-from agent.codec import parse_spec
-from agent.profiles import load_profile
+from agent.infer.blockbench import BenchRecord
+from agent.infer.profiles import load_profile
+from agent.wire.codec import parse_spec
 from cloud_trainer.errors import KnetTrainerError
 from cloud_trainer.plan.network import NetworkConfig, NodeSpec
 from cloud_trainer.plan.solver import INF, Problem

@@ -1,4 +1,4 @@
-"""``knet plan bench``: the device benchmark (``agent.blockbench``) run here on a zoo model.
+"""``knet plan bench``: the device benchmark (``agent.infer.blockbench``) run here on a zoo model.
 
 The model is exported for the profile exactly as for a device, loaded into a
 ``BlockRunner`` with that profile, and measured on real inputs of the model's dataset. The
@@ -16,7 +16,7 @@ from typing import Literal
 
 import numpy as np
 
-from agent.blockbench import DEFAULT_CODECS, BenchRecord, measure
+from agent.infer.blockbench import DEFAULT_CODECS, BenchRecord, measure
 
 
 def bench_model(model: str, profile: str, *, role: str = "student", seed: int = 0,
@@ -30,9 +30,9 @@ def bench_model(model: str, profile: str, *, role: str = "student", seed: int = 
     Inputs are the zoo model's own data; a factory model (or a zoo model whose data do not
     fit its input) gets generated inputs, and the record says so (``inputs``).
     """
-    from agent.blockbench import generated_inputs
-    from agent.profiles import load_profile
-    from agent.runtime import BlockRunner
+    from agent.infer.blockbench import generated_inputs
+    from agent.infer.profiles import load_profile
+    from agent.infer.runtime import BlockRunner
     from cloud_trainer.export import export_for_profile
     from cloud_trainer.zoo.refs import ModelRef
 

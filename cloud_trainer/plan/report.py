@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from agent.manifest import PartitionManifest
+from agent.infer.manifest import PartitionManifest
 from cloud_trainer.plan.network import NetworkConfig
 from cloud_trainer.plan.solver import Plan, Problem
 
@@ -116,7 +116,7 @@ def write_manifests(p: Problem, plan: Plan, net: NetworkConfig, out: Path,
 
 def chain_snippet(p: Problem, node: str, upstream: str | None, codec: str | None,
                   chained: bool) -> str:
-    """The ``[source]``/``[chain]`` sections of this node's agent.toml (agent/chain.py);
+    """The ``[source]``/``[chain]`` sections of this node's agent.toml (agent/infer/chain.py);
     node names are the devices' ids."""
     lines = [f"# {node}: merge into its agent.toml (model.manifest = this directory's "
              "manifest.json)"]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from agent.blockbench import MAX_RECORD_BYTES, BenchRecord, BenchRecordError
-from agent.topics import TopicError, Topics
+from agent.infer.blockbench import MAX_RECORD_BYTES, BenchRecord, BenchRecordError
+from agent.wire.topics import TopicError, Topics
 
 log = logging.getLogger(__name__)
 

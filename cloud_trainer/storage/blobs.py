@@ -22,7 +22,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, text
 
-from agent.update_manifest import ChunkInfo
+from agent.update.update_manifest import ChunkInfo
 
 log = logging.getLogger(__name__)
 

@@ -66,7 +66,8 @@ def upgrade() -> None:
         "update_blobs",
         sa.Column("sha256", sa.String(64), primary_key=True),
         sa.Column("size", sa.BigInteger, nullable=False),
-        sa.Column("chunks", sa.Text, nullable=False),  # agent.update_manifest.ChunkInfo, JSON
+        # agent.update.update_manifest.ChunkInfo, JSON
+        sa.Column("chunks", sa.Text, nullable=False),
         sa.Column("data", sa.LargeBinary, nullable=False),
         sa.Column("published_at", sa.Float, nullable=False),
     )

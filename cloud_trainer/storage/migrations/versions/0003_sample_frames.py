@@ -11,7 +11,7 @@ frame when its samples are read). The per-device totals triggers stay; a new sta
 trigger deletes a frame once its last sample is deleted.
 
 Upgrade: every existing sample becomes a frame of its own (same id). Downgrade cuts batch
-frames back into per-sample frames in Python (``agent.codec.split_batch``).
+frames back into per-sample frames in Python (``agent.wire.codec.split_batch``).
 
 Revision ID: 0003
 Revises: 0002
@@ -77,7 +77,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    from agent.codec import split_batch
+    from agent.wire.codec import split_batch
 
     op.execute("DROP TRIGGER samples_frames_gc ON samples; DROP FUNCTION knet_frames_gc();")
     op.add_column("samples", sa.Column("received_at", sa.Float))

@@ -1,7 +1,7 @@
 """Collect uplinked samples into batches: one message per N samples, or per time bound.
 
 A batch holds samples of one boundary, model and model version (what one version-2
-envelope carries: ``agent.envelope.BatchEnvelope``). It is ready when it holds ``size``
+envelope carries: ``agent.wire.envelope.BatchEnvelope``). It is ready when it holds ``size``
 samples, when its float32 bytes reach ``max_bytes`` (the agent uses 2 MiB, so the encoded
 message stays under the trainer's default ``max_payload`` even with the raw codec), or
 ``wait_s`` after its first sample arrived,
@@ -10,7 +10,7 @@ samples, at low rates a sample waits at most ``wait_s`` (plus the encode stage's
 latency) before it is encoded and spooled.
 
 Single-threaded by design: only the agent's encode stage adds and takes (the pipeline calls
-``take_due`` when the stage's inbox stays empty, see ``agent.pipeline.Stage.flush``).
+``take_due`` when the stage's inbox stays empty, see ``agent.infer.pipeline.Stage.flush``).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ A ``Sample`` (one input of the partition's shape), the ``BadInputs`` counts of w
 skipped and why, ``coerce`` and the frame decoders (a knet codec frame, a ``.npy`` array, a
 PNG/JPEG image), and ``MqttFrames``, the queue that MQTT-borne frames are offered to.
 
-The sources (``agent.sources``) and a chain's upstream relay (``agent.chain``) both build on
-these, so the relay does not import the sources whose ``make_source`` builds it (no import
+The sources (``agent.infer.sources``) and a chain's upstream relay (``agent.infer.chain``) both
+build on these, so the relay does not import the sources whose ``make_source`` builds it (no import
 cycle; the contracts in pyproject.toml's ``[tool.importlinter]`` keep it that way).
 """
 
@@ -130,7 +130,7 @@ def decode_frame(payload: bytes, input_shape: tuple[int, ...],
                  max_bytes: int = 64 * 2**20) -> np.ndarray:
     """A frame from a sensor: a knet codec frame, a ``.npy`` array, or a PNG/JPEG image.
 
-    The first bytes decide: ``KNCF`` (``agent.codec``), the ``.npy`` magic, else Pillow.
+    The first bytes decide: ``KNCF`` (``agent.wire.codec``), the ``.npy`` magic, else Pillow.
     Raises FrameError, never anything else, so the caller can count and skip.
     """
     if not isinstance(payload, (bytes, bytearray, memoryview)):
@@ -139,7 +139,7 @@ def decode_frame(payload: bytes, input_shape: tuple[int, ...],
     if len(payload) > max_bytes:
         raise FrameError(f"frame of {len(payload)} bytes exceeds {max_bytes}")
     if payload.startswith(CODEC_MAGIC):
-        from agent.codec import CodecError, decode
+        from agent.wire.codec import CodecError, decode
 
         try:
             return coerce(decode(payload, max_bytes=max_bytes), input_shape)

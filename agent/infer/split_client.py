@@ -21,7 +21,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent import safejson
-from agent.topics import Topics
+from agent.wire.topics import Topics
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ KNOWN_PROVIDERS = (
 )
 # Shipped inside the package (``firmware_profiles`` sits next to ``agent`` both in the source
 # tree and in site-packages), so a plain ``pip install`` finds them without any setting.
-PACKAGED_PROFILES = Path(__file__).resolve().parent.parent / "firmware_profiles"
+PACKAGED_PROFILES = Path(__file__).resolve().parent.parent.parent / "firmware_profiles"
 # A site's own kinds and overrides of shipped ones, without touching the installed package.
 SITE_PROFILES = Path("/etc/knet/profiles")
 # Where a distribution package (e.g. a .deb) would put them.

@@ -36,9 +36,9 @@ from typing import Any, Literal, Protocol
 
 from agent.errors import KnetAgentError
 from agent.fsutil import atomic_write, fsync_dir
-from agent.manifest import BlockEntry
-from agent.topics import Topics
-from agent.update_manifest import MAX_BLOCK_SIZE, ChunkInfo, Variant
+from agent.infer.manifest import BlockEntry
+from agent.update.update_manifest import MAX_BLOCK_SIZE, ChunkInfo, Variant
+from agent.wire.topics import Topics
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class MessageLike(Protocol):
 
 
 class LinkLike(Protocol):
-    """What the fetcher needs of a connection (``agent.link.Link`` has it)."""
+    """What the fetcher needs of a connection (``agent.mqtt.link.Link`` has it)."""
 
     def subscribe(self, topic_filter: str, qos: int,
                   handler: Callable[[Any], None]) -> None: ...

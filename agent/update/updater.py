@@ -12,10 +12,10 @@ with the running version untouched and the reason reported:
    manifest has one: a moved cut, same weights) that the cache lacks are fetched
    (``BlobFetcher``: verified chunks, resumable across disconnects and restarts);
 4. a new ``BlockRunner`` is built beside the running one and self-tested
-   (``agent.selftest``) on the device's recent inputs;
+   (``agent.update.selftest``) on the device's recent inputs;
 5. ``RunnerSlot.swap``: the inference stage reads the slot once per input, so an input is
    processed wholly by the old or wholly by the new chain;
-6. the new version is persisted (``agent.active``), birth is re-published, ``applied`` is
+6. the new version is persisted (``agent.update.active``), birth is re-published, ``applied`` is
    reported; for ``[update.health].watch_s`` the new version's error rate and confidence
    are watched, and it is swapped back (``rolled_back``/``health_degraded``) if they
    degrade. Manifests that arrive during the watch wait for it to end.
@@ -38,21 +38,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.active import ActiveStore, UpdateState, VersionRecord
-from agent.blobs import BlobCache, BlobFetcher, FetchResult
-from agent.canary import CanaryRecorder
 from agent.compat import zip_strict
 from agent.config import UpdateSection
 from agent.errors import KnetAgentError
 from agent.fsutil import fsync_dir
-from agent.manifest import ManifestError, PartitionManifest, sha256_file
-from agent.pipeline import RunnerSlot
-from agent.profiles import FirmwareProfile
-from agent.runtime import BlockRunner, PartitionError
-from agent.selftest import self_test
-from agent.topics import Topics
-from agent.update_manifest import UpdateManifest, UpdateRejected, Variant, parse_signed
-from agent.update_report import RejectReason, Status, UpdateReport
+from agent.infer.manifest import ManifestError, PartitionManifest, sha256_file
+from agent.infer.pipeline import RunnerSlot
+from agent.infer.profiles import FirmwareProfile
+from agent.infer.runtime import BlockRunner, PartitionError
+from agent.update.active import ActiveStore, UpdateState, VersionRecord
+from agent.update.blobs import BlobCache, BlobFetcher, FetchResult
+from agent.update.canary import CanaryRecorder
+from agent.update.selftest import self_test
+from agent.update.update_manifest import UpdateManifest, UpdateRejected, Variant, parse_signed
+from agent.wire.topics import Topics
+from agent.wire.update_report import RejectReason, Status, UpdateReport
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class Updater:
         device: str,
         topics: Topics,
         profile: FirmwareProfile,
-        link: Any,  # agent.link.Link (subscribe, unsubscribe, publish, publish_reliable)
+        link: Any,  # agent.mqtt.link.Link (subscribe, unsubscribe, publish, publish_reliable)
         slot: RunnerSlot,
         recorder: CanaryRecorder,
         store: ActiveStore,

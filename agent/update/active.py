@@ -4,7 +4,7 @@ and which manifests it has already installed or refused; and, at start, which ve
 One JSON file, ``<state_dir>/update/active.json``, replaced atomically (temporary file,
 fsync, rename, fsync of the directory), so a power cut at any moment leaves either the old
 or the new state, never a torn one. A record's partition is this device's slice with its
-block files named ``<sha256>.onnx`` in the block cache (``agent.blobs.BlobCache``); the
+block files named ``<sha256>.onnx`` in the block cache (``agent.update.blobs.BlobCache``); the
 configured partition (``model.manifest``) is the record ``None``.
 """
 
@@ -20,12 +20,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agent.blobs import BlobCache
 from agent.fsutil import atomic_write, fsync_dir
-from agent.manifest import PartitionManifest, sha256_file
-from agent.profiles import FirmwareProfile
-from agent.runtime import BlockRunner, PartitionError
-from agent.update_report import UpdateReport
+from agent.infer.manifest import PartitionManifest, sha256_file
+from agent.infer.profiles import FirmwareProfile
+from agent.infer.runtime import BlockRunner, PartitionError
+from agent.update.blobs import BlobCache
+from agent.wire.update_report import UpdateReport
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from agent.codec import CodecError, decode, encode, get_codec, parse_spec
 from agent.compat import zip_strict
 from agent.errors import KnetAgentError
-from agent.manifest import PartitionManifest, Shape
+from agent.infer.manifest import PartitionManifest, Shape
+from agent.wire.codec import CodecError, decode, encode, get_codec, parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ def measure_spool(directory: Path, nbytes: int = 16 * 1024, n: int = 50) -> floa
     (the agent's at-least-once path: every relayed activation pays it)."""
     import tempfile
 
-    from agent.spool import Spool
+    from agent.mqtt.spool import Spool
 
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory, prefix="bench-spool-") as tmp:
@@ -296,7 +296,7 @@ def generated_inputs(shape: tuple[int, ...], n: int, seed: int = 0) -> np.ndarra
 def source_inputs(cfg: object, shape: tuple[int, ...], n: int) -> np.ndarray | None:
     """Up to ``n`` inputs from the agent's own replayable source (npz / images), or None."""
     from agent.config import ImagesSource, NpzSource
-    from agent.sources import BadInputs, make_source
+    from agent.infer.sources import BadInputs, make_source
 
     src_cfg = cfg.source  # type: ignore[attr-defined]
     if not isinstance(src_cfg, (NpzSource, ImagesSource)):
@@ -345,8 +345,8 @@ def cli_main(argv: list[str]) -> int:
 
     from agent.config import load_config
     from agent.configfile import ConfigError
-    from agent.profiles import load_profile
-    from agent.runtime import BlockRunner, PartitionError
+    from agent.infer.profiles import load_profile
+    from agent.infer.runtime import BlockRunner, PartitionError
 
     p = argparse.ArgumentParser(prog="knet-agent benchmark",
                                 description="time every block and codec of this partition")

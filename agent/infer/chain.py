@@ -36,17 +36,17 @@ from typing import TYPE_CHECKING, Any, Tuple
 
 import numpy as np
 
-from agent.codec import CodecError, decode, encode
-from agent.envelope import Envelope, EnvelopeError
 from agent.errors import KnetAgentError
-from agent.frames import BadInputs, FrameError, MqttFrames, Sample, coerce
+from agent.infer.frames import BadInputs, FrameError, MqttFrames, Sample, coerce
+from agent.wire.codec import CodecError, decode, encode
+from agent.wire.envelope import Envelope, EnvelopeError
 
 if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
 
     from agent.config import AgentConfig, ChainSection, UpstreamSource
-    from agent.link import Link
-    from agent.manifest import PartitionManifest
+    from agent.infer.manifest import PartitionManifest
+    from agent.mqtt.link import Link
 
 log = logging.getLogger(__name__)
 

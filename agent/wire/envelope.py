@@ -8,7 +8,7 @@ Layout (little-endian), version 1::
     device_len u8 | device utf-8 | meta_len u16 | meta JSON | payload_len u32 | payload
     crc32 u32 (of everything before it)
 
-The payload is a codec frame (``agent.codec``), self-describing and CRC-checked on its own.
+The payload is a codec frame (``agent.wire.codec``), self-describing and CRC-checked on its own.
 ``(device, session, seq)`` identifies a message for deduplication: ``session`` is new on
 every agent start, ``seq`` counts up within it.
 
@@ -30,7 +30,7 @@ deduplicates per sample with the same ``(device, session, seq)`` key as version 
 replayed batch stores nothing twice. A version-1 reader (``Envelope.unpack``, what older
 trainers run) refuses a batch with ``EnvelopeVersionError`` ("envelope version 2; this build
 reads 1"), counted as ``version``; ``unpack_any`` reads both. The batch's codec must split
-per sample (``agent.codec.batchable``: raw, fp16, uint8, int8).
+per sample (``agent.wire.codec.batchable``: raw, fp16, uint8, int8).
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ class BatchEnvelope:
 
     def envelopes(self, frames: list[bytes]) -> list[Envelope]:
         """One version-1 ``Envelope`` per sample, with its own frame (``frames[i]``, e.g.
-        from ``agent.codec.split_batch``): the samples a store's reader sees, as if sent one
+        from ``agent.wire.codec.split_batch``): the samples a store's reader sees, as if sent one
         by one (the store itself keeps the batch's frame once)."""
         if len(frames) != len(self.samples):
             raise EnvelopeError(f"{len(frames)} frames for {len(self.samples)} samples")

@@ -9,7 +9,7 @@ broken block; judging accuracy is the trainer's evaluation gate's job.
 
 Like is compared with like: the running version runs on the same canaries first, and only
 the inputs it handled sanely (input and output finite and within
-``agent.canary.SANE_MAGNITUDE``) are used, for the finiteness check as for the agreement.
+``agent.update.canary.SANE_MAGNITUDE``) are used, for the finiteness check as for the agreement.
 An input near float32's limit (any client allowed on the input topic can send 3e38
 everywhere) on which the running version is barely finite and a retrained block overflows
 says nothing about the update; a non-finite output on an ordinary input is a failure.
@@ -23,9 +23,9 @@ from typing import Literal
 
 import numpy as np
 
-from agent.canary import sane_rows
 from agent.compat import zip_strict
-from agent.runtime import BlockRunner
+from agent.infer.runtime import BlockRunner
+from agent.update.canary import sane_rows
 
 log = logging.getLogger(__name__)
 

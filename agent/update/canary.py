@@ -10,7 +10,7 @@ them is finite and within ``SANE_MAGNITUDE``. Any client allowed on the device's
 topic can send extreme but finite frames (3e38 everywhere); the running version may still
 produce finite outputs near float32's limit on them, a retrained block overflows to Inf,
 and a ring of those made every legitimate update fail its self-test. Such inputs are
-counted in ``skipped``; the self-test filters its inputs the same way (agent/selftest.py).
+counted in ``skipped``; the self-test filters its inputs the same way (agent/update/selftest.py).
 """
 
 from __future__ import annotations

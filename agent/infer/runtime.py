@@ -1,7 +1,7 @@
 """onnxruntime sessions for a partition: the only inference engine on a device.
 
 A ``BlockRunner`` is immutable once built: an update builds a new one beside the running
-one, self-tests it, and swaps the reference (``agent.pipeline.RunnerSlot``), so an input is
+one, self-tests it, and swaps the reference (``agent.infer.pipeline.RunnerSlot``), so an input is
 never processed by a half-updated chain.
 """
 
@@ -17,8 +17,8 @@ import onnxruntime as ort
 
 from agent.compat import zip_strict
 from agent.errors import KnetAgentError
-from agent.manifest import ManifestError, PartitionManifest
-from agent.profiles import CPU, FirmwareProfile
+from agent.infer.manifest import ManifestError, PartitionManifest
+from agent.infer.profiles import CPU, FirmwareProfile
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ class BlockRunner:
         once per runner (call it before a swap so the first input after it does not wait).
 
         ``fuse``: run the partition as one onnxruntime session whose outputs are every
-        boundary (``agent.fuse``); a partition that cannot be fused runs block by block.
+        boundary (``agent.infer.fuse``); a partition that cannot be fused runs block by block.
         None when a block's output is not float32 (then use :meth:`run`).
         """
         cached = self._bound
@@ -273,7 +273,7 @@ class BlockRunner:
                    for g, w in zip_strict(got, want))
 
     def _fused_session(self) -> ort.InferenceSession | None:
-        from agent.fuse import fuse_blocks, onnx_available
+        from agent.infer.fuse import fuse_blocks, onnx_available
 
         need_mb = 2 * _session_mb(self.manifest)  # the fused session holds them again
         if need_mb > self.profile.model_memory_mb:
@@ -317,7 +317,7 @@ class BoundChain:
 
     Every boundary is written into a buffer allocated once; block by block, each block reads
     the previous block's buffer in place, and a fused session (one session for the whole
-    partition, ``agent.fuse``) writes all of them in one run. Why: ``InferenceSession.run``
+    partition, ``agent.infer.fuse``) writes all of them in one run. Why: ``InferenceSession.run``
     builds a feed dict, allocates every output and wraps it for numpy on each call, and each
     run has a fixed cost; for five sub-millisecond blocks that is a third of a frame. The
     arrays :meth:`run` returns *are* those buffers, overwritten by the next call: a caller

@@ -46,10 +46,10 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent.compat import drop_out_messages, zip_strict
 from agent.mqtt.client import KnetClient, SubscribeError, Will, make_client
 from agent.mqtt.endpoint import LinkSettings
-from agent.netmeter import NetMeter
-from agent.spool import Spool
-from agent.topics import Topics, validate_id
+from agent.mqtt.netmeter import NetMeter
+from agent.mqtt.spool import Spool
 from agent.wire.control import Birth, DeviceState
+from agent.wire.topics import Topics, validate_id
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import IO, Union
 import numpy as np
 
 from agent.config import ImagesSource, MqttSource, NpzSource, UpstreamSource
-from agent.frames import (
+from agent.infer.frames import (
     UNTRUSTED_PARSE_ERRORS,
     BadInputs,
     FrameError,
@@ -30,8 +30,8 @@ from agent.frames import (
     decode_image,
 )
 
-# The frame vocabulary lives in agent.frames (which agent.chain builds on too); these names
-# stay importable from here.
+# The frame vocabulary lives in agent.infer.frames (which agent.infer.chain builds on too); these
+# names stay importable from here.
 __all__ = ["UNTRUSTED_PARSE_ERRORS", "BadInputs", "FrameError", "ImageDirectory", "MqttFrames",
            "NpzReplay", "Sample", "Source", "coerce", "decode_frame", "decode_image",
            "make_source"]
@@ -351,8 +351,8 @@ def make_source(cfg: NpzSource | ImagesSource | MqttSource | UpstreamSource,
                 input_shape: tuple[int, ...], bad: BadInputs | None = None) -> Source:
     """The source a ``[source]`` section describes; bad inputs go to ``bad``."""
     bad = bad if bad is not None else BadInputs()
-    if isinstance(cfg, UpstreamSource):  # a later stage of a chain (agent/chain.py)
-        from agent.chain import UpstreamFrames
+    if isinstance(cfg, UpstreamSource):  # a later stage of a chain (agent/infer/chain.py)
+        from agent.infer.chain import UpstreamFrames
 
         return UpstreamFrames(cfg, input_shape, bad)
     if isinstance(cfg, NpzSource):

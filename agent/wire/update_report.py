@@ -26,12 +26,12 @@ from agent.errors import KnetAgentError
 Status = Literal["downloading", "downloaded", "applied", "rejected", "rolled_back"]
 
 RejectReason = Literal[
-    # the manifest itself (agent.update_manifest.UpdateRejected reasons)
+    # the manifest itself (agent.update.update_manifest.UpdateRejected reasons)
     "malformed", "unsigned", "bad_signature", "unknown_key", "too_large", "wrong_fleet",
     "no_variant",
     # what the device decided about a valid manifest
     "not_targeted", "downgrade", "replayed", "incompatible",
-    # fetching the blocks (agent.blobs.BlobError reasons)
+    # fetching the blocks (agent.update.blobs.BlobError reasons)
     "hash_mismatch", "timeout", "cancelled",
     # installing them
     "self_test_failed", "health_degraded", "active_corrupt", "internal",

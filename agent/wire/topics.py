@@ -146,7 +146,7 @@ class Topics:
         return self.device(device, "bench")
 
     def chain(self, device: str) -> str:
-        """A chain stage's boundary activations for the next stage (``agent/chain.py``)."""
+        """A chain stage's boundary activations for the next stage (``agent/infer/chain.py``)."""
         return self.device(device, "chain")
 
     @property

@@ -27,9 +27,9 @@ from pydantic_core import PydanticCustomError
 
 from agent import safejson
 from agent.errors import KnetAgentError
-from agent.manifest import PartitionManifest
-from agent.signing import PublicKeys, as_key_map, verify
-from agent.topics import TopicError, validate_id
+from agent.infer.manifest import PartitionManifest
+from agent.update.signing import PublicKeys, as_key_map, verify
+from agent.wire.topics import TopicError, validate_id
 
 MAX_CHUNK_SIZE = 256 * 1024  # one MQTT message per chunk; small enough for a slow uplink
 MIN_CHUNK_SIZE = 4096  # tiny chunks would cost a device thousands of round trips

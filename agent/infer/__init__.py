@@ -1,0 +1,1 @@
+"""Running a partition: its manifest and profile, onnxruntime sessions, sources, stages."""
