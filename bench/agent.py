@@ -227,8 +227,8 @@ def run_agent_bench(model: str = "effnet-lite0", frames: int = 20_000, repeats: 
     from agent.infer.runtime import BlockRunner
     from agent.wire.topics import Topics
     from broker.launcher import Mosquitto
-    from cloud_trainer.export import export_partition
-    from cloud_trainer.train import model_inputs, trained_pair
+    from cloud_trainer.models.export import export_partition
+    from cloud_trainer.training.train import model_inputs, trained_pair
 
     if profile_dir is not None and py_spy() is None:
         raise RuntimeError("--profile needs py-spy (pip install py-spy)")

@@ -314,8 +314,8 @@ def run_chain_bench(frames: int = 300, plan_frames: int = 60, json_path: Path | 
     from agent.infer.profiles import load_profile
     from agent.infer.runtime import BlockRunner
     from broker.launcher import Mosquitto
-    from cloud_trainer.export import export_for_profile
-    from cloud_trainer.train import model_inputs
+    from cloud_trainer.models.export import export_for_profile
+    from cloud_trainer.training.train import model_inputs
 
     x = model_inputs(model, frames, seed=seed)
     with tempfile.TemporaryDirectory(prefix="knet-bench-chain-") as tmp:

@@ -51,8 +51,8 @@ def run_codec_bench(model: str = "digits", seed: int = 0, samples: int | None = 
 
     from agent.infer.profiles import load_profile
     from agent.infer.runtime import BlockRunner
-    from cloud_trainer.export import export_partition
-    from cloud_trainer.train import eval_set, trained_pair
+    from cloud_trainer.models.export import export_partition
+    from cloud_trainer.training.train import eval_set, trained_pair
 
     specs = list(codecs or DEFAULT_SWEEP)
     if "defer" not in specs:

@@ -3,7 +3,7 @@
 KnowledgeNet's second claim, measured on the ``digits`` zoo student trained from all 1,257
 labelled training images of scikit-learn's ``load_digits`` (8×8 digits; the MNIST-like
 fall-back: no installed package ships MNIST itself, and nothing is downloaded), scored on
-the 540-image test split. Three modes of one trainer (``cloud_trainer/disagg``), the same
+the 540-image test split. Three modes of one trainer (``cloud_trainer/training/disagg``), the same
 number of optimiser steps per block, the same batches, Adam + one-cycle at the same LR:
 
 * end-to-end backprop in one process (the reference);
@@ -42,8 +42,8 @@ import numpy as np
 from bench.report import command_line, console, print_table, write_json
 
 if TYPE_CHECKING:
-    from cloud_trainer.blocks import BlockModel
-    from cloud_trainer.disagg import TrainResult, TrainSpec
+    from cloud_trainer.models.blocks import BlockModel
+    from cloud_trainer.training.disagg import TrainResult, TrainSpec
 
 MODEL = "digits"
 STEPS, BATCH, LR, SHIFT = 600, 64, 3e-3, 1
@@ -64,7 +64,7 @@ ROWS = {"bp": "backprop, 1 process",
 
 
 def _spec(mode: str, workers: int, seed: int, steps: int, **kw: Any) -> TrainSpec:
-    from cloud_trainer.disagg import TrainSpec
+    from cloud_trainer.training.disagg import TrainSpec
 
     every = max(1, steps // CHECKPOINTS)
     return TrainSpec(mode=mode, workers=workers, steps=steps, batch_size=BATCH, lr=LR,  # type: ignore[arg-type]
@@ -74,7 +74,7 @@ def _spec(mode: str, workers: int, seed: int, steps: int, **kw: Any) -> TrainSpe
 
 def _accuracy_curve(init: BlockModel, r: TrainResult, x: np.ndarray,
                     y: np.ndarray) -> list[tuple[int, float]]:
-    from cloud_trainer.train import evaluate
+    from cloud_trainer.training.train import evaluate
 
     out = []
     for step in sorted(r.checkpoints):
@@ -91,7 +91,7 @@ def _true_cosines(init: BlockModel, r: TrainResult, x: np.ndarray,
     the true ∂L/∂h (backprop through the blocks above, eval mode, 256 test images)."""
     import torch
 
-    from cloud_trainer.disagg.synthetic import SyntheticGradient
+    from cloud_trainer.training.disagg.synthetic import SyntheticGradient
 
     xt = torch.from_numpy(np.array(x[:256], np.float32))
     yt = torch.from_numpy(np.array(y[:256], np.int64))
@@ -166,8 +166,8 @@ class _Runner:
         self.x, self.y, self.xt, self.yt = x, y, xt, yt
 
     def __call__(self, key: str, seed: int, spec: TrainSpec) -> dict[str, Any]:
-        from cloud_trainer.disagg import train_disaggregated
-        from cloud_trainer.zoo import get_pair
+        from cloud_trainer.models.zoo import get_pair
+        from cloud_trainer.training.disagg import train_disaggregated
 
         init = get_pair(MODEL, seed).student
         console.print(f"[dim]{key} seed {seed}: {spec.mode}, {spec.workers} worker(s)[/dim]")
@@ -303,9 +303,9 @@ def _goals(rows: list[dict[str, Any]], scaling: list[dict[str, Any]]) -> dict[st
 def run_disagg_bench(seeds: Sequence[int] = (0, 1, 2), steps: int = STEPS,
                      workers: Sequence[int] = (1, 2, 4), json_path: Path | str | None = None,
                      plot_path: Path | str | None = None) -> dict[str, Any]:
-    from cloud_trainer.data import digits_splits
-    from cloud_trainer.disagg.launch import resolve
-    from cloud_trainer.zoo import get_pair
+    from cloud_trainer.models.data import digits_splits
+    from cloud_trainer.models.zoo import get_pair
+    from cloud_trainer.training.disagg.launch import resolve
 
     t_start = time.perf_counter()
     load_before = os.getloadavg()

@@ -31,7 +31,7 @@ import numpy as np
 from bench.report import command_line, console, print_table, write_json
 
 if TYPE_CHECKING:
-    from cloud_trainer.blocks import BlockModel
+    from cloud_trainer.models.blocks import BlockModel
 
 MODEL = "digits"
 LR, BATCH, SHIFT, TEMPERATURE, ALPHA = 3e-3, 64, 1, 4.0, 0.5
@@ -51,7 +51,7 @@ def transfer_set(n: int, seed: int) -> np.ndarray:
     A larger ``n`` for the same seed contains the smaller one (per-class prefixes of one
     permutation). ``n`` ≥ the split size means the whole split.
     """
-    from cloud_trainer.data import digits_splits
+    from cloud_trainer.models.data import digits_splits
 
     y = digits_splits().y_train
     if n >= len(y):
@@ -68,8 +68,8 @@ def epochs_for(n: int, steps: int) -> int:
 
 def _student_runs(epochs: int) -> dict[str, Callable[..., BlockModel]]:
     """Rows 2-6: (teacher, initial student, x, y, seed) -> trained student."""
-    from cloud_trainer.distill import train_logit_kd, train_student_blockwise_from_inputs
-    from cloud_trainer.train import train_supervised
+    from cloud_trainer.training.distill import train_logit_kd, train_student_blockwise_from_inputs
+    from cloud_trainer.training.train import train_supervised
 
     common = {"epochs": epochs, "lr": LR, "batch_size": BATCH, "shift": SHIFT}
     kd = {**common, "temperature": TEMPERATURE, "alpha": ALPHA}
@@ -95,9 +95,9 @@ def _student_runs(epochs: int) -> dict[str, Callable[..., BlockModel]]:
 def _seed_scores(seed: int, transfer: int, steps: int,
                  rows: Sequence[str] = ROWS[1:]) -> dict[str, tuple[float, float]]:
     """Test accuracy (%) and training seconds of ``rows`` (and the teacher) for one seed."""
-    from cloud_trainer.data import digits_splits
-    from cloud_trainer.train import evaluate, trained_pair
-    from cloud_trainer.zoo import get_pair
+    from cloud_trainer.models.data import digits_splits
+    from cloud_trainer.models.zoo import get_pair
+    from cloud_trainer.training.train import evaluate, trained_pair
 
     split = digits_splits()
     pair = trained_pair(MODEL, seed)
@@ -118,10 +118,10 @@ def _seed_scores(seed: int, transfer: int, steps: int,
 def _mode_rows(seed: int, transfer: int, steps: int) -> list[dict[str, Any]]:
     """Label-free block-wise KT with each source of block inputs: accuracy and how close
     the student's own activations get to the teacher's at every boundary."""
-    from cloud_trainer.data import digits_splits
-    from cloud_trainer.distill import boundary_mse, train_student_blockwise_from_inputs
-    from cloud_trainer.train import evaluate, trained_pair
-    from cloud_trainer.zoo import get_pair
+    from cloud_trainer.models.data import digits_splits
+    from cloud_trainer.models.zoo import get_pair
+    from cloud_trainer.training.distill import boundary_mse, train_student_blockwise_from_inputs
+    from cloud_trainer.training.train import evaluate, trained_pair
 
     split = digits_splits()
     teacher = trained_pair(MODEL, seed).teacher
@@ -194,7 +194,7 @@ def run_distill_bench(seeds: Sequence[int] = (0, 1, 2, 3, 4), transfer: int = TR
                       steps: int = STEPS, json_path: Path | str | None = None,
                       plot_path: Path | str | None = None, modes: bool = True,
                       sweep: Sequence[int] = ()) -> dict[str, Any]:
-    from cloud_trainer.zoo import get_pair
+    from cloud_trainer.models.zoo import get_pair
 
     t0 = time.perf_counter()
     pair = get_pair(MODEL, 0)

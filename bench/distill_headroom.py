@@ -28,8 +28,8 @@ BATCH, LR, EVAL_TRAIN = 64, 3e-3, 960
 def _variants(block: int) -> dict[str, Any]:
     from torch import nn
 
-    from cloud_trainer.zoo import effnet
-    from cloud_trainer.zoo.efficientnet_lite import MBConv
+    from cloud_trainer.models.zoo import effnet
+    from cloud_trainer.models.zoo.efficientnet_lite import MBConv
 
     pair = effnet.build_pair("derived")
     full = nn.Sequential(*(copy.deepcopy(m) for m in pair.teacher.block(block).modules()
@@ -43,8 +43,8 @@ def run_headroom(block: int = 4, steps: int = 1500, seed: int = 0,
     import torch
     from torch.nn import functional as F
 
-    from cloud_trainer.train import scene_set
-    from cloud_trainer.zoo.effnet import BLOCK_ENDS
+    from cloud_trainer.models.zoo.effnet import BLOCK_ENDS
+    from cloud_trainer.training.train import scene_set
 
     if not 1 <= block <= len(BLOCK_ENDS):
         raise ValueError(f"--headroom takes a block made of MBConvs, 1-{len(BLOCK_ENDS)}, "

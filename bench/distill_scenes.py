@@ -5,7 +5,7 @@ The teacher is EfficientNet-Lite0 with its ImageNet weights; the only supervisio
 it says of each frame. Students are scored by *agreement*: the share of held-out frames on
 which the student's top-1 is the teacher's top-1, and the share on which the teacher's top-1
 is among the student's top 5 — on fresh frames of the training photos (in-scene) and on
-photos never trained on (out-of-scene; ``cloud_trainer.scenes``).
+photos never trained on (out-of-scene; ``cloud_trainer.models.scenes``).
 
 Rows, each at the same budget (``steps`` optimiser steps of batch ``BATCH`` over the same
 training frames, Adam + one-cycle at the same LR): logit KD only (Hinton, end to end);
@@ -31,7 +31,7 @@ from bench.report import command_line, console, print_table, write_json
 if TYPE_CHECKING:
     import torch
 
-    from cloud_trainer.blocks import BlockModel
+    from cloud_trainer.models.blocks import BlockModel
 
 MODEL = "effnet-lite0"
 LR, BATCH, TEMPERATURE, ALPHA = 3e-3, 32, 1.0, 0.5
@@ -48,9 +48,9 @@ def _trainers() -> dict[str, tuple[str, Trainer]]:
 
     Every row gets the same supervision at the logits — KD at T = 1 plus cross-entropy on
     the teacher's own top-1, no human label — and keeps batch-norm statistics frozen
-    (``cloud_trainer.distill.BlockFit``); block-wise rows from the derived student only run
+    (``cloud_trainer.training.distill.BlockFit``); block-wise rows from the derived student only run
     blocks 1-2, which are the teacher's own."""
-    from cloud_trainer.distill import train_logit_kd, train_student_blockwise_from_inputs
+    from cloud_trainer.training.distill import train_logit_kd, train_student_blockwise_from_inputs
 
     def kd(t: BlockModel, s: BlockModel, x: np.ndarray, y: np.ndarray, epochs: int,
            seed: int) -> BlockModel:
@@ -123,8 +123,8 @@ def swap_agreement(teacher: BlockModel, student: BlockModel, acts: Sequence[torc
 
 
 def _seed_scores(seed: int, steps: int, rows: Sequence[str]) -> dict[str, dict[str, Any]]:
-    from cloud_trainer.train import scene_set
-    from cloud_trainer.zoo import effnet
+    from cloud_trainer.models.zoo import effnet
+    from cloud_trainer.training.train import scene_set
 
     derived = effnet.build_pair("derived")
     import torch
@@ -202,9 +202,9 @@ def run_scene_distill_bench(seeds: Sequence[int] = (0, 1, 2), steps: int = STEPS
                             scratch_seeds: int = 1) -> dict[str, Any]:
     """The table above; the from-scratch rows run on the first ``scratch_seeds`` seeds only
     (each row is minutes of CPU; they answer "derived or scratch?", not the goal)."""
-    from cloud_trainer.scenes import IN_SCENE
-    from cloud_trainer.train import scene_set
-    from cloud_trainer.zoo import effnet
+    from cloud_trainer.models.scenes import IN_SCENE
+    from cloud_trainer.models.zoo import effnet
+    from cloud_trainer.training.train import scene_set
 
     t0 = time.perf_counter()
     pair = effnet.build_pair()

@@ -14,7 +14,7 @@ the agent's at-least-once publish path — sending real activation envelopes
 (``agent.wire.envelope``) whose payloads are the digits student's block-1 outputs, computed once
 by one shared onnxruntime session in this process and encoded with the agent's codec (the
 workers get the encoded bytes). The update is a real signed manifest pushed by
-``cloud_trainer.publisher.BlobPublisher`` (the trainer's publisher); each device verifies
+``cloud_trainer.release.publisher.BlobPublisher`` (the trainer's publisher); each device verifies
 it (``parse_signed`` with the fleet key) and downloads the changed blocks through
 ``agent.update.blobs.BlobFetcher`` into its own ``BlobCache`` (chunk and block sha256 checks).
 
@@ -108,8 +108,8 @@ def _payloads(work: Path, codec: str, n: int = 64) -> tuple[list[bytes], Path]:
     from agent.infer.profiles import load_profile
     from agent.infer.runtime import BlockRunner
     from agent.wire.codec import encode
-    from cloud_trainer.export import export_partition
-    from cloud_trainer.train import eval_set
+    from cloud_trainer.models.export import export_partition
+    from cloud_trainer.training.train import eval_set
     from knet_lab.deployed import deployed_student
 
     model_dir = work / "model-v1"
@@ -140,7 +140,7 @@ def _trainer_config(work: Path, port: int, key: Path) -> Path:
 
 
 def _store_rows(db: Path) -> list[tuple[str, int, int, float, float]]:
-    from cloud_trainer.store import _from_i64
+    from cloud_trainer.ingest.store import _from_i64
 
     if not db.exists():
         return []
@@ -445,10 +445,10 @@ def _expect_all(workers: list[Worker], event: str, timeout: float,
 
 
 def _signed_update(work: Path, key_path: Path) -> tuple[bytes, Any, int]:
-    from cloud_trainer.export import export_partition
-    from cloud_trainer.keys import load_private_key, sign_manifest
-    from cloud_trainer.publisher import make_update
-    from cloud_trainer.train import trained_pair
+    from cloud_trainer.models.export import export_partition
+    from cloud_trainer.release.keys import load_private_key, sign_manifest
+    from cloud_trainer.release.publisher import make_update
+    from cloud_trainer.training.train import trained_pair
 
     v2_dir = work / "model-v2"
     part = export_partition(trained_pair("digits").student, v2_dir, model_id="digits",
@@ -464,7 +464,7 @@ def _rollout(workers: list[Worker], devices: int, work: Path, key_path: Path, po
     from agent.mqtt.client import make_client
     from agent.mqtt.endpoint import MqttEndpoint
     from agent.wire.topics import Topics
-    from cloud_trainer.publisher import BlobPublisher
+    from cloud_trainer.release.publisher import BlobPublisher
 
     signed, files, size = _signed_update(work, key_path)
     result["update_bytes"] = size
@@ -516,7 +516,7 @@ def run_fleet_bench(devices: int, *, duration_s: float = 20.0, rate_hz: float = 
     not connect, a worker that died) is reported in the result, next to what was measured."""
     from broker.config import BrokerSettings
     from broker.launcher import Mosquitto, free_port
-    from cloud_trainer.keys import generate_keypair
+    from cloud_trainer.release.keys import generate_keypair
 
     if devices < 1 or per_worker < 1:
         raise ValueError(f"devices ({devices}) and per_worker ({per_worker}) must be >= 1")

@@ -50,8 +50,8 @@ def model_activations(model: str, boundary: int, workdir: Path,
     input at a time on onnxruntime as on a device: what a real fleet of this model uplinks."""
     from agent.infer.profiles import load_profile
     from agent.infer.runtime import BlockRunner
-    from cloud_trainer.export import export_partition
-    from cloud_trainer.train import model_inputs, trained_pair
+    from cloud_trainer.models.export import export_partition
+    from cloud_trainer.training.train import model_inputs, trained_pair
 
     student = trained_pair(model).student.eval()
     manifest = export_partition(student, workdir, model_id=model, model_version=1)
@@ -189,8 +189,8 @@ def run_ingest_bench(messages: int = 20_000, payload_codec: str = "uint8+lz4",
     """
     from agent.wire.topics import Topics
     from broker.launcher import Mosquitto
-    from cloud_trainer.ingest import Ingestor, IngestSettings
-    from cloud_trainer.store import SQLiteSampleStore
+    from cloud_trainer.ingest.ingestor import Ingestor, IngestSettings
+    from cloud_trainer.ingest.store import SQLiteSampleStore
 
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="knet-bench-ingest-") as tmp:

@@ -2,7 +2,7 @@
 per store backend and replica count, side by side in one run.
 
 Each replica is its own process (an ``Ingestor`` with a plain persistent session, storing
-the devices its index owns by hash: ``cloud_trainer/partition.py``), as `knet-trainer`
+the devices its index owns by hash: ``cloud_trainer/ingest/partition.py``), as `knet-trainer`
 replicas are; the publisher is another process (``bench/ingest.py``), the broker a private
 Mosquitto, PostgreSQL a private server with fsync on (``cloud_trainer/storage/launcher.py``).
 The clock runs from the first publish until the store holds every message; the run fails
@@ -35,10 +35,10 @@ def cpu_seconds(pid: int) -> float:
 
 def _open_store(spec: dict[str, Any]) -> Any:
     if spec["kind"] == "sqlite":
-        from cloud_trainer.store import SQLiteSampleStore
+        from cloud_trainer.ingest.store import SQLiteSampleStore
 
         return SQLiteSampleStore(Path(spec["path"]))
-    from cloud_trainer.storage.postgres import PostgresSampleStore
+    from cloud_trainer.ingest.postgres import PostgresSampleStore
 
     return PostgresSampleStore(spec["conninfo"])
 
@@ -48,7 +48,7 @@ def _replica(port: int, spec: dict[str, Any], index: int, count: int, validation
              result: Any) -> None:
     """Child process: one ingest replica until ``stop``; reports its counters."""
     from agent.wire.topics import Topics
-    from cloud_trainer.ingest import Ingestor, IngestSettings
+    from cloud_trainer.ingest.ingestor import Ingestor, IngestSettings
 
     store = _open_store(spec)
     settings = IngestSettings(port=port, client_id=f"bench-ingest-{index}", shared=False,

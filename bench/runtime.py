@@ -29,8 +29,8 @@ def run_runtime_bench(model: str = "effnet-lite0", seed: int = 0, repeats: int =
     import onnxruntime as ort
     import torch
 
-    from cloud_trainer.export import export_partition
-    from cloud_trainer.train import model_inputs, trained_pair
+    from cloud_trainer.models.export import export_partition
+    from cloud_trainer.training.train import model_inputs, trained_pair
 
     torch.set_num_threads(threads)
     pair = trained_pair(model, seed=seed)

@@ -57,8 +57,8 @@ def export_version(out: Path, version: int, transform: Callable[[Any], None] | N
     import torch
 
     from agent.infer.manifest import PartitionManifest
-    from cloud_trainer.export import export_partition
-    from cloud_trainer.zoo import get_pair
+    from cloud_trainer.models.export import export_partition
+    from cloud_trainer.models.zoo import get_pair
 
     if (out / "manifest.json").is_file():
         return PartitionManifest.load(out / "manifest.json")
@@ -161,8 +161,8 @@ def _publish_running(pub: Any, base: Path, key: Any) -> None:
     """The manifest of what the devices run (as a trainer would have published it), so
     the publisher pushes only what changes after it; devices see it and ignore it."""
     from agent.infer.manifest import PartitionManifest
-    from cloud_trainer.keys import sign_manifest
-    from cloud_trainer.publisher import make_update
+    from cloud_trainer.release.keys import sign_manifest
+    from cloud_trainer.release.publisher import make_update
 
     part = PartitionManifest.load(base / "manifest.json")
     manifest, files = make_update(FLEET, "digits", 1, {"": (part, base)})
@@ -173,8 +173,8 @@ def _fleet_run(work: Path, devices: int, change: str, base: Path, key_pem: Path,
                key: Any, inputs: Path, rate_hz: float, push_delay: float) -> dict[str, Any]:
     from agent.wire.topics import Topics
     from broker.launcher import Mosquitto
-    from cloud_trainer.keys import sign_manifest
-    from cloud_trainer.publisher import BlobPublisher, PublisherSettings, make_update
+    from cloud_trainer.release.keys import sign_manifest
+    from cloud_trainer.release.publisher import BlobPublisher, PublisherSettings, make_update
 
     part = export_version(work.parent / f"v2-{change}", 2, perturb(CHANGES[change]))
     manifest, files = make_update(FLEET, "digits", 2, {"": (part, work.parent /
@@ -212,8 +212,8 @@ def _stall_run(work: Path, change: str, base: Path, key_pem: Path, key: Any, inp
     per update, the longest inference gap while it installs vs just before it."""
     from agent.wire.topics import Topics
     from broker.launcher import Mosquitto
-    from cloud_trainer.keys import sign_manifest
-    from cloud_trainer.publisher import BlobPublisher, PublisherSettings, make_update
+    from cloud_trainer.release.keys import sign_manifest
+    from cloud_trainer.release.publisher import BlobPublisher, PublisherSettings, make_update
 
     updates = []
     for version in range(2, repeats + 2):
@@ -270,7 +270,7 @@ def run_update_bench(devices: tuple[int, ...] = (1, 5, 10),
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from bench.report import command_line, print_table, write_json
-    from cloud_trainer.data import digits_splits
+    from cloud_trainer.models.data import digits_splits
 
     fleet_rows, stall_rows = [], []
     with tempfile.TemporaryDirectory(prefix="knet-bench-update-") as tmp:

@@ -31,7 +31,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy.exc import SQLAlchemyError
 
-from cloud_trainer.runs import RunLog
+from cloud_trainer.release.runs import RunLog
 from cloud_trainer.trainer_config import JobSection, TrainerConfig
 
 if TYPE_CHECKING:

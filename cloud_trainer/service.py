@@ -59,29 +59,34 @@ from agent.wire.control import ControlMessageError, RunSummary, TrainerState
 from agent.wire.topics import TopicError, TopicKind
 from agent.wire.update_report import UpdateReport, UpdateReportError
 from cloud_trainer.errors import KnetTrainerError
-from cloud_trainer.fleet import FleetTable
 from cloud_trainer.guard import RateLimitedLog, ThreadDeathWatch, guard_callback
-from cloud_trainer.keys import load_private_key, secret_share_group
-from cloud_trainer.publisher import BlobPublisher
-from cloud_trainer.registry import Registry
-from cloud_trainer.retrain import ModelRuntime, ProgressSink, Retrainer, ensure_initial_version
-from cloud_trainer.runs import Run, RunLog
+from cloud_trainer.ingest.fleet import FleetTable
+from cloud_trainer.ingest.store import SampleStore, SQLiteSampleStore, StoreLimits
+from cloud_trainer.release.keys import load_private_key, secret_share_group
+from cloud_trainer.release.publisher import BlobPublisher
+from cloud_trainer.release.registry import Registry
+from cloud_trainer.release.runs import Run, RunLog
 
 # scheduled_run stays importable from here: job stores written before scheduler.py
 # existed reference it as cloud_trainer.service:scheduled_run.
 from cloud_trainer.scheduler import JobScheduler, make_trigger, scheduled_run
-from cloud_trainer.store import SampleStore, SQLiteSampleStore, StoreLimits
 from cloud_trainer.subsystem import Managed, Subsystems
 from cloud_trainer.trainer_config import TrainerConfig
+from cloud_trainer.training.retrain import (
+    ModelRuntime,
+    ProgressSink,
+    Retrainer,
+    ensure_initial_version,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
-    from cloud_trainer.console.server import ConsoleServer
-    from cloud_trainer.ingest import Ingestor
+    from cloud_trainer.ingest.ingestor import Ingestor
     from cloud_trainer.metrics import MetricsEndpoint
     from cloud_trainer.plan.adaptive import CutAdapter
-    from cloud_trainer.serve import SplitServer
+    from cloud_trainer.serve.console.server import ConsoleServer
+    from cloud_trainer.serve.split import SplitServer
     from cloud_trainer.storage.leader import LeaderLock
 
 log = logging.getLogger(__name__)
@@ -202,7 +207,7 @@ class TrainerService:
         self.ingestor: Ingestor | None = None  # [ingest]
         self.split: SplitServer | None = None  # [split]
         self.adapter: CutAdapter | None = None  # cloud_trainer/plan/adaptive.py, [adapt]
-        self.console: ConsoleServer | None = None  # cloud_trainer/console/, [console]
+        self.console: ConsoleServer | None = None  # cloud_trainer/serve/console/, [console]
         self.metrics_endpoint: MetricsEndpoint | None = None  # metrics.py, [metrics]
         self.leader: LeaderLock | None = None  # storage/leader.py, with [database]
         self.scheduler: JobScheduler | None = None  # in the leader only, with [database]
@@ -332,9 +337,9 @@ class TrainerService:
             self.runs = RunLog(cfg.registry_dir)
             self.store = SQLiteSampleStore(cfg.store_dir, limits)
             return
+        from cloud_trainer.ingest.postgres import PostgresSampleStore
         from cloud_trainer.storage import fence, migrate
         from cloud_trainer.storage.engine import make_engine
-        from cloud_trainer.storage.postgres import PostgresSampleStore
 
         db = cfg.database
         self.engine = make_engine(db)
@@ -502,13 +507,13 @@ class TrainerService:
                 log.warning("cannot serve %s's current manifest %s: %s", model_id, path, exc)
 
     def _start_ingest(self) -> None:
-        from cloud_trainer.ingest import Ingestor, IngestSettings
+        from cloud_trainer.ingest.ingestor import Ingestor, IngestSettings
 
         cfg, ing = self.config, self.config.ingest
         settings = cfg.mqtt.connection("ingest").derive(
             IngestSettings, client_id=f"knet-ingest-{cfg.trainer.id}",
             # A name only key holders can derive: a device cannot join the group and take
-            # activations from it (cloud_trainer/keys.py, docs/broker.md).
+            # activations from it (cloud_trainer/release/keys.py, docs/broker.md).
             share_group=secret_share_group(ing.share_group, self.key), shared=ing.shared,
             partitions=ing.replicas, partition=ing.replica,
             receive_maximum=ing.receive_maximum, max_payload=ing.max_payload,
@@ -524,7 +529,7 @@ class TrainerService:
         self.parts.start("ingest", Managed(lambda: ingestor.start(wait=False), ingestor.stop))
 
     def _start_split(self) -> None:
-        from cloud_trainer.serve import SplitServer
+        from cloud_trainer.serve.split import SplitServer
 
         cfg = self.config
         model_id = cfg.split.model or next(iter(cfg.models))
@@ -548,7 +553,7 @@ class TrainerService:
             self.adapter.attach(self.client, self.topics)
 
     def _start_console(self) -> None:
-        from cloud_trainer.console.server import ConsoleServer
+        from cloud_trainer.serve.console.server import ConsoleServer
 
         self.console = ConsoleServer(self, self.config.console)
         self.parts.start("console", self.console)

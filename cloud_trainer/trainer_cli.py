@@ -25,7 +25,7 @@ console = Console()
 
 
 def _registry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
-    from cloud_trainer.registry import Registry
+    from cloud_trainer.release.registry import Registry
 
     return Registry(args.registry)
 
@@ -62,8 +62,8 @@ def _models_rollback(args: argparse.Namespace) -> int:
 def _serve_split(args: argparse.Namespace) -> int:
     from agent.mqtt.endpoint import MqttEndpoint
     from agent.wire.topics import Topics
-    from cloud_trainer.serve import SplitServer
-    from cloud_trainer.train import trained_pair
+    from cloud_trainer.serve.split import SplitServer
+    from cloud_trainer.training.train import trained_pair
 
     pair = trained_pair(args.model, seed=args.seed)
     endpoint = MqttEndpoint(host=args.host, port=args.port, username=args.username,
@@ -167,7 +167,7 @@ def _jobs_list(args: argparse.Namespace) -> int:
 def _jobs_run_now(args: argparse.Namespace) -> int:
     import time
 
-    from cloud_trainer.runs import RunLog
+    from cloud_trainer.release.runs import RunLog
     from cloud_trainer.service import SchedulerLocked, TrainerService, lock_info, request_run_now
 
     config = _load_config(args)
@@ -294,10 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "--registry" not in (argv if argv is not None else sys.argv):
         args.registry = _load_config(args).registry_dir
     from agent.configfile import ConfigError
-    from cloud_trainer.registry import RegistryError
+    from cloud_trainer.ingest.store import StoreError
+    from cloud_trainer.release.registry import RegistryError
     from cloud_trainer.service import SchedulerLocked
     from cloud_trainer.storage.migrate import SchemaError
-    from cloud_trainer.store import StoreError
 
     try:
         return int(args.func(args))

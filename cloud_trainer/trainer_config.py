@@ -26,11 +26,11 @@ from pydantic import (
 from agent.configfile import ConfigError, load_model, resolve_path
 from agent.mqtt.endpoint import MqttEndpoint
 from agent.wire.topics import Topics, validate_id
-from cloud_trainer.console.config import ConsoleSection
+from cloud_trainer.serve.console.config import ConsoleSection
 from cloud_trainer.storage.config import DatabaseSection
 
 if TYPE_CHECKING:
-    from cloud_trainer.blocks import ModelPair
+    from cloud_trainer.models.blocks import ModelPair
 
 _STRICT = ConfigDict(extra="forbid")
 
@@ -91,8 +91,8 @@ class ModelSection(BaseModel):
     ``zoo`` (default ``digits``) or ``factory`` (``package.module:factory``, with optional
     ``weights`` relative to this file): exactly one. A factory is imported and called at
     load time, so a wrong path, return type, shape or weights file fails here
-    (``cloud_trainer.zoo.refs``). ``input_shape`` and ``cuts`` apply to a factory that
-    returns a plain module (cut at traced candidates, ``cloud_trainer.cuts``).
+    (``cloud_trainer.models.zoo.refs``). ``input_shape`` and ``cuts`` apply to a factory that
+    returns a plain module (cut at traced candidates, ``cloud_trainer.models.cuts``).
     """
 
     model_config = _STRICT
@@ -111,7 +111,7 @@ class ModelSection(BaseModel):
     @field_validator("zoo")
     @classmethod
     def _zoo(cls, v: str | None) -> str | None:
-        from cloud_trainer.zoo import zoo_names
+        from cloud_trainer.models.zoo import zoo_names
 
         if v is not None and v not in zoo_names():
             raise ValueError(f"no zoo model {v!r}; choose from {', '.join(zoo_names())}")
@@ -120,7 +120,7 @@ class ModelSection(BaseModel):
     @field_validator("factory")
     @classmethod
     def _factory(cls, v: str | None) -> str | None:
-        from cloud_trainer.zoo.refs import ModelRef, ModelRefError
+        from cloud_trainer.models.zoo.refs import ModelRef, ModelRefError
 
         if v is not None:
             try:
@@ -142,7 +142,7 @@ class ModelSection(BaseModel):
                     raise ValueError(f"{key}: only for a factory model (a zoo model has "
                                      "its own blocks and trained weights)")
             return self
-        from cloud_trainer.zoo.refs import ModelRefError
+        from cloud_trainer.models.zoo.refs import ModelRefError
 
         try:
             self.load_pair()  # import, call, check shapes and weights now, not mid-run
@@ -162,10 +162,10 @@ class ModelSection(BaseModel):
         """The pair this section stands for: the trained zoo pair (cached), or the
         factory's models with ``weights`` loaded (its version 1, no training on labels)."""
         if self.factory is None:
-            from cloud_trainer.train import trained_pair
+            from cloud_trainer.training.train import trained_pair
 
             return trained_pair(str(self.zoo), seed=self.seed)
-        from cloud_trainer.zoo.refs import resolve_pair
+        from cloud_trainer.models.zoo.refs import resolve_pair
 
         return resolve_pair(self.factory, seed=self.seed, weights=self.weights,
                             input_shape=self.input_shape, cuts=self.cuts)
@@ -200,7 +200,7 @@ class IngestSection(BaseModel):
     enabled: bool = True
     share_group: str = "trainers"
     # Lossless by default: a plain persistent subscription, restored by the broker after a
-    # restart; replicas split the fleet by device hash (cloud_trainer/partition.py). true:
+    # restart; replicas split the fleet by device hash (cloud_trainer/ingest/partition.py). true:
     # the broker's shared subscription, only on a broker that keeps shared sessions across
     # restarts (not Mosquitto 2.0: 579 of 900 lost, docs/deploy.md).
     shared: bool = Field(False, description="true: $share group (see docs/deploy.md first)")

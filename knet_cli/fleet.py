@@ -147,7 +147,7 @@ def _new_token(args: argparse.Namespace) -> int:
     """Append a new token's hashed line to the tokens file; print the token once."""
     import secrets
 
-    from cloud_trainer.console.auth import TokenFileError, token_line
+    from cloud_trainer.serve.console.auth import TokenFileError, token_line
 
     token = secrets.token_urlsafe(24)
     try:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cloud_trainer.modelref import model_ref, zoo_name
+from cloud_trainer.models.modelref import model_ref, zoo_name
 from knet_cli.plan import model_source_args
 
 Handler = Callable[[argparse.Namespace], int]
@@ -168,7 +168,7 @@ def _bench_chain(args: argparse.Namespace) -> int:
 
 
 def _bundle(args: argparse.Namespace) -> int:
-    from cloud_trainer.bundle import BundleError, build_device_bundle
+    from cloud_trainer.release.bundle import BundleError, build_device_bundle
 
     try:
         path = build_device_bundle(args.profile, args.out, arch=args.arch, python=args.python,
@@ -308,7 +308,7 @@ def _broker_revoke(args: argparse.Namespace) -> int:
 
 
 def _keys_gen(args: argparse.Namespace) -> int:
-    from cloud_trainer.keys import KeyExistsError, generate_keypair
+    from cloud_trainer.release.keys import KeyExistsError, generate_keypair
 
     try:
         private, public = generate_keypair(args.dir, name=args.name)
@@ -321,9 +321,9 @@ def _keys_gen(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from cloud_trainer.cuts import CutError
-    from cloud_trainer.export import export_for_profile
-    from cloud_trainer.zoo.refs import ModelRefError
+    from cloud_trainer.models.cuts import CutError
+    from cloud_trainer.models.export import export_for_profile
+    from cloud_trainer.models.zoo.refs import ModelRefError
 
     try:
         manifest = export_for_profile(args.model.text, args.profile, Path(args.out),
@@ -342,8 +342,8 @@ def _cuts(args: argparse.Namespace) -> int:
     import json
 
     from bench.report import print_table
-    from cloud_trainer.cuts import CutError, analyse, plot_cuts, select_cuts
-    from cloud_trainer.zoo.refs import ModelRefError, load_ref
+    from cloud_trainer.models.cuts import CutError, analyse, plot_cuts, select_cuts
+    from cloud_trainer.models.zoo.refs import ModelRefError, load_ref
 
     try:
         loaded = load_ref(args.model, weights=args.weights, input_shape=args.input_shape,

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cloud_trainer.modelref import model_ref
+from cloud_trainer.models.modelref import model_ref
 
 if TYPE_CHECKING:
     from cloud_trainer.plan.solver import Plan, Problem
@@ -88,9 +88,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 def run_bench(args: argparse.Namespace) -> int:
     from agent.infer.blockbench import DEFAULT_CODECS
-    from cloud_trainer.cuts import CutError
+    from cloud_trainer.models.cuts import CutError
+    from cloud_trainer.models.zoo.refs import ModelRefError
     from cloud_trainer.plan.localbench import bench_model
-    from cloud_trainer.zoo.refs import ModelRefError
 
     roles = ["student", "teacher"] if args.role == "both" else [args.role]
     for role in roles:
@@ -144,8 +144,8 @@ def run_plan(args: argparse.Namespace) -> int:
     print_plans(problem, plans, args.objective)
     extra: dict[str, object] = {"network": str(args.network)}
     if args.deploy:
-        from cloud_trainer.cuts import CutError
-        from cloud_trainer.zoo.refs import ModelRefError
+        from cloud_trainer.models.cuts import CutError
+        from cloud_trainer.models.zoo.refs import ModelRefError
 
         try:
             extra["deploy"] = deploy(problem, plans, net, args)
@@ -177,7 +177,7 @@ def deploy(problem: object, plans: list, net: object, args: argparse.Namespace
                 continue
             if not args.model:
                 raise SystemExit("knet plan: --deploy needs --model (a zoo name) or --export")
-            from cloud_trainer.export import export_for_profile
+            from cloud_trainer.models.export import export_for_profile
 
             d = Path(tmp.name) / f"{node.profile}-{node.role}"  # type: ignore[union-attr]
             export_for_profile(args.model.text, node.profile, d, role=node.role,

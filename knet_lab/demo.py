@@ -46,7 +46,7 @@ from rich.table import Table
 from rich.text import Text
 
 from broker.launcher import free_port
-from cloud_trainer.modelref import zoo_name
+from cloud_trainer.models.modelref import zoo_name
 from knet_lab.fleet import Lab, LabSettings, device_specs
 
 console = RichConsole(width=None if sys.stdout.isatty() else 140)
@@ -319,7 +319,7 @@ def store_keys(lab: Lab) -> set[tuple[str, int, int]]:
     db = next(iter(sorted(path.glob("*.sqlite*"))), None) if path.is_dir() else None
     if db is None:
         return set()
-    from cloud_trainer.store import _from_i64
+    from cloud_trainer.ingest.store import _from_i64
 
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
     try:
@@ -490,9 +490,9 @@ def held_out(lab: Lab, spec: object, versions: set[int]) -> dict[str, dict[str, 
     on the drifted test frames, which the trainer also trained on, label-free)."""
     import copy
 
-    from cloud_trainer.registry import Registry
-    from cloud_trainer.train import evaluate, train_data
-    from cloud_trainer.zoo import zoo_entry
+    from cloud_trainer.models.zoo import zoo_entry
+    from cloud_trainer.release.registry import Registry
+    from cloud_trainer.training.train import evaluate, train_data
     from knet_lab.drift import DriftSpec, apply_drift
 
     assert isinstance(spec, DriftSpec)
@@ -556,9 +556,9 @@ def build_feeds(model: str, devices: Sequence[str], spec: object, teacher: Any,
     camera ``i`` looks at its own scene (``DEMO_SCENES``), fresh frames never trained on,
     labelled with the teacher's top-1 on the undrifted frame — the truth a user cares about.
     """
-    from cloud_trainer.scenes import scene_frames
-    from cloud_trainer.train import eval_set, evaluate, teacher_top1
-    from cloud_trainer.zoo import zoo_entry
+    from cloud_trainer.models.scenes import scene_frames
+    from cloud_trainer.models.zoo import zoo_entry
+    from cloud_trainer.training.train import eval_set, evaluate, teacher_top1
     from knet_lab.drift import DriftSpec, apply_drift
 
     assert isinstance(spec, DriftSpec)
@@ -568,7 +568,7 @@ def build_feeds(model: str, devices: Sequence[str], spec: object, teacher: Any,
         xd = apply_drift(x, spec, normalised=norm)
         shared = Feed(x, y, xd, evaluate(teacher, xd, y))
         return dict.fromkeys(devices, shared)
-    from cloud_trainer.zoo.effnet import IMAGE_SIZE
+    from cloud_trainer.models.zoo.effnet import IMAGE_SIZE
 
     feeds = {}
     for i, d in enumerate(devices):
@@ -582,7 +582,7 @@ def build_feeds(model: str, devices: Sequence[str], spec: object, teacher: Any,
 
 def _feed_accuracy(model: Any, feeds: dict[str, Feed]) -> dict[str, float]:
     """Accuracy over every camera's frames, clean and drifted (each feed counted once)."""
-    from cloud_trainer.train import evaluate
+    from cloud_trainer.training.train import evaluate
 
     unique = list({id(f): f for f in feeds.values()}.values())
     n = sum(len(f.x) for f in unique)
@@ -644,8 +644,8 @@ def _report(lab: Lab, sc: Scenario, spec: Any, summary: dict[str, Any], out: Pat
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from cloud_trainer.train import trained_pair
-    from cloud_trainer.zoo import get_pair, zoo_entry
+    from cloud_trainer.models.zoo import get_pair, zoo_entry
+    from cloud_trainer.training.train import trained_pair
     from knet_lab.drift import default_spec
 
     out: Path = args.out.resolve()
@@ -724,7 +724,7 @@ def _announce_console(lab: Lab) -> None:
 
 def add_arguments(d: argparse.ArgumentParser) -> None:
     """The `knet demo` options (knet_cli/main.py registers the subcommand)."""
-    from cloud_trainer.zoo import zoo_names
+    from cloud_trainer.models.zoo import zoo_names
     from knet_lab.drift import DRIFTS
 
     d.add_argument("--model", type=zoo_name, default="digits",

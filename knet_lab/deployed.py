@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from cloud_trainer.blocks import BlockModel, ModelPair
-from cloud_trainer.distill import train_student_blockwise_from_inputs
-from cloud_trainer.train import RECIPES, cache_path, train_data, trained_pair
-from cloud_trainer.zoo import zoo_entry
+from cloud_trainer.models.blocks import BlockModel, ModelPair
+from cloud_trainer.models.zoo import zoo_entry
+from cloud_trainer.training.distill import train_student_blockwise_from_inputs
+from cloud_trainer.training.train import RECIPES, cache_path, train_data, trained_pair
 
 log = logging.getLogger(__name__)
 EPOCHS = {"digits": 30, "vision": 5}

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from cloud_trainer.data import _MEAN, _STD
+from cloud_trainer.models.data import _MEAN, _STD
 
 DRIFTS = ("noise", "blur", "contrast", "rotation", "inversion", "brightness")
 

@@ -391,7 +391,7 @@ class Lab:
     def prepare(self, progress: Callable[[str], None] = lambda _m: None) -> None:
         """Credentials, keys, the deployed student's export per profile, all config files."""
         from broker.provision import provision_device, provision_trainer
-        from cloud_trainer.keys import generate_keypair
+        from cloud_trainer.release.keys import generate_keypair
 
         self.root.mkdir(parents=True, exist_ok=True)
         progress("provisioning the broker: per-device credentials and ACLs")
@@ -423,9 +423,9 @@ class Lab:
         """
         from agent.infer.manifest import PartitionManifest
         from agent.infer.profiles import load_profile
-        from cloud_trainer.export import target_for_ort
-        from cloud_trainer.retrain import ExportCache
-        from cloud_trainer.train import trained_pair
+        from cloud_trainer.models.export import target_for_ort
+        from cloud_trainer.training.retrain import ExportCache
+        from cloud_trainer.training.train import trained_pair
         from knet_lab.deployed import deployed_student
 
         self.pair = trained_pair(self.s.model, seed=self.s.seed)
@@ -443,7 +443,7 @@ class Lab:
 
     def _seed_registry(self) -> None:
         """Version 1 = the deployed student, before the trainer would register the zoo one."""
-        from cloud_trainer.registry import Registry
+        from cloud_trainer.release.registry import Registry
 
         reg = Registry(self.trainer_dir / "registry")
         if reg.deployed(self.s.model) is None and not reg.versions(self.s.model):
@@ -468,7 +468,7 @@ class Lab:
             "models": {s.model: {"zoo": s.model, "seed": s.seed,
                                  "profiles": sorted({d.profile for d in s.devices})}},
             # One trainer on Mosquitto: a plain subscription survives broker restarts, a
-            # shared one does not (cloud_trainer/ingest.py, docs/deploy.md).
+            # shared one does not (cloud_trainer/ingest/ingestor.py, docs/deploy.md).
             "ingest": {"enabled": True, "shared": False},
             "jobs": [{
                 "id": f"{s.model}-retrain", "model": s.model, "interval_s": s.interval_s,
@@ -500,7 +500,7 @@ class Lab:
         in ``console.token`` (0600) and stored hashed in ``console.tokens``."""
         import secrets
 
-        from cloud_trainer.console.auth import token_line
+        from cloud_trainer.serve.console.auth import token_line
 
         token = secrets.token_urlsafe(24)
         tokens = self.root / "console.tokens"
@@ -688,7 +688,7 @@ class Lab:
 
     # --- the trainer's store, read after the trainer stopped
     def stored_keys(self) -> set[tuple[str, int, int]]:
-        from cloud_trainer.store import SQLiteSampleStore
+        from cloud_trainer.ingest.store import SQLiteSampleStore
 
         with SQLiteSampleStore(self.trainer_dir / "store") as store:
             return store.sample_keys()

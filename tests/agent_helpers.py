@@ -20,8 +20,8 @@ _EXPORTS: dict[str, Path] = {}
 
 def exported_digits(root: Path) -> Path:
     """The (untrained) digits student exported once per test session; returns its dir."""
-    from cloud_trainer.export import export_partition
-    from cloud_trainer.zoo import get_pair
+    from cloud_trainer.models.export import export_partition
+    from cloud_trainer.models.zoo import get_pair
 
     if "digits" not in _EXPORTS:
         out = root / "digits-student"
@@ -32,7 +32,7 @@ def exported_digits(root: Path) -> Path:
 
 
 def write_inputs(path: Path, n: int, *, bad_rows: tuple[int, ...] = ()) -> Path:
-    from cloud_trainer.data import digits_splits
+    from cloud_trainer.models.data import digits_splits
 
     s = digits_splits()
     x = np.resize(s.x_test, (n, 1, 8, 8)).astype(np.float32)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO))
 
 from agent.update.update_manifest import SignedManifest  # noqa: E402
 from agent.wire.topics import Topics  # noqa: E402
-from cloud_trainer.publisher import BlobPublisher, PublisherSettings  # noqa: E402
+from cloud_trainer.release.publisher import BlobPublisher, PublisherSettings  # noqa: E402
 from cloud_trainer.storage.blobs import SharedBlobs  # noqa: E402
 from cloud_trainer.storage.config import DatabaseSection  # noqa: E402
 from cloud_trainer.storage.engine import make_engine  # noqa: E402

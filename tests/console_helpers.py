@@ -10,7 +10,7 @@ from typing import Any
 
 from trainer_helpers import trainer_toml
 
-from cloud_trainer.console.auth import token_line
+from cloud_trainer.serve.console.auth import token_line
 
 OPERATOR_TOKEN = "op-token-for-tests-0123456789"
 READER_TOKEN = "read-token-for-tests-0123456789"
@@ -29,16 +29,16 @@ def console_section(tmp: Path, **kw: Any) -> dict[str, Any]:
 
 def fake_service(tmp: Path, **console: Any) -> Any:
     """The attributes the console reads, from real objects on a temporary state dir."""
-    from cloud_trainer.fleet import FleetTable
-    from cloud_trainer.registry import Registry
-    from cloud_trainer.runs import RunLog
+    from cloud_trainer.ingest.fleet import FleetTable
+    from cloud_trainer.release.registry import Registry
+    from cloud_trainer.release.runs import RunLog
     from cloud_trainer.trainer_config import load_trainer_config
 
     cfg = load_trainer_config(trainer_toml(
         tmp, 1883, jobs=[{"id": "retrain", "model": "digits", "interval_s": 3600}],
         console=console_section(tmp, **console)))
     reg_dir = cfg.registry_dir
-    from cloud_trainer.rollout import RolloutPause
+    from cloud_trainer.release.rollout import RolloutPause
 
     return SimpleNamespace(config=cfg, fleet=FleetTable(), registry=Registry(reg_dir),
                            runs=RunLog(reg_dir), scheduler=None, _run_lock=threading.Lock(),

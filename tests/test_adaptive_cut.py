@@ -31,14 +31,14 @@ from agent.update.update_manifest import (
 )
 from agent.wire.topics import Topics
 from broker.launcher import Mosquitto
-from cloud_trainer.export import export_partition
-from cloud_trainer.keys import sign_manifest
+from cloud_trainer.models.export import export_partition
+from cloud_trainer.models.zoo import get_pair
 from cloud_trainer.plan.adapt import LinkFigures, Replanner
 from cloud_trainer.plan.adaptive import CutAdapter
 from cloud_trainer.plan.network import NetworkConfig
-from cloud_trainer.publisher import BlobPublisher, make_update
-from cloud_trainer.serve import SplitServer
-from cloud_trainer.zoo import get_pair
+from cloud_trainer.release.keys import sign_manifest
+from cloud_trainer.release.publisher import BlobPublisher, make_update
+from cloud_trainer.serve.split import SplitServer
 
 T = Topics(FLEET)
 
@@ -288,10 +288,10 @@ def test_the_trainer_daemon_moves_a_live_agents_cut_with_adapt_enabled(
         tmp_path: Path, mosquitto: Mosquitto, model: Any) -> None:
     from trainer_helpers import register_deployed, trainer_toml
 
-    from cloud_trainer.export import target_for_ort
-    from cloud_trainer.retrain import ExportCache
+    from cloud_trainer.models.export import target_for_ort
     from cloud_trainer.service import TrainerService
     from cloud_trainer.trainer_config import load_trainer_config
+    from cloud_trainer.training.retrain import ExportCache
 
     _root, _full, rec = model
     student = get_pair("digits", seed=0).student

@@ -114,8 +114,8 @@ def test_runner_falls_back_to_cpu_and_rejects_bad_inputs(tmp_path: Path) -> None
 
 
 def test_runner_refuses_a_partition_the_profile_cannot_load(tmp_path: Path) -> None:
-    from cloud_trainer.export import export_partition
-    from cloud_trainer.zoo import get_pair
+    from cloud_trainer.models.export import export_partition
+    from cloud_trainer.models.zoo import get_pair
 
     m = export_partition(get_pair("digits").student, tmp_path, model_id="digits",
                          model_version=1, first=1, last=1)  # current exporter: IR 10

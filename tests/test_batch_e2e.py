@@ -18,9 +18,9 @@ from agent.wire.codec import decode, encode
 from agent.wire.envelope import BatchEnvelope, Envelope, unpack_any
 from agent.wire.topics import Topics
 from broker.launcher import Mosquitto
-from cloud_trainer.ingest import Ingestor, IngestSettings
-from cloud_trainer.storage.postgres import PostgresSampleStore
-from cloud_trainer.store import SampleStore, SQLiteSampleStore
+from cloud_trainer.ingest.ingestor import Ingestor, IngestSettings
+from cloud_trainer.ingest.postgres import PostgresSampleStore
+from cloud_trainer.ingest.store import SampleStore, SQLiteSampleStore
 from tests.test_ingest import Publisher
 
 pytestmark = pytest.mark.mqtt

@@ -1,4 +1,4 @@
-"""BatchQueue (cloud_trainer/batchqueue.py): batches by size or by age, bounded, counted."""
+"""BatchQueue (cloud_trainer/ingest/batchqueue.py): batches by size or by age, bounded, counted."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from cloud_trainer.batchqueue import BatchQueue, QueueFull
+from cloud_trainer.ingest.batchqueue import BatchQueue, QueueFull
 
 
 def test_a_full_batch_is_handed_out_at_once_and_in_order() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud_trainer import train
+from cloud_trainer.training import train
 
 pytestmark = [pytest.mark.slow]
 

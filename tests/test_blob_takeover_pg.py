@@ -26,7 +26,7 @@ from agent.mqtt.client import make_client
 from agent.mqtt.endpoint import MqttEndpoint
 from agent.wire.topics import Topics
 from broker.launcher import Mosquitto
-from cloud_trainer.publisher import BlobPublisher, PublisherSettings
+from cloud_trainer.release.publisher import BlobPublisher, PublisherSettings
 from cloud_trainer.storage.blobs import SharedBlobs
 from cloud_trainer.storage.config import DatabaseSection
 from cloud_trainer.storage.engine import make_engine

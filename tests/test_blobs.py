@@ -14,7 +14,7 @@ from test_update_manifest import FLEET, toy_model
 from agent.update.blobs import BlobCache, BlobFetcher, chunk_index
 from agent.update.update_manifest import ChunkInfo, Variant
 from agent.wire.topics import Topics
-from cloud_trainer.publisher import chunk_table, make_update
+from cloud_trainer.release.publisher import chunk_table, make_update
 
 TOPICS = Topics(FLEET)
 DEVICE = "cam-1"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from cloud_trainer.blocks import BlockModel, BlockModelError, ModelPair
+from cloud_trainer.models.blocks import BlockModel, BlockModelError, ModelPair
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "models.md"
 

@@ -28,7 +28,7 @@ from broker.provision import (
     provision_trainer,
     revoke_accounts,
 )
-from cloud_trainer.keys import generate_keypair
+from cloud_trainer.release.keys import generate_keypair
 from knet_cli.main import main
 
 REPO = Path(__file__).resolve().parent.parent

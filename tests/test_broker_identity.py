@@ -230,9 +230,9 @@ def test_a_device_cannot_take_activations_out_of_the_trainers_share_group(
     under its signing key; the device cannot name it and the trainer gets everything."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from cloud_trainer.ingest import Ingestor, IngestSettings
-    from cloud_trainer.keys import secret_share_group
-    from cloud_trainer.store import SQLiteSampleStore
+    from cloud_trainer.ingest.ingestor import Ingestor, IngestSettings
+    from cloud_trainer.ingest.store import SQLiteSampleStore
+    from cloud_trainer.release.keys import secret_share_group
     from tests.test_ingest import envelope
 
     key = Ed25519PrivateKey.generate()

@@ -29,7 +29,7 @@ from broker.provision import (
     revoke_device,
     template_texts,
 )
-from cloud_trainer.keys import generate_keypair
+from cloud_trainer.release.keys import generate_keypair
 from cloud_trainer.trainer_config import TrainerConfig, load_trainer_config
 
 

@@ -34,9 +34,9 @@ CODECS = {"stage-a": "uint8+lz4", "stage-b": "fp16+lz4", "stage-c": "raw"}
 @pytest.fixture(scope="module")
 def vision(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path], Path]:
     """The (untrained, seeded) vision student, one deployable directory per stage."""
-    from cloud_trainer.data import vision_frames
-    from cloud_trainer.export import export_partition
-    from cloud_trainer.zoo import get_pair
+    from cloud_trainer.models.data import vision_frames
+    from cloud_trainer.models.export import export_partition
+    from cloud_trainer.models.zoo import get_pair
 
     root = tmp_path_factory.mktemp("vision")
     full_dir = root / "full"

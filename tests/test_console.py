@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from agent.configfile import ConfigError
-from cloud_trainer.console.app import Console, build_app
-from cloud_trainer.console.auth import Auth, check_token, hash_token, load_tokens
-from cloud_trainer.console.config import ConsoleSection
-from cloud_trainer.console.history import StatsHistory
+from cloud_trainer.serve.console.app import Console, build_app
+from cloud_trainer.serve.console.auth import Auth, check_token, hash_token, load_tokens
+from cloud_trainer.serve.console.config import ConsoleSection
+from cloud_trainer.serve.console.history import StatsHistory
 
 
 @pytest.fixture
@@ -199,7 +199,7 @@ def test_rollback_from_the_models_page(client: TestClient, svc: Any) -> None:
 
 def test_an_unexpected_error_is_a_bare_500_without_traceback(
         client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cloud_trainer.console import data
+    from cloud_trainer.serve.console import data
 
     def broken(*_a: Any) -> None:
         raise RuntimeError("secret internals /etc/knet")

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from console_helpers import READER_TOKEN, fake_service
 
-from cloud_trainer.console.auth import load_tokens
-from cloud_trainer.console.server import ConsoleServer
+from cloud_trainer.serve.console.auth import load_tokens
+from cloud_trainer.serve.console.server import ConsoleServer
 from knet_cli.main import main
 
 
@@ -82,7 +82,7 @@ def test_console_token_appends_a_hash(tmp_path: Path,
     token = capsys.readouterr().out.strip().splitlines()[-1]
     assert token not in path.read_text()
     (acc,) = load_tokens(path)
-    from cloud_trainer.console.auth import check_token
+    from cloud_trainer.serve.console.auth import check_token
 
     assert acc.role == "operator" and acc.name == "carol" and check_token(token, acc.stored)
     assert path.stat().st_mode & 0o077 == 0
@@ -90,8 +90,8 @@ def test_console_token_appends_a_hash(tmp_path: Path,
 
 def test_the_demo_lab_configures_the_console(tmp_path: Path) -> None:
     """`knet demo` (fleet_lab) writes a valid [console] section and an operator token."""
-    from cloud_trainer.console.auth import Auth
-    from cloud_trainer.keys import generate_keypair
+    from cloud_trainer.release.keys import generate_keypair
+    from cloud_trainer.serve.console.auth import Auth
     from cloud_trainer.trainer_config import load_trainer_config
     from knet_lab.fleet import Lab, LabSettings
 

@@ -21,9 +21,9 @@ from agent.wire.control import (
 )
 from agent.wire.topics import TopicError, TopicKind, Topics
 from broker.launcher import Mosquitto
-from cloud_trainer.fleet import FleetTable
-from cloud_trainer.ingest import Ingestor, IngestSettings
-from cloud_trainer.store import SQLiteSampleStore
+from cloud_trainer.ingest.fleet import FleetTable
+from cloud_trainer.ingest.ingestor import Ingestor, IngestSettings
+from cloud_trainer.ingest.store import SQLiteSampleStore
 
 T = Topics("lab")
 SHA = "ab" * 32

@@ -1,4 +1,4 @@
-"""Automatic cut points (cloud_trainer/cuts.py) and bring-your-own models (zoo/refs.py)."""
+"""Automatic cut points (cloud_trainer/models/cuts.py) and bring-your-own models (zoo/refs.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from cloud_trainer.cuts import CutError, analyse, block_model_from_cuts, find_cuts, select_cuts
-from cloud_trainer.zoo.efficientnet_lite import EfficientNetLite
+from cloud_trainer.models.cuts import (
+    CutError,
+    analyse,
+    block_model_from_cuts,
+    find_cuts,
+    select_cuts,
+)
+from cloud_trainer.models.zoo.efficientnet_lite import EfficientNetLite
 
 SIZE = 64
 
@@ -78,7 +84,7 @@ def test_block_chain_equals_the_whole_model(effnet) -> None:
 def test_zoo_effnet_teacher_cut_points() -> None:
     """The zoo's effnet-lite0 teacher (pretrained, cut by hand at stage boundaries): its
     traced top-level boundaries are its blocks; ``modules:2`` finds every MBConv output."""
-    from cloud_trainer.zoo import effnet
+    from cloud_trainer.models.zoo import effnet
 
     t = effnet.teacher()
     a = analyse(t, t.input_shape)
@@ -136,7 +142,7 @@ def test_skip_connection_and_untraceable() -> None:
 FACTORIES = '''
 import torch
 from torch import nn
-from cloud_trainer.blocks import BlockModel, ModelPair
+from cloud_trainer.models.blocks import BlockModel, ModelPair
 
 def _blocks(width):
     return BlockModel([nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(),
@@ -192,7 +198,7 @@ def byo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_factory_results(byo: Path) -> None:
-    from cloud_trainer.zoo.refs import load_ref, resolve_pair
+    from cloud_trainer.models.zoo.refs import load_ref, resolve_pair
 
     pair = resolve_pair("byo_models:pair")
     assert pair.model_id == "pair" and pair.num_blocks == 2
@@ -223,7 +229,7 @@ def test_factory_results(byo: Path) -> None:
     ("byo_models:pair", {"weights": "missing.pt"}, "weights missing.pt: no such file"),
 ])
 def test_factory_errors_say_what(byo: Path, ref: str, kwargs: dict, message: str) -> None:
-    from cloud_trainer.zoo.refs import ModelRefError, resolve_pair
+    from cloud_trainer.models.zoo.refs import ModelRefError, resolve_pair
 
     with pytest.raises(ModelRefError) as err:
         resolve_pair(ref, **kwargs)
@@ -231,7 +237,7 @@ def test_factory_errors_say_what(byo: Path, ref: str, kwargs: dict, message: str
 
 
 def test_weights_are_loaded_and_checked(byo: Path) -> None:
-    from cloud_trainer.zoo.refs import ModelRefError, resolve_pair
+    from cloud_trainer.models.zoo.refs import ModelRefError, resolve_pair
 
     trained = resolve_pair("byo_models:pair", seed=7)
     torch.save({"teacher": trained.teacher.state_dict(),
@@ -282,10 +288,10 @@ def test_trainer_toml_names_file_and_field(byo: Path, body: str, message: str) -
 
 
 def test_trainer_runtime_from_a_factory(byo: Path) -> None:
-    from cloud_trainer.retrain import ModelRuntime
     from cloud_trainer.trainer_config import load_trainer_config
+    from cloud_trainer.training.retrain import ModelRuntime
 
-    pair = __import__("cloud_trainer.zoo.refs", fromlist=["x"]).resolve_pair(
+    pair = __import__("cloud_trainer.models.zoo.refs", fromlist=["x"]).resolve_pair(
         "byo_models:pair", seed=3)
     torch.save({"teacher": pair.teacher.state_dict(), "student": pair.student.state_dict()},
                byo / "w.pt")
@@ -345,11 +351,11 @@ def test_plan_bench_and_plan_on_traced_cuts_of_a_residual_model(byo: Path, capsy
     """EfficientNet-Lite at 32 px, cut into 3 blocks at traced candidates, measured here and
     ranked: the planner's blocks are the traced cuts, not a Sequential's layers."""
     from agent.infer.blockbench import BenchRecord
-    from cloud_trainer.cuts import analyse, select_cuts
+    from cloud_trainer.models.cuts import analyse, select_cuts
     from knet_cli.main import main
 
     (byo / "lite.py").write_text(
-        "from cloud_trainer.zoo.efficientnet_lite import EfficientNetLite\n"
+        "from cloud_trainer.models.zoo.efficientnet_lite import EfficientNetLite\n"
         "def lite32():\n    m = EfficientNetLite(32)\n    m.input_shape = (3, 32, 32)\n"
         "    return m\n")
     rec_path = byo / "rec.json"

@@ -20,7 +20,7 @@ from mqtt_helpers import Collector
 
 from agent.wire.topics import Topics
 from broker.launcher import Mosquitto
-from cloud_trainer.bundle import build_device_bundle
+from cloud_trainer.release.bundle import build_device_bundle
 
 pytestmark = [pytest.mark.slow, pytest.mark.mqtt]
 STACKS = {"jetson-nano": "3.8", "jetson-orin-nano": "3.10", "rpi4": "3.11"}

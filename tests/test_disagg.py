@@ -1,6 +1,6 @@
-"""Disaggregated training (cloud_trainer/disagg): the three modes learn with two gloo ranks under
-torchrun, the synthetic-gradient worker never waits for a backward message, a failing worker
-is named, and the parts (partition, M blocks, config, labels) do what they say."""
+"""Disaggregated training (cloud_trainer/training/disagg): the three modes learn with two gloo
+ranks under torchrun, the synthetic-gradient worker never waits for a backward message, a
+failing worker is named, and the parts (partition, M blocks, config, labels) do what they say."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from cloud_trainer.data import digits_splits
-from cloud_trainer.disagg import TrainSpec, WorkerFailed, train_disaggregated
-from cloud_trainer.disagg.candidate import MissingLabels, train_from_labels
-from cloud_trainer.disagg.launch import describe_failure
-from cloud_trainer.disagg.partition import balanced_partition, decoupled_boundaries, ranges
-from cloud_trainer.disagg.synthetic import SyntheticGradient, SyntheticGradientTrainer
-from cloud_trainer.train import evaluate
+from cloud_trainer.models.data import digits_splits
+from cloud_trainer.models.zoo import get_pair
 from cloud_trainer.trainer_config import TrainingSection
-from cloud_trainer.zoo import get_pair
+from cloud_trainer.training.disagg import TrainSpec, WorkerFailed, train_disaggregated
+from cloud_trainer.training.disagg.candidate import MissingLabels, train_from_labels
+from cloud_trainer.training.disagg.launch import describe_failure
+from cloud_trainer.training.disagg.partition import balanced_partition, decoupled_boundaries, ranges
+from cloud_trainer.training.disagg.synthetic import SyntheticGradient, SyntheticGradientTrainer
+from cloud_trainer.training.train import evaluate
 
 STEPS = 60
 
@@ -119,7 +119,7 @@ def test_a_replaying_m_block_steps_on_recent_gradients_and_keeps_only_the_last_f
 TORCHRUN_FAILURE = """
 torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
 ======================================================
-cloud_trainer.disagg.worker FAILED
+cloud_trainer.training.disagg.worker FAILED
 ------------------------------------------------------
 Failures:
 [1]:

@@ -22,18 +22,18 @@ import torch.distributed as dist
 from torch import nn
 
 from agent.configfile import ConfigError
-from cloud_trainer.data import digits_splits
-from cloud_trainer.disagg import DeviceUnavailable, TrainSpec, train_disaggregated
-from cloud_trainer.disagg import launch as launch_mod
-from cloud_trainer.disagg.candidate import train_from_labels
-from cloud_trainer.disagg.comm import Links
-from cloud_trainer.disagg.engine import Data, train_rank
-from cloud_trainer.disagg.placement import check_device, worker_device
-from cloud_trainer.disagg.spec import RankStats
-from cloud_trainer.disagg.synthetic import SyntheticGradient
 from cloud_trainer.errors import KnetTrainerError
+from cloud_trainer.models.data import digits_splits
+from cloud_trainer.models.zoo import get_pair
 from cloud_trainer.trainer_config import TrainingSection, load_trainer_config
-from cloud_trainer.zoo import get_pair
+from cloud_trainer.training.disagg import DeviceUnavailable, TrainSpec, train_disaggregated
+from cloud_trainer.training.disagg import launch as launch_mod
+from cloud_trainer.training.disagg.candidate import train_from_labels
+from cloud_trainer.training.disagg.comm import Links
+from cloud_trainer.training.disagg.engine import Data, train_rank
+from cloud_trainer.training.disagg.placement import check_device, worker_device
+from cloud_trainer.training.disagg.spec import RankStats
+from cloud_trainer.training.disagg.synthetic import SyntheticGradient
 
 MINIMAL = """
 [trainer]
@@ -224,7 +224,7 @@ class Moves:
             return module_to(m, *args, **kwargs)
 
         def spy_empty(*args: Any, **kwargs: Any) -> torch.Tensor:
-            if sys._getframe(1).f_globals["__name__"] == "cloud_trainer.disagg.comm":
+            if sys._getframe(1).f_globals["__name__"] == "cloud_trainer.training.disagg.comm":
                 self.empties.append(kwargs.get("device"))
             return empty(*args, **kwargs)
 

@@ -29,12 +29,12 @@ from trainer_helpers import (
 from agent.update.update_manifest import parse_signed
 from agent.wire.topics import Topics
 from broker.launcher import Mosquitto
-from cloud_trainer.data import digits_splits
-from cloud_trainer.registry import Registry
-from cloud_trainer.runs import Run
+from cloud_trainer.models.data import digits_splits
+from cloud_trainer.release.registry import Registry
+from cloud_trainer.release.runs import Run
 from cloud_trainer.service import TrainerService
-from cloud_trainer.train import trained_pair
 from cloud_trainer.trainer_config import load_trainer_config
+from cloud_trainer.training.train import trained_pair
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
 TOPICS = Topics(FLEET)

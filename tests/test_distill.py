@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from cloud_trainer.blocks import BlockModel
-from cloud_trainer.distill import (
+from cloud_trainer.models.blocks import BlockModel
+from cloud_trainer.training.distill import (
     boundary_activations,
     boundary_mse,
     kd_loss,
@@ -187,7 +187,7 @@ def test_logit_kd_baseline_and_mismatched_pairs() -> None:
 
 
 def test_unlabeled_rows_get_kd_only_and_labelled_rows_add_cross_entropy() -> None:
-    from cloud_trainer.distill import UNLABELED, logits_loss
+    from cloud_trainer.training.distill import UNLABELED, logits_loss
 
     g = torch.Generator().manual_seed(0)
     out, t = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
@@ -207,7 +207,7 @@ def test_unlabeled_rows_get_kd_only_and_labelled_rows_add_cross_entropy() -> Non
 
 
 def test_partially_labelled_inputs_train_and_stay_deterministic() -> None:
-    from cloud_trainer.distill import UNLABELED
+    from cloud_trainer.training.distill import UNLABELED
 
     teacher, student = _teacher(), _student()
     x = _inputs(128)
@@ -269,7 +269,7 @@ def test_finetune_stage_is_end_to_end_deterministic_and_validated() -> None:
 
 
 def test_normalized_mse_is_scale_free() -> None:
-    from cloud_trainer.distill import normalized_mse
+    from cloud_trainer.training.distill import normalized_mse
 
     g = torch.Generator().manual_seed(0)
     t = torch.randn(64, 8, generator=g)
@@ -284,7 +284,7 @@ def test_bench_transfer_sets_are_stratified_nested_and_equal_budget() -> None:
     import numpy as np
 
     from bench.distill import BATCH, epochs_for, transfer_set
-    from cloud_trainer.data import digits_splits
+    from cloud_trainer.models.data import digits_splits
 
     y = digits_splits().y_train
     small, big = transfer_set(200, seed=3), transfer_set(400, seed=3)
@@ -301,7 +301,7 @@ def test_bench_transfer_sets_are_stratified_nested_and_equal_budget() -> None:
 def test_training_stops_between_steps_when_asked(how: str) -> None:
     """A trainer shutting down (SIGTERM) must not wait for a whole run: ``stop`` is polled
     before every optimiser step and the caller's student is left untouched."""
-    from cloud_trainer.distill import TrainingInterrupted
+    from cloud_trainer.training.distill import TrainingInterrupted
 
     teacher, student = _teacher(), _student()
     before = copy.deepcopy(student.state_dict())

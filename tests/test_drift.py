@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cloud_trainer.data import digits_splits, vision_frames
+from cloud_trainer.models.data import digits_splits, vision_frames
 from knet_lab.drift import DEFAULT_SEVERITY, DRIFTS, DriftSpec, apply_drift, default_spec
 
 
@@ -51,7 +51,7 @@ def test_inversion_and_brightness_in_pixel_space(digits: np.ndarray) -> None:
 def test_vision_frames_are_drifted_as_pixels_and_renormalised() -> None:
     x, _ = vision_frames(4, seed=0)
     inv = apply_drift(x, DriftSpec("inversion", 1.0))
-    from cloud_trainer.data import _MEAN, _STD
+    from cloud_trainer.models.data import _MEAN, _STD
     pixels = np.clip(x * _STD + _MEAN, 0, 1)
     assert np.allclose(inv * _STD + _MEAN, 1.0 - pixels, atol=1e-5)
     assert inv.shape == x.shape
@@ -74,7 +74,7 @@ def test_default_digits_drift_hurts_the_student_and_the_teacher_still_supervises
     trained on (92.6 vs 85.2 % where the default was chosen; 80.2 vs 86.1 % on another
     CPU from the same seed), which is one reason the real-model demo (a pretrained teacher,
     ``effnet-lite0``) is the one to show."""
-    from cloud_trainer.train import evaluate, trained_pair
+    from cloud_trainer.training.train import evaluate, trained_pair
 
     pair = trained_pair("digits")
     s = digits_splits()
@@ -87,8 +87,8 @@ def test_default_digits_drift_hurts_the_student_and_the_teacher_still_supervises
 
 def test_deployed_student_agrees_with_the_teacher_at_its_boundaries() -> None:
     """Why the fleet starts from the block-wise distilled student (knet_lab.deployed)."""
-    from cloud_trainer.distill import boundary_mse
-    from cloud_trainer.train import evaluate, trained_pair
+    from cloud_trainer.training.distill import boundary_mse
+    from cloud_trainer.training.train import evaluate, trained_pair
     from knet_lab.deployed import deployed_student
 
     pair = trained_pair("digits")

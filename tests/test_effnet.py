@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from cloud_trainer import scenes
-from cloud_trainer.zoo import effnet, get_pair, zoo_entry
-from cloud_trainer.zoo.efficientnet_lite import (
+from cloud_trainer.models import scenes
+from cloud_trainer.models.zoo import effnet, get_pair, zoo_entry
+from cloud_trainer.models.zoo.efficientnet_lite import (
     EfficientNetLite,
     MBConv,
     WeightsMissing,
@@ -140,7 +140,7 @@ def test_the_student_exports_for_old_and_new_onnxruntime_and_matches_torch(
         tmp_path: object) -> None:
     import onnxruntime as ort
 
-    from cloud_trainer.export import export_partition
+    from cloud_trainer.models.export import export_partition
 
     pair = get_pair("effnet-lite0")
     x = _photo_batch("rocket", 96).numpy()

@@ -43,8 +43,8 @@ def test_the_builtin_bases_stay() -> None:
     from agent.mqtt.spool import SpoolError
     from agent.update.update_manifest import UpdateRejected
     from agent.wire.codec import CodecError
-    from cloud_trainer.keys import KeyExistsError
-    from cloud_trainer.registry import RegistryError
+    from cloud_trainer.release.keys import KeyExistsError
+    from cloud_trainer.release.registry import RegistryError
 
     assert issubclass(CodecError, ValueError) and issubclass(ManifestError, ValueError)
     assert issubclass(SpoolError, RuntimeError) and issubclass(RegistryError, RuntimeError)

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from agent.infer.manifest import ManifestError, PartitionManifest, sha256_file
-from cloud_trainer.blocks import BlockModel
-from cloud_trainer.export import ExportError, export_partition, target_for_ort, verify_block
-from cloud_trainer.zoo import get_pair, zoo_names
+from cloud_trainer.models.blocks import BlockModel
+from cloud_trainer.models.export import ExportError, export_partition, target_for_ort, verify_block
+from cloud_trainer.models.zoo import get_pair, zoo_names
 
 # target name -> (the profile's onnxruntime, expected opset, highest IR allowed)
 TARGETS = {"ort-1.16": ("1.16.3", 17, 9), "ort-current": (None, 20, 10)}
@@ -133,7 +133,7 @@ def test_the_dynamo_export_retries_cpythons_spurious_ast_error(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """CPython 3.11's ``ast.parse`` can raise a spurious SystemError in a thread (gh-106905):
     the export is retried for that error alone."""
-    import cloud_trainer.export as ex
+    import cloud_trainer.models.export as ex
 
     real, calls = torch.onnx.export, []
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from mqtt_helpers import wait_until
 
-from cloud_trainer.registry import Registry
-from cloud_trainer.runs import RunLog
+from cloud_trainer.release.registry import Registry
+from cloud_trainer.release.runs import RunLog
 from cloud_trainer.storage import fence
 from cloud_trainer.storage.config import DatabaseSection
 from cloud_trainer.storage.engine import make_engine

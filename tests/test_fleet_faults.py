@@ -53,7 +53,7 @@ def stored(lab: Lab) -> dict[str, dict[int, list[int]]]:
     out: dict[str, dict[int, list[int]]] = {}
     if not files:
         return out
-    from cloud_trainer.store import _from_i64
+    from cloud_trainer.ingest.store import _from_i64
 
     con = sqlite3.connect(f"file:{files[0]}?mode=ro", uri=True, timeout=10)
     try:
@@ -119,7 +119,7 @@ def agent_state(lab: Lab, device: str) -> Path:
 
 
 def inputs_npz(path: Path, n: int) -> Path:
-    from cloud_trainer.data import digits_splits
+    from cloud_trainer.models.data import digits_splits
 
     s = digits_splits()
     np.savez(path, x=np.resize(s.x_test, (n, 1, 8, 8)).astype(np.float32),
@@ -215,7 +215,7 @@ def test_malicious_client_with_valid_credentials(tmp_path: Path) -> None:
         lab.cameras["cam-0"] = Camera("cam-0", "127.0.0.1", lab.port, lab.passwords["cam-0"],
                                       lab.topics)
         # Good frames still work on both devices afterwards.
-        from cloud_trainer.data import digits_splits
+        from cloud_trainer.models.data import digits_splits
 
         s = digits_splits()
         for i in range(40):
@@ -365,9 +365,9 @@ def test_trainer_and_agents_sigkilled_mid_update(tmp_path: Path) -> None:
     reaches the store once."""
     import threading
 
-    from cloud_trainer.registry import Registry
-    from cloud_trainer.runs import RunLog
-    from cloud_trainer.train import eval_set
+    from cloud_trainer.release.registry import Registry
+    from cloud_trainer.release.runs import RunLog
+    from cloud_trainer.training.train import eval_set
     from knet_lab.demo import wait_stored
     from knet_lab.drift import apply_drift, default_spec
 

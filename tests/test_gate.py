@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from cloud_trainer.blocks import BlockModel
-from cloud_trainer.gate import evaluate_candidate
+from cloud_trainer.models.blocks import BlockModel
+from cloud_trainer.training.gate import evaluate_candidate
 
 
 def _model(seed: int) -> BlockModel:
@@ -88,7 +88,7 @@ def test_per_device_gate_rejects_a_candidate_that_trades_one_camera_for_the_othe
     device's scores recorded; devices with too few held-out samples are not gated alone."""
     import numpy as np
 
-    from cloud_trainer.gate import DeviceGroups
+    from cloud_trainer.training.gate import DeviceGroups
 
     teacher, candidate, deployed = _model(0), _model(1), _model(2)
     x, _ = _data()
@@ -118,7 +118,7 @@ def test_per_device_gate_rejects_a_candidate_that_trades_one_camera_for_the_othe
 def test_a_device_losing_a_frame_or_two_is_noise_not_harm() -> None:
     """McNemar's exact test: 1 lost of 1 discordant is p = 0.5; 8 lost, 0 gained is
     p = 1/256; equal losses and gains are never significant."""
-    from cloud_trainer.gate import mcnemar_worse
+    from cloud_trainer.training.gate import mcnemar_worse
 
     assert mcnemar_worse(0, 0) == 1.0
     assert mcnemar_worse(1, 0) == 0.5

@@ -24,8 +24,8 @@ from agent.wire.envelope import _FIXED, Envelope, EnvelopeError
 from agent.wire.topics import Topics
 from agent.wire.update_report import UpdateReport, UpdateReportError
 from broker.launcher import Mosquitto
-from cloud_trainer.fleet import FleetMessageError, FleetTable
 from cloud_trainer.guard import RateLimitedLog, ThreadDeathWatch, guard_callback
+from cloud_trainer.ingest.fleet import FleetMessageError, FleetTable
 
 T = Topics(FLEET)
 DEEP = b"[" * 100_000 + b"]" * 100_000

@@ -21,9 +21,9 @@ from agent.wire.codec import encode
 from agent.wire.envelope import Envelope
 from agent.wire.topics import Topics
 from broker.launcher import Mosquitto
-from cloud_trainer.fleet import FleetTable
-from cloud_trainer.ingest import Ingestor, IngestSettings
-from cloud_trainer.store import SQLiteSampleStore
+from cloud_trainer.ingest.fleet import FleetTable
+from cloud_trainer.ingest.ingestor import Ingestor, IngestSettings
+from cloud_trainer.ingest.store import SQLiteSampleStore
 from tests.mqtt_helpers import REPO, read_until, wait_until
 
 pytestmark = pytest.mark.mqtt
@@ -188,8 +188,8 @@ CHILD = """
 import json, logging, signal, sys, threading
 from pathlib import Path
 from agent.wire.topics import Topics
-from cloud_trainer.ingest import Ingestor, IngestSettings
-from cloud_trainer.store import SQLiteSampleStore
+from cloud_trainer.ingest.ingestor import Ingestor, IngestSettings
+from cloud_trainer.ingest.store import SQLiteSampleStore
 logging.basicConfig(level=logging.WARNING)
 port, client_id, store_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 stop = threading.Event()

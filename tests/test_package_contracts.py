@@ -61,6 +61,10 @@ def test_the_contracts_catch_imports_inside_functions_and_cycles(tmp_path: Path)
         "    import torch\n    from cloud_trainer import zoo\n    return relay, torch, zoo\n")
     # the [tool.importlinter] tables, the last of pyproject.toml, as they are
     section = (REPO / "pyproject.toml").read_text().split("\n[tool.importlinter]\n", 1)[1]
+    # less the layers contracts: they name cloud_trainer's real subpackages
+    head, *tables = section.split("[[tool.importlinter.contracts]]")
+    section = "[[tool.importlinter.contracts]]".join(
+        [head, *(t for t in tables if 'type = "layers"' not in t)])
     (tmp_path / "pyproject.toml").write_text("[tool.importlinter]\n" + section)
     done = lint_imports(tmp_path, tmp_path)
     out = done.stdout + done.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cloud_trainer.partition import DevicePartition
+from cloud_trainer.ingest.partition import DevicePartition
 
 
 def test_each_device_has_one_owner_and_the_split_is_even() -> None:

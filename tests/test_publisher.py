@@ -20,8 +20,8 @@ from agent.update.blobs import BlobCache, BlobFetcher, FetchResult
 from agent.update.update_manifest import SignedManifest, UpdateManifest, parse_signed
 from agent.wire.topics import Topics
 from broker.launcher import Mosquitto
-from cloud_trainer.keys import sign_manifest
-from cloud_trainer.publisher import BlobPublisher, PublisherSettings, make_update
+from cloud_trainer.release.keys import sign_manifest
+from cloud_trainer.release.publisher import BlobPublisher, PublisherSettings, make_update
 
 pytestmark = pytest.mark.mqtt
 

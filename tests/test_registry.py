@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from cloud_trainer.registry import Registry, RegistryError, weights_digest
+from cloud_trainer.release.registry import Registry, RegistryError, weights_digest
 
 
 class Chain(nn.Module):

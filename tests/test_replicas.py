@@ -15,7 +15,7 @@ from mqtt_helpers import REPO, eventually, wait_until
 from bench.fleet import SimDevice, _payloads
 from broker.config import BrokerSettings
 from broker.launcher import Mosquitto, free_port
-from cloud_trainer.keys import generate_keypair
+from cloud_trainer.release.keys import generate_keypair
 from knet_lab.fleet import toml_text
 
 pytestmark = [pytest.mark.slow]

@@ -7,7 +7,7 @@
   next job; runs never overlap and none runs twice.
 
 Each replica has a plain persistent ingest session and stores the devices its index owns by
-hash (cloud_trainer/partition.py); the store's unique key makes any re-delivery a no-op.
+hash (cloud_trainer/ingest/partition.py); the store's unique key makes any re-delivery a no-op.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from mqtt_helpers import REPO, wait_until
 
 from bench.fleet import SimDevice, _payloads
 from broker.launcher import Mosquitto
-from cloud_trainer.keys import generate_keypair
-from cloud_trainer.partition import DevicePartition
+from cloud_trainer.ingest.partition import DevicePartition
+from cloud_trainer.release.keys import generate_keypair
 from cloud_trainer.storage.config import DatabaseSection
 from cloud_trainer.storage.launcher import PostgresServer
 from knet_lab.fleet import toml_text

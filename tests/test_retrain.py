@@ -28,14 +28,14 @@ from agent.update.update_manifest import parse_signed
 from agent.wire.topics import Topics
 from agent.wire.update_report import UpdateReport
 from broker.launcher import Mosquitto
-from cloud_trainer.blocks import BlockModel
-from cloud_trainer.data import digits_splits
-from cloud_trainer.distill import train_student_blockwise_from_inputs
-from cloud_trainer.registry import Registry
+from cloud_trainer.models.blocks import BlockModel
+from cloud_trainer.models.data import digits_splits
+from cloud_trainer.models.zoo import get_pair
+from cloud_trainer.release.registry import Registry
 from cloud_trainer.service import TrainerService
-from cloud_trainer.train import evaluate, trained_pair
 from cloud_trainer.trainer_config import load_trainer_config
-from cloud_trainer.zoo import get_pair
+from cloud_trainer.training.distill import train_student_blockwise_from_inputs
+from cloud_trainer.training.train import evaluate, trained_pair
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
 TOPICS = Topics(FLEET)
@@ -218,7 +218,7 @@ def test_staged_rollout_stops_on_a_failed_canary_and_proceeds_on_success(
 
 def test_tail_models_share_no_state_with_the_original() -> None:
     """The gate scores tails of copies: scoring must not flip the models' train/eval mode."""
-    from cloud_trainer.retrain import tail
+    from cloud_trainer.training.retrain import tail
 
     pair = trained_pair("digits")
     t = tail(pair.student, 2)
@@ -230,7 +230,7 @@ def test_tail_models_share_no_state_with_the_original() -> None:
 
 
 def _sample(device: str, seq: int) -> object:
-    from cloud_trainer.store import Sample
+    from cloud_trainer.ingest.store import Sample
 
     return Sample(id=seq, device=device, session=1, seq=seq, timestamp=float(seq),
                   received_at=float(seq), model_id=None, model_version=1, boundary=0,
@@ -241,7 +241,7 @@ def _sample(device: str, seq: int) -> object:
 def test_fair_share_keeps_each_devices_newest_and_never_more_than_the_limit() -> None:
     """A busy camera sending 10x as often does not crowd out a quiet one: max-min fair
     shares of the limit, each device's newest kept, arrival order preserved."""
-    from cloud_trainer.retrain import FairShare, Newest
+    from cloud_trainer.training.retrain import FairShare, Newest
 
     fair, newest = FairShare(30), Newest(30)
     sent: dict[str, list[int]] = {"busy": [], "quiet": []}

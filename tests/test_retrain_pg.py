@@ -17,14 +17,14 @@ from trainer_helpers import FLEET, boundary_envelopes, job, trainer_toml
 from agent.update.update_manifest import SignedManifest
 from agent.wire.topics import Topics
 from broker.launcher import Mosquitto
-from cloud_trainer.blocks import BlockModel
-from cloud_trainer.data import digits_splits
-from cloud_trainer.registry import Registry
-from cloud_trainer.runs import RunLog
+from cloud_trainer.ingest.postgres import PostgresSampleStore
+from cloud_trainer.models.blocks import BlockModel
+from cloud_trainer.models.data import digits_splits
+from cloud_trainer.release.registry import Registry
+from cloud_trainer.release.runs import RunLog
 from cloud_trainer.service import TrainerService
 from cloud_trainer.storage.config import DatabaseSection
 from cloud_trainer.storage.engine import make_engine
-from cloud_trainer.storage.postgres import PostgresSampleStore
 from cloud_trainer.trainer_config import load_trainer_config
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]

@@ -1,5 +1,5 @@
-"""The operator's rollout pause (cloud_trainer/rollout.py ``RolloutPause``): a staged rollout
-publishes no stage while it is set, goes on when it is cleared, and a trainer stopping
+"""The operator's rollout pause (cloud_trainer/release/rollout.py ``RolloutPause``): a staged
+rollout publishes no stage while it is set, goes on when it is cleared, and a trainer stopping
 meanwhile interrupts the run (resumed later) instead of publishing."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from cloud_trainer.fleet import FleetTable
-from cloud_trainer.rollout import RolloutInterrupted, RolloutPause, staged_rollout
-from cloud_trainer.runs import RunLog
+from cloud_trainer.ingest.fleet import FleetTable
+from cloud_trainer.release.rollout import RolloutInterrupted, RolloutPause, staged_rollout
+from cloud_trainer.release.runs import RunLog
 from cloud_trainer.trainer_config import JobSection, RolloutSection
 
 

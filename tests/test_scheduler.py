@@ -10,7 +10,7 @@ from pathlib import Path
 from mqtt_helpers import eventually
 from trainer_helpers import job, trainer_toml
 
-from cloud_trainer.runs import RunLog
+from cloud_trainer.release.runs import RunLog
 from cloud_trainer.scheduler import JobScheduler
 from cloud_trainer.trainer_config import load_trainer_config
 

@@ -30,8 +30,8 @@ from broker.provision import (
     revoke_accounts,
 )
 from broker.site import provision_site
-from cloud_trainer.ingest import Ingestor, IngestSettings
-from cloud_trainer.store import SQLiteSampleStore
+from cloud_trainer.ingest.ingestor import Ingestor, IngestSettings
+from cloud_trainer.ingest.store import SQLiteSampleStore
 from knet_cli.main import main as knet_main
 
 pytestmark = [pytest.mark.slow, pytest.mark.mqtt]

@@ -22,9 +22,9 @@ from agent.wire.codec import encode
 from agent.wire.envelope import Envelope
 from agent.wire.topics import Topics
 from broker.launcher import Mosquitto
-from cloud_trainer.export import export_partition
-from cloud_trainer.serve import SplitServer
-from cloud_trainer.zoo import get_pair
+from cloud_trainer.models.export import export_partition
+from cloud_trainer.models.zoo import get_pair
+from cloud_trainer.serve.split import SplitServer
 
 pytestmark = pytest.mark.mqtt
 T = Topics("lab")

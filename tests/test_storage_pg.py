@@ -16,14 +16,14 @@ from test_store import FRAME, env
 from trainer_helpers import trainer_cli, trainer_toml
 
 from agent.configfile import ConfigError
-from cloud_trainer.registry import Registry
-from cloud_trainer.runs import RunLog
+from cloud_trainer.ingest.postgres import PostgresSampleStore
+from cloud_trainer.release.registry import Registry
+from cloud_trainer.release.runs import RunLog
 from cloud_trainer.storage import migrate
 from cloud_trainer.storage.config import DatabaseSection
 from cloud_trainer.storage.engine import make_engine
 from cloud_trainer.storage.launcher import PostgresServer
 from cloud_trainer.storage.leader import LeaderLock, leader_pid
-from cloud_trainer.storage.postgres import PostgresSampleStore
 from cloud_trainer.trainer_config import load_trainer_config
 
 MakeDb = Callable[..., DatabaseSection]
@@ -155,7 +155,7 @@ def test_migration_0003_keeps_samples_and_downgrades_batch_frames(pg_database: M
 
     from agent.wire.codec import encode
     from agent.wire.envelope import BatchEnvelope
-    from cloud_trainer.store import batch_rows
+    from cloud_trainer.ingest.store import batch_rows
 
     db = pg_database("mig", migrated=False)
     engine = make_engine(db)

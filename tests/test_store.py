@@ -15,9 +15,8 @@ from mqtt_helpers import eventually
 
 from agent.wire.codec import encode, split_batch
 from agent.wire.envelope import BatchEnvelope, Envelope
-from cloud_trainer.storage.config import DatabaseSection
-from cloud_trainer.storage.postgres import PostgresSampleStore
-from cloud_trainer.store import (
+from cloud_trainer.ingest.postgres import PostgresSampleStore
+from cloud_trainer.ingest.store import (
     SCHEMA_VERSION,
     Sample,
     SampleStore,
@@ -26,6 +25,7 @@ from cloud_trainer.store import (
     StoreLimits,
     batch_rows,
 )
+from cloud_trainer.storage.config import DatabaseSection
 
 RNG = np.random.default_rng(0)
 FRAME = encode(np.maximum(RNG.standard_normal((1, 4, 3, 3)), 0).astype(np.float32), "uint8+lz4")

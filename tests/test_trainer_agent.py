@@ -14,7 +14,7 @@ from trainer_helpers import deploy_damaged_digits, job, trainer_toml
 from update_helpers import agent_toml, running_agent
 
 from broker.launcher import Mosquitto
-from cloud_trainer.registry import Registry
+from cloud_trainer.release.registry import Registry
 from cloud_trainer.service import TrainerService
 from cloud_trainer.trainer_config import load_trainer_config
 

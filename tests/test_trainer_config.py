@@ -79,7 +79,7 @@ def test_missing_and_broken_files(tmp_path: Path) -> None:
 
 def test_every_trainer_connection_takes_its_settings_from_mqtt(tmp_path: Path) -> None:
     from agent.mqtt.endpoint import MqttEndpoint
-    from cloud_trainer.ingest import IngestSettings
+    from cloud_trainer.ingest.ingestor import IngestSettings
 
     path = tmp_path / "trainer.toml"
     path.write_text(MINIMAL + '\n[mqtt]\nusername = "trainer-1"\npassword = "pw"\n'

@@ -33,10 +33,10 @@ from agent.wire.codec import encode
 from agent.wire.envelope import Envelope
 from agent.wire.topics import Topics
 from broker.launcher import Mosquitto
-from cloud_trainer.data import digits_splits
-from cloud_trainer.registry import Registry
-from cloud_trainer.runs import TERMINAL, RunLog
-from cloud_trainer.train import trained_pair
+from cloud_trainer.models.data import digits_splits
+from cloud_trainer.release.registry import Registry
+from cloud_trainer.release.runs import TERMINAL, RunLog
+from cloud_trainer.training.train import trained_pair
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
 TOPICS = Topics(FLEET)

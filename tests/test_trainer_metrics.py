@@ -14,8 +14,8 @@ from test_replicas_pg import Replica, Stream, _subscribed
 from trainer_helpers import trainer_cli
 
 from broker.launcher import Mosquitto, free_port
-from cloud_trainer.keys import generate_keypair
 from cloud_trainer.metrics import FAMILIES
+from cloud_trainer.release.keys import generate_keypair
 from knet_lab.fleet import toml_text
 
 pytestmark = [pytest.mark.slow, pytest.mark.mqtt]

@@ -31,12 +31,12 @@ def test_every_service_attribute_is_declared_in_init(tmp_path) -> None:
 
 
 def test_the_parts_share_the_start_stop_interface() -> None:
-    from cloud_trainer.console.server import ConsoleServer
-    from cloud_trainer.ingest import Ingestor
+    from cloud_trainer.ingest.ingestor import Ingestor
     from cloud_trainer.metrics import MetricsEndpoint
     from cloud_trainer.plan.adaptive import CutAdapter
     from cloud_trainer.scheduler import JobScheduler
-    from cloud_trainer.serve import SplitServer
+    from cloud_trainer.serve.console.server import ConsoleServer
+    from cloud_trainer.serve.split import SplitServer
     from cloud_trainer.storage.leader import LeaderLock
 
     for cls in (ConsoleServer, Ingestor, MetricsEndpoint, CutAdapter, JobScheduler,

@@ -24,8 +24,8 @@ from agent.update.update_manifest import (
     parse_signed,
     unsigned_payload,
 )
-from cloud_trainer.keys import generate_keypair, load_private_key, sign_manifest
-from cloud_trainer.publisher import make_update
+from cloud_trainer.release.keys import generate_keypair, load_private_key, sign_manifest
+from cloud_trainer.release.publisher import make_update
 
 FLEET = "lab"
 

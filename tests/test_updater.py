@@ -31,7 +31,7 @@ from agent.wire.codec import decode
 from agent.wire.envelope import Envelope
 from agent.wire.topics import Topics
 from broker.launcher import Mosquitto
-from cloud_trainer.publisher import BlobPublisher, PublisherSettings
+from cloud_trainer.release.publisher import BlobPublisher, PublisherSettings
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
 T = Topics(FLEET)

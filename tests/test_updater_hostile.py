@@ -32,7 +32,7 @@ from agent.update.update_manifest import SignedManifest, Targets, canonical_json
 from agent.wire.envelope import Envelope
 from agent.wire.topics import Topics
 from broker.launcher import Mosquitto
-from cloud_trainer.publisher import BlobPublisher, PublisherSettings
+from cloud_trainer.release.publisher import BlobPublisher, PublisherSettings
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
 T = Topics(FLEET)

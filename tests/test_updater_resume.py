@@ -20,7 +20,7 @@ from update_helpers import FLEET, Versions, agent_toml, running_agent, signed_up
 from agent.update.update_manifest import SignedManifest
 from agent.wire.topics import Topics
 from broker.launcher import Mosquitto
-from cloud_trainer.publisher import BlobPublisher, PublisherSettings
+from cloud_trainer.release.publisher import BlobPublisher, PublisherSettings
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
 T = Topics(FLEET)

@@ -17,7 +17,7 @@ from agent.wire.topics import Topics
 from broker import certs as pki
 from broker.launcher import Mosquitto, free_port
 from broker.provision import fleet_settings, layout, provision_device, provision_trainer
-from cloud_trainer.publisher import BlobPublisher
+from cloud_trainer.release.publisher import BlobPublisher
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.slow]
 T = Topics(FLEET)

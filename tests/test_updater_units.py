@@ -125,7 +125,7 @@ def test_damaged_blocks_are_found(tmp_path: Path, v: Versions) -> None:
 
 # -- self-test
 def canaries(n: int = 16) -> list[np.ndarray]:
-    from cloud_trainer.data import digits_splits
+    from cloud_trainer.models.data import digits_splits
 
     return list(digits_splits().x_test[:n].reshape(n, 1, 8, 8).astype(np.float32))
 
@@ -289,7 +289,7 @@ def _handled(upd: object, payload: bytes) -> dict[str, object]:
 def test_unsigned_manifest_only_on_a_keyless_development_device(tmp_path: Path,
                                                                 v: Versions) -> None:
     from agent.update.update_manifest import unsigned_payload
-    from cloud_trainer.publisher import make_update
+    from cloud_trainer.release.publisher import make_update
 
     p1, d1 = v.get("v1")
     manifest, _files = make_update("lab", "digits", 1, {"": (p1, d1)})
@@ -300,8 +300,8 @@ def test_unsigned_manifest_only_on_a_keyless_development_device(tmp_path: Path,
 
 
 def test_wrong_fleet_and_missing_variant_are_refused(tmp_path: Path, v: Versions) -> None:
-    from cloud_trainer.keys import sign_manifest
-    from cloud_trainer.publisher import make_update
+    from cloud_trainer.release.keys import sign_manifest
+    from cloud_trainer.release.publisher import make_update
 
     p1, d1 = v.get("v1")
     upd, _ = _offline_updater(tmp_path, v, public_keys=[v.pub])
@@ -315,8 +315,8 @@ def test_key_rotation_both_keys_accepted_until_the_old_one_is_removed(
         tmp_path: Path, v: Versions) -> None:
     from update_helpers import write_public_key
 
-    from cloud_trainer.keys import sign_manifest
-    from cloud_trainer.publisher import make_update
+    from cloud_trainer.release.keys import sign_manifest
+    from cloud_trainer.release.publisher import make_update
 
     p1, d1 = v.get("v1")
     new_pub = write_public_key(v.other_key, tmp_path / "new.pub")

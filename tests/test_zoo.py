@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from cloud_trainer.data import VISION_CLASSES, digits_splits, vision_frames
-from cloud_trainer.zoo import get_pair, zoo_entry, zoo_names
+from cloud_trainer.models.data import VISION_CLASSES, digits_splits, vision_frames
+from cloud_trainer.models.zoo import get_pair, zoo_entry, zoo_names
 
 
 def test_the_registry_lists_both_entries_and_names_the_choices() -> None:
@@ -54,7 +54,7 @@ def test_same_seed_same_weights_and_outputs_other_seed_other_weights(name: str) 
 
 
 def test_training_is_deterministic_for_a_seed_and_restores_torch_settings() -> None:
-    from cloud_trainer.train import train_supervised
+    from cloud_trainer.training.train import train_supervised
 
     s = digits_splits()
     threads = torch.get_num_threads()
@@ -96,7 +96,7 @@ def test_vision_frames_come_from_the_bundled_photos() -> None:
 
 @pytest.mark.slow
 def test_trained_digits_pair_reaches_high_accuracy_and_is_cached(tmp_path) -> None:
-    from cloud_trainer.train import cache_path, evaluate, trained_pair
+    from cloud_trainer.training.train import cache_path, evaluate, trained_pair
 
     pair = trained_pair("digits", seed=0, cache_dir=tmp_path)
     s = digits_splits()

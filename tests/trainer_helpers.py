@@ -16,7 +16,7 @@ import torch
 
 from agent.wire.codec import encode
 from agent.wire.envelope import Envelope
-from cloud_trainer.blocks import BlockModel
+from cloud_trainer.models.blocks import BlockModel
 
 REPO = Path(__file__).resolve().parent.parent
 FLEET = "lab"
@@ -51,7 +51,7 @@ def trainer_toml(tmp: Path, port: int, *, jobs: list[dict[str, Any]] | None = No
     """A trainer.toml for a private broker; ``sections`` override/extend top-level tables."""
     key = tmp / "keys" / "knet-update.key"
     if not key.exists():
-        from cloud_trainer.keys import generate_keypair
+        from cloud_trainer.release.keys import generate_keypair
 
         generate_keypair(tmp / "keys")
     base: dict[str, dict[str, Any]] = {
@@ -95,7 +95,7 @@ def degraded_student(student: BlockModel, block: int = 3, scale: float = 0.6,
 def register_deployed(state_dir: Path, student: BlockModel, model_id: str = "digits") -> None:
     """What the fleet runs as v1 (here: a degraded student), so the trainer does not
     register the zoo student itself."""
-    from cloud_trainer.registry import Registry
+    from cloud_trainer.release.registry import Registry
 
     reg = Registry(state_dir / "registry")
     reg.add_version(model_id, [student.block(i).state_dict()
@@ -110,12 +110,12 @@ def deploy_damaged_digits(tmp: Path) -> BlockModel:
     import shutil
 
     from agent.infer.profiles import load_profile
-    from cloud_trainer.data import digits_splits
-    from cloud_trainer.distill import train_student_blockwise_from_inputs
-    from cloud_trainer.export import target_for_ort
-    from cloud_trainer.retrain import ExportCache
-    from cloud_trainer.train import trained_pair
-    from cloud_trainer.zoo import get_pair
+    from cloud_trainer.models.data import digits_splits
+    from cloud_trainer.models.export import target_for_ort
+    from cloud_trainer.models.zoo import get_pair
+    from cloud_trainer.training.distill import train_student_blockwise_from_inputs
+    from cloud_trainer.training.retrain import ExportCache
+    from cloud_trainer.training.train import trained_pair
 
     pair = trained_pair("digits")
     kt = train_student_blockwise_from_inputs(pair.teacher, get_pair("digits", 0).student,
@@ -147,7 +147,7 @@ def boundary_envelopes(student: BlockModel, x: np.ndarray, boundary: int, *,
 
 
 def store_samples(state_dir: Path, envelopes: list[Envelope]) -> int:
-    from cloud_trainer.store import SQLiteSampleStore
+    from cloud_trainer.ingest.store import SQLiteSampleStore
 
     store = SQLiteSampleStore(state_dir / "store")
     try:

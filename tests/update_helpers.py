@@ -19,9 +19,9 @@ from agent.config import load_config
 from agent.infer.manifest import PartitionManifest
 from agent.service import Agent
 from agent.update.update_manifest import SignedManifest, Targets
-from cloud_trainer.blocks import BlockModel
-from cloud_trainer.keys import sign_manifest
-from cloud_trainer.publisher import make_update
+from cloud_trainer.models.blocks import BlockModel
+from cloud_trainer.release.keys import sign_manifest
+from cloud_trainer.release.publisher import make_update
 
 FLEET = "lab"
 CHUNK = 4096  # the smallest chunking: the 131 KB block 3 becomes 33 chunks
@@ -37,7 +37,7 @@ def write_public_key(key: Ed25519PrivateKey, path: Path) -> Path:
 
 def digits_model(transform: Transform | None = None) -> BlockModel:
     """The (untrained, deterministic) digits student, optionally changed in place."""
-    from cloud_trainer.zoo import get_pair
+    from cloud_trainer.models.zoo import get_pair
 
     model = copy.deepcopy(get_pair("digits").student)
     if transform is not None:
@@ -71,7 +71,7 @@ def nan_head(model: BlockModel) -> None:
 
 def export_version(out: Path, version: int, transform: Transform | None = None
                    ) -> PartitionManifest:
-    from cloud_trainer.export import export_partition
+    from cloud_trainer.models.export import export_partition
 
     if (out / "manifest.json").is_file():
         return PartitionManifest.load(out / "manifest.json")

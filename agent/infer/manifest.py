@@ -1,6 +1,6 @@
 """The partition manifest: which student blocks a node runs, and how to check them.
 
-Written by the trainer's exporter (``cloud_trainer.export``), read by the agent. Block ``i``
+Written by the trainer's exporter (``cloud_trainer.models.export``), read by the agent. Block ``i``
 maps boundary ``i-1`` to boundary ``i``; boundary 0 is the model input. Shapes exclude the
 batch dimension, which is dynamic in every exported file.
 """

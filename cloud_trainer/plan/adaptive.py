@@ -1,7 +1,7 @@
 """Moving a device's cut when its uplink changes: live ``stats`` → ``Replanner`` → a signed
 manifest with the device's new slice → the devices' OTA path (``agent/update/updater.py``).
 
-The device runs student blocks ``first..k`` and the cloud (``cloud_trainer/serve.py``)
+The device runs student blocks ``first..k`` and the cloud (``cloud_trainer/serve/split.py``)
 finishes ``k+1..N`` for any ``k``, so moving the cut only changes ``k``: the weights stay
 those of the deployed manifest. ``CutAdapter`` feeds every device's ``stats["network"]``
 (``agent/mqtt/netmeter.py``) into that device's ``Replanner`` (margin + sustain hysteresis); when
@@ -211,8 +211,8 @@ def for_service(svc: Any) -> CutAdapter:
     exported for the model's profiles. A push waits while a retraining run holds the run
     lock, so a re-cut of the old version never replaces the new version's retained
     manifest."""
-    from cloud_trainer.keys import sign_manifest
-    from cloud_trainer.publisher import make_update
+    from cloud_trainer.release.keys import sign_manifest
+    from cloud_trainer.release.publisher import make_update
 
     cfg = svc.config
     a = cfg.adapt

@@ -33,8 +33,8 @@ def bench_model(model: str, profile: str, *, role: str = "student", seed: int = 
     from agent.infer.blockbench import generated_inputs
     from agent.infer.profiles import load_profile
     from agent.infer.runtime import BlockRunner
-    from cloud_trainer.export import export_for_profile
-    from cloud_trainer.zoo.refs import ModelRef
+    from cloud_trainer.models.export import export_for_profile
+    from cloud_trainer.models.zoo.refs import ModelRef
 
     prof = load_profile(profile)
     ref = ModelRef.parse(model)
@@ -52,7 +52,7 @@ def bench_model(model: str, profile: str, *, role: str = "student", seed: int = 
 
 
 def _zoo_inputs(name: str, n: int, seed: int, shape: tuple[int, ...]) -> np.ndarray | None:
-    from cloud_trainer.train import model_inputs
+    from cloud_trainer.training.train import model_inputs
 
     x = model_inputs(name, n, seed=seed)
     return x if tuple(x.shape[1:]) == shape else None

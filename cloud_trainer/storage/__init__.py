@@ -2,10 +2,11 @@
 
 ``config`` is the ``[database]`` section (a URL without its password, the secret from a file
 or a systemd credential); ``engine`` turns it into SQLAlchemy engines and psycopg conninfo;
-``migrate`` holds the Alembic schema and the start-up version check; ``postgres`` is the
-``SampleStore`` on PostgreSQL; ``leader`` elects the one scheduler among replicas with an
-advisory lock; ``launcher`` runs a private PostgreSQL for tests and benches.
+``migrate`` holds the Alembic schema and the start-up version check; ``leader`` elects the
+one scheduler among replicas with an advisory lock; ``launcher`` runs a private PostgreSQL
+for tests and benches.
 
-The embedded default (SQLite files in the state directory) stays in ``cloud_trainer/store.py``
-and needs none of this.
+The sample stores are ingest's: the ``SampleStore`` on PostgreSQL is
+``cloud_trainer/ingest/postgres.py``; the embedded default (SQLite files in the state
+directory), ``cloud_trainer/ingest/store.py``, needs none of this.
 """

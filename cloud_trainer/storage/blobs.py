@@ -1,6 +1,6 @@
 """Update blocks in PostgreSQL, so that any replica answers chunk re-requests.
 
-A leader's ``BlobPublisher`` (``cloud_trainer/publisher.py``) writes every block it serves
+A leader's ``BlobPublisher`` (``cloud_trainer/release/publisher.py``) writes every block it serves
 into ``update_blobs`` (bytes, size and chunk table; content-addressed, so idempotent and
 unfenced). When the leader dies, the replica that takes over has none of those files in its
 own ``state_dir``; asked for a chunk of a sha it does not hold, it fetches the block from

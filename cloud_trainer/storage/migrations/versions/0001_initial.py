@@ -1,6 +1,6 @@
 """The first PostgreSQL schema: samples, registry, run log, block weights, job store.
 
-Mirrors the SQLite layout (``cloud_trainer/store.py``, ``registry.py``, ``runs.py``) so the
+Mirrors the SQLite layout (``cloud_trainer/ingest/store.py``, ``registry.py``, ``runs.py``) so the
 same classes read both; the APScheduler table is created here rather than by APScheduler
 itself so that N replicas starting at once never race on its ``CREATE TABLE``.
 

@@ -6,7 +6,7 @@ frame once, as received, with what its samples share (arrival time, model, bound
 shape, meta); ``samples`` keeps the key row of each sample (the unique
 ``(device, session, seq)``, its per-sample fields, ``frame``, ``part``: its position in a
 batch frame or NULL for a whole version-1 frame, ``size``: its share of the frame's bytes).
-Readers see per-sample frames as before (``cloud_trainer.store._Reader`` cuts a batch
+Readers see per-sample frames as before (``cloud_trainer.ingest.store._Reader`` cuts a batch
 frame when its samples are read). The per-device totals triggers stay; a new statement
 trigger deletes a frame once its last sample is deleted.
 

@@ -1,0 +1,1 @@
+"""Broker to sample store (SQLite or PostgreSQL) and the fleet table: what training reads."""

@@ -1,0 +1,1 @@
+"""Block models, cuts, references, the zoo and its data, export: what every other stage handles."""

@@ -1,0 +1,1 @@
+"""Registry, run log, signing, blob publisher, rollout, device bundle: a version's way out."""

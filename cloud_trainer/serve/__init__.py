@@ -1,0 +1,1 @@
+"""Split inference and the web console: what answers devices and operators at run time."""

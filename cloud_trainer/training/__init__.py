@@ -1,0 +1,1 @@
+"""Training, distillation, disaggregated workers, the gate, retraining runs: new candidates."""
