@@ -77,6 +77,18 @@ class _QuantCodec(Codec):
             raise InvalidInputError(f"{self.name}: NaN or inf in the input")
         return lo, hi, k
 
+    def _header(self, payload: bytes | memoryview, shape: tuple[int, ...],
+                spec: CodecSpec) -> tuple[object, ...]:
+        """The payload's length and scales checked; what decoding needs of them."""
+        raise NotImplementedError
+
+    def values_finite(self, payload: bytes | memoryview, shape: tuple[int, ...],
+                      spec: CodecSpec) -> bool:
+        """Finite, non-negative scales (and offsets) give finite values: the decode clips
+        to float32."""
+        self._header(payload, shape, spec)
+        return True
+
     def max_payload_len(self, shape: tuple[int, ...], spec: CodecSpec) -> int:
         k = self._k(shape, spec)
         return math.prod(shape) + (4 if self.signed else 8) * k
@@ -122,12 +134,6 @@ class Uint8Codec(_QuantCodec):
         if not (np.isfinite(lo).all() and np.isfinite(scale).all() and (scale >= 0).all()):
             raise CorruptFrameError("uint8: non-finite or negative scale/offset")
         return lo, scale, k, n
-
-    def values_finite(self, payload: bytes | memoryview, shape: tuple[int, ...],
-                      spec: CodecSpec) -> bool:
-        """Finite scales and offsets give finite values (the decode clips to float32)."""
-        self._header(payload, shape, spec)
-        return True
 
     def decode_payload(
         self, payload: bytes | memoryview, shape: tuple[int, ...], spec: CodecSpec
@@ -187,12 +193,6 @@ class Int8Codec(_QuantCodec):
         if not (np.isfinite(scale).all() and (scale >= 0).all()):
             raise CorruptFrameError("int8: non-finite or negative scale")
         return scale, k, n
-
-    def values_finite(self, payload: bytes | memoryview, shape: tuple[int, ...],
-                      spec: CodecSpec) -> bool:
-        """Finite scales give finite values (the decode clips to float32)."""
-        self._header(payload, shape, spec)
-        return True
 
     def decode_payload(
         self, payload: bytes | memoryview, shape: tuple[int, ...], spec: CodecSpec
