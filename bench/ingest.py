@@ -20,6 +20,7 @@ effnet-lite0) as a device computes them, and the publisher sends those, cycling 
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing as mp
 import tempfile
@@ -64,13 +65,21 @@ def model_activations(model: str, boundary: int, workdir: Path,
                            for i in range(len(x))])
 
 
+@functools.cache
+def _pooled_activations(model: str, boundary: int) -> np.ndarray:
+    """``model_activations`` once per process: a command's rows share one pool (computing
+    it exports the partition and runs 256 inputs, 10-15 s on effnet-lite0)."""
+    with tempfile.TemporaryDirectory(prefix="knet-bench-pool-") as tmp:
+        return model_activations(model, boundary, Path(tmp))
+
+
 def activation_pool(model: str | None, boundary: int, workdir: Path,
                     shape: tuple[int, ...]) -> tuple[Path | None, int, tuple[int, ...]]:
     """(pool file for the publisher, boundary, sample shape): ``model``'s activations saved
     under ``workdir``, or no pool (synthetic maps of ``shape`` on boundary 1)."""
     if model is None:
         return None, 1, shape
-    acts = model_activations(model, boundary, workdir / "model")
+    acts = _pooled_activations(model, boundary)
     pool = workdir / "activations.npy"
     np.save(pool, acts)
     return pool, boundary, (1, *acts.shape[1:])
@@ -179,10 +188,11 @@ def run_ingest_bench(messages: int = 20_000, payload_codec: str = "uint8+lz4",
                      shape: tuple[int, ...] = DEFAULT_SHAPE, validation: str = "decode",
                      batch_size: int = 512, receive_maximum: int = 1000,
                      timeout_s: float = 300.0, batch: int = 1, model: str | None = None,
-                     boundary: int = 2) -> dict[str, Any]:
+                     boundary: int = 2, page_size: int | None = None) -> dict[str, Any]:
     """Ingest ``messages`` samples from ``devices`` publishers (``batch`` per envelope);
     figures as a dict. With ``model`` the samples are that zoo student's activations at
     ``boundary`` (``shape`` is then theirs), else synthetic maps of ``shape`` on boundary 1.
+    ``page_size``: the new store file's SQLite page size (None: the store's default).
 
     Raises AssertionError when anything sent is missing from the store (zero loss is part
     of the result, not an afterthought).
@@ -196,13 +206,14 @@ def run_ingest_bench(messages: int = 20_000, payload_codec: str = "uint8+lz4",
         with tempfile.TemporaryDirectory(prefix="knet-bench-ingest-") as tmp:
             return run_ingest_bench(messages, payload_codec, devices, Path(tmp), shape,
                                     validation, batch_size, receive_maximum, timeout_s, batch,
-                                    model, boundary)
+                                    model, boundary, page_size)
     workdir = Path(workdir)
     pool, boundary, shape = activation_pool(model, boundary, workdir, shape)
     ctx = mp.get_context("spawn")
     ready, go, result = ctx.Event(), ctx.Event(), ctx.Queue()
     with Mosquitto(workdir / "broker") as broker:
-        store = SQLiteSampleStore(workdir / "store")
+        store = (SQLiteSampleStore(workdir / "store") if page_size is None else
+                 SQLiteSampleStore(workdir / "store", page_size=page_size))
         settings = IngestSettings(port=broker.port, client_id="bench-ingest",
                                   validation=validation,  # type: ignore[arg-type]
                                   batch_size=batch_size, receive_maximum=receive_maximum,
@@ -254,6 +265,7 @@ def run_ingest_bench(messages: int = 20_000, payload_codec: str = "uint8+lz4",
         "boundary": boundary,
         "shape": list(shape),
         "validation": validation,
+        "page_size": stats["page_size"],
         "batch_size": batch_size,
         "receive_maximum": receive_maximum,
         "seconds": elapsed,

@@ -134,16 +134,19 @@ def _bench_ingest(args: argparse.Namespace) -> int:
     rows = []
     for batch in args.batch:
         for validation in args.validation:
-            r = run_ingest_bench(messages=args.messages, payload_codec=args.codec,
-                                 devices=args.devices, validation=validation, batch=batch,
-                                 model=args.model, boundary=args.boundary)
-            rows.append({"validation": validation, **r})
+            for page_size in args.page_size or [None]:
+                r = run_ingest_bench(messages=args.messages, payload_codec=args.codec,
+                                     devices=args.devices, validation=validation,
+                                     batch=batch, model=args.model, boundary=args.boundary,
+                                     page_size=page_size)
+                rows.append({"validation": validation, **r})
     print_table(f"ingest: {args.messages} activation samples from {args.devices} devices, "
                 f"{_ingest_source(args, rows[0])}, {args.codec}",
-                ["samples per envelope", "validation", "samples/s", "envelopes/s",
+                ["samples per envelope", "validation", "page size", "samples/s", "envelopes/s",
                  "ingest CPU µs/sample", "MB/s on the wire", "fp32-equivalent MB/s", "stored",
                  "lost"],
-                [(r["batch"], r["validation"], r["samples_per_s"], r["envelopes_per_s"],
+                [(r["batch"], r["validation"], r["page_size"], r["samples_per_s"],
+                  r["envelopes_per_s"],
                   r["ingest_cpu_us_per_sample"], r["mb_per_s_wire"],
                   r["mb_per_s_float32_equivalent"], r["stored"], r["lost"]) for r in rows])
     write_json(args.json, "ingest", command_line(), rows)
@@ -505,6 +508,9 @@ def _add_system_benches(bsub: Any) -> None:
                         "instead of synthetic ones")
     b.add_argument("--boundary", type=int, default=2,
                    help="with --model: the boundary whose activations are sent")
+    b.add_argument("--page-size", type=int, nargs="+", default=None,
+                   help="the SQLite store's page size (default: the store's; several: "
+                        "compared side by side)")
     b.add_argument("--store", nargs="+", choices=["sqlite", "postgresql"], default=None,
                    help="replica processes on this store (with --replicas; validation: the "
                         "first --validation)")

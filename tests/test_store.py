@@ -17,6 +17,7 @@ from agent.wire.codec import encode, split_batch
 from agent.wire.envelope import BatchEnvelope, Envelope
 from cloud_trainer.ingest.postgres import PostgresSampleStore
 from cloud_trainer.ingest.store import (
+    PAGE_SIZE,
     SCHEMA_VERSION,
     Sample,
     SampleStore,
@@ -320,6 +321,32 @@ def test_sqlite_schema_1_and_2_are_upgraded_keeping_samples_and_totals(
     db.close()
     with pytest.raises(StoreError, match="schema version 99, this build reads"):
         SQLiteSampleStore(tmp_path)
+
+
+def test_sqlite_page_size_is_a_new_files_and_an_old_file_keeps_its_own(
+        tmp_path: Path) -> None:
+    """A new file is made in ``PAGE_SIZE`` pages (a batch frame in a few pages, not ~45);
+    a file made in 4 KiB pages (an older build's) keeps them, is reported as it is, and
+    reads and writes as before. A page size SQLite cannot use is refused by name."""
+    big = encode(RNG.standard_normal((32, 40, 12, 12)).astype(np.float32), "uint8")
+    batch = BatchEnvelope(device="dev-a", session=1, model_version=1, boundary=1,
+                          samples=BatchEnvelope.table(list(range(32)), [1000.0] * 32,
+                                                      *[[None] * 32] * 4),
+                          payload=big)
+    for name, asked, made in (("new", None, PAGE_SIZE), ("old", 4096, 4096)):
+        with (SQLiteSampleStore(tmp_path / name) if asked is None else
+              SQLiteSampleStore(tmp_path / name, page_size=asked)) as store:
+            assert store.stats()["page_size"] == made
+            assert store.add_frames([batch_rows(batch, (1, 40, 12, 12), 1.0)]) == 32
+        with SQLiteSampleStore(tmp_path / name) as store:  # reopened with the default
+            assert store.stats()["page_size"] == made
+            assert store.load_arrays(1).shape == (32, 40, 12, 12)
+        db = sqlite3.connect(tmp_path / name / "samples.sqlite3")
+        assert db.execute("PRAGMA page_size").fetchone()[0] == made
+        db.close()
+    assert PAGE_SIZE == 65536
+    with pytest.raises(ValueError, match="page_size must be a power of two"):
+        SQLiteSampleStore(tmp_path / "bad", page_size=3000)
 
 
 def test_sqlite_wal_stays_bounded_with_checkpoints_off_the_writer(tmp_path: Path) -> None:

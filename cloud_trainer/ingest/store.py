@@ -77,6 +77,11 @@ _U63 = 1 << 63
 _U64 = 1 << 64
 # A stored frame passed ingest's size checks; cutting it on read needs no second bound.
 _STORED_MAX_BYTES = 1 << 40
+# A new file's page size. A batch frame is ~100-200 kB: in 4 KiB pages SQLite writes it as a
+# chain of ~45 overflow pages into the WAL and copies each again at the checkpoint; in
+# 64 KiB pages, 3 (docs/benchmarks.md, issue 16). A file keeps the page size it was made with.
+PAGE_SIZE = 1 << 16
+_PAGE_SIZES = frozenset(1 << k for k in range(9, 17))
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -439,14 +444,19 @@ class SQLiteSampleStore(SampleStore):
     MAX_WAL_BYTES = 32 << 20  # the WAL is rewound after about this much (_Checkpointer)
 
     def __init__(self, directory: Path, limits: StoreLimits | None = None,
-                 synchronous: str = "NORMAL", busy_timeout_s: float = 30.0) -> None:
+                 synchronous: str = "NORMAL", busy_timeout_s: float = 30.0,
+                 page_size: int = PAGE_SIZE) -> None:
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
+        if page_size not in _PAGE_SIZES:
+            raise ValueError(f"page_size must be a power of two from 512 to 65536, "
+                             f"got {page_size}")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / FILE_NAME
         self.limits = limits or StoreLimits()
         self.synchronous = synchronous
+        self.page_size = page_size
         self.busy_timeout_ms = int(busy_timeout_s * 1000)
         self.evicted = 0
         self._local = threading.local()
@@ -461,6 +471,7 @@ class SQLiteSampleStore(SampleStore):
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                              timeout=self.busy_timeout_ms / 1000)
+        db.execute(f"PRAGMA page_size={self.page_size}")  # a new file's only
         db.execute(f"PRAGMA busy_timeout={self.busy_timeout_ms}")
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={self.synchronous}")
@@ -501,6 +512,11 @@ class SQLiteSampleStore(SampleStore):
                 log.info("sample store %s upgraded from schema %d to %d", self.path, version,
                          SCHEMA_VERSION)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        actual = int(db.execute("PRAGMA page_size").fetchone()[0])
+        if actual != self.page_size:  # made by an older build, or with another page size
+            log.info("sample store %s keeps its page size of %d bytes (asked: %d)", self.path,
+                     actual, self.page_size)
+            self.page_size = actual
 
     class _Txn:
         def __init__(self, db: sqlite3.Connection) -> None:
@@ -678,6 +694,7 @@ class SQLiteSampleStore(SampleStore):
             "samples": sum(d["count"] for d in devices.values()),
             "bytes": sum(d["bytes"] for d in devices.values()),
             "file_bytes": file_bytes,
+            "page_size": self.page_size,
             "oldest_received_at": oldest,
             "newest_received_at": newest,
             "devices": devices,
