@@ -23,6 +23,8 @@ from agent.wire.codec import (
     parse_spec,
     split_batch,
 )
+from agent.wire.codec.frame import FLAG_LZ4
+from agent.wire.codec.registry import lz4_pays
 
 SPECS = [
     "raw", "fp16", "uint8", "uint8:per_channel=1", "int8", "int8:per_channel=1",
@@ -277,3 +279,21 @@ def test_8bit_frames_are_checked_without_a_decode(spec: str,
     assert check_values(frame) == ((2, 3, 4), True)
     split = split_batch(frame)
     assert split.finite is not None and split.finite.tolist() == [True, True]
+
+
+def test_lz4_is_kept_only_where_it_saves_bytes() -> None:
+    """``+lz4`` compresses a frame only where it saves at least 1/32 of its bytes: post-ReLU
+    maps keep the LZ4 flag, noise after 8-bit quantisation (as effnet-lite0's activations
+    are to LZ4) goes without it, so that no reader pays a decompression for nothing. Both
+    decode exactly as the codec without LZ4 does, and cut into the same samples."""
+    rng = np.random.default_rng(3)
+    relu = np.maximum(rng.standard_normal((8, 16, 12, 12)), 0).astype(np.float32)
+    relu[:, :, ::2] = 0  # half the rows zero: what LZ4 finds in a post-ReLU map
+    noise = rng.standard_normal((8, 16, 12, 12)).astype(np.float32)
+    for a, kept in ((relu, True), (noise, False)):
+        frame, plain = encode(a, "uint8+lz4"), encode(a, "uint8")
+        assert bool(frame[6] & FLAG_LZ4) is kept
+        assert (len(frame) < len(plain)) is kept
+        assert np.array_equal(decode(frame), decode(plain))
+        assert split_batch(frame).frames == split_batch(plain).frames
+    assert lz4_pays(3200, 3100) and not lz4_pays(3200, 3101) and not lz4_pays(100, 120)

@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import math
 import struct
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -46,6 +45,7 @@ import numpy as np
 
 from agent import safejson
 from agent.errors import KnetAgentError
+from agent.wire.checksum import crc32
 
 MAGIC = b"KNAE"
 VERSION = 1
@@ -151,7 +151,7 @@ def _packed_ids(device: str, meta: dict[str, Any], boundary: int) -> tuple[bytes
 def _sealed(parts: list[bytes]) -> bytes:
     """The message: its parts and the CRC-32 of them."""
     body = b"".join(parts)
-    return body + _U32.pack(zlib.crc32(body))
+    return body + _U32.pack(crc32(body))
 
 
 def _checked_ids(view: memoryview, pos: int
@@ -160,7 +160,7 @@ def _checked_ids(view: memoryview, pos: int
     ``pos``; also where they end and where the CRC starts."""
     end = len(view) - 4
     (crc,) = _U32.unpack_from(view, end)
-    if zlib.crc32(view[:end]) != crc:
+    if crc32(view[:end]) != crc:
         raise EnvelopeError("CRC mismatch: the message was corrupted")
     device, pos = _take(view, pos, end, _U8, "device")
     meta_raw, pos = _take(view, pos, end, _U16, "meta")

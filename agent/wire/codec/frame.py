@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import math
 import struct
-import zlib
 from dataclasses import dataclass
 
+from ..checksum import crc32
 from .errors import (
     CorruptFrameError,
     OversizedFrameError,
@@ -71,15 +71,15 @@ def pack_frame(
     payload: bytes | memoryview,
 ) -> bytes:
     body = b"".join([frame_head(codec_id, flags, shape, params, len(payload)), payload])
-    return body + _CRC.pack(zlib.crc32(body))
+    return body + _CRC.pack(crc32(body))
 
 
 def pack_frames(head: bytes, parts: list[memoryview]) -> list[bytes]:
     """Frames sharing everything before their payload tails: ``head`` is ``frame_head(...)``
     plus any payload prefix common to all, ``parts[i]`` the rest of frame i's payload. The
     common part is checksummed once (CRC-32 continues over each tail), for batch splits."""
-    crc_head = zlib.crc32(head)
-    crc, crc32, join = _CRC.pack, zlib.crc32, b"".join
+    crc_head = crc32(head)
+    crc, join = _CRC.pack, b"".join
     return [join((head, part, crc(crc32(part, crc_head)))) for part in parts]
 
 
@@ -137,7 +137,7 @@ def parse_frame(frame: bytes | bytearray | memoryview, max_bytes: int) -> RawFra
     if len(view) > total:
         raise CorruptFrameError(f"{len(view) - total} trailing bytes after the frame")
     (crc,) = _CRC.unpack_from(view, total - _CRC.size)
-    if zlib.crc32(view[: total - _CRC.size]) != crc:
+    if crc32(view[: total - _CRC.size]) != crc:
         raise CorruptFrameError("CRC32 mismatch")
     params_end = shape_end + params_len
     return RawFrame(

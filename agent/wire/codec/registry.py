@@ -205,17 +205,28 @@ def encode(array: np.ndarray, spec: str | CodecSpec) -> bytes:
     if any(d >= 2**32 for d in a.shape):
         raise InvalidInputError(f"dimension of {a.shape} exceeds 2**32-1")
     payload: bytes | memoryview = b""
+    flags = 0
     if a.size:
         try:
             payload = codec.encode_payload(a, spec)
             if spec.lz4:
-                payload = lz4util.compress(payload)
+                packed = lz4util.compress(payload)
+                if lz4_pays(len(payload), len(packed)):
+                    payload, flags = packed, FLAG_LZ4
         except CodecError:
             raise
         except Exception as exc:  # a library failure must not leak its own type
             raise InvalidInputError(f"{spec}: cannot encode {a.shape}: {exc}") from exc
-    flags = FLAG_LZ4 if spec.lz4 else 0
     return pack_frame(codec.codec_id, flags, a.shape, codec.pack_params(spec), payload)
+
+
+def lz4_pays(plain: int, packed: int) -> bool:
+    """``+lz4`` keeps LZ4 on a frame only where it saves at least 1/32 of the bytes.
+
+    After 8-bit quantisation LZ4 gains 1.0× on effnet-lite0's activations
+    (docs/benchmarks.md, issue 16), yet every reader would pay a decompression pass for
+    nothing: such a frame goes without the LZ4 flag, which every reader honours."""
+    return packed <= plain - (plain >> 5)
 
 
 def _parsed(frame: bytes | memoryview, max_bytes: int) -> tuple[RawFrame, Codec, CodecSpec]:
