@@ -282,6 +282,15 @@ def _finite_samples(raw: RawFrame, codec: Codec, spec: CodecSpec,
     return np.asarray(np.isfinite(values).all(axis=1), dtype=bool)
 
 
+def _empty(raw: RawFrame) -> bool:
+    """Whether the frame holds an empty array (which must come without a payload)."""
+    if math.prod(raw.shape):
+        return False
+    if len(raw.payload):
+        raise CorruptFrameError("payload present for an empty array")
+    return True
+
+
 def decode(frame: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
     """Decode a frame to a writable float32 array of its original shape.
 
@@ -290,9 +299,7 @@ def decode(frame: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
     buffers are bounded by a small multiple of it (see each codec's ``max_payload_len``).
     """
     raw, codec, spec = _parsed(frame, max_bytes)
-    if math.prod(raw.shape) == 0:
-        if len(raw.payload):
-            raise CorruptFrameError("payload present for an empty array")
+    if _empty(raw):
         return np.empty(raw.shape, dtype=np.float32)
     with _untrusted(spec, "payload does not decode"):
         return _decoded(raw, codec, spec, _plain_payload(raw, codec, spec))
@@ -304,9 +311,7 @@ def check_values(frame: bytes | memoryview, *,
     without a float32 copy where the codec's header decides (ingest's full validation).
     Raises only ``CodecError`` subclasses."""
     raw, codec, spec = _parsed(frame, max_bytes)
-    if math.prod(raw.shape) == 0:
-        if len(raw.payload):
-            raise CorruptFrameError("payload present for an empty array")
+    if _empty(raw):
         return tuple(raw.shape), True
     with _untrusted(spec, "payload does not decode"):
         finite = _finite_samples(raw, codec, spec, _plain_payload(raw, codec, spec))
