@@ -113,7 +113,7 @@ class HighRateClient(KnetClient):
         message.qos = qos
         message.retain = bool(header & 0x01)
         message.properties = _empty_publish_properties()
-        message.payload = bytes(packet[pos + 1:])
+        message.payload = bytes(memoryview(packet)[pos + 1:])  # one copy, not two
         message.timestamp = mqtt.time_func()
         self._easy_log(mqtt.MQTT_LOG_DEBUG, "Received PUBLISH (d%d, q%d, r%d, m%d), ...  "
                        "(%d bytes)", message.dup, qos, message.retain, mid, len(message.payload))
