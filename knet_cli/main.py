@@ -143,11 +143,13 @@ def _bench_ingest(args: argparse.Namespace) -> int:
     print_table(f"ingest: {args.messages} activation samples from {args.devices} devices, "
                 f"{_ingest_source(args, rows[0])}, {args.codec}",
                 ["samples per envelope", "validation", "page size", "samples/s", "envelopes/s",
-                 "ingest CPU µs/sample", "MB/s on the wire", "fp32-equivalent MB/s", "stored",
-                 "lost"],
+                 "ingest CPU µs/sample", "of it network / writer / checkpoint",
+                 "MB/s on the wire", "fp32-equivalent MB/s", "stored", "lost"],
                 [(r["batch"], r["validation"], r["page_size"], r["samples_per_s"],
-                  r["envelopes_per_s"],
-                  r["ingest_cpu_us_per_sample"], r["mb_per_s_wire"],
+                  r["envelopes_per_s"], r["ingest_cpu_us_per_sample"],
+                  " / ".join(f"{r['thread_cpu_us_per_sample'].get(k, 0.0):.1f}"
+                             for k in ("network", "writer", "checkpoint")),
+                  r["mb_per_s_wire"],
                   r["mb_per_s_float32_equivalent"], r["stored"], r["lost"]) for r in rows])
     write_json(args.json, "ingest", command_line(), rows)
     return 0

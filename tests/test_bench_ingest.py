@@ -7,13 +7,15 @@ model" come from the same code as the synthetic ones.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bench.ingest import Activations, model_activations, run_ingest_bench
+from bench.ingest import Activations, model_activations, run_ingest_bench, thread_cpu
 from bench.ingest_scale import run_scale_bench
+from cloud_trainer.ingest.store import PAGE_SIZE
 
 
 @pytest.mark.slow
@@ -26,6 +28,22 @@ def test_ingest_bench_sends_a_students_activations_without_loss(batch: int) -> N
     assert r["shape"][0] == 1 and len(r["shape"]) == 4
     assert r["envelopes"] == (200 if batch == 1 else 4 * -(-50 // batch))  # per device
     assert r["samples_per_s"] > 0 and r["ingest_cpu_us_per_sample"] > 0
+    assert r["page_size"] == PAGE_SIZE  # the store's default, as the trainer makes it
+    # the CPU split by thread: paho's (which validates) and the writer's did the work
+    threads = r["thread_cpu_us_per_sample"]
+    assert {"network", "writer"} <= set(threads) <= {"network", "writer", "checkpoint",
+                                                     "other"}
+    assert all(v >= 0 for v in threads.values())
+
+
+def test_thread_cpu_finds_this_threads_clock() -> None:
+    """The per-thread split reads each thread's own CPU clock: a busy thread's grows, an
+    idle one's does not."""
+    before = thread_cpu()["other"]
+    deadline = time.thread_time() + 0.2
+    while time.thread_time() < deadline:
+        pass
+    assert thread_cpu()["other"] - before >= 0.1
 
 
 @pytest.mark.slow
