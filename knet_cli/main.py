@@ -130,6 +130,10 @@ def _bench_ingest(args: argparse.Namespace) -> int:
     from bench.report import command_line, print_table, write_json
 
     if args.store or args.replicas:
+        if args.page_size:
+            print("knet bench ingest: --page-size compares the one-process bench's store; "
+                  "the replicas (--store, --replicas) use the default", file=sys.stderr)
+            return 2
         return _bench_ingest_scale(args)
     rows = []
     for batch in args.batch:

@@ -91,3 +91,9 @@ def test_without_the_lab_and_the_benchmarks_knet_says_what_is_missing(
     assert "knet bench: this installation lacks bench, the benchmarks" in err
     assert "Traceback" not in err
     assert main(["keys", "gen", "--dir", str(tmp_path)]) == 0
+
+
+def test_bench_ingest_refuses_a_page_size_the_replicas_would_ignore(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "ingest", "--store", "sqlite", "--page-size", "4096"]) == 2
+    assert "--page-size compares the one-process bench's store" in capsys.readouterr().err
