@@ -133,8 +133,9 @@ def test_console_in_a_browser(tmp_path: Path, mosquitto: Mosquitto, browser: obj
         wait.until(ec.presence_of_element_located((By.ID, "pause-rollout"))).click()
         wait.until(ec.presence_of_element_located((By.ID, "resume-rollout")))
         d.find_element(By.ID, "run-retrain").click()
-        assert "run requested" in wait.until(
-            ec.presence_of_element_located((By.ID, "msg"))).text
+        # The page being left may show the pause's own message: wait for the new page's
+        # (text_to_be_present_in_element re-finds the element and rides out a stale one).
+        assert wait.until(ec.text_to_be_present_in_element((By.ID, "msg"), "run requested"))
 
         def holding(drv: object) -> bool:
             drv.get(f"{url}/runs")  # type: ignore[attr-defined]
