@@ -344,7 +344,15 @@ def test_sqlite_page_size_is_a_new_files_and_an_old_file_keeps_its_own(
         db = sqlite3.connect(tmp_path / name / "samples.sqlite3")
         assert db.execute("PRAGMA page_size").fetchone()[0] == made
         db.close()
-    assert PAGE_SIZE == 65536
+    # docs/deploy.md's conversion of an old file: the samples stay, the pages grow
+    db = sqlite3.connect(tmp_path / "old" / "samples.sqlite3", isolation_level=None)
+    for stmt in ("PRAGMA journal_mode=DELETE", "PRAGMA page_size=65536", "VACUUM",
+                 "PRAGMA journal_mode=WAL"):
+        db.execute(stmt)
+    db.close()
+    with SQLiteSampleStore(tmp_path / "old") as store:
+        assert store.stats()["page_size"] == PAGE_SIZE == 65536
+        assert store.load_arrays(1).shape == (32, 40, 12, 12)
     with pytest.raises(ValueError, match="page_size must be a power of two"):
         SQLiteSampleStore(tmp_path / "bad", page_size=3000)
 
