@@ -224,7 +224,7 @@ def run_ingest_bench(messages: int = 20_000, payload_codec: str = "uint8+lz4",
     from agent.wire.topics import Topics
     from broker.launcher import Mosquitto
     from cloud_trainer.ingest.ingestor import Ingestor, IngestSettings
-    from cloud_trainer.ingest.store import SQLiteSampleStore
+    from cloud_trainer.ingest.store import PAGE_SIZE, SQLiteSampleStore
 
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="knet-bench-ingest-") as tmp:
@@ -236,8 +236,7 @@ def run_ingest_bench(messages: int = 20_000, payload_codec: str = "uint8+lz4",
     ctx = mp.get_context("spawn")
     ready, go, result = ctx.Event(), ctx.Event(), ctx.Queue()
     with Mosquitto(workdir / "broker") as broker:
-        store = (SQLiteSampleStore(workdir / "store") if page_size is None else
-                 SQLiteSampleStore(workdir / "store", page_size=page_size))
+        store = SQLiteSampleStore(workdir / "store", page_size=page_size or PAGE_SIZE)
         settings = IngestSettings(port=broker.port, client_id="bench-ingest",
                                   validation=validation,  # type: ignore[arg-type]
                                   batch_size=batch_size, receive_maximum=receive_maximum,

@@ -37,8 +37,8 @@ def test_ingest_bench_sends_a_students_activations_without_loss(batch: int) -> N
 
 
 def test_thread_cpu_finds_this_threads_clock() -> None:
-    """The per-thread split reads each thread's own CPU clock: a busy thread's grows, an
-    idle one's does not."""
+    """The per-thread split reads each thread's own CPU clock: a busy thread's grows by
+    what it spent."""
     before = thread_cpu()["other"]
     deadline = time.thread_time() + 0.2
     while time.thread_time() < deadline:
